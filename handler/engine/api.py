@@ -1,0 +1,80 @@
+"""The one small interface between the request path and an inference engine.
+
+Why: the handler must not care whether a batch is served by grouping rows per
+adapter (plain PEFT, `engine: peft`) or by the slot-pool engine that runs a
+mixed-tenant batch in one forward pass (`engine: multilora`). Both implement
+`Engine`. Nothing here knows about tenants, Redis or TorchServe; adapters are
+plain names chosen by the caller.
+
+Concurrency: an engine is owned by one thread (the TorchServe worker's request
+loop). No method is thread-safe; callers serialise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding settings. Rows with equal params may share a `generate` call."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One request's work: prompt token ids, the adapter to run it with (None = base model)."""
+
+    input_ids: Sequence[int]
+    adapter: str | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """New tokens only (prompt and padding stripped, generation stops at the first EOS)."""
+
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS reached) or "length" (max_new_tokens reached)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What the engine reports after a load; `nbytes` is what the adapter now occupies."""
+
+    name: str
+    nbytes: int
+    load_ms: float
+
+
+class Engine(Protocol):
+    """PEFT's multi-adapter names and meanings, plus one batched `generate`."""
+
+    kind: str  # "peft" or "multilora"
+
+    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter: ...
+
+    def delete_adapter(self, adapter_name: str) -> None: ...
+
+    def set_adapter(self, adapter_name: str) -> None: ...
+
+    @property
+    def active_adapter(self) -> str | None: ...
+
+    @property
+    def peft_config(self) -> Mapping[str, Any]: ...
+
+    def disable_adapters(self) -> None: ...
+
+    def enable_adapters(self) -> None: ...
+
+    def get_model_status(self) -> Mapping[str, Any]: ...
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
+        """Serve every row; a row's output depends only on its own prompt, adapter and params."""
+        ...
