@@ -1,0 +1,69 @@
+"""`MultiLoraEngine`: the `Engine` contract over `MultiLoraModel` (`engine: multilora`).
+
+Why thin: all adapter logic is in the facade and all batching in
+`..generation`; this class only adapts names and return types. A whole group
+of rows, whatever their adapters, is one `generate` call: one forward per
+prefill/decode step.
+
+Rows name their adapter explicitly (None = base model); `set_adapter` only
+changes the default for facade calls without `adapter_names`. While adapters
+are disabled every row runs the base model.
+
+Concurrency: owned by one thread; no method is thread-safe.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..api import GenerationOutput, GenerationRow, LoadedAdapter
+from ..generation import run_rows
+from .model import MultiLoraModel
+
+
+class MultiLoraEngine:
+    kind = "multilora"
+
+    def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
+                 max_rank: int = 64, target_modules: Sequence[str] | None = None) -> None:
+        model.eval()
+        self.model = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules)
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = int(pad_token_id)
+
+    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
+        ms = self.model.load_adapter(path, adapter_name)
+        return LoadedAdapter(name=adapter_name, nbytes=self.model.adapter_nbytes(adapter_name), load_ms=ms)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.model.delete_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.model.set_adapter(adapter_name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.model.active_adapter
+
+    @property
+    def peft_config(self) -> Mapping[str, Any]:
+        return self.model.peft_config
+
+    def disable_adapters(self) -> None:
+        self.model.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        self.model.enable_adapters()
+
+    def get_model_status(self) -> Mapping[str, Any]:
+        return self.model.get_model_status()
+
+    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters, **kw)
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
+        return run_rows(rows, self._generate_group, eos_token_ids=self.eos_token_ids,
+                        pad_token_id=self.pad_token_id, device=self.model.device)

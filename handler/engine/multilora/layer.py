@@ -1,0 +1,99 @@
+"""A target linear layer with a preallocated pool of adapter slots.
+
+Why preallocated: loading an adapter must not create modules, parameters or
+allocate (that is what makes PEFT's load/switch slow and its memory drift);
+it only copies into a free slot. Slot 0 stays all zeros so base-model rows
+ride in the same batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .context import BatchContext
+
+_NO_PLAN = object()
+
+
+class MultiLoraLinear(nn.Module):
+    """Wraps an `nn.Linear`; adds ``scale[slot] * x A[slot]^T B[slot]^T`` per row.
+
+    Pools are non-persistent buffers (they follow `.to()` but stay out of the
+    state dict). Python mirrors of per-slot rank and scaling let the hot path
+    decide what to do without reading tensors (no device sync on GPU).
+    """
+
+    def __init__(self, base_layer: nn.Linear, ctx: BatchContext, index: int, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.index = index
+        self.max_rank = max_rank
+        self._ctx = ctx
+        w = base_layer.weight
+        kw = dict(dtype=w.dtype, device=w.device)
+        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, **kw), persistent=False)
+        self.register_buffer("lora_Bt", torch.zeros(num_slots, max_rank, self.out_features, **kw), persistent=False)
+        self.register_buffer("scaling", torch.zeros(num_slots, **kw), persistent=False)
+        self.slot_rank = [0] * num_slots
+        self.slot_scale = [0.0] * num_slots
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """``[K, out, r_max]`` view of the transposed store (see `ops`)."""
+        return self.lora_Bt.transpose(1, 2)
+
+    # -- slot management (cold path) -------------------------------------
+    def clear_slot(self, slot: int) -> None:
+        """Zero the slot's full extent so a later tenant never sees these values."""
+        self.lora_A[slot].zero_()
+        self.lora_Bt[slot].zero_()
+        self.scaling[slot] = 0.0
+        self.slot_rank[slot] = 0
+        self.slot_scale[slot] = 0.0
+
+    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, non_blocking: bool = False) -> None:
+        """Copy ``a=[r,in]`` and ``b=[out,r]`` into an already zeroed slot."""
+        r = a.shape[0]
+        self.lora_A[slot, :r].copy_(a, non_blocking=non_blocking)
+        self.lora_Bt[slot, :r].copy_(b.t(), non_blocking=non_blocking)
+        self.scaling[slot] = scale
+        self.slot_rank[slot] = r
+        self.slot_scale[slot] = float(scale)
+
+    # -- hot path -----------------------------------------------------------
+    def _plan(self, ctx: BatchContext):
+        used = [s for s in ctx.unique if self.slot_rank[s]]
+        if not used:
+            return None
+        if len(ctx.unique) == 1:
+            s = used[0]
+            r = self.slot_rank[s]
+            return (self.lora_A[s, :r], self.lora_Bt[s, :r], self.slot_scale[s])
+        r = max(self.slot_rank[s] for s in used)
+        return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        ctx = self._ctx
+        if ctx.slots is None:
+            return out
+        plan = ctx.plans.get(self.index, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = ctx.plans[self.index] = self._plan(ctx)
+        if plan is None:
+            return out
+        if type(plan) is tuple:
+            return ops.add_uniform_(out, x, *plan)
+        if x.dim() != 3 or x.shape[0] != plan.a_rows.shape[0]:
+            from ..errors import BatchShapeError
+
+            raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {plan.a_rows.shape[0]} "
+                                  "adapter names were given (beam search / num_return_sequences are not supported "
+                                  "with mixed adapters)")
+        return ops.add_mixed_(out, x, plan)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={self.lora_A.shape[0]}, r_max={self.max_rank}"

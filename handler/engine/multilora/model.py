@@ -1,0 +1,283 @@
+"""`MultiLoraModel`: PEFT's multi-adapter names and meanings over a slot pool.
+
+Why a facade with PEFT's vocabulary: callers (and tests) can swap it for a
+`PeftModel` and expect the same behaviour for `load_adapter`, `set_adapter`,
+`delete_adapter`, `disable_adapter()` and `adapter_names=`; what differs is
+cost: loading copies into a preallocated slot, switching is choosing an
+index, and a batch mixing adapters is one forward pass.
+
+Concurrency: owned by one thread. The per-batch slot context is shared state.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, EngineError, NoFreeSlot
+from .adapter_file import AdapterFile, read_adapter
+from .context import BatchContext
+from .layer import MultiLoraLinear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_MARKER = "__base__"  # PEFT's name for "no adapter on this row"
+
+
+class MultiLoraModel(nn.Module):
+    """Wraps a transformers causal LM; replaces each target linear once, at construction.
+
+    Semantics (PEFT's unless noted):
+
+    * `load_adapter` loads but does not activate.
+    * `set_adapter(name)` picks the adapter for calls that pass no `adapter_names`.
+    * `adapter_names=[...]` (one per row) overrides it per row; ``"__base__"`` or
+      None = base model for that row.
+    * `delete_adapter` of the active adapter leaves *no* active adapter (calls
+      without `adapter_names` then run the base model). PEFT would silently
+      switch to another adapter; for a multi-tenant server that is a leak.
+    * While adapters are disabled every row runs the base model, whatever
+      `adapter_names` says (PEFT's `disable_adapter` meaning).
+    """
+
+    def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
+                 target_modules: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if max_adapters < 1 or max_rank < 1:
+            raise ValueError("max_adapters and max_rank must be >= 1")
+        self.model = model
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.num_slots = max_adapters + 1
+        self.target_modules = tuple(target_modules or DEFAULT_TARGETS)
+        self._ctx = BatchContext()
+        self._layers: dict[str, MultiLoraLinear] = {}
+        self._wrap()
+        if not self._layers:
+            raise EngineError(f"no nn.Linear matches target modules {self.target_modules}")
+        self._layer_shapes = {n: (l.in_features, l.out_features) for n, l in self._layers.items()}
+        self._slots: dict[str, int] = {}
+        self._configs: dict[str, Any] = {}
+        self._free = list(range(self.num_slots - 1, 0, -1))  # pop() hands out the lowest slot first
+        self._active: str | None = None
+        self._disabled = False
+        self._staging: torch.Tensor | None = None
+
+    # -- construction --------------------------------------------------------
+    def _wrap(self) -> None:
+        targets = []
+        for name, module in self.model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in self.target_modules and type(module) is nn.Linear:
+                targets.append(name)
+        for index, name in enumerate(targets):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            layer = MultiLoraLinear(getattr(parent, leaf), self._ctx, index, self.num_slots, self.max_rank)
+            setattr(parent, leaf, layer)
+            self._layers[name] = layer
+
+    @property
+    def lora_layers(self) -> dict[str, MultiLoraLinear]:
+        """Module name (as in the base model) -> wrapped layer."""
+        return dict(self._layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._layers.values())).lora_A.device
+
+    # -- adapter management -------------------------------------------------
+    def load_adapter(self, path: str | Path, adapter_name: str) -> float:
+        """Copy a PEFT adapter into a free slot; returns elapsed ms. Does not activate it."""
+        t0 = time.perf_counter()
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_MARKER:
+            raise EngineError(f"invalid adapter name {adapter_name!r}")
+        if adapter_name in self._slots:
+            raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
+        if not self._free:
+            raise NoFreeSlot(f"no free adapter slot: all {self.max_adapters} are in use; delete one first")
+        parsed = read_adapter(path, self._layer_shapes, self.max_rank)
+        lora_config = _to_lora_config(parsed.config)
+        slot = self._free.pop()
+        try:
+            self._fill_slot(slot, parsed)
+        except BaseException:
+            self._clear_slot(slot)
+            self._free.append(slot)
+            raise
+        self._slots[adapter_name] = slot
+        self._configs[adapter_name] = lora_config
+        self._ctx.invalidate()
+        return (time.perf_counter() - t0) * 1000.0
+
+    def _fill_slot(self, slot: int, parsed: AdapterFile) -> None:
+        from safetensors import safe_open
+
+        self._clear_slot(slot)
+        on_cuda = self.device.type == "cuda"
+        with safe_open(str(parsed.weights_path), framework="pt", device="cpu") as f:
+            if not on_cuda:
+                for m in parsed.modules:
+                    self._layers[m.module].write_slot(slot, f.get_tensor(m.key_a), f.get_tensor(m.key_b), m.scale)
+                return
+            # GPU: convert into one pinned staging buffer, then issue every H2D copy
+            # non-blocking and wait once; the buffer is reused across loads.
+            dtype = next(iter(self._layers.values())).lora_A.dtype
+            need = sum(m.rank * sum(self._layer_shapes[m.module]) for m in parsed.modules)
+            if self._staging is None or self._staging.numel() < need or self._staging.dtype != dtype:
+                self._staging = torch.empty(need, dtype=dtype, pin_memory=True)
+            offset = 0
+            for m in parsed.modules:
+                in_f, out_f = self._layer_shapes[m.module]
+                a = self._staging[offset: offset + m.rank * in_f].view(m.rank, in_f)
+                offset += m.rank * in_f
+                b = self._staging[offset: offset + out_f * m.rank].view(out_f, m.rank)
+                offset += out_f * m.rank
+                a.copy_(f.get_tensor(m.key_a))
+                b.copy_(f.get_tensor(m.key_b))
+                self._layers[m.module].write_slot(slot, a, b, m.scale, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # staging may be overwritten by the next load
+
+    def _clear_slot(self, slot: int) -> None:
+        for layer in self._layers.values():
+            layer.clear_slot(slot)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Free (and zero) the adapter's slot. Deleting the active adapter leaves none active."""
+        slot = self._slot_of(adapter_name)
+        self._clear_slot(slot)
+        del self._slots[adapter_name]
+        del self._configs[adapter_name]
+        self._free.append(slot)
+        if self._active == adapter_name:
+            self._active = None
+        self._ctx.invalidate()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Default adapter for calls without `adapter_names`: just a name, no work."""
+        self._slot_of(adapter_name)
+        self._active = adapter_name
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active] if self._active else []
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """Adapter name -> `peft.LoraConfig`, as PEFT exposes it."""
+        return dict(self._configs)
+
+    def slot_of(self, adapter_name: str) -> int:
+        return self._slot_of(adapter_name)
+
+    def _slot_of(self, adapter_name: str) -> int:
+        try:
+            return self._slots[adapter_name]
+        except KeyError:
+            raise AdapterNotLoaded(f"adapter {adapter_name!r} is not loaded "
+                                   f"(loaded: {sorted(self._slots) or 'none'})") from None
+
+    def disable_adapters(self) -> None:
+        self._disabled = True
+
+    def enable_adapters(self) -> None:
+        self._disabled = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Base model only inside the block (restores the previous state even on error)."""
+        was = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = was
+
+    def get_model_status(self) -> dict[str, Any]:
+        return {
+            "engine": "multilora",
+            "active_adapter": self._active,
+            "adapters_enabled": not self._disabled,
+            "loaded_adapters": {n: {"slot": s, "rank": self._configs[n].r} for n, s in sorted(self._slots.items())},
+            "num_slots": self.num_slots,
+            "free_slots": len(self._free),
+            "max_rank": self.max_rank,
+            "target_modules": list(self.target_modules),
+            "num_lora_layers": len(self._layers),
+            "pool_bytes": self.pool_bytes(),
+            "device": str(self.device),
+        }
+
+    def pool_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for l in self._layers.values() for b in l.buffers(recurse=False))
+
+    def adapter_nbytes(self, adapter_name: str) -> int:
+        """Bytes the adapter's weights occupy inside the pool at their true rank (padding excluded)."""
+        slot = self._slot_of(adapter_name)
+        total = 0
+        for l in self._layers.values():
+            r = l.slot_rank[slot]
+            total += r * (l.in_features + l.out_features) * l.lora_A.element_size()
+        return total
+
+    # -- forward -----------------------------------------------------------
+    def resolve_slots(self, adapter_names: Sequence[str | None] | None, batch_size: int) -> list[int]:
+        """Slot per row (0 = base). Unknown names raise before any compute."""
+        if self._disabled:
+            return [0] * batch_size
+        if adapter_names is None:
+            slot = self._slots[self._active] if self._active else 0
+            return [slot] * batch_size
+        if len(adapter_names) != batch_size:
+            raise BatchShapeError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size}")
+        return [0 if (n is None or n == BASE_MARKER) else self._slot_of(n) for n in adapter_names]
+
+    @contextlib.contextmanager
+    def batch(self, adapter_names: Sequence[str | None] | None, batch_size: int) -> Iterator[None]:
+        """Set the per-row slots for everything run inside the block."""
+        slots = self.resolve_slots(adapter_names, batch_size)
+        unique = tuple(sorted(set(slots)))
+        if unique == (0,):
+            self._ctx.clear()
+        else:
+            self._ctx.set(torch.tensor(slots, dtype=torch.long, device=self.device), unique)
+        try:
+            yield
+        finally:
+            self._ctx.clear()
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        n = _batch_size(input_ids, kwargs)
+        with self.batch(adapter_names, n):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        n = _batch_size(input_ids, kwargs)
+        with self.batch(adapter_names, n):
+            return self.model.generate(*args, **kwargs)
+
+
+def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
+    if input_ids is not None:
+        return int(input_ids.shape[0])
+    emb = kwargs.get("inputs_embeds")
+    if emb is None:
+        raise EngineError("need input_ids or inputs_embeds")
+    return int(emb.shape[0])
+
+
+def _to_lora_config(config: dict[str, Any]) -> Any:
+    """PEFT's own config object, so `peft_config[name]` means what it means in PEFT."""
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    return LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})

@@ -1,0 +1,169 @@
+"""`PeftGroupedEngine` (`engine: peft`): plain PEFT underneath, one `generate`
+per adapter group.
+
+Why keep it: it is the behaviour users know and the oracle the slot-pool
+engine is tested against; it also gives operators a fallback.
+
+Two PEFT dislikes are handled by keeping the `PeftModel` optional:
+
+* *No adapter loaded yet*: `PeftModel` cannot exist without an adapter, so the
+  engine serves the bare transformers model until the first load, which wraps
+  it with `PeftModel.from_pretrained`.
+* *Last adapter deleted*: PEFT leaves a model with LoRA layers and no adapter.
+  The engine instead `unload()`s (removes the LoRA layers without merging) and
+  goes back to the bare model, so base rows cost exactly the base model again.
+
+Base rows run under `disable_adapter()`. Adapters are validated by the same
+reader as the slot-pool engine before PEFT sees them, so both engines refuse
+the same adapters with the same error types; `max_adapters`/`max_rank` are
+enforced for parity.
+
+Concurrency: owned by one thread; no method is thread-safe.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .api import GenerationOutput, GenerationRow, LoadedAdapter
+from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
+from .generation import run_rows
+from .multilora.adapter_file import read_adapter
+from .multilora.model import BASE_MARKER, DEFAULT_TARGETS
+
+
+class PeftGroupedEngine:
+    kind = "peft"
+
+    def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
+                 max_rank: int = 64, target_modules: Sequence[str] | None = None) -> None:
+        model.eval()
+        self.base = model
+        self.peft_model: Any = None  # peft.PeftModel once an adapter is loaded
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.target_modules = tuple(target_modules or DEFAULT_TARGETS)
+        self._layer_shapes = {
+            name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in self.target_modules
+        }
+        self._nbytes: dict[str, int] = {}
+        self._active: str | None = None
+        self._disabled = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    # -- adapter management -------------------------------------------------
+    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
+        t0 = time.perf_counter()
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_MARKER:
+            raise EngineError(f"invalid adapter name {adapter_name!r}")
+        if adapter_name in self._nbytes:
+            raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
+        if len(self._nbytes) >= self.max_adapters:
+            raise NoFreeSlot(f"no free adapter slot: all {self.max_adapters} are in use; delete one first")
+        read_adapter(path, self._layer_shapes, self.max_rank)
+        from peft import PeftModel
+
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(self.base, str(path), adapter_name=adapter_name,
+                                                        is_trainable=False)
+            self.peft_model.eval()
+        else:
+            self.peft_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
+        ms = (time.perf_counter() - t0) * 1000.0
+        nbytes = sum(p.numel() * p.element_size() for n, p in self.peft_model.named_parameters()
+                     if f".{adapter_name}." in n and (".lora_A." in n or ".lora_B." in n))
+        self._nbytes[adapter_name] = nbytes
+        return LoadedAdapter(name=adapter_name, nbytes=nbytes, load_ms=ms)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check(adapter_name)
+        if len(self._nbytes) == 1:
+            self.peft_model.unload()  # back to the bare model: no LoRA layers left behind
+            self.peft_model = None
+        else:
+            self.peft_model.delete_adapter(adapter_name)
+        del self._nbytes[adapter_name]
+        if self._active == adapter_name:
+            self._active = None  # PEFT would silently activate another tenant's adapter
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._check(adapter_name)
+        self.peft_model.set_adapter(adapter_name)
+        self._active = adapter_name
+
+    def _check(self, adapter_name: str) -> None:
+        if adapter_name not in self._nbytes:
+            raise AdapterNotLoaded(f"adapter {adapter_name!r} is not loaded (loaded: {sorted(self._nbytes) or 'none'})")
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    @property
+    def peft_config(self) -> Mapping[str, Any]:
+        return dict(self.peft_model.peft_config) if self.peft_model is not None else {}
+
+    def disable_adapters(self) -> None:
+        self._disabled = True
+
+    def enable_adapters(self) -> None:
+        self._disabled = False
+
+    def get_model_status(self) -> Mapping[str, Any]:
+        return {
+            "engine": "peft",
+            "active_adapter": self._active,
+            "adapters_enabled": not self._disabled,
+            "loaded_adapters": {n: {"rank": self.peft_model.peft_config[n].r} for n in sorted(self._nbytes)},
+            "max_adapters": self.max_adapters,
+            "free_slots": self.max_adapters - len(self._nbytes),
+            "max_rank": self.max_rank,
+            "target_modules": list(self.target_modules),
+            "device": str(self.device),
+        }
+
+    # -- generation ---------------------------------------------------------
+    def _run(self, adapter: str | None, ids: torch.Tensor, mask: torch.Tensor, kw: dict) -> torch.Tensor:
+        if adapter is None or self._disabled or self.peft_model is None:
+            if self.peft_model is None:
+                return self.base.generate(input_ids=ids, attention_mask=mask, **kw)
+            with self.peft_model.disable_adapter():
+                return self.peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
+        self.peft_model.set_adapter(adapter)
+        return self.peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
+        for a in adapters:
+            if a is not None and a != BASE_MARKER:
+                self._check(a)
+        width = ids.shape[1]
+        per_row: list[torch.Tensor | None] = [None] * ids.shape[0]
+        order: dict[str | None, list[int]] = {}
+        for i, a in enumerate(adapters):
+            order.setdefault(None if a == BASE_MARKER else a, []).append(i)
+        with torch.inference_mode():
+            for adapter, rows in order.items():
+                sub_mask = mask[rows]
+                lead = int((sub_mask.sum(0) == 0).long().cumprod(0).sum())  # shared left padding, trimmed
+                seqs = self._run(adapter, ids[rows, lead:], sub_mask[:, lead:], kw)
+                for j, i in enumerate(rows):
+                    per_row[i] = seqs[j, width - lead:]
+        longest = max(t.shape[0] for t in per_row)  # groups may stop early on EOS
+        out = torch.full((ids.shape[0], width + longest), self.pad_token_id, dtype=torch.long)
+        out[:, :width] = ids.cpu()
+        for i, t in enumerate(per_row):
+            out[i, width: width + t.shape[0]] = t.cpu()
+        return out
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
+        return run_rows(rows, self._generate_group, eos_token_ids=self.eos_token_ids,
+                        pad_token_id=self.pad_token_id, device=self.device)
