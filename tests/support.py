@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
-import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -102,10 +100,8 @@ def make_random_lora(base_dir: Path, out_dir: Path, *, r: int = 8, alpha: int = 
     return out_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from localstack import RedisServer, free_port  # noqa: E402  (one way to run real services)
 
 
 @contextlib.contextmanager
@@ -120,40 +116,12 @@ def redis_server(port: int | None = None, workdir: Path | None = None) -> Iterat
         proc.cleanup()
 
 
-class RedisProc:
+class RedisProc(RedisServer):
     """A redis-server child process that tests may stop and restart (outage tests)."""
 
     def __init__(self, port: int, workdir: Path | None = None) -> None:
-        self.port = port
         self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="loraplex-redis-"))
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
+        super().__init__(port, Path(workdir or tempfile.mkdtemp(prefix="loraplex-redis-")))
 
     def cleanup(self) -> None:
         if self._own_dir:

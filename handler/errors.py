@@ -1,0 +1,96 @@
+"""Errors raised on the request path, and the one table that maps every error
+the worker can meet (request, registry, residency, engine) to an HTTP status.
+
+Why one table: a tenant must get the same status for the same problem whether
+it was found by the parser, the registry or the engine, and a reviewer must be
+able to read every status the product returns in one place (README lists them).
+"""
+from __future__ import annotations
+
+from tenant_registry.errors import (
+    AdapterInvalid,
+    InvalidTenantId,
+    RegistryError,
+    RegistryUnavailable,
+    TenantDisabled,
+    TenantNotFound,
+)
+
+from .engine.errors import EngineError, NoFreeSlot
+
+
+class RequestError(Exception):
+    """A problem with one request; the rest of the batch is served."""
+
+
+class InvalidRequest(RequestError):
+    """Body is not JSON, has wrong types, unknown fields or out-of-range values."""
+
+
+class PromptTooLong(RequestError):
+    """The prompt has more tokens than `max_prompt_tokens`."""
+
+
+class TenantRequired(RequestError):
+    """No tenant named while `require_tenant` is on."""
+
+
+class TenantConflict(RequestError):
+    """Header and body name different tenants."""
+
+
+class AdapterNotAllowed(RequestError):
+    """The `adapter` field names something other than `base` or the caller's own versions."""
+
+
+class AdapterLoadFailed(Exception):
+    """The tenant's adapter could not be made resident (verify or load failed, or quarantined)."""
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter_id} cannot be served: {reason}")
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+class ResidencyFull(Exception):
+    """Every resident slot is held by rows of the current batch; nothing can be evicted."""
+
+
+# Ordered most specific first; the first isinstance match wins.
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (PromptTooLong, 413, "Prompt Too Long"),
+    (TenantRequired, 400, "Tenant Required"),
+    (TenantConflict, 400, "Tenant Conflict"),
+    (AdapterNotAllowed, 403, "Adapter Not Allowed"),
+    (InvalidRequest, 400, "Bad Request"),
+    (InvalidTenantId, 400, "Invalid Tenant Id"),
+    (TenantNotFound, 404, "Unknown Tenant"),
+    (TenantDisabled, 403, "Tenant Disabled"),
+    (RegistryUnavailable, 503, "Registry Unavailable"),
+    (AdapterLoadFailed, 503, "Adapter Unavailable"),
+    (ResidencyFull, 503, "Adapter Capacity Exhausted"),
+    (NoFreeSlot, 503, "Adapter Capacity Exhausted"),
+    (AdapterInvalid, 503, "Adapter Unavailable"),
+    (RegistryError, 500, "Registry Error"),
+    (EngineError, 500, "Engine Error"),
+]
+
+
+def http_status(exc: BaseException) -> tuple[int, str]:
+    """(status code, reason phrase) for any exception; unknown ones are 500."""
+    for kind, code, phrase in _STATUS:
+        if isinstance(exc, kind):
+            return code, phrase
+    return 500, "Internal Server Error"
+
+
+def error_body(exc: BaseException) -> dict:
+    """The JSON body a client gets for a failed request: a stable `type` and a message."""
+    code, _ = http_status(exc)
+    message = str(exc) if code < 500 or not _is_internal(exc) else "internal error; see the worker log"
+    return {"error": message, "type": type(exc).__name__, "status": code}
+
+
+def _is_internal(exc: BaseException) -> bool:
+    """Unexpected exceptions may carry paths or internals: do not echo them to tenants."""
+    return not any(isinstance(exc, kind) for kind, _, _ in _STATUS)

@@ -1,0 +1,233 @@
+"""Turn one raw TorchServe request (headers + body) into a typed `InferenceRequest`.
+
+Why strict: everything a tenant sends is hostile until proven otherwise. The
+parser either returns a fully validated request or raises a `RequestError`
+subclass whose message names the field; it never raises anything else (a
+hypothesis fuzz test holds it to that), so one bad request can never take down
+the batch.
+
+Pure function of its inputs: safe to call from any thread.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from tenant_registry.errors import InvalidTenantId
+from tenant_registry.ids import validate_tenant_id
+
+from .errors import InvalidRequest, TenantConflict
+
+TENANT_HEADER = "x-tenant-id"
+BASE = "base"
+
+_ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p",
+                             "do_sample", "seed", "stop", "adapter"})
+_ROLES = frozenset({"system", "user", "assistant"})
+MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenising; the token limit is checked later
+MAX_MESSAGES = 256
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+MAX_TEMPERATURE = 5.0
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """A validated request. `adapter` is None (the tenant's current adapter),
+    "base", or an explicit `<tenant>@v<N>` of the caller's own."""
+
+    tenant: str | None
+    prompt: str | None
+    messages: tuple[Mapping[str, str], ...] | None
+    max_new_tokens: int | None
+    temperature: float
+    top_p: float
+    do_sample: bool
+    seed: int | None
+    stop: tuple[str, ...]
+    adapter: str | None
+
+
+def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
+    """Validate one request. `body` is what TorchServe hands over: a dict (already
+    decoded JSON), bytes/bytearray or str (raw payload)."""
+    data = _decode_body(body)
+    unknown = sorted(set(data) - _ALLOWED_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(repr(k)[:40] for k in unknown[:5])}; "
+                             f"allowed: {', '.join(sorted(_ALLOWED_FIELDS))}")
+    tenant = _tenant(data, headers)
+    prompt, messages = _prompt_or_messages(data)
+    do_sample = _bool(data, "do_sample", False)
+    temperature = _float(data, "temperature", 1.0, low=0.0, high=MAX_TEMPERATURE, low_open=True)
+    top_p = _float(data, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    max_new = data.get("max_new_tokens")
+    if max_new is not None:
+        max_new = _int(data, "max_new_tokens", low=1, high=1_000_000)
+    seed = _int(data, "seed", low=0, high=MAX_SEED) if data.get("seed") is not None else None
+    return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
+                            temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
+                            stop=_stops(data), adapter=_adapter(data))
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive header lookup (TorchServe forwards names as the client sent them)."""
+    wanted = name.lower()
+    for key, value in headers.items():
+        k = key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
+        if k.lower() == wanted:
+            return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return None
+
+
+def _decode_body(body: Any) -> dict:
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("body is not UTF-8 text; send a JSON object") from None
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("body is not valid JSON; send a JSON object such as "
+                                 '{"prompt": "Hello"}') from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _tenant(data: dict, headers: Mapping[str, str]) -> str | None:
+    from_header = header(headers, TENANT_HEADER)
+    from_body = data.get("tenant")
+    if from_body is not None and not isinstance(from_body, str):
+        raise InvalidRequest(f"'tenant' must be a string, got {_json_type(from_body)}")
+    if from_header is not None and from_body is not None and from_header != from_body:
+        raise TenantConflict("X-Tenant-ID header and body field 'tenant' name different tenants")
+    tenant = from_header if from_header is not None else from_body
+    if tenant is None or tenant == "":
+        return None
+    try:
+        validate_tenant_id(tenant)
+    except InvalidTenantId:
+        raise
+    except Exception as exc:  # the validator must only ever say "invalid"
+        raise InvalidTenantId(f"invalid tenant id: {exc}") from None
+    return tenant
+
+
+def _prompt_or_messages(data: dict) -> tuple[str | None, tuple[Mapping[str, str], ...] | None]:
+    has_prompt, has_messages = "prompt" in data, "messages" in data
+    if has_prompt == has_messages:
+        raise InvalidRequest("send exactly one of 'prompt' (a string) or 'messages' (a list of "
+                             "{role, content})")
+    if has_prompt:
+        prompt = data["prompt"]
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"'prompt' must be a string, got {_json_type(prompt)}")
+        _check_text("prompt", prompt)
+        return prompt, None
+    messages = data["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"'messages' has {len(messages)} entries; at most {MAX_MESSAGES}")
+    out = []
+    total = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise InvalidRequest(f"messages[{i}] must be an object with exactly 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in _ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {sorted(_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string, got {_json_type(content)}")
+        total += len(content)
+        out.append({"role": role, "content": content})
+    if total > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"messages hold {total} characters; at most {MAX_PROMPT_CHARS}")
+    if not any(m["content"].strip() for m in out):
+        raise InvalidRequest("'messages' hold no text")
+    return None, tuple(out)
+
+
+def _check_text(name: str, text: str) -> None:
+    if not text.strip():
+        raise InvalidRequest(f"'{name}' is empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"'{name}' has {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+    if "\x00" in text:
+        raise InvalidRequest(f"'{name}' contains a NUL character")
+
+
+def _bool(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _int(data: dict, name: str, *, low: int, high: int) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer, got {_json_type(value)}")
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(data: dict, name: str, default: float, *, low: float, high: float, low_open: bool) -> float:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"'{name}' must be a number, got {_json_type(value)}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(f"'{name}' must be a finite number")
+    if (value <= low if low_open else value < low) or value > high:
+        lo = "(" if low_open else "["
+        raise InvalidRequest(f"'{name}' must be in {lo}{low}, {high}], got {value}")
+    return value
+
+
+def _stops(data: dict) -> tuple[str, ...]:
+    stop = data.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS:
+        raise InvalidRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} strings")
+    for s in stop:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+            raise InvalidRequest(f"each 'stop' entry must be a non-empty string of at most "
+                                 f"{MAX_STOP_CHARS} characters")
+    return tuple(stop)
+
+
+def _adapter(data: dict) -> str | None:
+    adapter = data.get("adapter")
+    if adapter is None:
+        return None
+    if not isinstance(adapter, str) or not adapter or len(adapter) > 100:
+        raise InvalidRequest("'adapter' must be \"base\" or one of your own adapter versions "
+                             "such as \"acme@v2\"")
+    return adapter
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

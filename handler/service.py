@@ -1,0 +1,278 @@
+"""The request path of one worker, top to bottom, free of TorchServe.
+
+    raw requests ─► parse_request ─► plan (tenant → record | base + reason)
+                 ─► tokenize (prompt limit) ─► residency (load / pin / evict)
+                 ─► engine.generate (one call for the whole batch)
+                 ─► decode, stop strings ─► replies (200 or the request's own 4xx/5xx)
+
+Why no TorchServe here: the service can sit behind another server later, and
+tests drive it directly. `ts_entry.py` is the only TorchServe-aware module.
+
+Concurrency: `handle_batch` and `describe` run on the worker's request thread,
+one call at a time (TorchServe serialises `handle`). The registry subscriber
+thread only touches the tenant cache (see tenants.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tenant_registry.config import LoraplexConfig
+from tenant_registry.registry import TenantRegistry
+from tenant_registry.schema import TenantRecord
+from tenant_registry.store import AdapterStore
+
+from .engine import make_engine
+from .engine.api import Engine, GenerationRow, SamplingParams
+from .errors import (
+    AdapterLoadFailed,
+    AdapterNotAllowed,
+    InvalidRequest,
+    PromptTooLong,
+    ResidencyFull,
+    TenantRequired,
+    error_body,
+    http_status,
+)
+from tenant_registry.errors import TenantDisabled, TenantNotFound
+from .model_loading import eos_token_ids, load_base_model
+from .request import BASE, InferenceRequest, parse_request
+from .residency import AdapterResidency
+from .tenants import TenantResolver
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    body: Any
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    phrase: str
+    body: dict
+
+    @classmethod
+    def error(cls, exc: BaseException) -> "Reply":
+        code, phrase = http_status(exc)
+        return cls(code, phrase, error_body(exc))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one parsed request will be served."""
+
+    request: InferenceRequest
+    record: TenantRecord | None  # None = base model
+    fallback: str | None  # why a tenant request runs on the base model, if it does
+    input_ids: tuple[int, ...] = ()
+
+
+class LoraplexService:
+    def __init__(self, config: LoraplexConfig, model: Any, tokenizer: Any, engine: Engine,
+                 registry: TenantRegistry, store: AdapterStore) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.registry = registry
+        self.store = store
+        self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
+                                       stale_s=getattr(config, "registry_stale_s", 300.0))
+        self.residency = AdapterResidency(
+            engine, locate=store.path_for, verify=store.verify,
+            max_resident=config.max_resident_adapters, idle_ttl_s=config.idle_ttl_s,
+            negative_cache_s=config.negative_cache_s)
+        self.fallbacks: dict[str, int] = {}
+        self.requests = 0
+        self._stop = threading.Event()
+        self._subscriber: threading.Thread | None = None
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: LoraplexConfig) -> "LoraplexService":
+        """Build everything a worker needs, once (TorchServe's `initialize`)."""
+        base_dir = Path(config.base_model_dir or model_dir)
+        model, tokenizer = load_base_model(base_dir, device=config.device, dtype=config.dtype)
+        # One spare slot: the residency loads a new adapter before evicting an old one.
+        engine = make_engine(config.engine, model, eos_token_ids=eos_token_ids(model, tokenizer),
+                             pad_token_id=int(tokenizer.pad_token_id),
+                             max_adapters=config.max_resident_adapters + 1, max_rank=config.max_rank,
+                             target_modules=list(config.target_modules))
+        registry = TenantRegistry(config.redis_url, config.redis_prefix)
+        store = AdapterStore(Path(config.adapter_store))
+        service = cls(config, model, tokenizer, engine, registry, store)
+        service.start()
+        return service
+
+    def start(self) -> None:
+        """Follow registry change events on a daemon thread (reconnects by itself)."""
+        self._subscriber = self.registry.subscribe(self.resolver.on_event, self._stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the request path ----------------------------------------------------------
+
+    def handle_batch(self, batch: Sequence[RawRequest]) -> list[Reply]:
+        self.requests += len(batch)
+        replies: list[Reply | None] = [None] * len(batch)
+        plans: dict[int, Plan] = {}
+        for i, raw in enumerate(batch):
+            try:
+                plans[i] = self._tokenize(self._plan(parse_request(raw.body, raw.headers)))
+            except Exception as exc:
+                replies[i] = self._failed(exc)
+        self.residency.evict_idle()
+        with self.residency.batch() as lease:
+            rows: dict[int, GenerationRow] = {}
+            for i, plan in list(plans.items()):
+                try:
+                    adapter = lease.acquire(plan.record) if plan.record is not None else None
+                except (AdapterLoadFailed, ResidencyFull) as exc:
+                    if self.config.load_failure_policy != "base":
+                        replies[i] = self._failed(exc)
+                        del plans[i]
+                        continue
+                    plans[i] = plan = replace(plan, record=None, fallback=_reason(exc))
+                    adapter = None
+                rows[i] = GenerationRow(plan.input_ids, adapter, self._sampling(plan.request))
+            if rows:
+                order = list(rows)
+                try:
+                    outputs = self.engine.generate([rows[i] for i in order])
+                except Exception as exc:  # the engine failed as a whole: these rows get 500, worker lives
+                    log.exception("engine.generate failed for a batch of %d rows", len(order))
+                    for i in order:
+                        replies[i] = self._failed(exc)
+                else:
+                    for i, out in zip(order, outputs):
+                        replies[i] = self._reply(plans[i], out.token_ids, out.finish_reason)
+        return [r if r is not None else Reply.error(RuntimeError("request was not served")) for r in replies]
+
+    def _plan(self, req: InferenceRequest) -> Plan:
+        cap = self.config.max_new_tokens_cap
+        if req.max_new_tokens is not None and req.max_new_tokens > cap:
+            raise InvalidRequest(f"'max_new_tokens' is {req.max_new_tokens}; this server allows at most {cap}")
+        if req.tenant is None:
+            if self.config.require_tenant:
+                raise TenantRequired("name a tenant with the X-Tenant-ID header or the 'tenant' field")
+            return self._fallback(req, "no_tenant")
+        if req.adapter == BASE:
+            return Plan(req, None, None)
+        if req.adapter is not None:
+            return Plan(req, self._explicit_version(req.tenant, req.adapter), None)
+        record = self.resolver.resolve(req.tenant)
+        if record is None:
+            if self.config.unknown_tenant_policy == "reject":
+                raise TenantNotFound(f"tenant {req.tenant!r} is not registered")
+            return self._fallback(req, "unknown_tenant")
+        if record.status != "enabled":
+            raise TenantDisabled(f"tenant {req.tenant!r} is disabled")
+        return Plan(req, record, None)
+
+    def _explicit_version(self, tenant: str, adapter: str) -> TenantRecord:
+        prefix = f"{tenant}@v"
+        if not adapter.startswith(prefix) or not adapter[len(prefix):].isdigit():
+            raise AdapterNotAllowed(f"'adapter' may be \"base\" or one of tenant {tenant!r}'s own versions "
+                                    f"(\"{prefix}N\")")
+        current = self.resolver.resolve(tenant)
+        if current is None:
+            raise TenantNotFound(f"tenant {tenant!r} is not registered")
+        if current.status != "enabled":
+            raise TenantDisabled(f"tenant {tenant!r} is disabled")
+        record = self.resolver.resolve_version(tenant, int(adapter[len(prefix):]))
+        if record is None:
+            raise InvalidRequest(f"tenant {tenant!r} has no adapter version {adapter!r}")
+        return replace(record, status=current.status)
+
+    def _fallback(self, req: InferenceRequest, reason: str) -> Plan:
+        return Plan(req, None, reason)
+
+    def _tokenize(self, plan: Plan) -> Plan:
+        req = plan.request
+        if req.messages is not None:
+            ids = self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+            if isinstance(ids, Mapping):
+                ids = ids["input_ids"]
+        else:
+            ids = self.tokenizer(req.prompt, add_special_tokens=True)["input_ids"]
+        ids = [int(t) for t in ids]
+        if len(ids) > self.config.max_prompt_tokens:
+            raise PromptTooLong(f"prompt has {len(ids)} tokens; this server allows at most "
+                                f"{self.config.max_prompt_tokens}")
+        return replace(plan, input_ids=tuple(ids))
+
+    def _sampling(self, req: InferenceRequest) -> SamplingParams:
+        max_new = req.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens_cap)
+        if not req.do_sample:
+            return SamplingParams(max_new_tokens=max_new)
+        return SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=req.temperature,
+                              top_p=req.top_p, seed=req.seed)
+
+    def _reply(self, plan: Plan, token_ids: list[int], finish_reason: str) -> Reply:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in plan.request.stop if s in text), default=-1)
+        if cut >= 0:
+            text, finish_reason = text[:cut], "stop"
+        if plan.fallback:
+            self.fallbacks[plan.fallback.split(":")[0]] = self.fallbacks.get(plan.fallback.split(":")[0], 0) + 1
+        body = {
+            "text": text,
+            "tenant": plan.request.tenant,
+            "adapter": plan.record.adapter_id if plan.record is not None else "base",
+            "fallback": plan.fallback,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
+        }
+        return Reply(200, "OK", body)
+
+    def _failed(self, exc: BaseException) -> Reply:
+        code, _ = http_status(exc)
+        if code >= 500:
+            log.warning("request failed with %d: %s: %s", code, type(exc).__name__, exc)
+        return Reply.error(exc)
+
+    # -- management ----------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """What `GET /models/<name>?customized=true` shows: PEFT-style state plus residency."""
+        self.residency.evict_idle()
+        snap = self.residency.snapshot()
+        return {
+            "worker": {"pid": os.getpid()},
+            "engine": self.engine.kind,
+            "active_adapter": self.engine.active_adapter,
+            "resident": snap["resident"],
+            "max_resident": snap["max_resident"],
+            "idle_ttl_s": snap["idle_ttl_s"],
+            "quarantined": snap["quarantined"],
+            "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
+            "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests,
+                         "registry_stale_hits": self.resolver.stale_hits},
+        }
+
+
+def _reason(exc: BaseException) -> str:
+    kind = "adapter_load_failed" if isinstance(exc, AdapterLoadFailed) else "adapter_capacity"
+    return f"{kind}: {exc}"
+
+
+def _config_dict(cfg: Any) -> dict:
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return dict(cfg) if isinstance(cfg, Mapping) else {"repr": repr(cfg)}
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))

@@ -1,0 +1,77 @@
+"""TorchServe entry point: the only module of loraplex that imports `ts`.
+
+The archive copies this file to the top of the model dir and TorchServe imports
+it as a top-level module, so it uses absolute imports of the installed
+`handler` package (never relative ones).
+
+TorchServe's contract (ts/torch_handler/base_handler.py): `initialize(context)`
+once per worker process, then `handle(data, context)` for each batch the
+frontend assembles, sequentially, returning one output per request. A
+management describe call (`GET /models/<name>?customized=true`) reaches
+`handle` with a `describe` header and is routed to `describe_handle`.
+
+Every request in a batch gets its own status through
+`context.set_response_status(code, phrase, idx)`, so a bad request fails alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from tenant_registry.config import LoraplexConfig
+
+from handler.service import LoraplexService, RawRequest
+
+log = logging.getLogger(__name__)
+
+
+class LoraplexHandler(BaseHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.service: LoraplexService | None = None
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        model_dir = Path(props.get("model_dir"))
+        yaml_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        config = LoraplexConfig.load(overrides=yaml_cfg)
+        start = time.monotonic()
+        self.service = LoraplexService.from_model_dir(model_dir, config)
+        self.context = context
+        self.initialized = True
+        log.info("loraplex worker ready in %.1fs (engine=%s, max_resident=%d)", time.monotonic() - start,
+                 config.engine, config.max_resident_adapters)
+
+    def handle(self, data, context):
+        self.context = context
+        start = time.time()
+        if self._is_describe():
+            output = [self.describe_handle()]
+        else:
+            batch = [RawRequest(_body(item), context.get_all_request_header(idx) or {})
+                     for idx, item in enumerate(data)]
+            output = []
+            for idx, reply in enumerate(self.service.handle_batch(batch)):
+                if reply.status != 200:
+                    context.set_response_status(reply.status, reply.phrase, idx)
+                output.append(json.dumps(reply.body))
+        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return output
+
+    def describe_handle(self):
+        return json.dumps(self.service.describe())
+
+
+def _body(item):
+    """TorchServe puts the payload under 'body' or 'data'; JSON arrives decoded, text as str, rest as
+    bytes. A form-encoded post has neither (its fields become parameters): treated as no body."""
+    if isinstance(item, dict):
+        for key in ("body", "data"):
+            if item.get(key) is not None:
+                return item[key]
+        return None
+    return item
