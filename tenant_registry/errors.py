@@ -1,0 +1,80 @@
+"""Typed errors of the control plane.
+
+Why a hierarchy and no HTTP codes: the CLI maps these to exit codes and the
+handler maps them to HTTP statuses, each in exactly one place. Code here only
+says *what* went wrong; callers decide what that means for their user.
+
+Every error is safe to show to an operator. Messages never echo unbounded
+caller input (tenant ids are shortened with `shorten()`).
+"""
+from __future__ import annotations
+
+
+def shorten(value: object, limit: int = 40) -> str:
+    """repr() of untrusted input, cut to `limit` characters so a 10 KB id cannot flood a log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RegistryError(Exception):
+    """Base of every error raised by `tenant_registry`."""
+
+
+class ConfigError(RegistryError):
+    """A configuration value is missing or malformed; `key` names it (None = the file itself)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class InvalidTenantId(RegistryError):
+    """A tenant id does not match `^[a-z0-9][a-z0-9_-]{0,62}$` (or is not a string)."""
+
+
+class TenantNotFound(RegistryError):
+    """No current record for this tenant."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(f"tenant {tenant!r} is not registered")
+        self.tenant = tenant
+
+
+class TenantExists(RegistryError):
+    """A write would overwrite an existing version of a tenant."""
+
+
+class VersionConflict(RegistryError):
+    """A concurrent change won: e.g. a newer version was registered while this one was being copied."""
+
+
+class TenantDisabled(RegistryError):
+    """The tenant exists but its status is `disabled`. Raised by callers that serve, not by the registry."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(f"tenant {tenant!r} is disabled")
+        self.tenant = tenant
+
+
+class VersionNotFound(RegistryError):
+    """The requested version is not in the tenant's history (or there is nothing to roll back to)."""
+
+
+class AdapterInvalid(RegistryError):
+    """An adapter was refused (at onboarding) or failed verification (at load).
+
+    `code` is a stable machine-readable reason (e.g. "pickle_file", "shape_mismatch",
+    "sha256_mismatch"); `file` is the offending file name when there is one;
+    `reason` is the human sentence. str(err) names both the problem and the file.
+    """
+
+    def __init__(self, reason: str, *, code: str = "invalid", file: str | None = None) -> None:
+        msg = f"{file}: {reason}" if file else reason
+        super().__init__(f"adapter refused: {msg}")
+        self.reason = reason
+        self.code = code
+        self.file = file
+
+
+class RegistryUnavailable(RegistryError):
+    """Redis is down, unreachable or timed out. The original redis exception is the __cause__."""
