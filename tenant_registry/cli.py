@@ -1,0 +1,336 @@
+"""tenantctl: the operator's command line for the tenant registry.
+
+    tenantctl [global options] onboard TENANT ADAPTER_DIR
+    tenantctl [global options] list | show TENANT | disable TENANT | enable TENANT | remove TENANT
+    tenantctl [global options] rollback TENANT [--to VERSION]
+    tenantctl [global options] status
+
+Global options (also accepted after the sub-command):
+  --model-config PATH   read settings from a TorchServe model-config.yaml `handler:` section
+  --redis-url URL       (env LORAPLEX_REDIS_URL)       --store DIR      adapter store root
+  --base-model-dir DIR  base model to validate against  --json           one JSON document on stdout
+  --management-url URL, --model-name NAME, --token TOKEN (env LORAPLEX_TS_TOKEN), --key-file PATH
+Settings precedence: defaults < model-config.yaml < env LORAPLEX_* < command-line flags.
+
+Exit codes (scripts may rely on them):
+  0  ok
+  1  any other error (e.g. a concurrent change won, TorchServe refused the token)
+  2  usage or configuration error (bad arguments, bad config key, invalid tenant id)
+  3  not found (tenant, version, or the TorchServe model)
+  4  adapter invalid (refused at onboarding, or a stored copy failed verification)
+  5  registry unavailable (Redis down or timing out)
+  6  TorchServe unreachable (status)
+
+With --json, stdout carries exactly one JSON document: the result, or {"error": {"type", "message",
+"code", "exit_code"}} on failure. Human-readable messages go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Sequence
+
+from .config import LoraplexConfig
+from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
+                     TenantNotFound, VersionNotFound)
+from .onboarding import onboard
+from .registry import TenantRegistry
+from .schema import TenantRecord
+from .store import AdapterStore
+from .validate import BaseModelSpec
+
+EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TS_UNREACHABLE = 0, 1, 2, 3, 4, 5, 6
+TS_TIMEOUT_S = 5.0
+
+
+class TorchServeUnreachable(RegistryError):
+    """The management API did not answer (connection refused, timeout, 5xx)."""
+
+
+class TorchServeRefused(RegistryError):
+    """The management API answered with an error (401/403: bad or missing token)."""
+
+
+class ModelNotFound(RegistryError):
+    """The management API does not know the model (404)."""
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, (ConfigError, InvalidTenantId)):
+        return EXIT_USAGE
+    if isinstance(e, (TenantNotFound, VersionNotFound, ModelNotFound)):
+        return EXIT_NOT_FOUND
+    if isinstance(e, AdapterInvalid):
+        return EXIT_INVALID
+    if isinstance(e, RegistryUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(e, TorchServeUnreachable):
+        return EXIT_TS_UNREACHABLE
+    return EXIT_OTHER
+
+
+# ---------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS  # defaults are applied once in main(), so a sub-parser never resets a global flag
+    p.add_argument("--model-config", metavar="PATH", default=s, help="TorchServe model-config.yaml")
+    p.add_argument("--redis-url", default=s, help="Redis URL (env LORAPLEX_REDIS_URL)")
+    p.add_argument("--store", metavar="DIR", default=s, help="adapter store root")
+    p.add_argument("--base-model-dir", metavar="DIR", default=s, help="base model to validate adapters against")
+    p.add_argument("--management-url", default=s, help="TorchServe management API URL")
+    p.add_argument("--model-name", default=s, help="TorchServe model name")
+    p.add_argument("--token", default=s, help="TorchServe management token (env LORAPLEX_TS_TOKEN)")
+    p.add_argument("--key-file", metavar="PATH", default=s, help="TorchServe key_file.json (management key)")
+    p.add_argument("--json", action="store_true", default=s, help="print one JSON document on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tenantctl", description="Manage loraplex tenants and their LoRA adapters.")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, tenant: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        if tenant:
+            p.add_argument("tenant", metavar="TENANT")
+        return p
+
+    add("onboard", "validate an adapter and register it as the tenant's next version").add_argument(
+        "adapter_dir", metavar="ADAPTER_DIR")
+    add("list", "list tenants", tenant=False)
+    add("show", "show a tenant's current record and history")
+    add("disable", "disable a tenant (its requests are refused)")
+    add("enable", "re-enable a tenant")
+    add("remove", "remove a tenant: records, history and stored files")
+    add("rollback", "make an older version current").add_argument("--to", type=int, dest="to_version",
+                                                                   metavar="VERSION")
+    add("status", "ask TorchServe which adapters each worker holds", tenant=False)
+    return parser
+
+
+# ---------------------------------------------------------------------------- output
+class _Out:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def result(self, doc: dict[str, Any], text: str) -> None:
+        if self.as_json:
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            print(text)
+
+    def error(self, e: BaseException, code: int) -> None:
+        msg = str(e) or type(e).__name__
+        print(f"tenantctl: error: {msg}", file=sys.stderr)
+        if self.as_json:
+            print(json.dumps({"error": {"type": type(e).__name__, "message": msg,
+                                        "code": getattr(e, "code", None), "exit_code": code}}, indent=2))
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _record_text(r: TenantRecord) -> str:
+    return "\n".join([
+        f"tenant:      {r.tenant_id}", f"adapter:     {r.adapter_id}", f"status:      {r.status}",
+        f"version:     {r.version}", f"rank/alpha:  {r.rank}/{r.alpha:g}{' (rslora)' if r.use_rslora else ''}",
+        f"targets:     {', '.join(r.target_modules)}", f"base model:  {r.base_model}",
+        f"path:        {r.path}", f"sha256:      {r.sha256}", f"bytes:       {r.nbytes}",
+        f"created:     {_ts(r.created_at)}", f"updated:     {_ts(r.updated_at)}"])
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    cols = [header, *rows]
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols)
+
+
+# ---------------------------------------------------------------------------- commands
+def _registry(cfg: LoraplexConfig) -> TenantRegistry:
+    return TenantRegistry(cfg.redis_url, cfg.redis_prefix)
+
+
+def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    if not cfg.base_model_dir:
+        raise ConfigError("onboard needs the base model: pass --base-model-dir or set base_model_dir",
+                          key="base_model_dir")
+    spec = BaseModelSpec.from_model_dir(cfg.base_model_dir, name=cfg.base_model_name or None)
+    rec = onboard(_registry(cfg), AdapterStore(cfg.adapter_store), spec, args.tenant, args.adapter_dir, cfg)
+    out.result({"adapter_id": rec.adapter_id, "record": rec.to_dict()},
+               f"onboarded {rec.adapter_id}\n{_record_text(rec)}")
+
+
+def cmd_list(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    recs = _registry(cfg).list()
+    rows = [[r.tenant_id, r.adapter_id, r.status, str(r.rank), f"{r.alpha:g}", ",".join(r.target_modules),
+             _ts(r.updated_at)] for r in recs]
+    out.result({"tenants": [r.to_dict() for r in recs]},
+               _table(rows, ["TENANT", "ADAPTER", "STATUS", "RANK", "ALPHA", "TARGETS", "UPDATED"])
+               if recs else "no tenants")
+
+
+def cmd_show(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    reg = _registry(cfg)
+    rec = reg.get(args.tenant)
+    hist = reg.history(args.tenant)
+    versions = ", ".join(f"v{h.version}{'*' if h.version == rec.version else ''}" for h in hist)
+    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist]},
+               f"{_record_text(rec)}\nhistory:     {versions}")
+
+
+def cmd_status_change(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    status = "enabled" if args.command == "enable" else "disabled"
+    rec = _registry(cfg).set_status(args.tenant, status)
+    out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: {rec.status} ({rec.adapter_id})")
+
+
+def cmd_remove(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    removed = _registry(cfg).remove(args.tenant)  # registry first: workers stop resolving it at once
+    AdapterStore(cfg.adapter_store).remove_tenant(args.tenant)
+    out.result({"removed": args.tenant, "versions": [r.version for r in removed]},
+               f"removed {args.tenant} ({', '.join(r.adapter_id for r in removed) or 'no versions'})")
+
+
+def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    reg = _registry(cfg)
+    cur = reg.get(args.tenant)
+    hist = {h.version: h for h in reg.history(args.tenant)}
+    target = args.to_version
+    if target is None:
+        older = [v for v in hist if v < cur.version]
+        if not older:
+            raise VersionNotFound(f"tenant {args.tenant!r} has no version older than v{cur.version}")
+        target = max(older)
+    if target not in hist:
+        raise VersionNotFound(f"tenant {args.tenant!r} has no version v{target}")
+    AdapterStore(cfg.adapter_store).verify(hist[target])  # never point workers at missing/altered files
+    rec = reg.rollback(args.tenant, to_version=target)
+    out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "token", None):
+        return args.token
+    if os.environ.get("LORAPLEX_TS_TOKEN"):
+        return os.environ["LORAPLEX_TS_TOKEN"]
+    if getattr(args, "key_file", None):
+        try:
+            doc = json.loads(open(args.key_file).read())
+            return doc["management"]["key"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot read the management key from {args.key_file!r}: {e}", key="key_file") from e
+    return None
+
+
+def fetch_status(management_url: str, model_name: str, token: str | None,
+                 timeout_s: float = TS_TIMEOUT_S) -> list[dict[str, Any]]:
+    """GET <management_url>/models/<model>?customized=true and return one entry per model version:
+    {"model_version", "pid", "engine", "active_adapter", "resident", "counters", "workers", "metadata_error"}."""
+    url = f"{management_url.rstrip('/')}/models/{urllib.parse.quote(model_name, safe='')}?customized=true"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise ModelNotFound(f"TorchServe at {management_url} has no model {model_name!r}") from e
+        if e.code in (401, 403):
+            raise TorchServeRefused(f"TorchServe refused the request ({e.code}): pass --token, "
+                                    "LORAPLEX_TS_TOKEN or --key-file") from e
+        if e.code >= 500:
+            raise TorchServeUnreachable(f"TorchServe at {management_url} answered {e.code}") from e
+        raise TorchServeRefused(f"TorchServe answered {e.code} for {url}") from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TorchServeUnreachable(f"TorchServe management API at {management_url} is unreachable: {reason}") from e
+    try:
+        versions = json.loads(body)
+    except ValueError as e:
+        raise TorchServeRefused(f"TorchServe answered non-JSON: {body[:200]!r}") from e
+    if isinstance(versions, dict):
+        versions = [versions]
+    out = []
+    for v in versions if isinstance(versions, list) else []:
+        meta_raw = v.get("customizedMetadata") if isinstance(v, dict) else None
+        meta, err = {}, None
+        if isinstance(meta_raw, str):
+            try:
+                meta = json.loads(meta_raw)
+            except ValueError:
+                err = f"customizedMetadata is not JSON: {meta_raw[:200]!r}"
+        elif isinstance(meta_raw, dict):
+            meta = meta_raw
+        elif meta_raw is None:
+            err = "no customizedMetadata (is the loraplex handler serving this model?)"
+        if not isinstance(meta, dict):
+            meta, err = {}, "customizedMetadata is not a JSON object"
+        out.append({
+            "model_version": v.get("modelVersion") if isinstance(v, dict) else None,
+            "pid": (meta.get("worker") or {}).get("pid") if isinstance(meta.get("worker"), dict) else None,
+            "engine": meta.get("engine"), "active_adapter": meta.get("active_adapter"),
+            "resident": meta.get("resident") or [], "counters": meta.get("counters") or {},
+            "workers": v.get("workers", []) if isinstance(v, dict) else [], "metadata_error": err})
+    return out
+
+
+def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    entries = fetch_status(cfg.management_url, cfg.model_name, _token(args))
+    now = time.time()
+    lines = []
+    for e in entries:
+        head = (f"model {cfg.model_name} v{e['model_version']}  worker pid {e['pid']}  engine {e['engine']}  "
+                f"active {e['active_adapter']}  workers {len(e['workers'])}")
+        lines.append(head)
+        if e["metadata_error"]:
+            lines.append(f"  ({e['metadata_error']})")
+        rows = []
+        for r in e["resident"]:
+            if not isinstance(r, dict):
+                continue
+            lu = r.get("last_used")
+            rows.append([str(r.get("adapter")), str(r.get("tenant")), str(r.get("version")), str(r.get("hits")),
+                         f"{now - lu:.1f}s ago" if isinstance(lu, (int, float)) else "-",
+                         f"{r.get('load_ms', 0):.1f}" if isinstance(r.get("load_ms"), (int, float)) else "-",
+                         str(r.get("bytes"))])
+        lines.append("  " + _table(rows, ["ADAPTER", "TENANT", "VER", "HITS", "LAST USED", "LOAD MS", "BYTES"])
+                     .replace("\n", "\n  ") if rows else "  no resident adapters")
+        if e["counters"]:
+            lines.append("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(e["counters"].items())))
+    out.result({"model": cfg.model_name, "management_url": cfg.management_url, "versions": entries},
+               "\n".join(lines) if lines else f"model {cfg.model_name}: no versions reported")
+
+
+COMMANDS = {"onboard": cmd_onboard, "list": cmd_list, "show": cmd_show, "disable": cmd_status_change,
+            "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tenantctl` console script; returns the exit code (see module docstring)."""
+    args = build_parser().parse_args(argv)
+    out = _Out(bool(getattr(args, "json", False)))
+    try:
+        cfg = LoraplexConfig.load(getattr(args, "model_config", None), overrides={
+            "redis_url": getattr(args, "redis_url", None), "adapter_store": getattr(args, "store", None),
+            "base_model_dir": getattr(args, "base_model_dir", None),
+            "management_url": getattr(args, "management_url", None), "model_name": getattr(args, "model_name", None)})
+        COMMANDS[args.command](args, cfg, out)
+        return EXIT_OK
+    except (RegistryError, OSError) as e:
+        code = _exit_code(e)
+        out.error(e, code)
+        return code
+
+
+def _console() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _console()

@@ -1,0 +1,61 @@
+"""Onboarding: validate -> copy into the store -> write the record, all or nothing.
+
+Order and why:
+  1. validate the tenant id and the adapter (reads only: a refusal writes nothing anywhere);
+  2. reserve a version number in Redis (a counter; a failed onboarding leaves a harmless gap);
+  3. copy the two files into the store (staged + atomic rename, bytes re-hashed against step 1);
+  4. write the record + history + event in one Redis transaction.
+A failure after step 3 removes the copied version directory, so there is never a record without
+files nor files without a record.
+
+A tenant that is currently disabled stays disabled when a new version is onboarded (onboarding is
+not a way around a disable); `tenantctl enable` re-enables it.
+
+Planned here (issue 4): `export_registry` / `import_registry` (whole registry to/from one JSON
+document) sit next to `onboard`, since import is "write records whose files are already in the store".
+
+Called from the CLI process (one thread). Not for workers.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .config import LoraplexConfig
+from .errors import TenantNotFound
+from .ids import adapter_id, validate_tenant_id
+from .registry import TenantRegistry
+from .schema import TenantRecord
+from .store import AdapterStore
+from .validate import AdapterManifest, BaseModelSpec, validate_adapter
+
+
+def onboard(registry: TenantRegistry, store: AdapterStore, spec: BaseModelSpec, tenant_id: str,
+            src_dir: str | os.PathLike, config: LoraplexConfig) -> TenantRecord:
+    """Register the adapter in `src_dir` as the tenant's next version and return the new record.
+
+    Raises InvalidTenantId, AdapterInvalid (nothing written), RegistryUnavailable, VersionConflict.
+    """
+    tenant = validate_tenant_id(tenant_id)
+    manifest = validate_adapter(src_dir, spec, max_rank=config.max_rank, max_bytes=config.max_adapter_bytes,
+                                base_model_name=config.base_model_name, allowed_targets=config.target_modules)
+    try:
+        status = registry.get(tenant).status
+    except TenantNotFound:
+        status = "enabled"
+    version = registry.next_version(tenant)
+    rel = store.install(tenant, version, src_dir, manifest)
+    try:
+        record = _record(tenant, version, rel, manifest, status)
+        return registry.put_new_version(record)
+    except BaseException:
+        store.remove_version(tenant, version)
+        raise
+
+
+def _record(tenant: str, version: int, rel: str, m: AdapterManifest, status: str) -> TenantRecord:
+    now = time.time()
+    return TenantRecord(
+        tenant_id=tenant, adapter_id=adapter_id(tenant, version), version=version, path=rel, sha256=m.sha256,
+        rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora, target_modules=m.target_modules,
+        base_model=m.base_model, status=status, created_at=now, updated_at=now, nbytes=m.nbytes)

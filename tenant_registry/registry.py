@@ -1,0 +1,329 @@
+"""TenantRegistry: tenant records in Redis, atomic changes, and change events.
+
+Redis layout (P = prefix, t = tenant id; ids are validated, so keys cannot collide or inject):
+  P:tenant:<t>        string  current TenantRecord JSON (what workers serve)
+  P:history:<t>       hash    "<version>" -> TenantRecord JSON as onboarded (kept for rollback)
+  P:tenants           set     tenant ids with a current record (for `list`)
+  P:version_seq:<t>   string  highest version ever handed out; survives `remove`, so a version
+                              number (and adapter id "t@vN") is never reused for different weights
+  P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k},
+                              k in onboard|disable|enable|remove|rollback
+
+Atomicity: every change is one WATCH/MULTI/EXEC transaction that updates the current record, the
+history and the tenant set together and PUBLISHes its event inside the same EXEC, so a subscriber
+never sees an event before the change it announces (redis-py retries the transaction when a watched
+key changed under it).
+
+Timeouts (so a dead or hung Redis never stalls a caller for long):
+  connect 1.0 s, each command 2.0 s, one immediate retry on a connection error (it re-dials once,
+  which is what makes the first call after a Redis restart succeed). Worst case for one call on a
+  black-holed host: about 2 s + 2 s; on a stopped local server: a few milliseconds.
+Every redis exception becomes RegistryUnavailable (the original is the __cause__).
+
+Threads: one TenantRegistry may be shared by threads (redis-py's pool is thread-safe). `subscribe`
+runs its callback on its own daemon thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import (ConfigError, RegistryError, RegistryUnavailable, TenantExists, TenantNotFound,
+                     VersionConflict, VersionNotFound)
+from .ids import validate_tenant_id
+from .schema import STATUSES, TenantRecord
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 1.0
+COMMAND_TIMEOUT_S = 2.0
+SUBSCRIBER_POLL_S = 0.5          # how often the subscriber thread checks its stop event
+SUBSCRIBER_HEALTH_CHECK_S = 5    # PING on an idle subscription so a dead connection is noticed
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback")
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+@contextlib.contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.RedisError, OSError) as e:
+        raise RegistryUnavailable(f"Redis unavailable during {what}: {type(e).__name__}: {e}") from e
+
+
+class TenantRegistry:
+    """Tenant records under `prefix` in the Redis at `redis_url`."""
+
+    def __init__(self, redis_url: str, prefix: str = "loraplex", *,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, command_timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self._timeouts = (connect_timeout_s, command_timeout_s)
+        self._r = self._client()
+        self.channel = f"{prefix}:events"
+
+    def _client(self, **extra: Any) -> redis.Redis:
+        try:
+            return redis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=self._timeouts[0], socket_timeout=self._timeouts[1],
+                retry=Retry(NoBackoff(), 1), socket_keepalive=True, **extra)
+        except ValueError as e:
+            raise ConfigError(f"bad redis_url {self.redis_url!r}: {e}", key="redis_url") from e
+
+    def close(self) -> None:
+        self._r.close()
+
+    # ------------------------------------------------------------------ keys
+    def _k_current(self, t: str) -> str:
+        return f"{self.prefix}:tenant:{t}"
+
+    def _k_history(self, t: str) -> str:
+        return f"{self.prefix}:history:{t}"
+
+    def _k_seq(self, t: str) -> str:
+        return f"{self.prefix}:version_seq:{t}"
+
+    @property
+    def _k_tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def _event(self, tenant: str, version: int | None, kind: str) -> str:
+        return json.dumps({"tenant": tenant, "version": version, "kind": kind})
+
+    # ------------------------------------------------------------------ reads (any thread)
+    def ping(self) -> bool:
+        """True if Redis answers; raises RegistryUnavailable otherwise."""
+        with _redis_errors("ping"):
+            return bool(self._r.ping())
+
+    def get(self, tenant: str) -> TenantRecord:
+        """The tenant's current record. Raises InvalidTenantId, TenantNotFound, RegistryUnavailable."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("get"):
+            raw = self._r.get(self._k_current(t))
+        if raw is None:
+            raise TenantNotFound(t)
+        return TenantRecord.from_json(raw)
+
+    def list(self) -> list[TenantRecord]:
+        """Every tenant's current record, sorted by tenant id."""
+        with _redis_errors("list"):
+            ids = sorted(x.decode() for x in self._r.smembers(self._k_tenants))
+            raws = self._r.mget([self._k_current(t) for t in ids]) if ids else []
+        return [TenantRecord.from_json(raw) for raw in raws if raw is not None]
+
+    def history(self, tenant: str) -> list[TenantRecord]:
+        """All versions of the tenant as onboarded, oldest first (their `status` is the status at
+        onboarding time; the tenant's live status is on `get`)."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("history"):
+            raw = self._r.hgetall(self._k_history(t))
+        if not raw:
+            raise TenantNotFound(t)
+        return sorted((TenantRecord.from_json(v) for v in raw.values()), key=lambda r: r.version)
+
+    # ------------------------------------------------------------------ writes (control plane)
+    def next_version(self, tenant: str) -> int:
+        """Reserve and return a version number never handed out before for this tenant.
+
+        Reserving (not peeking) means two concurrent onboardings get different versions and never
+        write the same store directory. A reserved version whose onboarding fails leaves a gap.
+        """
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> int:
+            seq = int(pipe.get(self._k_seq(t)) or 0)
+            versions = [int(v) for v in pipe.hkeys(self._k_history(t))]
+            cur = pipe.get(self._k_current(t))
+            cur_v = TenantRecord.from_json(cur).version if cur else 0
+            nxt = max([seq, cur_v, *versions]) + 1
+            pipe.multi()
+            pipe.set(self._k_seq(t), nxt)
+            return nxt
+
+        return self._transact("next_version", tx, self._k_seq(t), self._k_history(t), self._k_current(t))
+
+    def put_new_version(self, record: TenantRecord) -> TenantRecord:
+        """Make `record` the tenant's current version and add it to the history, atomically; publish
+        "onboard". Raises TenantExists if that version is already in the history, VersionConflict if
+        the current version is already newer."""
+        t = record.tenant_id
+
+        def tx(pipe: redis.client.Pipeline) -> TenantRecord:
+            if pipe.hexists(self._k_history(t), str(record.version)):
+                raise TenantExists(f"{record.adapter_id} is already registered")
+            cur = pipe.get(self._k_current(t))
+            if cur is not None:
+                cur_rec = TenantRecord.from_json(cur)
+                if cur_rec.version >= record.version:
+                    raise VersionConflict(f"cannot register {record.adapter_id}: current version of "
+                                          f"{t!r} is already v{cur_rec.version}")
+            seq = int(pipe.get(self._k_seq(t)) or 0)
+            pipe.multi()
+            pipe.set(self._k_current(t), record.to_json())
+            pipe.hset(self._k_history(t), str(record.version), record.to_json())
+            pipe.sadd(self._k_tenants, t)
+            pipe.set(self._k_seq(t), max(seq, record.version))
+            pipe.publish(self.channel, self._event(t, record.version, "onboard"))
+            return record
+
+        return self._transact("put_new_version", tx, self._k_current(t), self._k_history(t), self._k_seq(t))
+
+    def set_status(self, tenant: str, status: str) -> TenantRecord:
+        """Enable or disable the tenant (all its versions); publish "enable"/"disable"."""
+        t = validate_tenant_id(tenant)
+        if status not in STATUSES:
+            raise RegistryError(f"status must be one of {STATUSES}, got {status!r}")
+
+        def tx(pipe: redis.client.Pipeline) -> TenantRecord:
+            cur = pipe.get(self._k_current(t))
+            if cur is None:
+                raise TenantNotFound(t)
+            new = TenantRecord.from_json(cur).replace(status=status, updated_at=time.time())
+            pipe.multi()
+            pipe.set(self._k_current(t), new.to_json())
+            pipe.publish(self.channel, self._event(t, new.version, "enable" if status == "enabled" else "disable"))
+            return new
+
+        return self._transact("set_status", tx, self._k_current(t))
+
+    def rollback(self, tenant: str, to_version: int | None = None) -> TenantRecord:
+        """Make an older (or any recorded) version current again; publish "rollback".
+
+        `to_version=None` means the newest version older than the current one. The tenant keeps its
+        current status (rollback does not re-enable a disabled tenant). Newer versions stay in the
+        history, so rolling forward is `rollback(t, to_version=newer)`.
+        """
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> TenantRecord:
+            cur = pipe.get(self._k_current(t))
+            if cur is None:
+                raise TenantNotFound(t)
+            cur_rec = TenantRecord.from_json(cur)
+            hist = {int(k): v for k, v in pipe.hgetall(self._k_history(t)).items()}
+            if to_version is None:
+                older = [v for v in hist if v < cur_rec.version]
+                if not older:
+                    raise VersionNotFound(f"tenant {t!r} has no version older than v{cur_rec.version}")
+                target = max(older)
+            elif to_version not in hist:
+                raise VersionNotFound(f"tenant {t!r} has no version v{to_version} "
+                                      f"(known: {', '.join(f'v{v}' for v in sorted(hist))})")
+            else:
+                target = to_version
+            new = TenantRecord.from_json(hist[target]).replace(status=cur_rec.status, updated_at=time.time())
+            pipe.multi()
+            pipe.set(self._k_current(t), new.to_json())
+            pipe.publish(self.channel, self._event(t, target, "rollback"))
+            return new
+
+        return self._transact("rollback", tx, self._k_current(t), self._k_history(t))
+
+    def remove(self, tenant: str) -> list[TenantRecord]:
+        """Delete the tenant's current record and history (not its version counter); publish "remove".
+        Returns the removed versions so the caller can delete their files from the store."""
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> list[TenantRecord]:
+            cur = pipe.get(self._k_current(t))
+            hist = pipe.hvals(self._k_history(t))
+            if cur is None and not hist:
+                raise TenantNotFound(t)
+            version = TenantRecord.from_json(cur).version if cur else None
+            pipe.multi()
+            pipe.delete(self._k_current(t), self._k_history(t))
+            pipe.srem(self._k_tenants, t)
+            pipe.publish(self.channel, self._event(t, version, "remove"))
+            return sorted((TenantRecord.from_json(v) for v in hist), key=lambda r: r.version)
+
+        return self._transact("remove", tx, self._k_current(t), self._k_history(t))
+
+    def _transact(self, what: str, fn: Callable[[Any], Any], *watch: str) -> Any:
+        with _redis_errors(what):
+            return self._r.transaction(fn, *watch, value_from_callable=True)
+
+    # ------------------------------------------------------------------ events (workers)
+    def subscribe(self, callback: EventCallback, stop: threading.Event) -> threading.Thread:
+        """Start a daemon thread that calls `callback(event)` for every event on `<prefix>:events`.
+
+        The thread owns its own connection. When Redis drops it reconnects with exponential backoff
+        (0.1 s doubling to 5 s, with jitter) and, after every successful re-subscription that followed
+        a failure, calls `callback({"kind": "resync"})`: events may have been missed, so caches should
+        be flushed or re-validated. Malformed messages are logged and skipped; exceptions raised by
+        `callback` are logged and do not stop the thread. `callback` runs on this thread: keep it
+        short and thread-safe. Set `stop` to end the thread (it notices within ~0.5 s).
+        """
+        th = threading.Thread(target=self._subscriber_loop, args=(callback, stop),
+                              name=f"loraplex-events-{self.prefix}", daemon=True)
+        th.start()
+        return th
+
+    def _subscriber_loop(self, callback: EventCallback, stop: threading.Event) -> None:
+        backoff = BACKOFF_START_S
+        failed = False
+        while not stop.is_set():
+            client = pubsub = None
+            try:
+                client = self._client(health_check_interval=SUBSCRIBER_HEALTH_CHECK_S)
+                pubsub = client.pubsub()
+                pubsub.subscribe(self.channel)
+                # Wait for the server's confirmation so "subscribed" really means subscribed.
+                deadline = time.monotonic() + self._timeouts[1]
+                while True:
+                    msg = pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
+                    if msg and msg.get("type") == "subscribe":
+                        break
+                    if time.monotonic() > deadline:
+                        raise redis.TimeoutError("no subscribe confirmation")
+                if failed:
+                    _safe_call(callback, {"kind": "resync"})
+                failed, backoff = False, BACKOFF_START_S
+                while not stop.is_set():
+                    msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=SUBSCRIBER_POLL_S)
+                    if msg and msg.get("type") == "message":
+                        event = _parse_event(msg.get("data"))
+                        if event is not None:
+                            _safe_call(callback, event)
+            except (redis.RedisError, OSError) as e:
+                if not failed:
+                    log.warning("registry event subscription lost (%s); reconnecting", e)
+                failed = True
+                stop.wait(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            finally:
+                for closable in (pubsub, client):
+                    with contextlib.suppress(Exception):
+                        if closable is not None:
+                            closable.close()
+
+
+def _parse_event(data: Any) -> dict[str, Any] | None:
+    try:
+        event = json.loads(data)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        log.warning("ignoring malformed registry event %r", data[:200] if isinstance(data, (bytes, str)) else data)
+        return None
+    if not isinstance(event, dict) or event.get("kind") not in EVENT_KINDS:
+        log.warning("ignoring registry event of unknown shape %r", str(event)[:200])
+        return None
+    return event
+
+
+def _safe_call(callback: EventCallback, event: dict[str, Any]) -> None:
+    try:
+        callback(event)
+    except Exception:  # a buggy callback must not kill the subscription
+        log.exception("registry event callback failed for %r", event)

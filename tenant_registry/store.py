@@ -1,0 +1,182 @@
+"""AdapterStore: the directory tree that workers load adapters from.
+
+Layout: `<root>/<tenant>/v<version>/{adapter_config.json,adapter_model.safetensors}`.
+A version directory is written once and never modified; a new version is a new
+directory. Work in progress lives in `<root>/.staging/` (same file system, so
+the final rename is atomic): a crash leaves at most a staging directory, never
+a half-written version directory.
+
+Who calls what:
+  * `install`, `remove_version`, `remove_tenant` -- onboarding / CLI processes only.
+  * `path_for`, `verify` -- workers (any thread; they only read).
+Callers never pass paths from requests; `path_for` takes a TenantRecord and
+refuses any location that resolves outside the root (symlinks included).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from .errors import AdapterInvalid, RegistryError
+from .ids import validate_tenant_id
+from .schema import TenantRecord
+from .validate import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterManifest
+
+STAGING = ".staging"
+_CHUNK = 1 << 20
+
+
+class StoreError(RegistryError):
+    """The store refused an operation (escape attempt, existing version, I/O error)."""
+
+
+class AdapterStore:
+    """A root directory of immutable, versioned adapter copies."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ reading (workers)
+    def relpath(self, tenant: str, version: int) -> str:
+        """The record `path` for a tenant version, relative to the root."""
+        return f"{validate_tenant_id(tenant)}/v{int(version)}"
+
+    def path_for(self, record: TenantRecord) -> Path:
+        """Absolute directory of `record`'s adapter. Raises StoreError if it would leave the root."""
+        root = self.root.resolve()
+        target = (root / record.path).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise StoreError(f"adapter path {record.path!r} of {record.adapter_id} escapes the adapter store")
+        if target.is_relative_to(root / STAGING):
+            raise StoreError(f"adapter path {record.path!r} points into the staging area")
+        return target
+
+    def verify(self, record: TenantRecord) -> Path:
+        """Check the stored copy still is what was onboarded; return its directory.
+
+        Recomputes sha256 of the weights (streaming) and checks that adapter_config.json still says
+        LORA with the record's r / lora_alpha / use_rslora. Raises AdapterInvalid (code
+        "missing_file", "sha256_mismatch" or "config_mismatch") naming the adapter and file.
+        """
+        d = self.path_for(record)
+        weights = d / WEIGHTS_FILE
+        try:
+            h = hashlib.sha256()
+            fd = os.open(weights, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise AdapterInvalid(f"{record.adapter_id}: stored weights are not a regular file",
+                                         code="missing_file", file=WEIGHTS_FILE)
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+            cfg = json.loads((d / CONFIG_FILE).read_text())
+        except OSError as e:
+            raise AdapterInvalid(f"{record.adapter_id}: stored file unreadable ({e.strerror})", code="missing_file",
+                                 file=Path(e.filename or WEIGHTS_FILE).name) from e
+        except ValueError:
+            raise AdapterInvalid(f"{record.adapter_id}: stored config is not valid JSON", code="config_mismatch",
+                                 file=CONFIG_FILE) from None
+        if h.hexdigest() != record.sha256:
+            raise AdapterInvalid(f"{record.adapter_id}: sha256 mismatch (stored file altered)",
+                                 code="sha256_mismatch", file=WEIGHTS_FILE)
+        ok = (isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" and cfg.get("r") == record.rank
+              and float(cfg.get("lora_alpha", 8)) == record.alpha
+              and bool(cfg.get("use_rslora", False)) == record.use_rslora and not cfg.get("use_dora"))
+        if not ok:
+            raise AdapterInvalid(f"{record.adapter_id}: stored config no longer matches the record",
+                                 code="config_mismatch", file=CONFIG_FILE)
+        return d
+
+    # ------------------------------------------------------------------ writing (onboarding)
+    def install(self, tenant: str, version: int, src_dir: str | os.PathLike, manifest: AdapterManifest) -> str:
+        """Copy exactly the two adapter files of `src_dir` to `<tenant>/v<version>` and return that relpath.
+
+        Copies into `<root>/.staging/<random>/`, checks the copied bytes hash to what validation saw
+        (so a file swapped after validation is refused), fsyncs files and directory, then renames
+        atomically. Refuses to overwrite an existing version.
+        """
+        rel = self.relpath(tenant, version)
+        final = self.root / rel
+        staging_root = self.root / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        tmp = staging_root / f"{tenant}-v{version}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            expected = {CONFIG_FILE: manifest.config_sha256, WEIGHTS_FILE: manifest.sha256}
+            for name in ADAPTER_FILES:
+                got = _copy_file(Path(src_dir) / name, tmp / name)
+                if got != expected[name]:
+                    raise AdapterInvalid("changed between validation and copy", code="changed_during_copy",
+                                         file=name)
+            _fsync_dir(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                raise StoreError(f"adapter store already has {rel}; versions are never overwritten")
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return rel
+
+    def remove_version(self, tenant: str, version: int) -> None:
+        """Delete one version directory (missing is fine); the tenant dir goes too once empty."""
+        d = self.root / self.relpath(tenant, version)
+        self._rmtree_inside(d)
+        try:
+            d.parent.rmdir()
+        except OSError:
+            pass
+
+    def remove_tenant(self, tenant: str) -> None:
+        """Delete every stored version of `tenant` (missing is fine)."""
+        self._rmtree_inside(self.root / validate_tenant_id(tenant))
+
+    def tenant_versions(self, tenant: str) -> list[int]:
+        """Versions that have a directory in the store (for audits and tests)."""
+        d = self.root / validate_tenant_id(tenant)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit())
+
+    def _rmtree_inside(self, d: Path) -> None:
+        root = self.root.resolve()
+        if d.is_symlink():
+            raise StoreError(f"refusing to remove {d}: it is a symlink")
+        if not d.exists():
+            return
+        resolved = d.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise StoreError(f"refusing to remove {d}: outside the adapter store")
+        shutil.rmtree(resolved)
+
+
+def _copy_file(src: Path, dst: Path) -> str:
+    """Stream-copy src (not following symlinks) to a new file dst, fsync it, return the sha256 of the bytes."""
+    h = hashlib.sha256()
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise AdapterInvalid("is not a regular file", code="not_regular_file", file=src.name)
+        with open(dst, "xb") as fout:
+            while chunk := fin.read(_CHUNK):
+                h.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    os.chmod(dst, 0o644)
+    return h.hexdigest()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
