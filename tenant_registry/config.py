@@ -77,15 +77,23 @@ class LoraplexConfig:
 
     @classmethod
     def load(cls, model_config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
-             env: Mapping[str, str] = os.environ) -> "LoraplexConfig":
+             env: Mapping[str, str] = os.environ, *,
+             handler_section: Mapping[str, Any] | None = None) -> "LoraplexConfig":
         """Defaults < model-config.yaml `handler:` section < env LORAPLEX_* < overrides.
 
+        The `handler:` section comes from the file at `model_config_path`, or, inside a TorchServe
+        worker, already parsed as `handler_section=context.model_yaml_config.get("handler")` (pass it
+        there, not as `overrides`, so env variables can still override the YAML).
         `overrides` entries whose value is None are ignored (so CLI flags that were not given can be
         passed through unconditionally).
         """
         merged: dict[str, Any] = {}
         if model_config_path:
             merged.update(_read_handler_section(Path(model_config_path)))
+        if handler_section is not None:
+            if not isinstance(handler_section, Mapping):
+                raise ConfigError("'handler' section must be a mapping", key="handler")
+            merged.update(handler_section)
         for f in fields(cls):
             env_key = ENV_PREFIX + f.name.upper()
             if env_key in env:

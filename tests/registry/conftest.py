@@ -1,0 +1,59 @@
+"""Fixtures for the control-plane tests: a unique Redis prefix per test (so tests sharing the
+session's real redis-server never see each other's keys), a registry, a store in tmp_path, and the
+tiny base model's spec."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from tenant_registry.config import LoraplexConfig
+from tenant_registry.registry import TenantRegistry
+from tenant_registry.store import AdapterStore
+from tenant_registry.validate import BaseModelSpec
+
+
+@pytest.fixture(scope="session")
+def base_spec(tiny_model_dir) -> BaseModelSpec:
+    return BaseModelSpec.from_model_dir(tiny_model_dir)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def raw_redis(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def registry(redis_url, prefix):
+    reg = TenantRegistry(redis_url, prefix)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    return AdapterStore(tmp_path / "store")
+
+
+@pytest.fixture
+def config(redis_url, prefix, tmp_path, tiny_model_dir) -> LoraplexConfig:
+    return LoraplexConfig.from_mapping({
+        "redis_url": redis_url, "redis_prefix": prefix, "adapter_store": str(tmp_path / "store"),
+        "base_model_dir": str(tiny_model_dir), "max_rank": 16, "max_adapter_bytes": 10_000_000})
+
+
+def keys_under(raw_redis, prefix: str) -> list[bytes]:
+    return list(raw_redis.scan_iter(match=f"{prefix}:*"))
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*")] if root.exists() else []

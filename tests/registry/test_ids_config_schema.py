@@ -1,0 +1,137 @@
+"""Tenant ids, the config object and the record schema: pure code, no Redis."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tenant_registry.config import DEFAULT_TARGET_MODULES, LoraplexConfig
+from tenant_registry.errors import ConfigError, InvalidTenantId
+from tenant_registry.ids import adapter_id, is_valid_tenant_id, parse_adapter_id, validate_tenant_id
+from tenant_registry.schema import RecordError, TenantRecord
+
+
+@pytest.mark.parametrize("good", ["a", "acme", "acme-corp_2", "0", "a" * 63, "9lives"])
+def test_valid_tenant_ids(good):
+    assert validate_tenant_id(good) == good
+
+
+@pytest.mark.parametrize("bad", [
+    "", "../etc", "a/../b", "a/b", "/abs", "a\x00b", "acme\n", "x" * 10_000, "a" * 64, "Acme", "ACME",
+    "-lead", "_lead", "acme.corp", "acme corp", "аcme",  # Cyrillic 'а'
+    "ａcme",  # full-width 'a'
+    "acme\u200b", "ß", None, 42, b"acme", ["acme"],
+])
+def test_invalid_tenant_ids(bad):
+    assert not is_valid_tenant_id(bad)
+    with pytest.raises(InvalidTenantId) as ei:
+        validate_tenant_id(bad)
+    assert len(str(ei.value)) < 200  # a 10 KB id is never echoed back whole
+
+
+def test_adapter_ids():
+    assert adapter_id("acme", 3) == "acme@v3"
+    assert parse_adapter_id("acme@v3") == ("acme", 3)
+    for bad in ["acme", "acme@3", "acme@v0", "Acme@v1", "../x@v1", "acme@v1\n", None]:
+        with pytest.raises(InvalidTenantId):
+            parse_adapter_id(bad)
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_defaults():
+    c = LoraplexConfig.load(env={})
+    assert c.redis_url == "redis://127.0.0.1:6379/0" and c.redis_prefix == "loraplex"
+    assert c.max_rank == 64 and c.max_adapter_bytes == 268435456 and c.max_resident_adapters == 8
+    assert c.unknown_tenant_policy == "base" and c.load_failure_policy == "base" and c.require_tenant is False
+    assert c.target_modules == DEFAULT_TARGET_MODULES and c.engine == "multilora"
+    assert c.management_url == "http://127.0.0.1:8081" and c.model_name == "loraplex"
+
+
+def test_config_yaml_env_override_precedence(tmp_path):
+    y = tmp_path / "model-config.yaml"
+    y.write_text("minWorkers: 1\nbatchSize: 4\nhandler:\n  max_rank: 32\n  require_tenant: true\n"
+                 "  target_modules: [q_proj, v_proj]\n  idle_ttl_s: 5\n  redis_prefix: fromyaml\n")
+    c = LoraplexConfig.load(y, env={"LORAPLEX_MAX_RANK": "8", "LORAPLEX_ENGINE": "PEFT", "OTHER": "x"},
+                            overrides={"redis_prefix": "fromflag", "adapter_store": None})
+    assert c.max_rank == 8 and c.engine == "peft" and c.require_tenant is True
+    assert c.target_modules == ("q_proj", "v_proj") and c.idle_ttl_s == 5.0
+    assert c.redis_prefix == "fromflag" and c.adapter_store == "./var/adapters"
+    # The parsed section a TorchServe worker gets sits below env.
+    c2 = LoraplexConfig.load(handler_section={"max_rank": 4, "device": "cpu"}, env={"LORAPLEX_MAX_RANK": "12"})
+    assert c2.max_rank == 12 and c2.device == "cpu"
+    c3 = LoraplexConfig.load(env={"LORAPLEX_TARGET_MODULES": "q_proj, k_proj", "LORAPLEX_REQUIRE_TENANT": "yes"})
+    assert c3.target_modules == ("q_proj", "k_proj") and c3.require_tenant is True
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_rank", "lots"), ("max_rank", 0), ("max_rank", True), ("idle_ttl_s", "nan"), ("idle_ttl_s", -1),
+    ("unknown_tenant_policy", "allow"), ("load_failure_policy", 1), ("require_tenant", "maybe"),
+    ("device", "tpu"), ("dtype", "int8"), ("engine", "vllm"), ("target_modules", []),
+    ("target_modules", "q_proj;rm -rf"), ("redis_url", "http://x"), ("redis_prefix", "a b"),
+    ("management_url", "ftp://x"), ("model_name", ""), ("max_resident_adapters", 1.5),
+    ("max_resident_adaptors", 3),  # typo: unknown key
+])
+def test_config_errors_name_the_key(key, value):
+    with pytest.raises(ConfigError) as ei:
+        LoraplexConfig.from_mapping({key: value})
+    assert ei.value.key == key and key in str(ei.value)
+
+
+def test_config_env_error_names_key():
+    with pytest.raises(ConfigError) as ei:
+        LoraplexConfig.load(env={"LORAPLEX_MAX_NEW_TOKENS_CAP": "-3"})
+    assert ei.value.key == "max_new_tokens_cap"
+
+
+def test_config_bad_yaml(tmp_path):
+    y = tmp_path / "m.yaml"
+    y.write_text("handler: [1, 2]\n")
+    with pytest.raises(ConfigError, match="handler"):
+        LoraplexConfig.load(y, env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        LoraplexConfig.load(tmp_path / "missing.yaml", env={})
+
+
+# ---------------------------------------------------------------------------- schema
+def _record(**kw) -> TenantRecord:
+    base = dict(tenant_id="acme", adapter_id="acme@v2", version=2, path="acme/v2", sha256="ab" * 32, rank=8,
+                alpha=16, use_rslora=False, target_modules=["v_proj", "q_proj"], base_model="tiny",
+                status="enabled", created_at=1.5, updated_at=2.5, nbytes=1234)
+    base.update(kw)
+    return TenantRecord(**base)
+
+
+def test_record_round_trip():
+    r = _record()
+    assert r.target_modules == ("q_proj", "v_proj") and r.alpha == 16.0
+    assert TenantRecord.from_json(r.to_json()) == r
+    assert json.loads(r.to_json())["target_modules"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("sha256"),
+    lambda d: d.update(extra=1),
+    lambda d: d.update(version="2"),
+    lambda d: d.update(version=True),
+    lambda d: d.update(adapter_id="other@v2"),
+    lambda d: d.update(path="../other/v1"),
+    lambda d: d.update(path="/etc"),
+    lambda d: d.update(sha256="XYZ"),
+    lambda d: d.update(status="paused"),
+    lambda d: d.update(tenant_id="../x"),
+    lambda d: d.update(target_modules="q_proj"),
+    lambda d: d.update(use_rslora="no"),
+    lambda d: d.update(nbytes=-1),
+    lambda d: d.update(created_at=float("nan")) if False else d.update(created_at="yesterday"),
+])
+def test_record_strictness(mutate):
+    d = json.loads(_record().to_json())
+    mutate(d)
+    with pytest.raises(RecordError):
+        TenantRecord.from_json(json.dumps(d))
+
+
+def test_record_json_garbage():
+    for bad in ["", "[]", "{", b"\xff\xfe"]:
+        with pytest.raises(RecordError):
+            TenantRecord.from_json(bad)
