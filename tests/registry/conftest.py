@@ -50,10 +50,3 @@ def config(redis_url, prefix, tmp_path, tiny_model_dir) -> LoraplexConfig:
         "redis_url": redis_url, "redis_prefix": prefix, "adapter_store": str(tmp_path / "store"),
         "base_model_dir": str(tiny_model_dir), "max_rank": 16, "max_adapter_bytes": 10_000_000})
 
-
-def keys_under(raw_redis, prefix: str) -> list[bytes]:
-    return list(raw_redis.scan_iter(match=f"{prefix}:*"))
-
-
-def files_under(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*")] if root.exists() else []

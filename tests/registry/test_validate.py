@@ -11,7 +11,7 @@ from tenant_registry.errors import AdapterInvalid, ConfigError
 from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec, same_base_model, validate_adapter
 
-from .conftest import files_under, keys_under
+from .util import files_under, keys_under
 from .hostile import HOSTILE
 
 # What the message must mention for each refusal (besides the file it names).
