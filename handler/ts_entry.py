@@ -37,9 +37,10 @@ class LoraplexHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
         model_dir = Path(props.get("model_dir"))
-        # The archiver copies model-config.yaml into the model dir; reading the file (not
-        # context.model_yaml_config) keeps the one precedence order: yaml < env LORAPLEX_*.
-        config = LoraplexConfig.load(model_dir / "model-config.yaml")
+        # TorchServe has parsed model-config.yaml already; its `handler:` section sits below env
+        # LORAPLEX_* in the one precedence order.
+        section = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        config = LoraplexConfig.load(handler_section=section)
         start = time.monotonic()
         self.service = LoraplexService.from_model_dir(model_dir, config)
         self.context = context
