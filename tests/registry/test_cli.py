@@ -1,0 +1,167 @@
+"""tenantctl end to end: the installed console script in a subprocess, real Redis, --json, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from support import free_port
+
+from .hostile import pickle_bin
+from .util import files_under, keys_under
+
+TENANTCTL = Path(sys.executable).parent / "tenantctl"
+
+
+@pytest.fixture
+def ctl(redis_url, prefix, tmp_path, tiny_model_dir):
+    if not TENANTCTL.exists():
+        pytest.fail(f"{TENANTCTL} missing: run `pip install -e .`")
+    mc = tmp_path / "model-config.yaml"
+    mc.write_text(f"minWorkers: 1\nhandler:\n  redis_prefix: {prefix}\n  max_rank: 16\n"
+                  f"  adapter_store: {tmp_path / 'store'}\n  base_model_dir: {tiny_model_dir}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["LORAPLEX_REDIS_URL"] = redis_url
+
+    def run(*args: str, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
+        p = subprocess.run([str(TENANTCTL), "--model-config", str(mc), *args], capture_output=True, text=True,
+                           env={**env, **(env_extra or {})}, timeout=60)
+        doc = json.loads(p.stdout) if "--json" in args and p.stdout.strip() else None
+        return p.returncode, doc, p.stdout + p.stderr
+    return run
+
+
+def test_cli_lifecycle(ctl, tiny_adapters, tmp_path):
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["a"]))
+    assert rc == 0 and doc["adapter_id"] == "acme@v1" and doc["record"]["rank"] == 4
+    rc, doc, _ = ctl("onboard", "acme", str(tiny_adapters["b"]), "--json")  # global flag after the command
+    assert rc == 0 and doc["record"]["version"] == 2
+    rc, _, text = ctl("onboard", "zeta", str(tiny_adapters["c"]))
+    assert rc == 0 and "onboarded zeta@v1" in text and "sha256:" in text
+
+    rc, doc, _ = ctl("--json", "list")
+    assert rc == 0 and [(t["tenant_id"], t["version"]) for t in doc["tenants"]] == [("acme", 2), ("zeta", 1)]
+    rc, _, text = ctl("list")
+    assert rc == 0 and "acme@v2" in text and "TENANT" in text
+
+    rc, doc, _ = ctl("--json", "show", "acme")
+    assert rc == 0 and doc["record"]["adapter_id"] == "acme@v2" and [h["version"] for h in doc["history"]] == [1, 2]
+
+    rc, doc, _ = ctl("--json", "disable", "acme")
+    assert rc == 0 and doc["record"]["status"] == "disabled"
+    rc, doc, _ = ctl("--json", "enable", "acme")
+    assert rc == 0 and doc["record"]["status"] == "enabled"
+
+    rc, doc, _ = ctl("--json", "rollback", "acme")
+    assert rc == 0 and doc["record"]["adapter_id"] == "acme@v1"
+    rc, doc, _ = ctl("--json", "rollback", "acme", "--to", "2")
+    assert rc == 0 and doc["record"]["adapter_id"] == "acme@v2"
+    rc, doc, _ = ctl("--json", "rollback", "acme", "--to", "9")
+    assert rc == 3 and doc["error"]["type"] == "VersionNotFound" and doc["error"]["exit_code"] == 3
+    rc, doc, _ = ctl("--json", "rollback", "zeta")
+    assert rc == 3
+
+    # A rollback target whose files were altered in the store is refused (exit 4) and nothing changes.
+    w = tmp_path / "store" / "acme" / "v1" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + b"\0")
+    rc, doc, _ = ctl("--json", "rollback", "acme")
+    assert rc == 4 and doc["error"]["code"] == "sha256_mismatch"
+    assert ctl("--json", "show", "acme")[1]["record"]["version"] == 2
+
+    rc, doc, _ = ctl("--json", "remove", "acme")
+    assert rc == 0 and doc == {"removed": "acme", "versions": [1, 2]}
+    assert not (tmp_path / "store" / "acme").exists()
+    rc, doc, text = ctl("--json", "show", "acme")
+    assert rc == 3 and doc["error"]["type"] == "TenantNotFound" and "not registered" in text
+
+
+def test_cli_refusals_and_exit_codes(ctl, tiny_adapters, tmp_path, raw_redis, prefix):
+    src = tmp_path / "evil"
+    shutil.copytree(tiny_adapters["a"], src)
+    pickle_bin(src, tmp_path)
+    rc, doc, text = ctl("--json", "onboard", "acme", str(src))
+    assert rc == 4 and doc["error"]["code"] == "pickle_file" and "adapter_model.bin" in doc["error"]["message"]
+    assert "pickle" in text
+    assert keys_under(raw_redis, prefix) == [] and files_under(tmp_path / "store") == []
+
+    rc, doc, _ = ctl("--json", "onboard", "../etc", str(tiny_adapters["a"]))
+    assert rc == 2 and doc["error"]["type"] == "InvalidTenantId"
+    rc, _, _ = ctl("show", "A" * 10_000)
+    assert rc == 2
+    rc, _, _ = ctl("frobnicate")
+    assert rc == 2
+    rc, _, _ = ctl("rollback", "acme", "--to", "x")
+    assert rc == 2
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tmp_path / "does-not-exist"))
+    assert rc == 4 and doc["error"]["code"] == "not_a_directory"
+
+    # Redis unreachable: exit 5, fast.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    rc, doc, _ = ctl("--json", "--redis-url", dead, "list")
+    assert rc == 5 and doc["error"]["type"] == "RegistryUnavailable"
+    rc, _, _ = ctl("list", env_extra={"LORAPLEX_REDIS_URL": dead})
+    assert rc == 5
+
+    # Bad configuration names the key: exit 2.
+    rc, doc, _ = ctl("--json", "list", env_extra={"LORAPLEX_MAX_RANK": "many"})
+    assert rc == 2 and "max_rank" in doc["error"]["message"]
+
+
+class _FakeTorchServe(BaseHTTPRequestHandler):
+    token = "s3cret"
+    meta = {"worker": {"pid": 4242}, "engine": "multilora", "active_adapter": "acme@v2",
+            "resident": [{"adapter": "acme@v2", "tenant": "acme", "version": 2, "last_used": 1.0e9, "hits": 7,
+                          "load_ms": 12.5, "bytes": 36256}],
+            "peft_config": {}, "counters": {"evictions": 1, "fallbacks": 0}}
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._send(401, {"code": 401, "message": "Token Authorization failed"})
+        if not self.path.startswith("/models/loraplex?customized=true"):
+            return self._send(404, {"code": 404, "message": "Model not found"})
+        self._send(200, [{"modelName": "loraplex", "modelVersion": "1.0", "workers": [{"id": "9000"}],
+                          "customizedMetadata": json.dumps(self.meta)}])
+
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_cli_status(ctl, tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _FakeTorchServe)
+    th = threading.Thread(target=server.serve_forever, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        key_file = tmp_path / "key_file.json"
+        key_file.write_text(json.dumps({"management": {"key": "s3cret", "expiration time": "x"},
+                                        "inference": {"key": "other"}, "API": {"key": "api"}}))
+        rc, doc, _ = ctl("--json", "status", "--management-url", url, "--key-file", str(key_file))
+        assert rc == 0, doc
+        v = doc["versions"][0]
+        assert v["pid"] == 4242 and v["engine"] == "multilora" and v["resident"][0]["adapter"] == "acme@v2"
+        rc, _, text = ctl("status", "--management-url", url, env_extra={"LORAPLEX_TS_TOKEN": "s3cret"})
+        assert rc == 0 and "acme@v2" in text and "4242" in text and "evictions=1" in text
+        rc, doc, _ = ctl("--json", "status", "--management-url", url, "--token", "wrong")
+        assert rc == 1 and "refused" in doc["error"]["message"]
+        rc, doc, _ = ctl("--json", "status", "--management-url", url, "--token", "s3cret", "--model-name", "x")
+        assert rc == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+    rc, doc, _ = ctl("--json", "status", "--management-url", f"http://127.0.0.1:{free_port()}")
+    assert rc == 6 and doc["error"]["type"] == "TorchServeUnreachable"
