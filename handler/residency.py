@@ -106,6 +106,9 @@ class AdapterResidency:
     def resident(self) -> list[ResidentAdapter]:
         return list(self._resident.values())
 
+    def resident_ids(self) -> set[str]:
+        return set(self._resident)
+
     def evict_idle(self) -> list[str]:
         """Drop adapters unused for longer than idle_ttl_s (never a pinned one: none are pinned between batches)."""
         if self.idle_ttl_s <= 0:

@@ -95,6 +95,7 @@ class LoraplexService:
             negative_cache_s=config.negative_cache_s)
         self.fallbacks: dict[str, int] = {}
         self.requests = 0
+        self.batches = 0  # engine calls; fewer than requests when TorchServe batches
         self._stop = threading.Event()
         self._subscriber: threading.Thread | None = None
 
@@ -133,31 +134,52 @@ class LoraplexService:
             except Exception as exc:
                 replies[i] = self._failed(exc)
         self.residency.evict_idle()
+        pending = dict(plans)
+        while pending:
+            wave = self._next_wave(pending)
+            for i in wave:
+                del pending[i]
+            self._serve_wave({i: plans[i] for i in wave}, replies)
+        return [r if r is not None else Reply.error(RuntimeError("request was not served")) for r in replies]
+
+    def _next_wave(self, pending: dict[int, Plan]) -> list[int]:
+        """Rows that fit in the resident set together: all base rows and rows of at most
+        `max_resident_adapters` distinct adapters, resident ones first (no load needed).
+        A batch needing more adapters than that is served in several waves, each one
+        engine call, rather than falling back to the base model."""
+        resident = self.residency.resident_ids()
+        ids = list(dict.fromkeys(p.record.adapter_id for p in pending.values() if p.record is not None))
+        ids.sort(key=lambda a: a not in resident)  # stable: keeps arrival order within each group
+        chosen = set(ids[:self.residency.max_resident])
+        return [i for i, p in pending.items() if p.record is None or p.record.adapter_id in chosen]
+
+    def _serve_wave(self, plans: dict[int, Plan], replies: list) -> None:
+        """One engine call for these rows; adapters pinned for its duration."""
         with self.residency.batch() as lease:
             rows: dict[int, GenerationRow] = {}
-            for i, plan in list(plans.items()):
+            for i, plan in plans.items():
                 try:
                     adapter = lease.acquire(plan.record) if plan.record is not None else None
                 except (AdapterLoadFailed, ResidencyFull) as exc:
                     if self.config.load_failure_policy != "base":
                         replies[i] = self._failed(exc)
-                        del plans[i]
                         continue
                     plans[i] = plan = replace(plan, record=None, fallback=_reason(exc))
                     adapter = None
                 rows[i] = GenerationRow(plan.input_ids, adapter, self._sampling(plan.request))
-            if rows:
-                order = list(rows)
-                try:
-                    outputs = self.engine.generate([rows[i] for i in order])
-                except Exception as exc:  # the engine failed as a whole: these rows get 500, worker lives
-                    log.exception("engine.generate failed for a batch of %d rows", len(order))
-                    for i in order:
-                        replies[i] = self._failed(exc)
-                else:
-                    for i, out in zip(order, outputs):
-                        replies[i] = self._reply(plans[i], out.token_ids, out.finish_reason)
-        return [r if r is not None else Reply.error(RuntimeError("request was not served")) for r in replies]
+            if not rows:
+                return
+            order = list(rows)
+            try:
+                outputs = self.engine.generate([rows[i] for i in order])
+            except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
+                log.exception("engine.generate failed for a batch of %d rows", len(order))
+                for i in order:
+                    replies[i] = self._failed(exc)
+                return
+            self.batches += 1
+            for i, out in zip(order, outputs):
+                replies[i] = self._reply(plans[i], out.token_ids, out.finish_reason)
 
     def _plan(self, req: InferenceRequest) -> Plan:
         cap = self.config.max_new_tokens_cap
@@ -226,7 +248,8 @@ class LoraplexService:
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
         if plan.fallback:
-            self.fallbacks[plan.fallback.split(":")[0]] = self.fallbacks.get(plan.fallback.split(":")[0], 0) + 1
+            kind = plan.fallback.split(":")[0]
+            self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
         body = {
             "text": text,
             "tenant": plan.request.tenant,
@@ -258,7 +281,7 @@ class LoraplexService:
             "idle_ttl_s": snap["idle_ttl_s"],
             "quarantined": snap["quarantined"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
-            "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests,
+            "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests, "engine_calls": self.batches,
                          "registry_stale_hits": self.resolver.stale_hits},
         }
 

@@ -64,7 +64,11 @@ class TenantResolver:
 
     def resolve_version(self, tenant_id: str, version: int) -> TenantRecord | None:
         """A specific version from the tenant's history (not cached: explicit pins are rare)."""
-        for record in self._registry.history(tenant_id):
+        try:
+            history = self._registry.history(tenant_id)
+        except TenantNotFound:
+            return None
+        for record in history:
             if record.version == version:
                 return record
         return None

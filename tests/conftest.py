@@ -4,6 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Test models are tiny: one thread is faster than two, and immune to the
+# oversubscription slowdowns seen when other work shares the machine's 2 cores.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
