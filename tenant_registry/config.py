@@ -48,6 +48,7 @@ class LoraplexConfig:
     unknown_tenant_policy: str = "base"     # base | reject
     load_failure_policy: str = "base"       # base | error
     require_tenant: bool = False
+    require_tenant_key: bool = False        # requests must carry the tenant's key (X-Tenant-Key)
     max_new_tokens_cap: int = 256
     max_prompt_tokens: int = 2048
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
@@ -56,6 +57,7 @@ class LoraplexConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
+    registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
     management_url: str = "http://127.0.0.1:8081"
     model_name: str = "loraplex"
 
@@ -243,6 +245,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "unknown_tenant_policy": _choice("base", "reject"),
     "load_failure_policy": _choice("base", "error"),
     "require_tenant": _bool,
+    "require_tenant_key": _bool,
     "max_new_tokens_cap": _int(1),
     "max_prompt_tokens": _int(1),
     "device": _choice("auto", "cpu", "cuda", pattern=r"cuda:[0-9]{1,2}"),
@@ -251,6 +254,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "target_modules": _modules,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
+    "registry_stale_s": _float(0.0),
     "management_url": _url("http", "https"),
     "model_name": _nonempty_str,
 }

@@ -45,6 +45,28 @@ def test_config_defaults():
     assert c.unknown_tenant_policy == "base" and c.load_failure_policy == "base" and c.require_tenant is False
     assert c.target_modules == DEFAULT_TARGET_MODULES and c.engine == "multilora"
     assert c.management_url == "http://127.0.0.1:8081" and c.model_name == "loraplex"
+    assert c.require_tenant_key is False and c.registry_stale_s == 300.0 and c.registry_cache_s == 30.0
+
+
+def test_config_known_keys():
+    """The full set of keys (README's config table documents each); a new key must be added here."""
+    assert set(LoraplexConfig().to_dict()) == {
+        "redis_url", "redis_prefix", "adapter_store", "base_model_dir", "base_model_name", "max_rank",
+        "max_adapter_bytes", "max_resident_adapters", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
+        "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
+        "engine", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
+        "model_name"}
+    with pytest.raises(ConfigError) as ei:
+        LoraplexConfig.from_mapping({"require_tenant_keys": True})
+    assert ei.value.key == "require_tenant_keys" and "require_tenant_key" in str(ei.value)
+
+
+def test_config_tenant_key_and_staleness():
+    c = LoraplexConfig.load(handler_section={"require_tenant_key": True, "registry_stale_s": 12},
+                            env={"LORAPLEX_REGISTRY_STALE_S": "45.5"})
+    assert c.require_tenant_key is True and c.registry_stale_s == 45.5
+    c = LoraplexConfig.load(env={"LORAPLEX_REQUIRE_TENANT_KEY": "off", "LORAPLEX_REGISTRY_STALE_S": "0"})
+    assert c.require_tenant_key is False and c.registry_stale_s == 0.0
 
 
 def test_config_yaml_env_override_precedence(tmp_path):
@@ -70,6 +92,8 @@ def test_config_yaml_env_override_precedence(tmp_path):
     ("target_modules", "q_proj;rm -rf"), ("redis_url", "http://x"), ("redis_prefix", "a b"),
     ("management_url", "ftp://x"), ("model_name", ""), ("max_resident_adapters", 1.5),
     ("max_resident_adaptors", 3),  # typo: unknown key
+    ("require_tenant_key", "sometimes"), ("require_tenant_key", 1), ("registry_stale_s", -5),
+    ("registry_stale_s", "inf"), ("registry_stale_s", False),
 ])
 def test_config_errors_name_the_key(key, value):
     with pytest.raises(ConfigError) as ei:
