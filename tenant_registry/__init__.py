@@ -8,8 +8,10 @@ Modules, one job each (import what you need directly; this package imports nothi
   schema      TenantRecord
   validate    BaseModelSpec, validate_adapter
   store       AdapterStore (path_for / verify for workers)
-  registry    TenantRegistry (Redis records, events, subscribe)
-  onboarding  onboard()
+  keys        per-tenant keys: generate_key, KeyDigest, digest_key, verify_key
+  registry    TenantRegistry (Redis records, key digests, events, subscribe)
+  onboarding  onboard(), ensure_key(), rotate_key()
+  backup      export_registry / import_registry (whole registry as one JSON document)
   cli         tenantctl
 
 Never imports handler/ or TorchServe; never unpickles tenant files.

@@ -11,8 +11,13 @@ files nor files without a record.
 A tenant that is currently disabled stays disabled when a new version is onboarded (onboarding is
 not a way around a disable); `tenantctl enable` re-enables it.
 
-Planned here (issue 4): `export_registry` / `import_registry` (whole registry to/from one JSON
-document) sit next to `onboard`, since import is "write records whose files are already in the store".
+Tenant keys are issued separately from `onboard` (which returns the TenantRecord other code
+relies on): the CLI calls `ensure_key` after a successful onboarding, which issues a key only if the
+tenant has none yet, and `rotate_key` on demand. Both return the plain key exactly once; only its
+salted digest is stored. A crash between `onboard` and `ensure_key` leaves a tenant without a key,
+which the next onboarding (or `tenantctl rotate-key`) fixes.
+
+Backup and restore of the whole registry live in `backup.py`.
 
 Called from the CLI process (one thread). Not for workers.
 """
@@ -24,6 +29,7 @@ import time
 from .config import LoraplexConfig
 from .errors import TenantNotFound
 from .ids import adapter_id, validate_tenant_id
+from .keys import digest_key, generate_key
 from .registry import TenantRegistry
 from .schema import TenantRecord
 from .store import AdapterStore
@@ -59,3 +65,25 @@ def _record(tenant: str, version: int, rel: str, m: AdapterManifest, status: str
         tenant_id=tenant, adapter_id=adapter_id(tenant, version), version=version, path=rel, sha256=m.sha256,
         rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora, target_modules=m.target_modules,
         base_model=m.base_model, status=status, created_at=now, updated_at=now, nbytes=m.nbytes)
+
+
+def ensure_key(registry: TenantRegistry, tenant: str) -> str | None:
+    """Issue the tenant's first key if it has none; return the new key, or None if it already had one.
+
+    The key is returned only here and never stored (only its digest is). Raises TenantNotFound if the
+    tenant has no record, RegistryUnavailable.
+    """
+    t = validate_tenant_id(tenant)
+    if registry.get_key_digest(t) is not None:
+        return None
+    key = generate_key()
+    return key if registry.add_key_digest(t, digest_key(key)) else None
+
+
+def rotate_key(registry: TenantRegistry, tenant: str) -> str:
+    """Issue a new key for the tenant, replacing its digest (the old key stops working); return it.
+    Raises TenantNotFound, RegistryUnavailable."""
+    t = validate_tenant_id(tenant)
+    key = generate_key()
+    registry.set_key_digest(t, digest_key(key))
+    return key

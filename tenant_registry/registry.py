@@ -6,8 +6,12 @@ Redis layout (P = prefix, t = tenant id; ids are validated, so keys cannot colli
   P:tenants           set     tenant ids with a current record (for `list`)
   P:version_seq:<t>   string  highest version ever handed out; survives `remove`, so a version
                               number (and adapter id "t@vN") is never reused for different weights
+  P:key:<t>           string  KeyDigest JSON of the tenant's key (salted HMAC-SHA256; the key itself
+                              is never stored); absent until a key is issued; deleted by `remove`
   P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k},
-                              k in onboard|disable|enable|remove|rollback
+                              k in onboard|disable|enable|remove|rollback|key|import
+                              ("key": the tenant's key digest was set or replaced; "import": the
+                              tenant was written by `backup.import_registry`)
 
 Atomicity: every change is one WATCH/MULTI/EXEC transaction that updates the current record, the
 history and the tenant set together and PUBLISHes its event inside the same EXEC, so a subscriber
@@ -31,6 +35,7 @@ import logging
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import redis
@@ -39,8 +44,9 @@ from redis.retry import Retry
 
 from .errors import (ConfigError, RegistryError, RegistryUnavailable, TenantExists, TenantNotFound,
                      VersionConflict, VersionNotFound)
-from .ids import validate_tenant_id
-from .schema import STATUSES, TenantRecord
+from .ids import is_valid_tenant_id, validate_tenant_id
+from .keys import KeyDigest
+from .schema import STATUSES, RecordError, TenantRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +56,52 @@ SUBSCRIBER_POLL_S = 0.5          # how often the subscriber thread checks its st
 SUBSCRIBER_HEALTH_CHECK_S = 5    # PING on an idle subscription so a dead connection is noticed
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
-EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback")
+EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback", "key", "import")
 
 EventCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TenantSnapshot:
+    """Everything the registry holds about one tenant, read (or written) atomically: the current record,
+    the full history (oldest first), the key digest and the version counter. Used by backup/restore.
+
+    Checked on construction (RecordError): one tenant throughout, distinct history versions, the current
+    version is in the history and matches it in everything but status/updated_at (which `set_status`
+    and `rollback` change on the current record only), and the counter is at least the newest version.
+    """
+
+    current: TenantRecord
+    history: tuple[TenantRecord, ...]
+    key_digest: KeyDigest | None
+    version_seq: int
+
+    def __post_init__(self) -> None:
+        t = self.current.tenant_id if isinstance(self.current, TenantRecord) else None
+        hist = tuple(sorted(self.history, key=lambda r: r.version)) if isinstance(self.history, (tuple, list)) else ()
+        object.__setattr__(self, "history", hist)
+        if t is None or not hist or not all(isinstance(h, TenantRecord) for h in hist):
+            raise RecordError("tenant snapshot needs a current record and a non-empty history of records")
+        if any(h.tenant_id != t for h in hist):
+            raise RecordError(f"tenant snapshot of {t!r} holds records of another tenant")
+        versions = [h.version for h in hist]
+        if len(set(versions)) != len(versions):
+            raise RecordError(f"tenant snapshot of {t!r} has duplicate history versions")
+        by_v = {h.version: h for h in hist}
+        h = by_v.get(self.current.version)
+        if h is None:
+            raise RecordError(f"current version v{self.current.version} of {t!r} is not in its history")
+        if self.current.replace(status=h.status, updated_at=h.updated_at) != h:
+            raise RecordError(f"current record of {t!r} differs from history v{h.version} (beyond status/updated_at)")
+        if self.key_digest is not None and not isinstance(self.key_digest, KeyDigest):
+            raise RecordError(f"key digest of {t!r} must be a KeyDigest or None")
+        seq = self.version_seq
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < max(versions):
+            raise RecordError(f"version counter of {t!r} must be an integer >= v{max(versions)}")
+
+    @property
+    def tenant_id(self) -> str:
+        return self.current.tenant_id
 
 
 @contextlib.contextmanager
@@ -95,6 +144,9 @@ class TenantRegistry:
     def _k_seq(self, t: str) -> str:
         return f"{self.prefix}:version_seq:{t}"
 
+    def _k_key(self, t: str) -> str:
+        return f"{self.prefix}:key:{t}"
+
     @property
     def _k_tenants(self) -> str:
         return f"{self.prefix}:tenants"
@@ -133,6 +185,14 @@ class TenantRegistry:
         if not raw:
             raise TenantNotFound(t)
         return sorted((TenantRecord.from_json(v) for v in raw.values()), key=lambda r: r.version)
+
+    def get_key_digest(self, tenant: str) -> KeyDigest | None:
+        """The tenant's stored key digest, or None if it has none (or is not registered).
+        Raises InvalidTenantId, RegistryUnavailable, KeyDigestError (a corrupt stored digest)."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("get_key_digest"):
+            raw = self._r.get(self._k_key(t))
+        return None if raw is None else KeyDigest.from_json(raw)
 
     # ------------------------------------------------------------------ writes (control plane)
     def next_version(self, tenant: str) -> int:
@@ -232,8 +292,38 @@ class TenantRegistry:
 
         return self._transact("rollback", tx, self._k_current(t), self._k_history(t))
 
+    def set_key_digest(self, tenant: str, digest: KeyDigest) -> None:
+        """Store (or replace) the tenant's key digest atomically; publish "key". The tenant must have a
+        current record (TenantNotFound otherwise), so a digest never outlives or precedes its tenant."""
+        self._put_key_digest(tenant, digest, only_if_absent=False)
+
+    def add_key_digest(self, tenant: str, digest: KeyDigest) -> bool:
+        """Like set_key_digest, but only if the tenant has no digest yet; True if it was stored.
+        (Two concurrent first onboardings then issue exactly one key.)"""
+        return self._put_key_digest(tenant, digest, only_if_absent=True)
+
+    def _put_key_digest(self, tenant: str, digest: KeyDigest, *, only_if_absent: bool) -> bool:
+        t = validate_tenant_id(tenant)
+        if not isinstance(digest, KeyDigest):
+            raise TypeError(f"digest must be a KeyDigest, got {type(digest).__name__}")
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            cur = pipe.get(self._k_current(t))
+            if cur is None:
+                raise TenantNotFound(t)
+            if only_if_absent and pipe.exists(self._k_key(t)):
+                return False
+            version = TenantRecord.from_json(cur).version
+            pipe.multi()
+            pipe.set(self._k_key(t), digest.to_json())
+            pipe.publish(self.channel, self._event(t, version, "key"))
+            return True
+
+        return self._transact("set_key_digest", tx, self._k_current(t), self._k_key(t))
+
     def remove(self, tenant: str) -> list[TenantRecord]:
-        """Delete the tenant's current record and history (not its version counter); publish "remove".
+        """Delete the tenant's current record, history and key digest (not its version counter);
+        publish "remove".
         Returns the removed versions so the caller can delete their files from the store."""
         t = validate_tenant_id(tenant)
 
@@ -244,12 +334,92 @@ class TenantRegistry:
                 raise TenantNotFound(t)
             version = TenantRecord.from_json(cur).version if cur else None
             pipe.multi()
-            pipe.delete(self._k_current(t), self._k_history(t))
+            pipe.delete(self._k_current(t), self._k_history(t), self._k_key(t))
             pipe.srem(self._k_tenants, t)
             pipe.publish(self.channel, self._event(t, version, "remove"))
             return sorted((TenantRecord.from_json(v) for v in hist), key=lambda r: r.version)
 
-        return self._transact("remove", tx, self._k_current(t), self._k_history(t))
+        return self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_key(t))
+
+    # ------------------------------------------------------------------ backup / restore (control plane)
+    def snapshot(self, tenant: str) -> TenantSnapshot | None:
+        """Current record, history, key digest and counter of the tenant, read in one MULTI/EXEC (a
+        consistent view even while others write). None if the tenant has no current record."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("snapshot"):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.get(self._k_current(t)).hgetall(self._k_history(t)).get(self._k_key(t)).get(self._k_seq(t))
+            cur, hist, key, seq = pipe.execute()
+        if cur is None:
+            return None
+        history = tuple(TenantRecord.from_json(v) for v in hist.values())
+        return TenantSnapshot(current=TenantRecord.from_json(cur), history=history,
+                              key_digest=None if key is None else KeyDigest.from_json(key),
+                              version_seq=max([int(seq or 0), *(h.version for h in history)]))
+
+    def tenant_ids(self) -> list[str]:
+        """Ids of the tenants with a current record, sorted."""
+        with _redis_errors("tenant_ids"):
+            return sorted(x.decode() for x in self._r.smembers(self._k_tenants))
+
+    def version_counters(self) -> dict[str, int]:
+        """Every tenant's version counter, removed tenants included (their numbers stay used)."""
+        head = f"{self.prefix}:version_seq:"
+        with _redis_errors("version_counters"):
+            names = [k.decode() for k in self._r.scan_iter(match=head + "*", count=1000)]
+            values = self._r.mget(names) if names else []
+        out = {}
+        for name, v in zip(names, values):
+            t = name[len(head):]
+            if v is not None and is_valid_tenant_id(t):
+                out[t] = int(v)
+        return dict(sorted(out.items()))
+
+    def exists(self, tenant: str) -> bool:
+        """True if the tenant has a current record or a history."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("exists"):
+            return bool(self._r.exists(self._k_current(t), self._k_history(t)))
+
+    def restore(self, snap: TenantSnapshot, *, replace: bool = False) -> None:
+        """Write a snapshot as the tenant's whole state in one transaction; publish "import".
+
+        Refuses (TenantExists) if the tenant has a record or history, unless `replace`, which drops its
+        current record, history and key digest first. The version counter is never lowered (max of the
+        existing and the snapshot's), so a version number is never handed out twice.
+        """
+        if not isinstance(snap, TenantSnapshot):
+            raise TypeError(f"snap must be a TenantSnapshot, got {type(snap).__name__}")
+        t = snap.tenant_id
+        keys = (self._k_current(t), self._k_history(t), self._k_key(t), self._k_seq(t))
+
+        def tx(pipe: redis.client.Pipeline) -> None:
+            if not replace and pipe.exists(self._k_current(t), self._k_history(t)):
+                raise TenantExists(f"tenant {t!r} already exists (import with replace to overwrite it)")
+            seq = max(int(pipe.get(self._k_seq(t)) or 0), snap.version_seq)
+            pipe.multi()
+            pipe.delete(self._k_current(t), self._k_history(t), self._k_key(t))
+            pipe.set(self._k_current(t), snap.current.to_json())
+            pipe.hset(self._k_history(t), mapping={str(h.version): h.to_json() for h in snap.history})
+            if snap.key_digest is not None:
+                pipe.set(self._k_key(t), snap.key_digest.to_json())
+            pipe.sadd(self._k_tenants, t)
+            pipe.set(self._k_seq(t), seq)
+            pipe.publish(self.channel, self._event(t, snap.current.version, "import"))
+
+        self._transact("restore", tx, *keys)
+
+    def raise_version_counter(self, tenant: str, value: int) -> int:
+        """Set the tenant's version counter to max(current, value); return the result."""
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> int:
+            seq = max(int(pipe.get(self._k_seq(t)) or 0), int(value))
+            pipe.multi()
+            pipe.set(self._k_seq(t), seq)
+            return seq
+
+        return self._transact("raise_version_counter", tx, self._k_seq(t))
 
     def _transact(self, what: str, fn: Callable[[Any], Any], *watch: str) -> Any:
         with _redis_errors(what):

@@ -5,10 +5,11 @@ path; a record that is missing a field, has an extra one, or has a wrong type
 must fail loudly at `from_json`, not later as an odd KeyError inside a batch.
 
 Forward compatibility: `_OPTIONAL_FIELDS` lists fields that may be absent from
-stored JSON (they take their dataclass default). A later field such as the
-per-tenant salted key hash (issue 4) is added there as `key_hash: str | None =
-None`; records written before it then still load, while typos and unknown
-fields are still refused.
+stored JSON (they take their dataclass default), so a later field can be added
+without breaking records written before it, while typos and unknown fields are
+still refused. (The per-tenant key digest is deliberately not a record field:
+it lives under its own Redis key, see keys.py/registry.py, so rotating a key
+never rewrites the record or its history.)
 
 Immutable; safe to share between threads.
 """
