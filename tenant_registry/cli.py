@@ -3,7 +3,19 @@
     tenantctl [global options] onboard TENANT ADAPTER_DIR
     tenantctl [global options] list | show TENANT | disable TENANT | enable TENANT | remove TENANT
     tenantctl [global options] rollback TENANT [--to VERSION]
+    tenantctl [global options] rotate-key TENANT
+    tenantctl [global options] export [FILE|-]
+    tenantctl [global options] import FILE [--replace]
     tenantctl [global options] status
+
+Tenant keys: the first `onboard` of a tenant (one without a key) issues its key and prints it once
+("tenant_key" in --json output; null when no key was issued). Only a salted digest is stored, so the
+key cannot be shown again: `rotate-key` issues a new one (the old key stops working at once).
+
+Backup: `export` writes every tenant's record, history, status, key digest and version counter as one
+JSON document (to FILE, or stdout for `-` or no FILE); `import` restores it, refusing tenants that
+already exist unless --replace. Records point into the adapter store: back up the store directory
+alongside the export (see tenant_registry/backup.py).
 
 Global options (also accepted after the sub-command):
   --model-config PATH   read settings from a TorchServe model-config.yaml `handler:` section
@@ -18,6 +30,8 @@ Exit codes (scripts may rely on them):
   2  usage or configuration error (bad arguments, bad config key, invalid tenant id)
   3  not found (tenant, version, or the TorchServe model)
   4  adapter invalid (refused at onboarding, or a stored copy failed verification)
+     also: `import` of a backup file that is unreadable or not valid (nothing written)
+     (`import` over existing tenants without --replace is 1, nothing written)
   5  registry unavailable (Redis down or timing out)
   6  TorchServe unreachable (status)
 
@@ -27,6 +41,7 @@ With --json, stdout carries exactly one JSON document: the result, or {"error": 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,11 +54,12 @@ from typing import Any, Sequence
 from .config import LoraplexConfig
 from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
                      TenantNotFound, VersionNotFound)
-from .onboarding import onboard
+from .backup import BackupInvalid, export_registry, import_registry
+from .onboarding import ensure_key, onboard, rotate_key
 from .registry import TenantRegistry
 from .schema import TenantRecord
 from .store import AdapterStore
-from .validate import BaseModelSpec
+from .validate import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
 
 EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TS_UNREACHABLE = 0, 1, 2, 3, 4, 5, 6
 TS_TIMEOUT_S = 5.0
@@ -66,7 +82,7 @@ def _exit_code(e: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(e, (TenantNotFound, VersionNotFound, ModelNotFound)):
         return EXIT_NOT_FOUND
-    if isinstance(e, AdapterInvalid):
+    if isinstance(e, (AdapterInvalid, BackupInvalid)):
         return EXIT_INVALID
     if isinstance(e, RegistryUnavailable):
         return EXIT_UNAVAILABLE
@@ -110,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("remove", "remove a tenant: records, history and stored files")
     add("rollback", "make an older version current").add_argument("--to", type=int, dest="to_version",
                                                                    metavar="VERSION")
+    add("rotate-key", "issue a new tenant key (printed once); the old key stops working")
+    add("export", "back up the whole registry as one JSON document", tenant=False).add_argument(
+        "file", metavar="FILE", nargs="?", default="-", help="output file (default or '-': stdout)")
+    imp = add("import", "restore a backup made by export", tenant=False)
+    imp.add_argument("file", metavar="FILE", help="backup file ('-': stdin)")
+    imp.add_argument("--replace", action="store_true", help="overwrite tenants that already exist")
     add("status", "ask TorchServe which adapters each worker holds", tenant=False)
     return parser
 
@@ -162,9 +184,76 @@ def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> Non
         raise ConfigError("onboard needs the base model: pass --base-model-dir or set base_model_dir",
                           key="base_model_dir")
     spec = BaseModelSpec.from_model_dir(cfg.base_model_dir, name=cfg.base_model_name or None)
-    rec = onboard(_registry(cfg), AdapterStore(cfg.adapter_store), spec, args.tenant, args.adapter_dir, cfg)
-    out.result({"adapter_id": rec.adapter_id, "record": rec.to_dict()},
-               f"onboarded {rec.adapter_id}\n{_record_text(rec)}")
+    reg = _registry(cfg)
+    rec = onboard(reg, AdapterStore(cfg.adapter_store), spec, args.tenant, args.adapter_dir, cfg)
+    key = ensure_key(reg, rec.tenant_id)
+    text = f"onboarded {rec.adapter_id}\n{_record_text(rec)}"
+    if key is not None:
+        text += "\n" + _key_text(rec.tenant_id, key)
+    out.result({"adapter_id": rec.adapter_id, "record": rec.to_dict(), "tenant_key": key}, text)
+
+
+def _key_text(tenant: str, key: str) -> str:
+    return (f"tenant key:  {key}\n"
+            f"Store this key now, it is not shown again. Requests for {tenant!r} send it as X-Tenant-Key; "
+            f"`tenantctl rotate-key {tenant}` issues a new one.")
+
+
+def cmd_rotate_key(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    reg = _registry(cfg)
+    key = rotate_key(reg, args.tenant)
+    out.result({"tenant": args.tenant, "tenant_key": key},
+               f"{args.tenant}: new key issued; the previous key no longer works\n{_key_text(args.tenant, key)}")
+
+
+def cmd_export(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    doc = export_registry(_registry(cfg))
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    if args.file == "-":
+        print(text)  # the backup itself is the one JSON document on stdout
+        return
+    tmp = f"{args.file}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    n = len(doc["tenants"])
+    out.result({"file": args.file, "tenants": n, "format_version": doc["format_version"]},
+               f"exported {n} tenant(s) to {args.file}; back up the adapter store ({cfg.adapter_store}) alongside it")
+
+
+def cmd_import(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackupInvalid(f"cannot read backup {args.file!r}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise BackupInvalid(f"backup {args.file!r} is not JSON: {e}") from e
+    n = import_registry(_registry(cfg), data, replace=args.replace)
+    store = AdapterStore(cfg.adapter_store)
+    missing = sorted({h["adapter_id"] for t in data["tenants"] for h in t["history"] if not _store_has(store, h)},
+                     key=lambda a: (a.split("@")[0], int(a.split("@v")[1])))
+    if missing:
+        print(f"tenantctl: warning: the adapter store {cfg.adapter_store} lacks the files of {', '.join(missing)}: "
+              "restore the store directory too (workers refuse adapters whose files are missing)", file=sys.stderr)
+    out.result({"imported": n, "missing_in_store": missing}, f"imported {n} tenant(s)")
+
+
+def _store_has(store: AdapterStore, record: dict[str, Any]) -> bool:
+    try:
+        d = store.path_for(TenantRecord.from_dict(record))
+    except RegistryError:
+        return False
+    return (d / WEIGHTS_FILE).is_file() and (d / CONFIG_FILE).is_file()
 
 
 def cmd_list(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
@@ -180,9 +269,12 @@ def cmd_show(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     reg = _registry(cfg)
     rec = reg.get(args.tenant)
     hist = reg.history(args.tenant)
+    digest = reg.get_key_digest(args.tenant)
     versions = ", ".join(f"v{h.version}{'*' if h.version == rec.version else ''}" for h in hist)
-    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist]},
-               f"{_record_text(rec)}\nhistory:     {versions}")
+    key = {"created_at": digest.created_at} if digest else None  # never the salt/digest: nothing to gain
+    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist], "key": key},
+               f"{_record_text(rec)}\nhistory:     {versions}\n"
+               f"key:         {'issued ' + _ts(digest.created_at) if digest else 'none (tenantctl rotate-key issues one)'}")
 
 
 def cmd_status_change(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
@@ -308,7 +400,8 @@ def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
 
 
 COMMANDS = {"onboard": cmd_onboard, "list": cmd_list, "show": cmd_show, "disable": cmd_status_change,
-            "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status}
+            "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status,
+            "rotate-key": cmd_rotate_key, "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -165,3 +165,89 @@ def test_cli_status(ctl, tmp_path):
         server.server_close()
     rc, doc, _ = ctl("--json", "status", "--management-url", f"http://127.0.0.1:{free_port()}")
     assert rc == 6 and doc["error"]["type"] == "TorchServeUnreachable"
+
+
+def test_cli_tenant_keys(ctl, tiny_adapters, raw_redis, prefix):
+    from tenant_registry.keys import KeyDigest, verify_key
+
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["a"]))
+    key = doc["tenant_key"]
+    assert rc == 0 and isinstance(key, str) and key.startswith("lpx_")
+    digest = KeyDigest.from_json(raw_redis.get(f"{prefix}:key:acme"))
+    assert verify_key(digest, key) and digest.digest != key
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["b"]))  # shown once: not again
+    assert rc == 0 and doc["tenant_key"] is None and doc["record"]["version"] == 2
+    assert KeyDigest.from_json(raw_redis.get(f"{prefix}:key:acme")) == digest
+
+    rc, _, text = ctl("onboard", "zeta", str(tiny_adapters["c"]))  # text mode: the key and a warning
+    assert rc == 0 and "Store this key now, it is not shown again" in text
+    zeta_key = next(line.split()[-1] for line in text.splitlines() if line.startswith("tenant key:"))
+    assert verify_key(KeyDigest.from_json(raw_redis.get(f"{prefix}:key:zeta")), zeta_key)
+    rc, _, text = ctl("onboard", "zeta", str(tiny_adapters["a"]))
+    assert rc == 0 and "tenant key" not in text and zeta_key not in text
+
+    rc, doc, _ = ctl("--json", "show", "acme")
+    assert rc == 0 and doc["key"] == {"created_at": digest.created_at} and key not in json.dumps(doc)
+
+    rc, doc, _ = ctl("--json", "rotate-key", "acme")
+    new = doc["tenant_key"]
+    assert rc == 0 and doc["tenant"] == "acme" and new.startswith("lpx_") and new != key
+    d2 = KeyDigest.from_json(raw_redis.get(f"{prefix}:key:acme"))
+    assert verify_key(d2, new) and not verify_key(d2, key)
+    rc, _, text = ctl("rotate-key", "zeta")
+    assert rc == 0 and "Store this key now" in text and zeta_key not in text
+    rc, doc, _ = ctl("--json", "rotate-key", "ghost")
+    assert rc == 3 and doc["error"]["type"] == "TenantNotFound"
+    rc, _, _ = ctl("rotate-key", "../x")
+    assert rc == 2
+
+    stored = b"".join(raw_redis.dump(k) for k in keys_under(raw_redis, prefix))
+    assert new.encode() not in stored and key.encode() not in stored
+
+    rc, doc, _ = ctl("--json", "remove", "acme")
+    assert rc == 0 and raw_redis.get(f"{prefix}:key:acme") is None
+
+
+def test_cli_export_import(ctl, tiny_adapters, tmp_path, redis_url):
+    import uuid
+
+    ctl("onboard", "acme", str(tiny_adapters["a"]))
+    ctl("onboard", "acme", str(tiny_adapters["b"]))
+    ctl("rollback", "acme")
+    ctl("onboard", "zeta", str(tiny_adapters["c"]))
+    ctl("disable", "zeta")
+    backup = tmp_path / "backup.json"
+    rc, doc, text = ctl("--json", "export", str(backup))
+    assert rc == 0 and doc["tenants"] == 2 and doc["format_version"] == 1
+    assert oct(backup.stat().st_mode & 0o777) == "0o600"
+    rc, _, text = ctl("export")  # stdout
+    assert rc == 0 and json.loads(text)["tenants"] == json.loads(backup.read_text())["tenants"]
+    rc, _, text = ctl("export", str(tmp_path / "b2.json"))
+    assert rc == 0 and "adapter store" in text
+
+    rc, doc, _ = ctl("--json", "import", str(backup))  # same prefix: tenants exist
+    assert rc == 1 and doc["error"]["type"] == "TenantExists"
+    other = f"test-{uuid.uuid4().hex[:10]}"
+    env = {"LORAPLEX_REDIS_PREFIX": other}
+    rc, doc, _ = ctl("--json", "import", str(backup), env_extra=env)
+    assert rc == 0 and doc == {"imported": 2, "missing_in_store": []}
+    rc, doc, _ = ctl("--json", "list", env_extra=env)
+    assert [(t["adapter_id"], t["status"]) for t in doc["tenants"]] == [("acme@v1", "enabled"),
+                                                                          ("zeta@v1", "disabled")]
+    rc, doc, _ = ctl("--json", "show", "acme", env_extra=env)
+    assert [h["version"] for h in doc["history"]] == [1, 2] and doc["key"] is not None
+    rc, doc, _ = ctl("--json", "import", str(backup), "--replace", env_extra=env)
+    assert rc == 0 and doc["imported"] == 2
+
+    # A store that lacks the files is reported (the import itself is of the registry only).
+    rc, doc, text = ctl("--json", "import", str(backup), "--store", str(tmp_path / "empty-store"),
+                        env_extra={"LORAPLEX_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:10]}"})
+    assert rc == 0 and doc["missing_in_store"] == ["acme@v1", "acme@v2", "zeta@v1"] and "restore the store" in text
+
+    bad = tmp_path / "bad.json"
+    for content in ["{not json", json.dumps({"format": "x"}), "\udcff"]:
+        bad.write_text(content, errors="surrogateescape")
+        rc, doc, _ = ctl("--json", "import", str(bad), env_extra=env)
+        assert rc == 4 and doc["error"]["type"] == "BackupInvalid"
+    rc, doc, _ = ctl("--json", "import", str(tmp_path / "missing.json"))
+    assert rc == 4 and "cannot read" in doc["error"]["message"]
