@@ -4,7 +4,6 @@ tiny base model's spec."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 import redis

@@ -10,11 +10,10 @@ import pytest
 
 from tenant_registry.errors import AdapterInvalid, RegistryUnavailable
 from tenant_registry.onboarding import onboard
-from tenant_registry.registry import TenantRegistry
-from tenant_registry.store import AdapterStore, StoreError
+from tenant_registry.store import StoreError
 from tenant_registry.validate import validate_adapter
 
-from .util import files_under, keys_under
+from .util import files_under
 
 
 def test_onboard_copies_only_the_two_files(registry, store, base_spec, config, tiny_adapters, tmp_path):
