@@ -39,6 +39,10 @@ class TenantConflict(RequestError):
     """Header and body name different tenants."""
 
 
+class TenantUnauthorized(RequestError):
+    """`require_tenant_key` is on and X-Tenant-Key is missing or wrong (or the tenant is unknown)."""
+
+
 class AdapterNotAllowed(RequestError):
     """The `adapter` field names something other than `base` or the caller's own versions."""
 
@@ -61,6 +65,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, 413, "Prompt Too Long"),
     (TenantRequired, 400, "Tenant Required"),
     (TenantConflict, 400, "Tenant Conflict"),
+    (TenantUnauthorized, 401, "Unauthorized"),
     (AdapterNotAllowed, 403, "Adapter Not Allowed"),
     (InvalidRequest, 400, "Bad Request"),
     (InvalidTenantId, 400, "Invalid Tenant Id"),

@@ -21,6 +21,8 @@ from tenant_registry.ids import validate_tenant_id
 from .errors import InvalidRequest, TenantConflict
 
 TENANT_HEADER = "x-tenant-id"
+KEY_HEADER = "x-tenant-key"
+MAX_KEY_CHARS = 256
 BASE = "base"
 
 _ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p",
@@ -49,6 +51,10 @@ class InferenceRequest:
     seed: int | None
     stop: tuple[str, ...]
     adapter: str | None
+    key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
+
+    def __repr__(self) -> str:  # never print the key
+        return f"InferenceRequest(tenant={self.tenant!r}, adapter={self.adapter!r}, key={'***' if self.key else None})"
 
 
 def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
@@ -70,7 +76,7 @@ def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
     seed = _int(data, "seed", low=0, high=MAX_SEED) if data.get("seed") is not None else None
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
-                            stop=_stops(data), adapter=_adapter(data))
+                            stop=_stops(data), adapter=_adapter(data), key=_key(headers))
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -81,6 +87,15 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         if k.lower() == wanted:
             return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
     return None
+
+
+def _key(headers: Mapping[str, str]) -> str | None:
+    key = header(headers, KEY_HEADER)
+    if key is None or key == "":
+        return None
+    if len(key) > MAX_KEY_CHARS:  # not a key we issued; refuse before hashing anything
+        raise InvalidRequest(f"X-Tenant-Key is longer than {MAX_KEY_CHARS} characters")
+    return key
 
 
 def _decode_body(body: Any) -> dict:

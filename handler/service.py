@@ -37,10 +37,12 @@ from .errors import (
     PromptTooLong,
     ResidencyFull,
     TenantRequired,
+    TenantUnauthorized,
     error_body,
     http_status,
 )
 from tenant_registry.errors import TenantDisabled, TenantNotFound
+from tenant_registry.keys import verify_key
 from .model_loading import eos_token_ids, load_base_model
 from .request import BASE, InferenceRequest, parse_request
 from .residency import AdapterResidency
@@ -88,7 +90,7 @@ class LoraplexService:
         self.registry = registry
         self.store = store
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
-                                       stale_s=getattr(config, "registry_stale_s", 300.0))
+                                       stale_s=config.registry_stale_s)
         self.residency = AdapterResidency(
             engine, locate=store.path_for, verify=store.verify,
             max_resident=config.max_resident_adapters, idle_ttl_s=config.idle_ttl_s,
@@ -189,6 +191,8 @@ class LoraplexService:
             if self.config.require_tenant:
                 raise TenantRequired("name a tenant with the X-Tenant-ID header or the 'tenant' field")
             return self._fallback(req, "no_tenant")
+        if self.config.require_tenant_key:
+            self._authenticate(req)
         if req.adapter == BASE:
             return Plan(req, None, None)
         if req.adapter is not None:
@@ -201,6 +205,13 @@ class LoraplexService:
         if record.status != "enabled":
             raise TenantDisabled(f"tenant {req.tenant!r} is disabled")
         return Plan(req, record, None)
+
+    def _authenticate(self, req: InferenceRequest) -> None:
+        """401 unless X-Tenant-Key matches the tenant's salted digest. Unknown tenants get the same
+        answer as a wrong key, so the status does not reveal which tenants exist."""
+        digest = self.resolver.key_digest(req.tenant)
+        if req.key is None or digest is None or not verify_key(digest, req.key):
+            raise TenantUnauthorized(f"tenant {req.tenant!r}: X-Tenant-Key is missing or wrong")
 
     def _explicit_version(self, tenant: str, adapter: str) -> TenantRecord:
         prefix = f"{tenant}@v"

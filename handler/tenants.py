@@ -1,21 +1,23 @@
-"""Tenant -> registry record, with a small in-worker cache.
+"""Tenant -> registry record (and key digest), with a small in-worker cache.
 
 Why a cache: a Redis round trip per request is cheap but not free, and an
 outage of Redis must not stop tenants that were already being served. The cache
-is kept honest by the registry's change events (a new version, a disable or a
-removal is dropped from the cache the moment the event arrives) and by a
-refresh interval in case events were missed while disconnected.
+is kept honest by the registry's change events (a new version, a disable, a key
+rotation or a removal is dropped from the cache the moment the event arrives)
+and by a refresh interval (`registry_cache_s`) in case events were missed.
+While Redis is unreachable, answers younger than `registry_stale_s` are served
+from the cache; tenants never seen get RegistryUnavailable (503).
 
-Concurrency: `resolve` is called from the worker's request thread only;
-`on_event` is called from the registry subscriber thread. A lock guards the
-cache dict and nothing else (no Redis call is made while holding it).
+Concurrency: `resolve*`/`key_digest` are called from the worker's request
+thread only; `on_event` is called from the registry subscriber thread. A lock
+guards the cache dicts and nothing else (no Redis call is made while holding it).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from tenant_registry.errors import RegistryUnavailable, TenantNotFound
 from tenant_registry.registry import TenantRegistry
@@ -24,7 +26,7 @@ from tenant_registry.schema import TenantRecord
 
 @dataclass(frozen=True)
 class _Entry:
-    record: TenantRecord | None  # None = the registry says this tenant does not exist
+    value: Any  # a TenantRecord / KeyDigest, or None when the registry has none
     fetched_at: float
 
 
@@ -38,29 +40,16 @@ class TenantResolver:
         self._stale_s = max(stale_s, refresh_s)
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[str, _Entry] = {}
+        self._cache: dict[tuple[str, str], _Entry] = {}  # (kind, tenant) -> entry
         self.stale_hits = 0  # answers served from cache while Redis was unreachable
 
     def resolve(self, tenant_id: str) -> TenantRecord | None:
-        """The tenant's current record, or None when it is not registered.
+        """The tenant's current record, or None when it is not registered."""
+        return self._cached("record", tenant_id, self._fetch_record)
 
-        Raises RegistryUnavailable only when Redis cannot be reached and no
-        cached answer younger than `stale_s` exists."""
-        now = self._clock()
-        with self._lock:
-            entry = self._cache.get(tenant_id)
-        if entry is not None and now - entry.fetched_at < self._refresh_s:
-            return entry.record
-        try:
-            record = self._fetch(tenant_id)
-        except RegistryUnavailable:
-            if entry is not None and now - entry.fetched_at < self._stale_s:
-                self.stale_hits += 1
-                return entry.record
-            raise
-        with self._lock:
-            self._cache[tenant_id] = _Entry(record, now)
-        return record
+    def key_digest(self, tenant_id: str):
+        """The tenant's KeyDigest, or None when it has none (or does not exist)."""
+        return self._cached("key", tenant_id, self._registry.get_key_digest)
 
     def resolve_version(self, tenant_id: str, version: int) -> TenantRecord | None:
         """A specific version from the tenant's history (not cached: explicit pins are rare)."""
@@ -80,13 +69,32 @@ class TenantResolver:
             if event.get("kind") == "resync" or not isinstance(tenant, str):
                 self._cache.clear()
             else:
-                self._cache.pop(tenant, None)
+                self._cache.pop(("record", tenant), None)
+                self._cache.pop(("key", tenant), None)
 
     def cached_tenants(self) -> list[str]:
         with self._lock:
-            return sorted(self._cache)
+            return sorted({tenant for _, tenant in self._cache})
 
-    def _fetch(self, tenant_id: str) -> TenantRecord | None:
+    def _cached(self, kind: str, tenant_id: str, fetch: Callable[[str], Any]) -> Any:
+        """Fresh entry → it; else ask Redis; Redis down → an entry younger than stale_s, or raise."""
+        now = self._clock()
+        with self._lock:
+            entry = self._cache.get((kind, tenant_id))
+        if entry is not None and now - entry.fetched_at < self._refresh_s:
+            return entry.value
+        try:
+            value = fetch(tenant_id)
+        except RegistryUnavailable:
+            if entry is not None and now - entry.fetched_at < self._stale_s:
+                self.stale_hits += 1
+                return entry.value
+            raise
+        with self._lock:
+            self._cache[(kind, tenant_id)] = _Entry(value, now)
+        return value
+
+    def _fetch_record(self, tenant_id: str) -> TenantRecord | None:
         try:
             return self._registry.get(tenant_id)
         except TenantNotFound:

@@ -199,3 +199,32 @@ def test_altered_adapter_is_quarantined_and_others_unaffected(make_service, tiny
     counters = svc.describe()["counters"]
     assert counters["load_failures"] == 1 and counters["quarantine_hits"] == 1
     assert "bad@v1" in svc.describe()["quarantined"]
+
+
+def test_tenant_keys_401_wrong_or_missing_403_disabled(make_service, tiny_adapters):
+    from tenant_registry.onboarding import ensure_key, rotate_key
+
+    svc = make_service(require_tenant_key=True)
+    _onboard(svc, "acme", tiny_adapters["a"])
+    _onboard(svc, "other", tiny_adapters["b"])
+    key = ensure_key(svc.registry, "acme")
+    other_key = ensure_key(svc.registry, "other")
+
+    def ask(tenant, key_value, **fields):
+        headers = {"X-Tenant-ID": tenant, **({"X-Tenant-Key": key_value} if key_value is not None else {})}
+        return svc.handle_batch([RawRequest({"prompt": "hello world", "max_new_tokens": NEW, **fields}, headers)])[0]
+
+    assert ask("acme", key).status == 200 and ask("acme", key).body["adapter"] == "acme@v1"
+    assert ask("acme", None).status == 401
+    assert ask("acme", key + "x").status == 401
+    assert ask("acme", other_key).status == 401  # another tenant's key opens nothing
+    assert ask("nobody", key).status == 401  # same answer as a wrong key: existence is not revealed
+    assert "X-Tenant-Key" in ask("acme", None).body["error"]
+    assert key not in json.dumps(ask("acme", None).body)
+    assert ask("other", other_key, adapter="acme@v1").status == 403  # cannot select another tenant's adapter
+    new_key = rotate_key(svc.registry, "acme")
+    assert _wait(lambda: ask("acme", key).status == 401)  # the rotation event reaches the worker
+    assert ask("acme", new_key).status == 200
+    svc.registry.set_status("acme", "disabled")
+    assert _wait(lambda: ask("acme", new_key).status == 403)
+    assert ask("acme", "wrong").status == 401  # authentication comes before the disabled check
