@@ -1,0 +1,216 @@
+"""Triton kernels for the mixed-adapter LoRA delta (Punica SGMV/BGMV style).
+
+Imported lazily by :mod:`.triton_lora` (importing this module needs triton).
+Math contract (see ``handler/engine/multilora/ops.py``)::
+
+    out[n, s] += scaling[slots[n]] * (x[n, s] @ A[slots[n]].T) @ Bt[slots[n]]
+
+split into a *shrink* (``x @ A.T * scale`` -> fp32 ``[T, r]``, optionally as
+``SPLIT`` partial sums over the ``in`` dimension) and an *expand* (sums the
+partials, ``@ Bt``, adds into ``out`` in place). Slot 0 means "no adapter":
+every program whose row has slot 0 returns before touching memory, and the
+shrink leaves those rows of the partial buffer unwritten (the expand never
+reads them).
+
+Two layouts per stage:
+
+* row layout (SGMV for prefill, BGMV for decode): grid ``(row, token-tile,
+  k-split | out-tile)``; the row's slot is read once per program. With
+  ``BLOCK_M == 1`` (decode) the math is a vector x matrix product on the CUDA
+  cores; otherwise ``tl.dot`` on the tensor cores.
+* grouped layout (decode, S == 1, N <= 128): grid ``(row, k-split | out-tile)``;
+  only the program of the *first* row that uses a slot does work, for every
+  row that shares the slot (a masked ``[BLOCK_N, ...]`` dot), so each distinct
+  adapter's A and B are read once per step; the other programs exit at once.
+  No sort, no host-side grouping: it reads the (tiny) slots vector.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper+); triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except Exception:  # pragma: no cover - older triton
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+# Triton's CPU interpreter multiplies bf16 operands of tl.dot wrongly (numpy
+# has no bf16); under it, dots run in fp32. Compiled kernels are unaffected.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def shrink_rows_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
+                       S, IN, R, K_PER_SPLIT,
+                       stride_xn, stride_xs, stride_ak, stride_ar, stride_ps, stride_pt,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # let the expand start its prologue (slots, B, out) while this runs
+        gdc_launch_dependents()
+    n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    if slot == 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < S
+    r_mask = offs_r < R
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
+    x_rows = x_ptr + n * stride_xn + offs_m.to(tl.int64)[:, None] * stride_xs
+    a_rows = a_ptr + slot * stride_ak + offs_r[:, None] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < k_end
+        a = tl.load(a_rows + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if BLOCK_M == 1:
+            acc += tl.sum(xt.to(tl.float32) * a.to(tl.float32), axis=1)[None, :]
+        else:
+            acc += _dot(xt, tl.trans(a), IEEE)
+    acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
+    t = n * S + offs_m
+    p = p_ptr + pid_k * stride_ps + t[:, None] * stride_pt + offs_r[None, :]
+    tl.store(p, acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def shrink_grouped_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
+                          N, IN, R, K_PER_SPLIT,
+                          stride_xn, stride_ak, stride_ar, stride_ps, stride_pt,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                          IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
+    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)  # one load for own + all slots
+    if slot == 0:
+        return
+    same = all_slots == slot
+    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
+    if first != pid:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_mask = offs_r < R
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
+    a_rows = a_ptr + slot * stride_ak + offs_r[:, None] * stride_ar
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < k_end
+        a = tl.load(a_rows + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(x_rows + k[None, :], mask=same[:, None] & k_mask[None, :], other=0.0)
+        acc += _dot(xt, tl.trans(a), IEEE)
+    acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
+    p = p_ptr + pid_k * stride_ps + offs_n[:, None] * stride_pt + offs_r[None, :]
+    tl.store(p, acc, mask=same[:, None])
+
+
+@triton.jit
+def expand_rows_kernel(out_ptr, p_ptr, bt_ptr, slots_ptr,
+                       S, OUT, R,
+                       stride_on, stride_os, stride_ps, stride_pt, stride_bk, stride_br,
+                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_o = tl.program_id(2)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    if slot == 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < S
+    r_mask = offs_r < R
+    o_mask = offs_o < OUT
+    # Prologue independent of the shrink's output (overlaps it under PDL):
+    # B tile and the base output tile (written before the shrink started).
+    b = tl.load(bt_ptr + slot * stride_bk + offs_r[:, None] * stride_br + offs_o[None, :],
+                mask=r_mask[:, None] & o_mask[None, :], other=0.0)
+    o = out_ptr + n * stride_on + offs_m.to(tl.int64)[:, None] * stride_os + offs_o[None, :]
+    om = m_mask[:, None] & o_mask[None, :]
+    cur = tl.load(o, mask=om, other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    t = n * S + offs_m
+    p = p_ptr + t[:, None] * stride_pt + offs_r[None, :]
+    pm = m_mask[:, None] & r_mask[None, :]
+    xa = tl.load(p, mask=pm, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.trans(xa) * b.to(tl.float32), axis=0)[None, :]
+    else:
+        acc = _dot(xa.to(b.dtype), b, IEEE)
+    tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=om)
+
+
+@triton.jit
+def expand_grouped_kernel(out_ptr, p_ptr, bt_ptr, slots_ptr,
+                          N, OUT, R,
+                          stride_on, stride_ps, stride_pt, stride_bk, stride_br,
+                          SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
+    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    if slot == 0:
+        return
+    same = all_slots == slot
+    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
+    if first != pid:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    r_mask = offs_r < R
+    o_mask = offs_o < OUT
+    b = tl.load(bt_ptr + slot * stride_bk + offs_r[:, None] * stride_br + offs_o[None, :],
+                mask=r_mask[:, None] & o_mask[None, :], other=0.0)
+    o = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_o[None, :]
+    om = same[:, None] & o_mask[None, :]
+    cur = tl.load(o, mask=om, other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    p = p_ptr + offs_n[:, None] * stride_pt + offs_r[None, :]
+    pm = same[:, None] & r_mask[None, :]
+    xa = tl.load(p, mask=pm, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
+    acc = _dot(xa.to(b.dtype), b, IEEE)
+    tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=om)
