@@ -141,3 +141,36 @@ def test_multi_tenant_serving_end_to_end(stack, tiny_adapters, tmp_path):
     status = tenantctl(stack, "status")
     assert status.returncode == 0, status.stderr
     assert "tenant-a@v2" in status.stdout
+
+
+def test_killed_worker_is_restarted_and_serves_again(stack, tiny_adapters):
+    import os
+    import signal
+
+    listed = tenantctl(stack, "list")
+    assert listed.returncode == 0, listed.stderr
+    if "tenant-b" not in listed.stdout:
+        assert tenantctl(stack, "onboard", "tenant-b", str(tiny_adapters["b"])).returncode == 0
+        listed = tenantctl(stack, "list")
+    want = expected(stack, tiny_adapters["b"], "hello world")
+    assert ask(stack, "tenant-b", {"prompt": "hello world", "max_new_tokens": NEW}).json()["text"] == want
+
+    meta = stack["ts"].describe()[0]["customizedMetadata"]
+    pid = (json.loads(meta) if isinstance(meta, str) else meta)["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    deadline, body = time.time() + 180, None
+    while time.time() < deadline:
+        try:
+            r = ask(stack, "tenant-b", {"prompt": "hello world", "max_new_tokens": NEW}, timeout=30)
+            if r.status_code == 200:
+                body = r.json()
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    assert body is not None, "TorchServe did not bring the worker back"
+    assert body["text"] == want and body["adapter"] == "tenant-b@v1"
+    meta = stack["ts"].describe()[0]["customizedMetadata"]
+    assert (json.loads(meta) if isinstance(meta, str) else meta)["worker"]["pid"] != pid
+    assert tenantctl(stack, "list").stdout == listed.stdout  # nothing in the registry changed
