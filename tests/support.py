@@ -151,3 +151,25 @@ def reference_generate(base_dir: Path, adapter_dir: Path | None, input_ids: Sequ
         if t in eos_ids:
             return new[:i]
     return new
+
+
+def make_lora_with_config(base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float = 0.1,
+                          **lora_kwargs) -> Path:
+    """Like `make_random_lora` but any `LoraConfig` field may be set (rank_pattern,
+    alpha_pattern, use_dora, target lm_head...): for engine tests of exotic adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    kwargs = dict(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(base, LoraConfig(**kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, scale)
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

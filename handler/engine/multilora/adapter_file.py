@@ -121,6 +121,9 @@ def _classify_key(key: str) -> tuple[str, str]:
                                  "wrapped linear layer")
     if name.endswith(".lora_B.bias"):
         raise UnsupportedAdapter(f"tensor {key!r}: a bias on lora_B is not supported")
+    if name.endswith(".base_layer.weight"):
+        raise UnsupportedAdapter(f"tensor {key!r}: the adapter carries full base-layer weights "
+                                 "(save_embedding_layers / modules_to_save), which are not supported")
     raise AdapterFormatError(f"unexpected tensor {key!r} in adapter file")
 
 
@@ -146,7 +149,8 @@ def read_adapter(path: str | Path, layer_shapes: Mapping[str, tuple[int, int]], 
     with handle as f:
         found: dict[str, dict[str, str]] = {}
         shapes: dict[str, list[int]] = {}
-        for key in f.keys():
+        # LoRA tensors first, so the most specific complaint (e.g. an unwrapped target) wins.
+        for key in sorted(f.keys(), key=lambda k: ("lora_" not in k, k)):
             module, kind = _classify_key(key)
             if module not in layer_shapes:
                 raise UnsupportedAdapter(f"{where}: targets {module!r}, which is not a wrapped linear layer "

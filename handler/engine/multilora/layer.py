@@ -19,24 +19,30 @@ _NO_PLAN = object()
 class MultiLoraLinear(nn.Module):
     """Wraps an `nn.Linear`; adds ``scale[slot] * x A[slot]^T B[slot]^T`` per row.
 
-    Pools are non-persistent buffers (they follow `.to()` but stay out of the
-    state dict). Python mirrors of per-slot rank and scaling let the hot path
-    decide what to do without reading tensors (no device sync on GPU).
+    The pool tensors are *views* into one ``[K, P]`` buffer owned by
+    `MultiLoraModel` (slot-major: all of slot k's weights, in every layer, are
+    one contiguous row), so freeing a slot is a single memset and nothing is
+    allocated per adapter. They are plain attributes, not buffers: moving the
+    module with `.to()` would split them from the shared buffer, so move the
+    model *before* wrapping it. Python mirrors of per-slot rank and scaling let
+    the hot path decide what to do without reading tensors (no device sync).
     """
 
-    def __init__(self, base_layer: nn.Linear, ctx: BatchContext, index: int, num_slots: int, max_rank: int) -> None:
+    def __init__(self, base_layer: nn.Linear, ctx: BatchContext, index: int, lora_A: torch.Tensor,
+                 lora_Bt: torch.Tensor, scaling: torch.Tensor) -> None:
         super().__init__()
+        num_slots, max_rank, in_f = lora_A.shape
+        if in_f != base_layer.in_features or lora_Bt.shape != (num_slots, max_rank, base_layer.out_features):
+            raise ValueError("pool views do not match the base layer's shape")
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.index = index
         self.max_rank = max_rank
         self._ctx = ctx
-        w = base_layer.weight
-        kw = dict(dtype=w.dtype, device=w.device)
-        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, **kw), persistent=False)
-        self.register_buffer("lora_Bt", torch.zeros(num_slots, max_rank, self.out_features, **kw), persistent=False)
-        self.register_buffer("scaling", torch.zeros(num_slots, **kw), persistent=False)
+        self.lora_A = lora_A  # [K, r_max, in]
+        self.lora_Bt = lora_Bt  # [K, r_max, out]
+        self.scaling = scaling  # [K]
         self.slot_rank = [0] * num_slots
         self.slot_scale = [0.0] * num_slots
 
@@ -46,11 +52,8 @@ class MultiLoraLinear(nn.Module):
         return self.lora_Bt.transpose(1, 2)
 
     # -- slot management (cold path) -------------------------------------
-    def clear_slot(self, slot: int) -> None:
-        """Zero the slot's full extent so a later tenant never sees these values."""
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
-        self.scaling[slot] = 0.0
+    def forget_slot(self, slot: int) -> None:
+        """Mark the slot empty; the owner zeroes the memory (one memset for all layers)."""
         self.slot_rank[slot] = 0
         self.slot_scale[slot] = 0.0
 
@@ -59,7 +62,7 @@ class MultiLoraLinear(nn.Module):
         r = a.shape[0]
         self.lora_A[slot, :r].copy_(a, non_blocking=non_blocking)
         self.lora_Bt[slot, :r].copy_(b.t(), non_blocking=non_blocking)
-        self.scaling[slot] = scale
+        self.scaling[slot].fill_(scale)
         self.slot_rank[slot] = r
         self.slot_scale[slot] = float(scale)
 

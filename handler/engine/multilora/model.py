@@ -68,15 +68,36 @@ class MultiLoraModel(nn.Module):
 
     # -- construction --------------------------------------------------------
     def _wrap(self) -> None:
-        targets = []
+        targets: list[tuple[str, nn.Linear]] = []
         for name, module in self.model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if leaf in self.target_modules and type(module) is nn.Linear:
-                targets.append(name)
-        for index, name in enumerate(targets):
+                targets.append((name, module))
+        if not targets:
+            return
+        w = targets[0][1].weight
+        if any(m.weight.dtype != w.dtype or m.weight.device != w.device for _, m in targets):
+            raise EngineError("target linears must share one dtype and device (no device_map splits)")
+        # One slot-major buffer [K, P]: per layer an A block, a B^T block and one
+        # scaling element, each block aligned to 64 elements.
+        r, offsets, p = self.max_rank, [], 0
+        for _, m in targets:
+            a_off = p
+            p = _align(a_off + r * m.in_features)
+            b_off = p
+            p = _align(b_off + r * m.out_features)
+            offsets.append((a_off, b_off))
+        scale_off = p
+        p = _align(p + len(targets))
+        self._pool = torch.zeros(self.num_slots, p, dtype=w.dtype, device=w.device)
+        K = self.num_slots
+        for index, ((name, linear), (a_off, b_off)) in enumerate(zip(targets, offsets)):
+            a = self._pool[:, a_off: a_off + r * linear.in_features].view(K, r, linear.in_features)
+            bt = self._pool[:, b_off: b_off + r * linear.out_features].view(K, r, linear.out_features)
+            scaling = self._pool[:, scale_off + index]
+            layer = MultiLoraLinear(linear, self._ctx, index, a, bt, scaling)
             parent_name, _, leaf = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            layer = MultiLoraLinear(getattr(parent, leaf), self._ctx, index, self.num_slots, self.max_rank)
             setattr(parent, leaf, layer)
             self._layers[name] = layer
 
@@ -87,7 +108,7 @@ class MultiLoraModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self._layers.values())).lora_A.device
+        return self._pool.device
 
     # -- adapter management -------------------------------------------------
     def load_adapter(self, path: str | Path, adapter_name: str) -> float:
@@ -125,7 +146,7 @@ class MultiLoraModel(nn.Module):
                 return
             # GPU: convert into one pinned staging buffer, then issue every H2D copy
             # non-blocking and wait once; the buffer is reused across loads.
-            dtype = next(iter(self._layers.values())).lora_A.dtype
+            dtype = self._pool.dtype
             need = sum(m.rank * sum(self._layer_shapes[m.module]) for m in parsed.modules)
             if self._staging is None or self._staging.numel() < need or self._staging.dtype != dtype:
                 self._staging = torch.empty(need, dtype=dtype, pin_memory=True)
@@ -142,8 +163,10 @@ class MultiLoraModel(nn.Module):
             torch.cuda.current_stream(self.device).synchronize()  # staging may be overwritten by the next load
 
     def _clear_slot(self, slot: int) -> None:
+        """Zero the slot's full extent in every layer (one memset): a reused slot never shows old values."""
+        self._pool[slot].zero_()
         for layer in self._layers.values():
-            layer.clear_slot(slot)
+            layer.forget_slot(slot)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Free (and zero) the adapter's slot. Deleting the active adapter leaves none active."""
@@ -215,8 +238,13 @@ class MultiLoraModel(nn.Module):
             "device": str(self.device),
         }
 
+    @property
+    def pool(self) -> torch.Tensor:
+        """The ``[K, P]`` buffer every layer's slot views point into (slot 0 = always zero)."""
+        return self._pool
+
     def pool_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for l in self._layers.values() for b in l.buffers(recurse=False))
+        return self._pool.numel() * self._pool.element_size()
 
     def adapter_nbytes(self, adapter_name: str) -> int:
         """Bytes the adapter's weights occupy inside the pool at their true rank (padding excluded)."""
@@ -264,6 +292,10 @@ class MultiLoraModel(nn.Module):
         n = _batch_size(input_ids, kwargs)
         with self.batch(adapter_names, n):
             return self.model.generate(*args, **kwargs)
+
+
+def _align(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
 
 
 def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int:

@@ -1,0 +1,117 @@
+"""`MultiLoraModel` keeps PEFT's names and meanings; both engines agree on the
+state-changing calls (load does not activate, deleting the active adapter
+leaves none active, disabled adapters mean base output)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from conftest import load_base, peft_row_logits, rel_err
+from handler.engine import BatchShapeError, GenerationRow, SamplingParams, make_engine
+from handler.engine.multilora import MultiLoraModel
+
+
+@pytest.fixture()
+def ml(tiny_model_dir, engine_adapters):
+    m = MultiLoraModel(load_base(tiny_model_dir), max_adapters=3, max_rank=64)
+    m.load_adapter(engine_adapters["r4"], "r4")
+    m.load_adapter(engine_adapters["r16rs"], "r16rs")
+    return m
+
+
+IDS = torch.arange(5, 17).view(2, 6)
+
+
+def _logits(m, **kw):
+    with torch.no_grad():
+        return m(IDS, **kw).logits
+
+
+def test_load_does_not_activate_and_set_adapter_selects_default(ml, base_model, peft_oracle):
+    assert ml.active_adapter is None
+    assert torch.equal(_logits(ml), base_model(input_ids=IDS).logits)
+    ml.set_adapter("r16rs")
+    assert ml.active_adapter == "r16rs" and ml.active_adapters == ["r16rs"]
+    out = _logits(ml)
+    assert rel_err(out[1], peft_row_logits(peft_oracle, "r16rs", IDS[1])) <= 1e-5
+    # per-row names override the default; None / "__base__" = base
+    mixed = _logits(ml, adapter_names=["r4", "__base__"])
+    assert rel_err(mixed[0], peft_row_logits(peft_oracle, "r4", IDS[0])) <= 1e-5
+    assert torch.equal(mixed[1], base_model(input_ids=IDS).logits[1])
+
+
+def test_delete_active_adapter_leaves_none_active(ml, base_model):
+    ml.set_adapter("r4")
+    ml.delete_adapter("r4")
+    assert ml.active_adapter is None  # not silently switched to "r16rs"
+    assert torch.equal(_logits(ml), base_model(input_ids=IDS).logits)
+    assert "r4" not in ml.peft_config
+
+
+def test_disable_adapter_context_and_toggles(ml, base_model):
+    base = base_model(input_ids=IDS).logits
+    ml.set_adapter("r4")
+    with pytest.raises(RuntimeError):
+        with ml.disable_adapter():
+            assert torch.equal(_logits(ml, adapter_names=["r4", "r16rs"]), base)
+            raise RuntimeError("boom")
+    assert not torch.equal(_logits(ml), base)  # restored after the exception
+    ml.disable_adapters()
+    assert torch.equal(_logits(ml), base)
+    ml.enable_adapters()
+    assert not torch.equal(_logits(ml), base)
+
+
+def test_peft_config_and_status(ml, engine_adapters):
+    cfg = ml.peft_config["r16rs"]
+    assert isinstance(cfg, LoraConfig) and cfg.r == 16 and cfg.use_rslora
+    st = ml.get_model_status()
+    assert st["loaded_adapters"] == {"r4": {"slot": 1, "rank": 4}, "r16rs": {"slot": 2, "rank": 16}}
+    assert st["free_slots"] == 1 and st["num_slots"] == 4 and st["num_lora_layers"] == 14
+    assert st["pool_bytes"] == ml.pool.numel() * 4
+
+
+def test_batch_shape_errors(ml):
+    with pytest.raises(BatchShapeError, match="adapter_names has 1 entries for a batch of 2"):
+        _logits(ml, adapter_names=["r4"])
+    with pytest.raises(BatchShapeError, match="beam search"):
+        with torch.no_grad():
+            ml.generate(input_ids=IDS, adapter_names=["r4", "r16rs"], num_beams=2, max_new_tokens=2,
+                        do_sample=False, pad_token_id=0)
+
+
+def test_context_is_cleared_after_calls_and_errors(ml):
+    _logits(ml, adapter_names=["r4", "r16rs"])
+    assert ml._ctx.slots is None and not ml._ctx.plans
+    with pytest.raises(BatchShapeError):
+        _logits(ml, adapter_names=["r4"])
+    assert ml._ctx.slots is None
+
+
+@pytest.mark.parametrize("kind", ["multilora", "peft"])
+def test_engine_state_semantics(kind, tiny_model_dir, tokenizer, engine_adapters):
+    eng = make_engine(kind, load_base(tiny_model_dir), eos_token_ids=[tokenizer.eos_token_id],
+                      pad_token_id=tokenizer.pad_token_id, max_adapters=3, max_rank=64)
+    assert eng.kind == kind and eng.active_adapter is None and dict(eng.peft_config) == {}
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_new_tokens=6)
+    base = eng.generate([GenerationRow(prompt, None, params)])[0]  # no adapter loaded yet
+    info = eng.load_adapter(str(engine_adapters["r64"]), "r64")
+    assert info.name == "r64" and info.nbytes > 0 and info.load_ms > 0
+    assert eng.active_adapter is None
+    eng.load_adapter(str(engine_adapters["r4"]), "r4")
+    eng.set_adapter("r64")
+    tuned = eng.generate([GenerationRow(prompt, "r64", params)])[0]
+    assert tuned != base
+    eng.disable_adapters()
+    assert eng.generate([GenerationRow(prompt, "r64", params)])[0] == base
+    eng.enable_adapters()
+    eng.delete_adapter("r64")
+    assert eng.active_adapter is None
+    assert set(eng.peft_config) == {"r4"}
+    assert eng.get_model_status()["engine"] == kind
+    eng.delete_adapter("r4")  # the last one
+    assert eng.generate([GenerationRow(prompt, None, params)])[0] == base
+    eng.load_adapter(str(engine_adapters["r64"]), "r64")  # reload after emptying
+    assert eng.generate([GenerationRow(prompt, "r64", params)])[0] == tuned
