@@ -69,7 +69,7 @@ def test_peft_config_and_status(ml, engine_adapters):
     st = ml.get_model_status()
     assert st["loaded_adapters"] == {"r4": {"slot": 1, "rank": 4}, "r16rs": {"slot": 2, "rank": 16}}
     assert st["free_slots"] == 1 and st["num_slots"] == 4 and st["num_lora_layers"] == 14
-    assert st["pool_bytes"] == ml.pool.numel() * 4
+    assert st["pool_bytes"] == (ml.pool.numel() + 14 * 4) * 4
 
 
 def test_batch_shape_errors(ml):

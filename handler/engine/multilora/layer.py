@@ -7,6 +7,8 @@ ride in the same batch.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -14,6 +16,35 @@ from . import ops
 from .context import BatchContext
 
 _NO_PLAN = object()
+
+
+class _KernelPlan:
+    """Mixed batch served by the Triton kernel (`handler.engine.kernels`): no gather, only the rank."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+
+_KERNELS: object = None  # the kernels module once found usable, False when not
+
+
+def _kernels():
+    """The Triton backend if it can run here (CUDA + triton) and is not switched off
+    with LORAPLEX_LORA_BACKEND=torch; imported lazily so CPU hosts never touch it."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = False
+        if os.environ.get("LORAPLEX_LORA_BACKEND", "auto") != "torch":
+            try:
+                from .. import kernels
+
+                if kernels.available():
+                    _KERNELS = kernels
+            except Exception:  # no triton, or a broken install: plain torch still works
+                _KERNELS = False
+    return _KERNELS
 
 
 class MultiLoraLinear(nn.Module):
@@ -76,6 +107,8 @@ class MultiLoraLinear(nn.Module):
             r = self.slot_rank[s]
             return (self.lora_A[s, :r], self.lora_Bt[s, :r], self.slot_scale[s])
         r = max(self.slot_rank[s] for s in used)
+        if self.lora_A.is_cuda and r <= 64 and _kernels():
+            return _KernelPlan(r)
         return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -90,12 +123,14 @@ class MultiLoraLinear(nn.Module):
             return out
         if type(plan) is tuple:
             return ops.add_uniform_(out, x, *plan)
-        if x.dim() != 3 or x.shape[0] != plan.a_rows.shape[0]:
+        if x.dim() != 3 or x.shape[0] != ctx.slots.shape[0]:
             from ..errors import BatchShapeError
 
-            raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {plan.a_rows.shape[0]} "
+            raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {ctx.slots.shape[0]} "
                                   "adapter names were given (beam search / num_return_sequences are not supported "
                                   "with mixed adapters)")
+        if type(plan) is _KernelPlan:
+            return _kernels().add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt, self.scaling, plan.rank)
         return ops.add_mixed_(out, x, plan)
 
     def extra_repr(self) -> str:

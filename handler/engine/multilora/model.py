@@ -78,8 +78,9 @@ class MultiLoraModel(nn.Module):
         w = targets[0][1].weight
         if any(m.weight.dtype != w.dtype or m.weight.device != w.device for _, m in targets):
             raise EngineError("target linears must share one dtype and device (no device_map splits)")
-        # One slot-major buffer [K, P]: per layer an A block, a B^T block and one
-        # scaling element, each block aligned to 64 elements.
+        # One slot-major buffer [K, P]: per layer an A block and a B^T block, each
+        # aligned to 64 elements. Scalings live in a separate [L, K] tensor so each
+        # layer's [K] vector is contiguous (what the Triton kernel expects).
         r, offsets, p = self.max_rank, [], 0
         for _, m in targets:
             a_off = p
@@ -87,14 +88,13 @@ class MultiLoraModel(nn.Module):
             b_off = p
             p = _align(b_off + r * m.out_features)
             offsets.append((a_off, b_off))
-        scale_off = p
-        p = _align(p + len(targets))
         self._pool = torch.zeros(self.num_slots, p, dtype=w.dtype, device=w.device)
+        self._scales = torch.zeros(len(targets), self.num_slots, dtype=w.dtype, device=w.device)
         K = self.num_slots
         for index, ((name, linear), (a_off, b_off)) in enumerate(zip(targets, offsets)):
             a = self._pool[:, a_off: a_off + r * linear.in_features].view(K, r, linear.in_features)
             bt = self._pool[:, b_off: b_off + r * linear.out_features].view(K, r, linear.out_features)
-            scaling = self._pool[:, scale_off + index]
+            scaling = self._scales[index]
             layer = MultiLoraLinear(linear, self._ctx, index, a, bt, scaling)
             parent_name, _, leaf = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -165,6 +165,7 @@ class MultiLoraModel(nn.Module):
     def _clear_slot(self, slot: int) -> None:
         """Zero the slot's full extent in every layer (one memset): a reused slot never shows old values."""
         self._pool[slot].zero_()
+        self._scales[:, slot].zero_()
         for layer in self._layers.values():
             layer.forget_slot(slot)
 
@@ -244,7 +245,7 @@ class MultiLoraModel(nn.Module):
         return self._pool
 
     def pool_bytes(self) -> int:
-        return self._pool.numel() * self._pool.element_size()
+        return (self._pool.numel() + self._scales.numel()) * self._pool.element_size()
 
     def adapter_nbytes(self, adapter_name: str) -> int:
         """Bytes the adapter's weights occupy inside the pool at their true rank (padding excluded)."""
