@@ -112,26 +112,31 @@ class MultiLoraLinear(nn.Module):
         return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         ctx = self._ctx
         if ctx.slots is None:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         plan = ctx.plans.get(self.index, _NO_PLAN)
         if plan is _NO_PLAN:
             plan = ctx.plans[self.index] = self._plan(ctx)
         if plan is None:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         if type(plan) is tuple:
-            return ops.add_uniform_(out, x, *plan)
-        if x.dim() != 3 or x.shape[0] != ctx.slots.shape[0]:
-            from ..errors import BatchShapeError
+            delta = ops.uniform_delta(x, *plan)
+        else:
+            if x.dim() != 3 or x.shape[0] != ctx.slots.shape[0]:
+                from ..errors import BatchShapeError
 
-            raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {ctx.slots.shape[0]} "
-                                  "adapter names were given (beam search / num_return_sequences are not supported "
-                                  "with mixed adapters)")
-        if type(plan) is _KernelPlan:
-            return _kernels().add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt, self.scaling, plan.rank)
-        return ops.add_mixed_(out, x, plan)
+                raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {ctx.slots.shape[0]} "
+                                      "adapter names were given (beam search / num_return_sequences are not "
+                                      "supported with mixed adapters)")
+            if type(plan) is _KernelPlan:  # GPU: the kernel adds into the base output in place
+                out = self.base_layer(x, *args, **kwargs)
+                return _kernels().add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt, self.scaling,
+                                                    plan.rank)
+            delta = ops.mixed_delta(x, plan)
+        if args or kwargs or type(self.base_layer) is not nn.Linear:
+            return self.base_layer(x, *args, **kwargs) + delta
+        return ops.base_plus_delta(delta, x, self.base_layer.weight, self.base_layer.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.lora_A.shape[0]}, r_max={self.max_rank}"

@@ -69,6 +69,34 @@ def add_uniform_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.
     return out
 
 
+def base_plus_delta(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``delta + x @ W.T (+ bias)`` with the base GEMM accumulating *into* ``delta``.
+
+    Why: adding a delta after the base matmul costs one more read+write pass over
+    the whole output, which in prefill is most of LoRA's cost on a CPU. A GEMM
+    with beta=1 reads its C tile by tile while it computes, so the LoRA part
+    costs only writing ``delta`` once.
+    """
+    out2d = delta.view(-1, delta.shape[-1])
+    out2d.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is not None:
+        out2d.add_(bias)
+    return delta
+
+
+def mixed_delta(x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+    """``delta[n] = scale[n] * (x[n] @ A[n].T) @ B[n].T`` as a fresh tensor."""
+    return torch.bmm(torch.bmm(x, plan.a_rows.transpose(1, 2)), plan.bt_rows)
+
+
+def uniform_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: float) -> torch.Tensor:
+    """Same slot on every row: two plain GEMMs, scaling applied to the small ``x @ A.T``."""
+    xa = torch.matmul(x, a.t())
+    xa.mul_(scale)
+    return torch.matmul(xa, bt)
+
+
 def lora_delta(x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                scaling: torch.Tensor) -> torch.Tensor:
     """``delta[N, S, out]`` for ``x[N, S, in]``; row n uses slot ``slots[n]``."""
