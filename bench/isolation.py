@@ -7,7 +7,7 @@ equal that prompt run alone with its tenant's adapter in plain PEFT.
     python bench/isolation.py --trials 1000 --json
 
 The last line is one JSON object with `trials`, `rows`, `mismatches`, ... .
-`tests/handler/test_isolation.py` runs the same check with fewer trials in CI.
+`tests/handler/test_tenant_isolation.py` runs the same check with fewer trials in CI.
 """
 from __future__ import annotations
 
