@@ -82,8 +82,8 @@ class Plan:
 
 
 class LoraplexService:
-    def __init__(self, config: LoraplexConfig, model: Any, tokenizer: Any, engine: Engine,
-                 registry: TenantRegistry, store: AdapterStore) -> None:
+    def __init__(self, config: LoraplexConfig, tokenizer: Any, engine: Engine, registry: TenantRegistry,
+                 store: AdapterStore) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.engine = engine
@@ -113,7 +113,7 @@ class LoraplexService:
                              target_modules=list(config.target_modules))
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
         store = AdapterStore(Path(config.adapter_store))
-        service = cls(config, model, tokenizer, engine, registry, store)
+        service = cls(config, tokenizer, engine, registry, store)
         service.start()
         return service
 
