@@ -160,16 +160,53 @@ def live_tensor_bytes(device) -> int:
     return total
 
 
-def load_floor_ms(path: Path, device) -> float:
-    f = path / "adapter_model.safetensors"
+class LoadFloor:
+    """The physical floor of a load: read the file's bytes (page cache) into a
+    preallocated host buffer and, on a GPU, copy them host-to-device from pinned
+    memory into a preallocated device buffer (non-blocking copy, then a sync in
+    `timed`). Buffers are allocated once, outside the timing, so the floor
+    contains no pinning or allocation cost (the engine reuses its pinned
+    staging buffer the same way)."""
 
-    def run():
-        data = f.read_bytes()
-        if device.type == "cuda":
-            host = torch.frombuffer(bytearray(data), dtype=torch.uint8).pin_memory()
-            host.to(device, non_blocking=True)
+    def __init__(self, path: Path, device):
+        self.f = path / "adapter_model.safetensors"
+        self.device = device
+        n = self.f.stat().st_size
+        cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+        self.view = memoryview(self.host.numpy())
+        self.dev = torch.empty(n, dtype=torch.uint8, device=device) if cuda else None
 
-    return timed(run, device)
+    def __call__(self) -> None:
+        with open(self.f, "rb", buffering=0) as fh:
+            got = fh.readinto(self.view)
+        assert got == len(self.view), (got, len(self.view))
+        if self.dev is not None:
+            self.dev.copy_(self.host, non_blocking=True)
+
+    def ms(self) -> float:
+        return timed(self, self.device)
+
+
+def env_info(device) -> dict:
+    import peft
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "device_name": "cpu"}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        from handler.engine import kernels
+
+        backend = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
+        info["lora_backend"] = "triton" if backend != "torch" and kernels.available() else "torch"
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except Exception:
+            info["triton"] = None
+    return info
 
 
 def med(xs):
@@ -241,6 +278,13 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peft-repeats", type=int, default=None,
+                    help="timed rounds for PEFT's generate jobs (default --repeats): the first k rounds time "
+                         "PEFT too, later rounds only base and ours (PEFT's mixed decode is slow on a GPU)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="wall-clock budget for the whole run: past 80%% of it no further PEFT rounds start "
+                         "(at least one is always done) and the drift cycles stop early (the JSON records "
+                         "how many ran), so a run under a hard time limit still prints its JSON")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = process CPU time (for a shared, oversubscribed CPU machine; use with --threads 1)")
     ap.add_argument("--load-repeats", type=int, default=10)
@@ -259,6 +303,11 @@ def main(argv=None):
     args.new_tokens = args.new_tokens or (16 if cpu else 32)
     args.max_adapters = args.max_adapters or max(args.batch, 4)
     args.peft_cycles = args.peft_cycles if args.peft_cycles is not None else min(args.cycles, 100)
+    args.peft_repeats = min(args.peft_repeats or args.repeats, args.repeats)
+    t_start = time.perf_counter()
+
+    def late() -> bool:
+        return args.deadline_s is not None and time.perf_counter() - t_start > 0.8 * args.deadline_s
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -278,14 +327,19 @@ def main(argv=None):
     res: dict = {"size": args.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": B,
                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": args.rank,
                  "max_rank": args.max_rank, "slots": args.max_adapters + 1, "threads": torch.get_num_threads(),
-                 "cycles": args.cycles, "peft_cycles": args.peft_cycles, "clock": args.clock}
+                 "cycles": args.cycles, "peft_cycles": args.peft_cycles, "clock": args.clock,
+                 "repeats": args.repeats, "peft_repeats": args.peft_repeats}
+    res.update(env_info(device))
+    log("env:", json.dumps({k: res[k] for k in env_info(device)}))
 
     # ---- load / delete / floor (interleaved) ------------------------------
     floor, t_load, t_del = [], {k: [] for k in sides}, {k: [] for k in sides}
     for k, s in sides.items():  # warm-up (first PEFT load wraps the model)
         s.load(paths[0], names[0])
+    lf = LoadFloor(paths[1], device)
+    lf.ms()  # warm-up
     for _ in range(args.load_repeats):
-        floor.append(load_floor_ms(paths[1], device))
+        floor.append(lf.ms())
         for k, s in sides.items():
             t_load[k].append(timed(lambda: s.load(paths[1], names[1]), device))
             t_del[k].append(timed(lambda: s.delete(names[1]), device))
@@ -305,7 +359,9 @@ def main(argv=None):
         res[p + "switch_ms"] = med(t_switch[k])
         res[p + "delete_ms"] = med(t_del[k])
         res[p + "bytes_per_adapter"], res[p + "adapter_bytes"] = sides[k].bytes_per_adapter(names[0])
+    del lf
     log("load/switch/delete:", {k: v for k, v in res.items() if "ms" in k or "ratio" in k})
+    log(f"[{time.perf_counter() - t_start:.0f}s] partial {json.dumps(res)}")
 
     # ---- prefill / decode -------------------------------------------------
     g = torch.Generator().manual_seed(2)
@@ -324,16 +380,25 @@ def main(argv=None):
         return sides[k].generate(ids, mask, rows, new)
 
     for job in jobs:  # warm-up, and the lengths are right
-        out = gen(job, 2)
-        assert out.shape == (B, args.prompt_len + 2), out.shape
+        t = timed(lambda: gen(job, 2), device)
+        log(f"[{time.perf_counter() - t_start:.0f}s] warm-up {job[0]}/{job[1]}: generate(2) {t:.0f} ms")
+    out = gen(jobs[-1], 2)
+    assert out.shape == (B, args.prompt_len + 2), out.shape
     t_pre = {j[:2]: [] for j in jobs}
     t_full = {j[:2]: [] for j in jobs}
+    peft_rounds = 0
     for rep in range(args.repeats):
+        with_peft = rep < args.peft_repeats and not (rep > 0 and late())
+        peft_rounds += with_peft and "peft" in sides
         for job in jobs:
+            if job[0] == "peft" and not with_peft:
+                continue
             t_pre[job[:2]].append(timed(lambda: gen(job, 1), device))
             t_full[job[:2]].append(timed(lambda: gen(job, args.new_tokens), device))
-        log(f"round {rep}: " + ", ".join(f"{a}/{b}: {t_pre[(a, b)][-1]:.0f}+{t_full[(a, b)][-1]:.0f}ms"
-                                          for a, b in t_pre))
+        log(f"[{time.perf_counter() - t_start:.0f}s] round {rep}: "
+            + ", ".join(f"{a}/{b}: {t_pre[(a, b)][-1]:.0f}+{t_full[(a, b)][-1]:.0f}ms"
+                        for a, b in t_pre if len(t_pre[(a, b)]) == rep + 1))
+    res["peft_rounds"] = peft_rounds
     pre_b = med(t_pre[("base", None)])
     dec_b = med(t_full[("base", None)]) - pre_b
     res["base_prefill_ms"], res["base_decode_ms"] = pre_b, dec_b
@@ -349,6 +414,7 @@ def main(argv=None):
     # adapter bytes at true rank in the serving dtype (ours holds them in the base weight's dtype)
     res["decode_floor_mixed_all"] = 1 + B * res["adapter_bytes"] / base_bytes
     del pure
+    log(f"[{time.perf_counter() - t_start:.0f}s] partial {json.dumps(res)}")
 
     # ---- memory drift over load/evict cycles -------------------------------
     rng = torch.Generator().manual_seed(3)
@@ -360,7 +426,11 @@ def main(argv=None):
         gc.collect()
         before = live_tensor_bytes(device)
         t0 = time.perf_counter()
+        done = 0
         for _ in range(cycles):  # evict a random resident adapter, load a random absent one
+            if late():
+                break
+            done += 1
             victim = s.loaded[int(torch.randint(0, len(s.loaded), (1,), generator=rng))]
             s.delete(victim)
             absent = [n for n in names if n not in s.loaded]
@@ -372,11 +442,14 @@ def main(argv=None):
             s.load(paths[names.index(n)], n)
         after = live_tensor_bytes(device)
         res[p + "mem_drift_bytes"] = after - before
-        res[p + "cycle_ms"] = (time.perf_counter() - t0) * 1000.0 / max(cycles, 1)
-        log(f"{k}: {cycles} cycles, drift {after - before} bytes, {res[p + 'cycle_ms']:.1f} ms/cycle")
+        res[p + "cycles_done"] = done
+        res[p + "cycle_ms"] = (time.perf_counter() - t0) * 1000.0 / max(done, 1)
+        log(f"[{time.perf_counter() - t_start:.0f}s] {k}: {done} cycles, drift {after - before} bytes, "
+            f"{res[p + 'cycle_ms']:.1f} ms/cycle")
 
     if "peft_decode_ratio_mixed_all" in res:
         res["peft_over_ours_decode_mixed_all"] = res["peft_decode_ratio_mixed_all"] / res["decode_ratio_mixed_all"]
+    res["wall_s"] = time.perf_counter() - t_start
     for k, v in res.items():
         if isinstance(v, float):
             res[k] = round(v, 4)

@@ -49,3 +49,40 @@ def test_cuda_memory_returns_after_cycles(tiny_model_dir, engine_adapters):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == start
     assert not ml.pool.any()
+
+
+def _decode_rows_vs_peft(model_dir, adapters, rows, dtype, dev, tol, prompt=8, steps=4):
+    """Prefill + `steps` single-token decode steps through the KV cache (the path
+    `generate` takes, S=1), every row against PEFT's full forward on that row."""
+    names = sorted({n for n in rows if n is not None})
+    ml = MultiLoraModel(load_base(model_dir, dtype, dev), max_adapters=len(names) + 1, max_rank=64)
+    for n in names:
+        ml.load_adapter(adapters[n], n)
+    pm = load_peft(model_dir, {n: adapters[n] for n in names}, dtype, dev)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (len(rows), prompt + steps), generator=g).to(dev)
+    with torch.no_grad():
+        out = ml(ids[:, :prompt], adapter_names=rows, use_cache=True)
+        got = [out.logits[:, -1]]
+        for t in range(prompt, prompt + steps - 1):
+            out = ml(ids[:, t:t + 1], adapter_names=rows, past_key_values=out.past_key_values, use_cache=True)
+            got.append(out.logits[:, -1])
+        got = torch.stack(got, 1)  # [rows, steps, V]: logits after positions prompt-1 .. prompt+steps-2
+        for i, n in enumerate(rows):
+            if n is None:
+                with pm.disable_adapter():
+                    ref = pm(input_ids=ids[i:i + 1]).logits[0]
+            else:
+                pm.set_adapter(n)
+                ref = pm(input_ids=ids[i:i + 1]).logits[0]
+            ref = ref[prompt - 1: prompt + steps - 1]
+            for t in range(steps):
+                assert rel_err(got[i, t], ref[t]) <= tol, (n, t)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "single"])
+def test_bf16_decode_steps_match_peft(tiny_model_dir, engine_adapters, kind):
+    """Decode (S=1 through the KV cache): Triton kernel for the mixed batch, the
+    uniform path when every row shares one adapter."""
+    rows = NAMES + [None] + NAMES[:2] if kind == "mixed" else ["r16rs"] * 4
+    _decode_rows_vs_peft(tiny_model_dir, engine_adapters, rows, torch.bfloat16, "cuda", 2e-2)
