@@ -293,7 +293,8 @@ class LoraplexService:
             "quarantined": snap["quarantined"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
             "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests, "engine_calls": self.batches,
-                         "registry_stale_hits": self.resolver.stale_hits},
+                         "registry_stale_hits": self.resolver.stale_hits,
+                         "registry_events": self.resolver.events_seen},
         }
 
 

@@ -42,6 +42,7 @@ class TenantResolver:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], _Entry] = {}  # (kind, tenant) -> entry
         self.stale_hits = 0  # answers served from cache while Redis was unreachable
+        self.events_seen = 0  # change events applied (subscriber thread)
 
     def resolve(self, tenant_id: str) -> TenantRecord | None:
         """The tenant's current record, or None when it is not registered."""
@@ -66,6 +67,7 @@ class TenantResolver:
         """Registry change event (subscriber thread): forget what the event touched."""
         tenant = event.get("tenant")
         with self._lock:
+            self.events_seen += 1
             if event.get("kind") == "resync" or not isinstance(tenant, str):
                 self._cache.clear()
             else:

@@ -24,7 +24,14 @@ def test_redis_outage_serves_known_tenants_from_cache_and_recovers(tiny_model_di
     svc = LoraplexService.from_model_dir(tiny_model_dir, cfg)
     spec = BaseModelSpec.from_model_dir(tiny_model_dir)
     try:
+        seen = svc.resolver.events_seen
         onboard(svc.registry, svc.store, spec, "known", tiny_adapters["a"], cfg)
+        # The onboard event drops the tenant from the worker's cache whenever it arrives; wait
+        # for it, so the entry cached next is the one the outage must be served from.
+        deadline = time.time() + 10
+        while svc.resolver.events_seen == seen and time.time() < deadline:
+            time.sleep(0.02)
+        assert svc.resolver.events_seen > seen
         before = _ask(svc, "known")
         assert before.status == 200 and before.body["adapter"] == "known@v1"
 
