@@ -200,10 +200,10 @@ class LoraplexService:
         record = self.resolver.resolve(req.tenant)
         if record is None:
             if self.config.unknown_tenant_policy == "reject":
-                raise TenantNotFound(f"tenant {req.tenant!r} is not registered")
+                raise TenantNotFound(req.tenant)
             return self._fallback(req, "unknown_tenant")
         if record.status != "enabled":
-            raise TenantDisabled(f"tenant {req.tenant!r} is disabled")
+            raise TenantDisabled(req.tenant)
         return Plan(req, record, None)
 
     def _authenticate(self, req: InferenceRequest) -> None:
@@ -220,9 +220,9 @@ class LoraplexService:
                                     f"(\"{prefix}N\")")
         current = self.resolver.resolve(tenant)
         if current is None:
-            raise TenantNotFound(f"tenant {tenant!r} is not registered")
+            raise TenantNotFound(tenant)
         if current.status != "enabled":
-            raise TenantDisabled(f"tenant {tenant!r} is disabled")
+            raise TenantDisabled(tenant)
         record = self.resolver.resolve_version(tenant, int(adapter[len(prefix):]))
         if record is None:
             raise InvalidRequest(f"tenant {tenant!r} has no adapter version {adapter!r}")
