@@ -56,7 +56,7 @@ from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError
                      TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
 from .onboarding import ensure_key, onboard, rotate_key
-from .registry import TenantRegistry
+from .registry import TenantRegistry, rollback_version
 from .schema import TenantRecord
 from .store import AdapterStore
 from .validate import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
@@ -294,14 +294,7 @@ def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> No
     reg = _registry(cfg)
     cur = reg.get(args.tenant)
     hist = {h.version: h for h in reg.history(args.tenant)}
-    target = args.to_version
-    if target is None:
-        older = [v for v in hist if v < cur.version]
-        if not older:
-            raise VersionNotFound(f"tenant {args.tenant!r} has no version older than v{cur.version}")
-        target = max(older)
-    if target not in hist:
-        raise VersionNotFound(f"tenant {args.tenant!r} has no version v{target}")
+    target = rollback_version(args.tenant, cur.version, hist, args.to_version)
     AdapterStore(cfg.adapter_store).verify(hist[target])  # never point workers at missing/altered files
     rec = reg.rollback(args.tenant, to_version=target)
     out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")

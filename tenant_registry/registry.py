@@ -36,7 +36,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import redis
 from redis.backoff import NoBackoff
@@ -274,16 +274,7 @@ class TenantRegistry:
                 raise TenantNotFound(t)
             cur_rec = TenantRecord.from_json(cur)
             hist = {int(k): v for k, v in pipe.hgetall(self._k_history(t)).items()}
-            if to_version is None:
-                older = [v for v in hist if v < cur_rec.version]
-                if not older:
-                    raise VersionNotFound(f"tenant {t!r} has no version older than v{cur_rec.version}")
-                target = max(older)
-            elif to_version not in hist:
-                raise VersionNotFound(f"tenant {t!r} has no version v{to_version} "
-                                      f"(known: {', '.join(f'v{v}' for v in sorted(hist))})")
-            else:
-                target = to_version
+            target = rollback_version(t, cur_rec.version, hist, to_version)
             new = TenantRecord.from_json(hist[target]).replace(status=cur_rec.status, updated_at=time.time())
             pipe.multi()
             pipe.set(self._k_current(t), new.to_json())
@@ -478,6 +469,21 @@ class TenantRegistry:
                     with contextlib.suppress(Exception):
                         if closable is not None:
                             closable.close()
+
+
+def rollback_version(tenant: str, current: int, versions: Iterable[int], to_version: int | None) -> int:
+    """The version a rollback makes current: `to_version` if it exists, else the newest one older
+    than `current`. One rule for the registry's transaction and the CLI's pre-check."""
+    known = sorted(set(versions))
+    if to_version is None:
+        older = [v for v in known if v < current]
+        if not older:
+            raise VersionNotFound(f"tenant {tenant!r} has no version older than v{current}")
+        return older[-1]
+    if to_version not in known:
+        raise VersionNotFound(f"tenant {tenant!r} has no version v{to_version} "
+                              f"(known: {', '.join(f'v{v}' for v in known)})")
+    return to_version
 
 
 def _parse_event(data: Any) -> dict[str, Any] | None:
