@@ -45,9 +45,8 @@ def onboard(base_model: Path, tenant: str, adapter_dir: Path) -> str:
     sha = hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
     shown = tenantctl(base_model, "--json", "show", tenant, check=False)
     if shown.returncode == 0:
-        current = json.loads(shown.stdout)
-        current = current.get("current", current)
-        if current.get("sha256") == sha:
+        current = json.loads(shown.stdout)["record"]
+        if current["sha256"] == sha:
             return f"{current['adapter_id']} (already onboarded)"
     record = json.loads(tenantctl(base_model, "--json", "onboard", tenant, str(adapter_dir)).stdout)
     return f"{record['adapter_id']} (onboarded)"
