@@ -200,7 +200,8 @@ def env_info(device) -> dict:
         from handler.engine import kernels
 
         backend = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
-        info["lora_backend"] = "triton" if backend != "torch" and kernels.available() else "torch"
+        info["lora_backend"] = ({"torch": "torch", "triton": "triton"}.get(backend, "auto (torch eager, triton in graphs)")
+                                if kernels.available() else "torch")
         try:
             import triton
 

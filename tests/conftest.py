@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import torch
 # Test models are tiny: one thread is faster than two, and immune to the
 # oversubscription slowdowns seen when other work shares the machine's 2 cores.
 torch.set_num_threads(1)
+
+# Where triton is installed but no GPU is, the kernel tests run in Triton's CPU interpreter, which
+# must be switched on before anything imports triton (engine tests may import it first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -35,7 +35,10 @@ def _live_cpu_tensor_bytes() -> int:
     seen = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            try:
+                seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            except RuntimeError:  # fake/functional tensors left by torch.compile in other tests have no storage
+                continue
     return sum(seen.values())
 
 

@@ -47,6 +47,20 @@ def _kernels():
     return _KERNELS
 
 
+def _use_kernels(x: torch.Tensor) -> bool:
+    """Which GPU path serves this forward. LORAPLEX_LORA_BACKEND=auto (default): the Triton
+    kernels only inside CUDA-graph capture or torch.compile, where their launch cost vanishes;
+    eager forwards use the torch ops, because Triton's Python launcher costs more host time per
+    linear than the GPU work (H100, 1B, eager generate: mixed4 decode 2.72x base with Triton vs
+    1.19x with torch; bench/RESULTS.md). `triton` forces the kernels, `torch` never uses them."""
+    if not x.is_cuda or not _kernels():
+        return False
+    mode = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
+    if mode == "triton":
+        return True
+    return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+
+
 class MultiLoraLinear(nn.Module):
     """Wraps an `nn.Linear`; adds ``scale[slot] * x A[slot]^T B[slot]^T`` per row.
 
@@ -98,26 +112,27 @@ class MultiLoraLinear(nn.Module):
         self.slot_scale[slot] = float(scale)
 
     # -- hot path -----------------------------------------------------------
-    def _plan(self, ctx: BatchContext):
+    def _plan(self, ctx: BatchContext, kernel: bool):
         used = [s for s in ctx.unique if self.slot_rank[s]]
         if not used:
             return None
+        r = max(self.slot_rank[s] for s in used)
+        if kernel and r <= 64:  # one fused shrink/expand pair serves one adapter or many
+            return _KernelPlan(r)
         if len(ctx.unique) == 1:
             s = used[0]
-            r = self.slot_rank[s]
             return (self.lora_A[s, :r], self.lora_Bt[s, :r], self.slot_scale[s])
-        r = max(self.slot_rank[s] for s in used)
-        if self.lora_A.is_cuda and r <= 64 and _kernels():
-            return _KernelPlan(r)
         return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self._ctx
         if ctx.slots is None:
             return self.base_layer(x, *args, **kwargs)
-        plan = ctx.plans.get(self.index, _NO_PLAN)
+        kernel = _use_kernels(x)
+        key = -1 - self.index if kernel else self.index  # eager and captured forwards keep their own plans
+        plan = ctx.plans.get(key, _NO_PLAN)
         if plan is _NO_PLAN:
-            plan = ctx.plans[self.index] = self._plan(ctx)
+            plan = ctx.plans[key] = self._plan(ctx, kernel)
         if plan is None:
             return self.base_layer(x, *args, **kwargs)
         if type(plan) is tuple:
