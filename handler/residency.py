@@ -103,9 +103,6 @@ class AdapterResidency:
         finally:
             lease.pinned.clear()
 
-    def resident(self) -> list[ResidentAdapter]:
-        return list(self._resident.values())
-
     def resident_ids(self) -> set[str]:
         return set(self._resident)
 

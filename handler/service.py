@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -190,7 +189,7 @@ class LoraplexService:
         if req.tenant is None:
             if self.config.require_tenant:
                 raise TenantRequired("name a tenant with the X-Tenant-ID header or the 'tenant' field")
-            return self._fallback(req, "no_tenant")
+            return Plan(req, None, "no_tenant")
         if self.config.require_tenant_key:
             self._authenticate(req)
         if req.adapter == BASE:
@@ -201,7 +200,7 @@ class LoraplexService:
         if record is None:
             if self.config.unknown_tenant_policy == "reject":
                 raise TenantNotFound(req.tenant)
-            return self._fallback(req, "unknown_tenant")
+            return Plan(req, None, "unknown_tenant")
         if record.status != "enabled":
             raise TenantDisabled(req.tenant)
         return Plan(req, record, None)
@@ -227,9 +226,6 @@ class LoraplexService:
         if record is None:
             raise InvalidRequest(f"tenant {tenant!r} has no adapter version {adapter!r}")
         return replace(record, status=current.status)
-
-    def _fallback(self, req: InferenceRequest, reason: str) -> Plan:
-        return Plan(req, None, reason)
 
     def _tokenize(self, plan: Plan) -> Plan:
         req = plan.request

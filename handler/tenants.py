@@ -74,10 +74,6 @@ class TenantResolver:
                 self._cache.pop(("record", tenant), None)
                 self._cache.pop(("key", tenant), None)
 
-    def cached_tenants(self) -> list[str]:
-        with self._lock:
-            return sorted({tenant for _, tenant in self._cache})
-
     def _cached(self, kind: str, tenant_id: str, fetch: Callable[[str], Any]) -> Any:
         """Fresh entry → it; else ask Redis; Redis down → an entry younger than stale_s, or raise."""
         now = self._clock()

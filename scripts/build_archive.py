@@ -10,7 +10,6 @@ Usage: python scripts/build_archive.py --base-model DIR [--store model_store] [-
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from support import make_random_lora, reference_generate
+from support import reference_generate
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
