@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, EngineError, NoFreeSlot
+from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext
 from .layer import MultiLoraLinear
@@ -64,7 +65,13 @@ class MultiLoraModel(nn.Module):
         self._free = list(range(self.num_slots - 1, 0, -1))  # pop() hands out the lowest slot first
         self._active: str | None = None
         self._disabled = False
+        # CUDA load staging, reused across loads and grown only for a bigger file (see `_fill_slot`):
+        # the file's data bytes in pinned host memory, their device copy (both allocated on the
+        # first load), and the event marking the end of the H2D copy that reads the host bytes
+        # (the next load waits on it before overwriting them). A CPU pool keeps none of them.
         self._staging: torch.Tensor | None = None
+        self._staging_dev: torch.Tensor | None = None
+        self._staging_read: torch.cuda.Event | None = None
 
     # -- construction --------------------------------------------------------
     def _wrap(self) -> None:
@@ -135,32 +142,42 @@ class MultiLoraModel(nn.Module):
         return (time.perf_counter() - t0) * 1000.0
 
     def _fill_slot(self, slot: int, parsed: AdapterFile) -> None:
-        from safetensors import safe_open
+        """Copy the adapter's tensors into the (zeroed) slot with one file read and, on CUDA, one
+        host-to-device copy; dtype conversion and B's transpose happen in the device-side copy
+        into the slot (`slot_loader` says why). Called by `load_adapter` only (the owner thread).
 
+        On CUDA the byte buffers are kept: pinning a fresh host buffer per load costs more than
+        the read. This returns without waiting for the GPU: later work on the current stream
+        (forwards, `_clear_slot`) is ordered after the copies anyway, and only the host buffer
+        needs protecting, so the next load waits on `_staging_read` before reusing it. On CPU
+        the buffer lives for one load only, so the engine holds no more memory with every
+        adapter deleted than before the first load (what tests/engine/test_cycles.py checks).
+        """
         self._clear_slot(slot)
         on_cuda = self.device.type == "cuda"
-        with safe_open(str(parsed.weights_path), framework="pt", device="cpu") as f:
-            if not on_cuda:
-                for m in parsed.modules:
-                    self._layers[m.module].write_slot(slot, f.get_tensor(m.key_a), f.get_tensor(m.key_b), m.scale)
-                return
-            # GPU: convert into one pinned staging buffer, then issue every H2D copy
-            # non-blocking and wait once; the buffer is reused across loads.
-            dtype = self._pool.dtype
-            need = sum(m.rank * sum(self._layer_shapes[m.module]) for m in parsed.modules)
-            if self._staging is None or self._staging.numel() < need or self._staging.dtype != dtype:
-                self._staging = torch.empty(need, dtype=dtype, pin_memory=True)
-            offset = 0
+        if self._staging_read is not None:
+            self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
+        with open(parsed.weights_path, "rb", buffering=0) as fh:
+            index = slot_loader.parse_header(fh, parsed.weights_path)
+            tensors = []
             for m in parsed.modules:
                 in_f, out_f = self._layer_shapes[m.module]
-                a = self._staging[offset: offset + m.rank * in_f].view(m.rank, in_f)
-                offset += m.rank * in_f
-                b = self._staging[offset: offset + out_f * m.rank].view(out_f, m.rank)
-                offset += out_f * m.rank
-                a.copy_(f.get_tensor(m.key_a))
-                b.copy_(f.get_tensor(m.key_b))
-                self._layers[m.module].write_slot(slot, a, b, m.scale, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()  # staging may be overwritten by the next load
+                tensors.append((m, index.entry(m.key_a, (m.rank, in_f)), index.entry(m.key_b, (out_f, m.rank))))
+            n = index.data_len
+            host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
+            slot_loader.read_data(fh, index, host)
+        data = host[:n]
+        if on_cuda:
+            self._staging = host
+            self._staging_dev = slot_loader.ensure_bytes(self._staging_dev, n, device=self.device)
+            self._staging_dev[:n].copy_(data, non_blocking=True)
+            data = self._staging_dev[:n]
+            if self._staging_read is None:
+                self._staging_read = torch.cuda.Event()
+            self._staging_read.record(torch.cuda.current_stream(self.device))
+        for m, ea, eb in tensors:
+            self._layers[m.module].write_slot(slot, slot_loader.tensor_view(data, ea),
+                                              slot_loader.tensor_view(data, eb), m.scale, non_blocking=True)
 
     def _clear_slot(self, slot: int) -> None:
         """Zero the slot's full extent in every layer (one memset): a reused slot never shows old values."""
