@@ -86,3 +86,55 @@ def test_bf16_decode_steps_match_peft(tiny_model_dir, engine_adapters, kind):
     uniform path when every row shares one adapter."""
     rows = NAMES + [None] + NAMES[:2] if kind == "mixed" else ["r16rs"] * 4
     _decode_rows_vs_peft(tiny_model_dir, engine_adapters, rows, torch.bfloat16, "cuda", 2e-2)
+
+
+def _graph_engines(model_dir, adapters, tokenizer, names, dtype=torch.float32):
+    from handler.engine import make_engine
+
+    engines = {}
+    for decode in ("graphs", "generate"):
+        eng = make_engine("multilora", load_base(model_dir, dtype, "cuda"), eos_token_ids=[tokenizer.eos_token_id],
+                          pad_token_id=tokenizer.pad_token_id, max_adapters=len(names) + 1, max_rank=64,
+                          decode=decode)
+        for n in names:
+            eng.load_adapter(str(adapters[n]), n)
+        engines[decode] = eng
+    return engines["graphs"], engines["generate"]
+
+
+def test_auto_decode_on_cuda_is_graphs(tiny_model_dir, tokenizer):
+    from handler.engine import make_engine
+
+    eng = make_engine("multilora", load_base(tiny_model_dir, torch.bfloat16, "cuda"), eos_token_ids=[0],
+                      pad_token_id=0, max_adapters=1, max_rank=64)
+    assert eng.decode == "graphs"
+
+
+def test_graph_decode_equals_generate_and_survives_adapter_changes(tiny_model_dir, tokenizer, engine_adapters):
+    """fp32 on CUDA: the replayed graph decodes what `generate` decodes, row by row; a graph
+    captured for one set of adapters serves another mix and a slot reloaded with a new adapter."""
+    from handler.engine import GenerationRow, SamplingParams
+
+    graphs, ref = _graph_engines(tiny_model_dir, engine_adapters, tokenizer, NAMES)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(2, 30, (7,), generator=g)]
+
+    def rows(names):
+        return [GenerationRow(p, a, SamplingParams(max_new_tokens=12)) for p, a in zip(prompts, names)]
+
+    first = rows(["r4", None, "r8qv", "r16rs", "r64", "patterned", "r4"])
+    assert graphs.generate(first) == ref.generate(first)
+    st = graphs.decoder.describe()
+    assert graphs.decoder.captures == 1 and st["buckets"][0]["replays"] >= 1, st
+    second = rows(["patterned", "r16rs", None, "r4", "r64", "r8qv", "r16rs"])  # same bucket, other slots
+    assert graphs.generate(second) == ref.generate(second)
+    assert graphs.decoder.captures == 1
+    for eng in (graphs, ref):  # slot of r4 now holds other weights under another name
+        eng.delete_adapter("r4")
+        eng.load_adapter(str(engine_adapters["r16mlp"]), "r16mlp")
+    third = rows(["r16mlp", None, "r8qv", "r16mlp", "r64", "patterned", "r16rs"])
+    assert graphs.generate(third) == ref.generate(third)
+    assert graphs.decoder.captures == 1
+    base = rows([None] * 7)  # no adapter rows: rank-0 bucket, the plain model captured
+    assert graphs.generate(base) == ref.generate(base)
+    assert graphs.decoder.captures == 2 and graphs.fallbacks == 0

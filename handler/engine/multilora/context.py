@@ -23,17 +23,21 @@ import torch
 class BatchContext:
     """Slots for the batch in flight (None = no batch: every layer runs base only)."""
 
-    __slots__ = ("slots", "unique", "plans", "version")
+    __slots__ = ("slots", "unique", "plans", "version", "kernel_rank")
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.unique: tuple[int, ...] = ()
         self.plans: dict[int, Any] = {}
         self.version = 0
+        # Set for a static batch (CUDA-graph decode): every layer runs the Triton kernel at
+        # this rank and reads `slots` at run time, whatever adapters the slots name now.
+        self.kernel_rank: int | None = None
 
-    def set(self, slots: torch.Tensor, unique: tuple[int, ...]) -> None:
+    def set(self, slots: torch.Tensor, unique: tuple[int, ...], kernel_rank: int | None = None) -> None:
         self.slots = slots
         self.unique = unique
+        self.kernel_rank = kernel_rank
         self.plans = {}
         self.version += 1
 
@@ -45,5 +49,6 @@ class BatchContext:
     def clear(self) -> None:
         self.slots = None
         self.unique = ()
+        self.kernel_rank = None
         self.plans = {}
         self.version += 1

@@ -5,6 +5,13 @@ Why thin: all adapter logic is in the facade and all batching in
 of rows, whatever their adapters, is one `generate` call: one forward per
 prefill/decode step.
 
+Decoding (`decode`): ``generate`` is transformers' `generate` with a dynamic
+cache; ``graphs`` is `..static_decode.StaticDecoder` with every decode step
+replayed from a captured CUDA graph (GPU; a batch the kernels cannot capture
+falls back to ``generate``); ``static`` is the same static-cache loop run
+eagerly (the CPU-testable twin of ``graphs``); ``auto`` = ``graphs`` where the
+Triton kernels run on CUDA, else ``generate``.
+
 Rows name their adapter explicitly (None = base model); `set_adapter` only
 changes the default for facade calls without `adapter_names`. While adapters
 are disabled every row runs the base model.
@@ -19,19 +26,35 @@ import torch
 from torch import nn
 
 from ..api import GenerationOutput, GenerationRow, LoadedAdapter
+from ..errors import EngineError
 from ..generation import run_rows
+from ..static_decode import NotCapturable, StaticDecoder
+from .layer import kernels_usable
 from .model import MultiLoraModel
+
+DECODE_MODES = ("auto", "generate", "static", "graphs")
 
 
 class MultiLoraEngine:
     kind = "multilora"
 
     def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
-                 max_rank: int = 64, target_modules: Sequence[str] | None = None) -> None:
+                 max_rank: int = 64, target_modules: Sequence[str] | None = None, decode: str = "auto",
+                 max_graphs: int = 4) -> None:
+        if decode not in DECODE_MODES:
+            raise EngineError(f"unknown decode mode {decode!r} (expected one of {', '.join(DECODE_MODES)})")
         model.eval()
         self.model = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules)
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
+        if decode == "auto":
+            decode = "graphs" if self.model.device.type == "cuda" and kernels_usable() else "generate"
+        if decode == "graphs" and self.model.device.type != "cuda":
+            raise EngineError("decode mode 'graphs' needs the model on a CUDA device")
+        self.decode = decode
+        self.decoder = None if decode == "generate" else StaticDecoder(
+            model, use_graphs=decode == "graphs", lora=self.model, max_graphs=max_graphs)
+        self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
 
     def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
         ms = self.model.load_adapter(path, adapter_name)
@@ -58,10 +81,19 @@ class MultiLoraEngine:
         self.model.enable_adapters()
 
     def get_model_status(self) -> Mapping[str, Any]:
-        return self.model.get_model_status()
+        status = dict(self.model.get_model_status())
+        status["decode"] = self.decode
+        if self.decoder is not None:
+            status["decoder"] = {**self.decoder.describe(), "fallbacks": self.fallbacks}
+        return status
 
     def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
         with torch.inference_mode():
+            if self.decoder is not None:
+                try:
+                    return self.decoder.generate(ids, mask, adapters, **kw)
+                except NotCapturable:
+                    self.fallbacks += 1
             return self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters, **kw)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:

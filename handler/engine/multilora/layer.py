@@ -47,6 +47,11 @@ def _kernels():
     return _KERNELS
 
 
+def kernels_usable() -> bool:
+    """Whether the Triton kernels can serve a static (graph-captured) batch here."""
+    return bool(_kernels()) and os.environ.get("LORAPLEX_LORA_BACKEND", "auto") != "torch"
+
+
 def _use_kernels(x: torch.Tensor) -> bool:
     """Which GPU path serves this forward. LORAPLEX_LORA_BACKEND=auto (default): the Triton
     kernels only inside CUDA-graph capture or torch.compile, where their launch cost vanishes;
@@ -113,6 +118,8 @@ class MultiLoraLinear(nn.Module):
 
     # -- hot path -----------------------------------------------------------
     def _plan(self, ctx: BatchContext, kernel: bool):
+        if ctx.kernel_rank is not None:  # static batch: the plan must not depend on today's adapters
+            return _KernelPlan(ctx.kernel_rank)
         used = [s for s in ctx.unique if self.slot_rank[s]]
         if not used:
             return None
@@ -128,7 +135,7 @@ class MultiLoraLinear(nn.Module):
         ctx = self._ctx
         if ctx.slots is None:
             return self.base_layer(x, *args, **kwargs)
-        kernel = _use_kernels(x)
+        kernel = ctx.kernel_rank is not None or _use_kernels(x)
         key = -1 - self.index if kernel else self.index  # eager and captured forwards keep their own plans
         plan = ctx.plans.get(key, _NO_PLAN)
         if plan is _NO_PLAN:

@@ -299,6 +299,42 @@ class MultiLoraModel(nn.Module):
         finally:
             self._ctx.clear()
 
+    @contextlib.contextmanager
+    def static_batch(self, slots: torch.Tensor, rank: int) -> Iterator[None]:
+        """Forwards that read each row's slot from `slots` when they *run*, through the
+        Triton kernels at rank `rank` (zero-padded slots make any smaller rank exact).
+        What a CUDA graph captures inside this block replays correctly after the caller
+        writes other slots into the same tensor, or loads/deletes adapters (the pool is
+        written in place). Needs `decode_rank` to have returned a rank (kernels usable)."""
+        if slots.device != self.device or slots.dtype != torch.long or slots.dim() != 1:
+            raise EngineError("static_batch needs a 1-D long slot tensor on the model's device")
+        self._ctx.set(slots, tuple(range(self.num_slots)), kernel_rank=int(rank))
+        try:
+            yield
+        finally:
+            self._ctx.clear()
+
+    def decode_rank(self, slots: Sequence[int]) -> int | None:
+        """Rank bucket a static batch of these slots runs at: 0 when no row has an adapter
+        (the captured step is then the plain base model), else the largest rank in use
+        rounded up to a power of two (>= 16, <= the pool's max rank), so a few graphs
+        serve every mix. None: the kernels cannot serve it (no CUDA/triton, the torch
+        backend forced, or a rank above the kernels' limit)."""
+        used = {s for s in slots if s}
+        if not used or self._disabled:
+            return 0
+        from .layer import kernels_usable
+
+        if not self.device.type == "cuda" or not kernels_usable():
+            return None
+        from ..kernels.triton_lora import MAX_RANK
+
+        r = max(layer.slot_rank[s] for layer in self._layers.values() for s in used)
+        if r == 0:
+            return 0
+        bucket = min(max(16, 1 << (r - 1).bit_length()), self.max_rank)
+        return bucket if bucket <= MAX_RANK else None
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         n = _batch_size(input_ids, kwargs)
