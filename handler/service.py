@@ -109,7 +109,8 @@ class LoraplexService:
         engine = make_engine(config.engine, model, eos_token_ids=eos_token_ids(model, tokenizer),
                              pad_token_id=int(tokenizer.pad_token_id),
                              max_adapters=config.max_resident_adapters + 1, max_rank=config.max_rank,
-                             target_modules=list(config.target_modules))
+                             target_modules=list(config.target_modules), decode=config.decode,
+                             decode_graph_buckets=config.decode_graph_buckets)
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
         store = AdapterStore(Path(config.adapter_store))
         service = cls(config, tokenizer, engine, registry, store)

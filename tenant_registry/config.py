@@ -54,6 +54,8 @@ class LoraplexConfig:
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                     # auto | float32 | bfloat16 | float16
     engine: str = "multilora"               # multilora | peft
+    decode: str = "auto"                    # auto | generate | static | graphs (multilora engine)
+    decode_graph_buckets: int = 4           # static KV caches + CUDA graphs kept per worker (LRU)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
@@ -251,6 +253,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "device": _choice("auto", "cpu", "cuda", pattern=r"cuda:[0-9]{1,2}"),
     "dtype": _choice("auto", "float32", "bfloat16", "float16"),
     "engine": _choice("multilora", "peft"),
+    "decode": _choice("auto", "generate", "static", "graphs"),
+    "decode_graph_buckets": _int(1),
     "target_modules": _modules,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),

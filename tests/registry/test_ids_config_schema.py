@@ -43,7 +43,7 @@ def test_config_defaults():
     assert c.redis_url == "redis://127.0.0.1:6379/0" and c.redis_prefix == "loraplex"
     assert c.max_rank == 64 and c.max_adapter_bytes == 268435456 and c.max_resident_adapters == 8
     assert c.unknown_tenant_policy == "base" and c.load_failure_policy == "base" and c.require_tenant is False
-    assert c.target_modules == DEFAULT_TARGET_MODULES and c.engine == "multilora"
+    assert c.target_modules == DEFAULT_TARGET_MODULES and c.engine == "multilora" and c.decode == "auto"
     assert c.management_url == "http://127.0.0.1:8081" and c.model_name == "loraplex"
     assert c.require_tenant_key is False and c.registry_stale_s == 300.0 and c.registry_cache_s == 30.0
 
@@ -54,7 +54,7 @@ def test_config_known_keys():
         "redis_url", "redis_prefix", "adapter_store", "base_model_dir", "base_model_name", "max_rank",
         "max_adapter_bytes", "max_resident_adapters", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
         "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
-        "engine", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
+        "engine", "decode", "decode_graph_buckets", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
         "model_name"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})
