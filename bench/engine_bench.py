@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from handler.engine.multilora import MultiLoraModel  # noqa: E402
+from handler.engine.static_decode import StaticDecoder  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -223,8 +224,11 @@ class Side:
         self.device = device
         self.args = args
         model = clone_sharing_params(base)
+        self.decoder = None
         if kind == "ours":
             self.m = MultiLoraModel(model, max_adapters=args.max_adapters, max_rank=args.max_rank, target_modules=TARGETS)
+            if args.decode != "generate":  # the engine's serving decode loop (what `decode: graphs` runs)
+                self.decoder = StaticDecoder(model, use_graphs=args.decode == "graphs", lora=self.m)
         else:
             self.m = None
             self.base = model
@@ -252,6 +256,9 @@ class Side:
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                   num_beams=1, pad_token_id=0, eos_token_id=None, use_cache=True)
         with torch.inference_mode():
+            if self.decoder is not None:
+                return self.decoder.generate(ids, mask, names, max_new_tokens=new, do_sample=False, eos_token_id=[],
+                                             pad_token_id=0)
             if self.kind == "ours":
                 return self.m.generate(adapter_names=names, **kw)
             if len(set(names)) == 1:  # PEFT's own single-adapter path
@@ -438,6 +445,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--decode", choices=("auto", "generate", "graphs", "static"), default="auto",
+                    help="how ours and the pure base model decode (auto: graphs on CUDA, generate on the CPU): "
+                         "graphs/static = the engine's StaticDecoder (static KV cache; each decode step a replayed "
+                         "CUDA graph, or eager); PEFT always uses generate and is compared with the base model's "
+                         "generate")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="instead of the normal bench: decode per step over a static KV cache, eager and (on CUDA) "
                          "as a captured CUDA graph replayed once per step, for the pure base model and ours "
@@ -446,6 +458,8 @@ def main(argv=None):
 
     device = torch.device(args.device)
     cpu = device.type == "cpu"
+    if args.decode == "auto":
+        args.decode = "generate" if cpu else "graphs"
     dtype = getattr(torch, args.dtype or ("float32" if cpu else "bfloat16"))
     args.batch = args.batch or (8 if cpu else 32)
     args.prompt_len = args.prompt_len or (64 if cpu else 256)
@@ -479,7 +493,7 @@ def main(argv=None):
                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": args.rank,
                  "max_rank": args.max_rank, "slots": args.max_adapters + 1, "threads": torch.get_num_threads(),
                  "cycles": args.cycles, "peft_cycles": args.peft_cycles, "clock": args.clock,
-                 "repeats": args.repeats, "peft_repeats": args.peft_repeats}
+                 "repeats": args.repeats, "peft_repeats": args.peft_repeats, "decode": args.decode}
     res.update(env_info(device))
     log("env:", json.dumps({k: res[k] for k in env_info(device)}))
 
@@ -520,11 +534,18 @@ def main(argv=None):
     mask = torch.ones_like(ids)
     scen = {"single": [names[0]] * B, "mixed4": [names[i % 4] for i in range(B)], "mixed_all": names[:B]}
     pure = clone_sharing_params(base)
+    pure_dec = None if args.decode == "generate" else StaticDecoder(pure, use_graphs=args.decode == "graphs")
     jobs = [("base", None, None)] + [(k, sc, rows) for k in sides for sc, rows in scen.items()]
+    if pure_dec is not None and "peft" in sides:  # PEFT's ratios are over the base model's generate
+        jobs.insert(1, ("base_generate", None, None))
 
     def gen(job, new):
         k, _, rows = job
-        if k == "base":
+        if k == "base" and pure_dec is not None:
+            with torch.inference_mode():
+                return pure_dec.generate(ids, mask, None, max_new_tokens=new, do_sample=False, eos_token_id=[],
+                                         pad_token_id=0)
+        if k in ("base", "base_generate"):
             with torch.inference_mode():
                 return pure.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
@@ -553,13 +574,23 @@ def main(argv=None):
     pre_b = med(t_pre[("base", None)])
     dec_b = med(t_full[("base", None)]) - pre_b
     res["base_prefill_ms"], res["base_decode_ms"] = pre_b, dec_b
+    denom = {"ours": (pre_b, dec_b), "peft": (pre_b, dec_b)}
+    if ("base_generate", None) in t_pre:
+        pre_g = med(t_pre[("base_generate", None)])
+        dec_g = med(t_full[("base_generate", None)]) - pre_g
+        res["base_generate_prefill_ms"], res["base_generate_decode_ms"] = pre_g, dec_g
+        denom["peft"] = (pre_g, dec_g)
     for k in sides:
         p = "" if k == "ours" else "peft_"
         for sc in scen:
             pre = med(t_pre[(k, sc)])
             dec = med(t_full[(k, sc)]) - pre
-            res[f"{p}prefill_ratio_{sc}"] = pre / pre_b
-            res[f"{p}decode_ratio_{sc}"] = dec / dec_b
+            res[f"{p}prefill_ratio_{sc}"] = pre / denom[k][0]
+            res[f"{p}decode_ratio_{sc}"] = dec / denom[k][1]
+    for label, dec in (("ours", sides["ours"].decoder), ("base", pure_dec)):
+        if dec is not None:
+            res[f"{label}_graph_captures"] = dec.captures
+            res[f"{label}_graph_replays"] = sum(b["replays"] for b in dec.describe()["buckets"])
     base_bytes = param_bytes(base)
     res["base_model_bytes"] = base_bytes
     # adapter bytes at true rank in the serving dtype (ours holds them in the base weight's dtype)
