@@ -138,3 +138,17 @@ def test_graph_decode_equals_generate_and_survives_adapter_changes(tiny_model_di
     base = rows([None] * 7)  # no adapter rows: rank-0 bucket, the plain model captured
     assert graphs.generate(base) == ref.generate(base)
     assert graphs.decoder.captures == 2 and graphs.fallbacks == 0
+
+
+def test_graph_decode_seeded_sampling_equals_generate(tiny_model_dir, tokenizer, engine_adapters):
+    """Sampling reads the replayed graph's logits through transformers' own warpers: the same
+    seed gives `generate`'s tokens (fp32), and the same tokens again on a second call."""
+    from handler.engine import GenerationRow, SamplingParams
+
+    graphs, ref = _graph_engines(tiny_model_dir, engine_adapters, tokenizer, ["r16rs", "patterned"])
+    params = SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.7, top_p=0.9, seed=77)
+    for adapter in ("r16rs", "patterned", None):
+        row = [GenerationRow([5, 17, 42, 9, 100], adapter, params)]
+        got = graphs.generate(row)
+        assert got == ref.generate(row) == graphs.generate(row)
+    assert graphs.decoder.captures >= 1 and graphs.fallbacks == 0
