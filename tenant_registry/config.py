@@ -55,7 +55,7 @@ class LoraplexConfig:
     dtype: str = "auto"                     # auto | float32 | bfloat16 | float16
     engine: str = "multilora"               # multilora | peft
     decode: str = "auto"                    # auto | generate | static | graphs (multilora engine)
-    decode_graph_buckets: int = 4           # static KV caches + CUDA graphs kept per worker (LRU)
+    decode_graph_buckets: int = 8           # static KV caches + CUDA graphs kept per worker (LRU)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed

@@ -19,7 +19,7 @@ ENGINE_KINDS = ("multilora", "peft")
 
 def make_engine(kind: str, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,
                 max_adapters: int, max_rank: int, target_modules: Sequence[str] | None = None,
-                decode: str = "auto", decode_graph_buckets: int = 4) -> Engine:
+                decode: str = "auto", decode_graph_buckets: int = 8) -> Engine:
     """Build the engine named by the handler config (`engine: multilora` is the default there).
 
     `model` is a transformers causal LM already on its device/dtype; the

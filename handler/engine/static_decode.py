@@ -112,7 +112,7 @@ class StaticDecoder:
     are on; the engine then falls back to `model.generate`.
     """
 
-    def __init__(self, model: nn.Module, *, use_graphs: bool, lora: LoraRows | None = None, max_graphs: int = 4,
+    def __init__(self, model: nn.Module, *, use_graphs: bool, lora: LoraRows | None = None, max_graphs: int = 8,
                  len_bucket: int = 256, check_every: int = 8) -> None:
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn not in SUPPORTED_ATTENTION:
@@ -277,7 +277,11 @@ class StaticDecoder:
         if st.slots is not None:
             st.slots.copy_(torch.as_tensor(slots, dtype=torch.long))
         if st.graph is None:
-            self._capture(st)
+            try:
+                self._capture(st)
+            except Exception as exc:  # e.g. out of memory while capturing: serve this batch eagerly
+                self._buckets.pop((st.batch, st.length, st.rank), None)
+                raise NotCapturable(f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300]) from exc
 
         def replay() -> torch.Tensor:
             st.graph.replay()

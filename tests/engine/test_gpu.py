@@ -152,3 +152,22 @@ def test_graph_decode_seeded_sampling_equals_generate(tiny_model_dir, tokenizer,
         got = graphs.generate(row)
         assert got == ref.generate(row) == graphs.generate(row)
     assert graphs.decoder.captures >= 1 and graphs.fallbacks == 0
+
+
+def test_failed_capture_falls_back_to_generate_then_recovers(tiny_model_dir, tokenizer, engine_adapters,
+                                                             monkeypatch):
+    from handler.engine import GenerationRow, SamplingParams
+
+    graphs, ref = _graph_engines(tiny_model_dir, engine_adapters, tokenizer, ["r4", "r8qv"])
+    rows = [GenerationRow([3, 9, 27, 81], a, SamplingParams(max_new_tokens=6)) for a in ("r4", None, "r8qv")]
+    real = graphs.decoder._capture
+
+    def boom(st):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(graphs.decoder, "_capture", boom)
+    assert graphs.generate(rows) == ref.generate(rows)
+    assert graphs.fallbacks == 1 and graphs.decoder.describe()["buckets"] == []
+    monkeypatch.setattr(graphs.decoder, "_capture", real)
+    assert graphs.generate(rows) == ref.generate(rows)
+    assert graphs.decoder.captures == 1 and graphs.fallbacks == 1

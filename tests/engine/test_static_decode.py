@@ -134,3 +134,19 @@ def test_decode_rank_on_cpu_and_bad_modes(static, tiny_model_dir, tokenizer):
     with pytest.raises(ValueError, match="needs engine 'multilora'"):
         make_engine("peft", load_base(tiny_model_dir), eos_token_ids=[0], pad_token_id=0, max_adapters=1,
                     max_rank=8, decode="static")
+
+
+def test_engine_falls_back_to_generate_when_decoder_cannot_capture(tiny_model_dir, tokenizer, engine_adapters,
+                                                                   reference, monkeypatch):
+    from handler.engine.static_decode import NotCapturable
+
+    st = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
+
+    def refuse(*a, **k):
+        raise NotCapturable("CUDA graph capture failed: test")
+
+    monkeypatch.setattr(st.decoder, "generate", refuse)
+    rows = [GenerationRow(p, a, SamplingParams(max_new_tokens=5)) for p, a in zip(_prompts(3, seed=8), ["r4", None, "r8qv"])]
+    assert st.generate(rows) == reference.generate(rows)
+    status = st.get_model_status()["decoder"]
+    assert status["fallbacks"] == 1 and "capture failed" in status["last_fallback"]

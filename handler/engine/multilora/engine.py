@@ -40,7 +40,7 @@ class MultiLoraEngine:
 
     def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
                  max_rank: int = 64, target_modules: Sequence[str] | None = None, decode: str = "auto",
-                 max_graphs: int = 4) -> None:
+                 max_graphs: int = 8) -> None:
         if decode not in DECODE_MODES:
             raise EngineError(f"unknown decode mode {decode!r} (expected one of {', '.join(DECODE_MODES)})")
         model.eval()
@@ -55,6 +55,7 @@ class MultiLoraEngine:
         self.decoder = None if decode == "generate" else StaticDecoder(
             model, use_graphs=decode == "graphs", lora=self.model, max_graphs=max_graphs)
         self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
+        self.last_fallback = ""
 
     def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
         ms = self.model.load_adapter(path, adapter_name)
@@ -84,7 +85,8 @@ class MultiLoraEngine:
         status = dict(self.model.get_model_status())
         status["decode"] = self.decode
         if self.decoder is not None:
-            status["decoder"] = {**self.decoder.describe(), "fallbacks": self.fallbacks}
+            status["decoder"] = {**self.decoder.describe(), "fallbacks": self.fallbacks,
+                                 "last_fallback": self.last_fallback}
         return status
 
     def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
@@ -92,8 +94,9 @@ class MultiLoraEngine:
             if self.decoder is not None:
                 try:
                     return self.decoder.generate(ids, mask, adapters, **kw)
-                except NotCapturable:
+                except NotCapturable as exc:
                     self.fallbacks += 1
+                    self.last_fallback = str(exc)
             return self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters, **kw)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
