@@ -157,6 +157,9 @@ def run_shape(d_in, d_out, N, S, rank, dtype, scenarios, variants, l2_bytes, war
             if prefill != over.get("_prefill", False):
                 continue
             kw = {"pdl": pdl, **{k: v for k, v in over.items() if not k.startswith("_")}}
+            if "_kps" in over:  # k-split sized so that each shrink program runs `_kps` of `in`
+                kw["k_per_split"] = over["_kps"]
+                kw["split"] = -(-d_in // over["_kps"])
             cfg = triton_lora.choose_config(N, S, d_in, d_out, rank, dtype, **kw)
             if over.get("_shrink_only"):
                 parts = [torch.empty((cfg.split, N * S, cfg.block_r), dtype=torch.float32, device=dev)
@@ -178,6 +181,10 @@ DECODE_VARIANTS = {  # LoRA-only µs of variants (default: grouped, split<=8, bl
     "grouped_o64": {"block_o": 64},
     "grouped_o128": {"block_o": 128},
     "grouped_split4": {"split": 4},
+    "kps64": {"_kps": 64, "block_k": 64},
+    "kps128": {"_kps": 128, "block_k": 128},
+    "kps256": {"_kps": 256, "block_k": 128},
+    "kps256_bk256": {"_kps": 256, "block_k": 256},
 }
 PREFILL_VARIANTS = {
     "pdl_on": {"_prefill": True, "pdl": True},
