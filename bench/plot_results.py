@@ -3,7 +3,9 @@
 Reads every line of RESULTS.md (or the files given) that is an `engine_bench.py
 --json` object, keeps the first one per (size, device name) in document order
 (RESULTS.md lists the run of record first), and draws one bar per engine and
-run for prefill/decode x single/mixed4/mixed_all, on a log axis (PEFT's mixed
+run for prefill/decode x single/mixed4/mixed_all, on a log axis. GPU runs of record decode
+through CUDA graphs (`"decode": "graphs"`, ours and the base model alike); for an older eager
+run, diamonds add its `--cuda-graphs` per-step ratios (PEFT's mixed
 decode on a GPU is 40x+). Horizontal ticks mark the issue's GPU targets; the
 dashed line is 1.0 (the pure base model).
 
@@ -60,6 +62,8 @@ def main(argv=None) -> None:
 
     runs = load_runs(args.inputs)
     graphs = load_runs(args.inputs, '"graph_decode_ratio_single"')
+    graphs = [g for g in graphs if any((g["size"], g.get("device_name")) == (r["size"], r.get("device_name"))
+                                       and r.get("decode", "generate") == "generate" for r in load_runs(args.inputs))]
     if not runs:
         raise SystemExit("no engine_bench JSON lines found")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
@@ -73,7 +77,8 @@ def main(argv=None) -> None:
                 xs = [k + (2 * i + j - n + 0.5) * width for k in range(len(SCEN))]
                 ax.bar(xs, vals, width, color=colors(i), hatch=hatch, edgecolor="black", linewidth=0.4,
                        label=f"{'PEFT' if pre else 'ours'}  {label(r)}")
-            if phase == "decode":  # ours with a captured CUDA graph per step (bench --cuda-graphs), same run
+            if phase == "decode" and r.get("decode", "generate") == "generate":
+                # an eager-generate run: add ours with a captured CUDA graph per step (--cuda-graphs), if any
                 gr = next((g for g in graphs if (g["size"], g.get("device_name")) == (r["size"], r.get("device_name"))), None)
                 if gr is not None:
                     xs = [k + (2 * i - n + 0.5) * width for k in range(len(SCEN))]
