@@ -280,6 +280,7 @@ class LoraplexService:
         """What `GET /models/<name>?customized=true` shows: PEFT-style state plus residency."""
         self.residency.evict_idle()
         snap = self.residency.snapshot()
+        status = self.engine.get_model_status()
         return {
             "worker": {"pid": os.getpid()},
             "engine": self.engine.kind,
@@ -289,6 +290,7 @@ class LoraplexService:
             "idle_ttl_s": snap["idle_ttl_s"],
             "quarantined": snap["quarantined"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
+            "decode": {"mode": status.get("decode", "generate"), **(status.get("decoder") or {})},
             "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests, "engine_calls": self.batches,
                          "registry_stale_hits": self.resolver.stale_hits,
                          "registry_events": self.resolver.events_seen},

@@ -120,7 +120,20 @@ def test_lru_eviction_and_reload_keep_outputs_right(make_service, tiny_model_dir
     assert state["resident"][0]["adapter"] == "t-b@v1"  # most recently used first
     assert state["counters"]["evictions_lru"] >= 3 and state["counters"]["loads"] >= 5
     assert set(state["peft_config"]) == {"t-b@v1", "t-c@v1"}
+    assert state["decode"]["mode"] == "generate"  # decode: auto on a CPU
     json.dumps(state)
+
+
+def test_static_decode_config_serves_the_same_answers(make_service, tiny_model_dir, tiny_adapters):
+    """`decode: static` (the CUDA-graph loop, run eagerly here) through the whole request path."""
+    svc = make_service(decode="static", decode_graph_buckets=2)
+    for name in ("a", "b"):
+        _onboard(svc, f"t-{name}", tiny_adapters[name])
+    for name in ("a", "b", "a"):
+        reply = _ask(svc, f"t-{name}")
+        assert reply.status == 200 and reply.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters[name])
+    state = svc.describe()["decode"]
+    assert state["mode"] == "static" and state["fallbacks"] == 0 and 1 <= len(state["buckets"]) <= 2
 
 
 def test_idle_adapters_are_evicted(make_service, tiny_adapters):
