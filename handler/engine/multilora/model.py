@@ -153,7 +153,9 @@ class MultiLoraModel(nn.Module):
         the buffer lives for one load only, so the engine holds no more memory with every
         adapter deleted than before the first load (what tests/engine/test_cycles.py checks).
         """
-        self._clear_slot(slot)
+        # No zeroing here: a free slot is always all zeros (pool created zeroed; `delete_adapter`
+        # and a failed load clear the slot before it goes back to `_free`), which saves a
+        # memset of the whole slot (r_max rows in every layer) on every load.
         on_cuda = self.device.type == "cuda"
         if self._staging_read is not None:
             self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
