@@ -61,6 +61,7 @@ SIZES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
+PREFIX = {"ours": "", "ours_nogroups": "nogroups_", "peft": "peft_"}  # JSON key prefix per engine
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -225,8 +226,9 @@ class Side:
         self.args = args
         model = clone_sharing_params(base)
         self.decoder = None
-        if kind == "ours":
-            self.m = MultiLoraModel(model, max_adapters=args.max_adapters, max_rank=args.max_rank, target_modules=TARGETS)
+        if kind.startswith("ours"):
+            self.m = MultiLoraModel(model, max_adapters=args.max_adapters, max_rank=args.max_rank, target_modules=TARGETS,
+                                    group_decode=kind == "ours" and not args.no_lora_groups)
             if args.decode != "generate":  # the engine's serving decode loop (what `decode: graphs` runs)
                 self.decoder = StaticDecoder(model, use_graphs=args.decode == "graphs", lora=self.m)
         else:
@@ -235,7 +237,7 @@ class Side:
         self.loaded: list[str] = []
 
     def load(self, path, name):
-        if self.kind == "ours":
+        if self.kind.startswith("ours"):
             self.m.load_adapter(path, name)
         elif self.m is None:
             from peft import PeftModel
@@ -259,7 +261,7 @@ class Side:
             if self.decoder is not None:
                 return self.decoder.generate(ids, mask, names, max_new_tokens=new, do_sample=False, eos_token_id=[],
                                              pad_token_id=0)
-            if self.kind == "ours":
+            if self.kind.startswith("ours"):
                 return self.m.generate(adapter_names=names, **kw)
             if len(set(names)) == 1:  # PEFT's own single-adapter path
                 self.m.set_adapter(names[0])
@@ -267,7 +269,7 @@ class Side:
             return self.m.generate(adapter_names=names, **kw)
 
     def bytes_per_adapter(self, name):
-        if self.kind == "ours":
+        if self.kind.startswith("ours"):
             return self.m.pool_bytes() // self.m.num_slots, self.m.adapter_nbytes(name)
         n = sum(p.numel() * p.element_size() for k, p in self.m.named_parameters()
                 if f".{name}." in k and ("lora_A" in k or "lora_B" in k))
@@ -450,6 +452,10 @@ def main(argv=None):
                          "graphs/static = the engine's StaticDecoder (static KV cache; each decode step a replayed "
                          "CUDA graph, or eager); PEFT always uses generate and is compared with the base model's "
                          "generate")
+    ap.add_argument("--no-lora-groups", action="store_true",
+                    help="ours without the decode group launches (q/k/v and gate/up deltas in one kernel each)")
+    ap.add_argument("--compare-groups", action="store_true",
+                    help="also time ours without the decode group launches, in the same rounds (keys nogroups_*)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="instead of the normal bench: decode per step over a static KV cache, eager and (on CUDA) "
                          "as a captured CUDA graph replayed once per step, for the pure base model and ours "
@@ -487,6 +493,8 @@ def main(argv=None):
     if args.cuda_graphs:
         return graphs_main(args, base, paths, names, device, dtype, t_start)
     sides = {"ours": Side("ours", base, args, device)}
+    if args.compare_groups:  # same engine without the decode group launches, timed in the same rounds
+        sides["ours_nogroups"] = Side("ours_nogroups", base, args, device)
     if not args.skip_peft:
         sides["peft"] = Side("peft", base, args, device)
     res: dict = {"size": args.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": B,
@@ -518,7 +526,7 @@ def main(argv=None):
                 t_switch[k].append(timed(lambda: s.set(n), device))
     res["load_floor_ms"] = med(floor)
     for k in sides:
-        p = "" if k == "ours" else "peft_"
+        p = PREFIX[k]
         res[p + "load_ms"] = med(t_load[k])
         res[p + "load_floor_ratio"] = med(t_load[k]) / med(floor)
         res[p + "switch_ms"] = med(t_switch[k])
@@ -574,20 +582,21 @@ def main(argv=None):
     pre_b = med(t_pre[("base", None)])
     dec_b = med(t_full[("base", None)]) - pre_b
     res["base_prefill_ms"], res["base_decode_ms"] = pre_b, dec_b
-    denom = {"ours": (pre_b, dec_b), "peft": (pre_b, dec_b)}
+    denom = {"ours": (pre_b, dec_b), "ours_nogroups": (pre_b, dec_b), "peft": (pre_b, dec_b)}
     if ("base_generate", None) in t_pre:
         pre_g = med(t_pre[("base_generate", None)])
         dec_g = med(t_full[("base_generate", None)]) - pre_g
         res["base_generate_prefill_ms"], res["base_generate_decode_ms"] = pre_g, dec_g
         denom["peft"] = (pre_g, dec_g)
     for k in sides:
-        p = "" if k == "ours" else "peft_"
+        p = PREFIX[k]
         for sc in scen:
             pre = med(t_pre[(k, sc)])
             dec = med(t_full[(k, sc)]) - pre
             res[f"{p}prefill_ratio_{sc}"] = pre / denom[k][0]
             res[f"{p}decode_ratio_{sc}"] = dec / denom[k][1]
-    for label, dec in (("ours", sides["ours"].decoder), ("base", pure_dec)):
+    nogroups = sides["ours_nogroups"].decoder if "ours_nogroups" in sides else None
+    for label, dec in (("ours", sides["ours"].decoder), ("nogroups", nogroups), ("base", pure_dec)):
         if dec is not None:
             res[f"{label}_graph_captures"] = dec.captures
             res[f"{label}_graph_replays"] = sum(b["replays"] for b in dec.describe()["buckets"])
@@ -601,8 +610,8 @@ def main(argv=None):
     # ---- memory drift over load/evict cycles -------------------------------
     rng = torch.Generator().manual_seed(3)
     for k, s in sides.items():
-        p = "" if k == "ours" else "peft_"
-        cycles = args.cycles if k == "ours" else args.peft_cycles
+        p = PREFIX[k]
+        cycles = args.peft_cycles if k == "peft" else args.cycles
         spare = names[-1]
         s.delete(spare)
         gc.collect()

@@ -1,8 +1,9 @@
 """GPU kernels for the multilora engine (optional: importing needs neither triton nor CUDA).
 
 `triton_lora.available()` says whether the Triton backend can run here;
-`triton_lora.add_mixed_triton_` is the one entry point the layers need.
+`triton_lora.add_mixed_triton_` is the entry point the layers need, plus
+`group_deltas_triton` for graph-captured decode steps (`multilora.groups`).
 """
-from .triton_lora import add_mixed_triton_, available, lora_expand_add_, lora_shrink
+from .triton_lora import add_mixed_triton_, available, group_deltas_triton, lora_expand_add_, lora_shrink
 
-__all__ = ["available", "add_mixed_triton_", "lora_shrink", "lora_expand_add_"]
+__all__ = ["available", "add_mixed_triton_", "group_deltas_triton", "lora_shrink", "lora_expand_add_"]

@@ -214,3 +214,100 @@ def expand_grouped_kernel(out_ptr, p_ptr, bt_ptr, slots_ptr,
         xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
     acc = _dot(xa.to(b.dtype), b, IEEE)
     tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=om)
+
+
+@triton.jit
+def group_shrink_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
+                        N, IN, R, P, K_SLOTS, K_PER_SPLIT,
+                        stride_xn, stride_pm, stride_ps, stride_pt,
+                        A0, S0, A1, S1, A2, S2,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    """Decode shrink for up to three linears that read the same ``x`` (q/k/v, gate/up, or
+    one alone), one launch: grid ``(row, k-split, member)``, grouped by slot like
+    `shrink_grouped_kernel`. Member m's A block starts ``Am`` elements into a pool row
+    of ``P`` elements, its scalings are row ``Sm`` of ``scales [L, K]``. Partials go
+    to ``p[m, split, row, r]``; rows of slot 0 are left unwritten (the expand never
+    reads them)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = tl.arange(0, BLOCK_N)
+    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
+    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    if slot == 0:
+        return
+    same = all_slots == slot
+    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
+    if first != pid:
+        return
+    a_off = tl.where(m == 2, A2, tl.where(m == 1, A1, A0)).to(tl.int64)
+    s_row = tl.where(m == 2, S2, tl.where(m == 1, S1, S0))
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_mask = offs_r < R
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
+    a_rows = pool_ptr + slot * P + a_off + offs_r[:, None] * IN
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < k_end
+        a = tl.load(a_rows + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(x_rows + k[None, :], mask=same[:, None] & k_mask[None, :], other=0.0)
+        acc += _dot(xt, tl.trans(a), IEEE)
+    acc = acc * tl.load(scales_ptr + s_row * K_SLOTS + slot).to(tl.float32)
+    p = p_ptr + m * stride_pm + pid_k * stride_ps + offs_n[:, None] * stride_pt + offs_r[None, :]
+    tl.store(p, acc, mask=same[:, None])
+
+
+@triton.jit
+def group_expand_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
+                        N, R, P, stride_pm, stride_ps, stride_pt,
+                        B0, O0, D0, T0, B1, O1, D1, T1, B2, O2, D2,
+                        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    """Expand of `group_shrink_kernel`'s partials into each member's delta, one launch:
+    grid ``(row, tile)`` with tiles running over every member's outputs in turn (member m:
+    ``Tm`` tiles, B^T block at ``Bm``, ``Om`` outputs, delta at element ``Dm`` of the
+    buffer). Writes ``delta_m[n] = xa_m[n] @ B_m[slot]^T`` (zeros for slot-0 rows), which
+    the member's base GEMM then accumulates into (beta = 1)."""
+    pid = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
+    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    same = all_slots == slot
+    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
+    if first != pid:
+        return
+    in1 = pid_t >= T0
+    in2 = pid_t >= T0 + T1
+    m = tl.where(in2, 2, tl.where(in1, 1, 0))
+    b_off = tl.where(in2, B2, tl.where(in1, B1, B0)).to(tl.int64)
+    out_m = tl.where(in2, O2, tl.where(in1, O1, O0))
+    d_off = tl.where(in2, D2, tl.where(in1, D1, D0)).to(tl.int64)
+    tile = pid_t - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
+    offs_o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < out_m
+    d_ptrs = delta_ptr + d_off + offs_n.to(tl.int64)[:, None] * out_m + offs_o[None, :]
+    d_mask = same[:, None] & o_mask[None, :]
+    if slot == 0:
+        tl.store(d_ptrs, tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32).to(delta_ptr.dtype.element_ty), mask=d_mask)
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    b = tl.load(pool_ptr + slot * P + b_off + offs_r[:, None] * out_m + offs_o[None, :],
+                mask=r_mask[:, None] & o_mask[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    p = p_ptr + m * stride_pm + offs_n[:, None] * stride_pt + offs_r[None, :]
+    pm = same[:, None] & r_mask[None, :]
+    xa = tl.load(p, mask=pm, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
+    res = _dot(xa.to(b.dtype), b, IEEE)
+    tl.store(d_ptrs, res.to(delta_ptr.dtype.element_ty), mask=d_mask)

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["available", "add_mixed_triton_", "lora_shrink", "lora_expand_add_", "KernelConfig", "choose_config"]
+__all__ = ["available", "add_mixed_triton_", "lora_shrink", "lora_expand_add_", "KernelConfig", "choose_config",
+           "GroupMember", "group_deltas_triton"]
 
 MAX_RANK = 64  # BLOCK_R up to 64: the register tiles are sized for it
 GROUPED_MAX_ROWS = 128  # decode rows handled by one grouped program (masked [BLOCK_N, ...] tiles)
+GROUP_MAX_MEMBERS = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,3 +341,79 @@ def lora_expand_add_(out2d: torch.Tensor, xa: torch.Tensor, Bt: torch.Tensor, sl
     out3 = out2d.as_strided((N, S, d_out), (S * out2d.stride(0), out2d.stride(0), 1))
     _run_expand(out3, partials, 1, Bt, slots_per_row, r, cfg)
     return out2d
+
+
+# ----------------------------------------------------------------------------
+# decode deltas of linears sharing one input, one launch (CUDA graphs)
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupMember:
+    """Where one linear's adapter lives in the slot-major pool row (element offsets) and
+    which row of ``scales [L, K]`` holds its scalings."""
+
+    a_off: int
+    b_off: int
+    out: int
+    scale_row: int
+
+
+def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                        members: "list[GroupMember] | tuple[GroupMember, ...]", d_in: int,
+                        rank: int) -> list[torch.Tensor]:
+    """``delta_m[n] = scaling_m[slots[n]] * (x[n] @ A_m[slot].T) @ B_m[slot].T`` for each member m,
+    as ``[N, out_m]`` tensors (contiguous slices of one fresh buffer), for ``x [N, in]`` (one
+    token per row). Rows of slot 0 get zeros. Two launches for the whole group (a k-split
+    shrink over every member, then one expand writing every member's delta), no host
+    sync: graph-safe.
+
+    The caller adds each delta through the base GEMM (``delta.addmm_(x, W.T)``), so the
+    LoRA of a whole q/k/v or gate/up group costs two kernels instead of two per linear.
+    Preconditions (asserted): 1-3 members, ``N <= 128``, ``rank <= 64``, x and pool one
+    dtype, ``x`` with a contiguous last dim, pool ``[K, P]`` contiguous; offsets are the
+    caller's (`multilora.groups`) and are not range-checked here.
+    """
+    assert x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == d_in, "x must be [N, in] with a contiguous last dim"
+    assert pool.dim() == 2 and pool.is_contiguous() and scales.dim() == 2 and scales.is_contiguous()
+    assert 1 <= len(members) <= GROUP_MAX_MEMBERS, f"1-{GROUP_MAX_MEMBERS} members"
+    N = x.shape[0]
+    assert 1 <= N <= GROUPED_MAX_ROWS and slots.shape == (N,) and slots.is_contiguous()
+    assert 0 < rank <= MAX_RANK and x.dtype == pool.dtype and x.device == pool.device == slots.device
+    outs = [m.out for m in members]
+    M = len(members)
+    buf = torch.empty(N * sum(outs), dtype=x.dtype, device=x.device)
+    ieee = x.dtype == torch.float32
+    block_k = 64 if ieee else 128
+    split = max(1, min(8, _cdiv(d_in, 512)))  # as `choose_config` for a decode shrink
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
+    split = _cdiv(d_in, k_per_split)
+    block_n, block_r = max(16, _pow2(N)), max(16, _pow2(rank))
+    block_o = 256 if max(outs) >= 4096 else 128  # as `choose_config`: fewer programs for wide outputs
+    pdl = _use_pdl(x.device)
+    partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
+    a_args: list[int] = []
+    for i in range(GROUP_MAX_MEMBERS):
+        m = members[i] if i < M else members[0]
+        a_args += [m.a_off, m.scale_row]
+    _k().group_shrink_kernel[(N, split, M)](
+        x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
+        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *a_args,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
+    tiles = [_cdiv(o, block_o) for o in outs]
+    b_args: list[int] = []
+    d_off = 0
+    for i in range(GROUP_MAX_MEMBERS):
+        if i < M:
+            b_args += [members[i].b_off, outs[i], d_off * N] + ([tiles[i]] if i < GROUP_MAX_MEMBERS - 1 else [])
+            d_off += outs[i]
+        else:
+            b_args += [0, 1, 0] + ([0] if i < GROUP_MAX_MEMBERS - 1 else [])
+    extra = {"launch_pdl": True} if pdl else {}
+    _k().group_expand_kernel[(N, sum(tiles))](
+        buf, partials, pool, slots, N, rank, pool.stride(0), partials.stride(0), partials.stride(1),
+        partials.stride(2), *b_args, SPLIT=split, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=block_r, IEEE=ieee,
+        USE_PDL=pdl, num_warps=4, **extra)
+    out, start = [], 0
+    for o in outs:
+        out.append(buf[start * N:(start + o) * N].view(N, o))
+        start += o
+    return out

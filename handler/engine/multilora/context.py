@@ -28,7 +28,7 @@ class BatchContext:
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.unique: tuple[int, ...] = ()
-        self.plans: dict[int, Any] = {}
+        self.plans: dict[Any, Any] = {}
         self.version = 0
         # Set for a static batch (CUDA-graph decode): every layer runs the Triton kernel at
         # this rank and reads `slots` at run time, whatever adapters the slots name now.

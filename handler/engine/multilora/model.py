@@ -22,6 +22,8 @@ from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, En
 from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext
+from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK
+from .groups import build_groups
 from .layer import MultiLoraLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,7 +47,7 @@ class MultiLoraModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
-                 target_modules: Sequence[str] | None = None) -> None:
+                 target_modules: Sequence[str] | None = None, group_decode: bool = True) -> None:
         super().__init__()
         if max_adapters < 1 or max_rank < 1:
             raise ValueError("max_adapters and max_rank must be >= 1")
@@ -60,6 +62,8 @@ class MultiLoraModel(nn.Module):
         if not self._layers:
             raise EngineError(f"no nn.Linear matches target modules {self.target_modules}")
         self._layer_shapes = {n: (l.in_features, l.out_features) for n, l in self._layers.items()}
+        # Graph-captured decode steps compute q/k/v (and gate/up) deltas in one launch pair (`groups`).
+        self._groups = build_groups(self._layers, self._pool, self._scales) if group_decode else []
         self._slots: dict[str, int] = {}
         self._configs: dict[str, Any] = {}
         self._free = list(range(self.num_slots - 1, 0, -1))  # pop() hands out the lowest slot first
@@ -329,13 +333,11 @@ class MultiLoraModel(nn.Module):
 
         if not self.device.type == "cuda" or not kernels_usable():
             return None
-        from ..kernels.triton_lora import MAX_RANK
-
         r = max(layer.slot_rank[s] for layer in self._layers.values() for s in used)
         if r == 0:
             return 0
         bucket = min(max(16, 1 << (r - 1).bit_length()), self.max_rank)
-        return bucket if bucket <= MAX_RANK else None
+        return bucket if bucket <= KERNEL_MAX_RANK else None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:

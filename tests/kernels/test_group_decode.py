@@ -1,0 +1,118 @@
+"""The decode group kernel (`kernels.group_deltas_triton`) and its use by the layers.
+
+One shrink and one expand launch compute the LoRA deltas of up to three linears
+that read the same input, straight from the slot-major pool; each member's delta must equal the
+reference math for every row (slot 0 rows: zeros). Runs through Triton's CPU
+interpreter when there is no GPU (conftest sets TRITON_INTERPRET=1), compiled
+on a GPU; skipped where triton is missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from handler.engine.kernels import triton_lora as tl_lora
+from handler.engine.multilora import ops
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not tl_lora.available(),
+                                reason="needs triton (compiled on CUDA, or its CPU interpreter)")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def _pool(K, d_in, outs, r_max, ranks, dtype, gen):
+    """A [K, P] pool holding, per member, an A block [r_max, in] and a B^T block [r_max, out]."""
+    offs, p = [], 0
+    for o in outs:
+        a_off = p
+        p += r_max * d_in + 3  # odd gaps: offsets need not be aligned
+        b_off = p
+        p += r_max * o + 5
+        offs.append((a_off, b_off))
+    pool = torch.zeros(K, p, dtype=torch.float64)
+    scales = torch.zeros(len(outs) + 1, K, dtype=torch.float64)  # row 0 unused: members use rows 1..M
+    for k in range(1, K):
+        for m, ((a_off, b_off), o) in enumerate(zip(offs, outs)):
+            r = ranks[k][m]
+            pool[k, a_off: a_off + r * d_in] = torch.randn(r * d_in, generator=gen, dtype=torch.float64) / d_in ** 0.5
+            pool[k, b_off: b_off + r * o] = torch.randn(r * o, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5
+            scales[m + 1, k] = 0.5 + torch.rand((), generator=gen, dtype=torch.float64).item()
+    return pool.to(DEV, dtype), scales.to(DEV, dtype), offs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,outs,d_in", [(1, [24], 48), (5, [40, 8, 8], 48), (17, [136, 72], 48),
+                                         (6, [24, 16, 16], 1100)])  # 1100: a 3-way k-split
+def test_group_deltas_match_reference(dtype, N, outs, d_in):
+    gen = torch.Generator().manual_seed(N)
+    K, r_max = 6, 16
+    ranks = [[0] * len(outs)] + [[int(torch.randint(1, 9, (), generator=gen)) for _ in outs] for _ in range(K - 1)]
+    ranks[2][0] = 8  # the largest rank = the rank passed to the kernel
+    pool, scales, offs = _pool(K, d_in, outs, r_max, ranks, dtype, gen)
+    members = [tl_lora.GroupMember(a_off=a, b_off=b, out=o, scale_row=m + 1)
+               for m, ((a, b), o) in enumerate(zip(offs, outs))]
+    slots = torch.randint(0, K, (N,), generator=gen)
+    slots[0] = 2
+    if N > 2:
+        slots[-1] = 0
+        slots[1] = 2
+    x = torch.randn(N, d_in, generator=gen, dtype=torch.float64)
+    deltas = tl_lora.group_deltas_triton(x.to(DEV, dtype), pool, scales, slots.to(DEV), members, d_in, 8)
+    assert len(deltas) == len(outs)
+    for m, ((a_off, b_off), o) in enumerate(zip(offs, outs)):
+        A = pool.double().cpu()[:, a_off: a_off + r_max * d_in].view(K, r_max, d_in)
+        Bt = pool.double().cpu()[:, b_off: b_off + r_max * o].view(K, r_max, o)
+        ref = ops.lora_delta_reference(x.view(N, 1, d_in), slots, A, Bt.transpose(1, 2), scales.double().cpu()[m + 1])
+        got = deltas[m].double().cpu()
+        assert got.shape == (N, o) and deltas[m].is_contiguous()
+        err = (got - ref.view(N, o)).abs().max() / ref.abs().max().clamp_min(1e-12)
+        assert err <= TOL[dtype], (m, float(err))
+        assert torch.equal(got[slots == 0], torch.zeros_like(got[slots == 0]))
+
+
+def test_rejects_bad_inputs():
+    pool = torch.zeros(3, 100, device=DEV)
+    scales = torch.zeros(1, 3, device=DEV)
+    m = tl_lora.GroupMember(0, 50, 4, 0)
+    x = torch.zeros(2, 8, device=DEV)
+    slots = torch.zeros(2, dtype=torch.long, device=DEV)
+    with pytest.raises(AssertionError):
+        tl_lora.group_deltas_triton(x, pool, scales, slots, [m] * 4, 8, 8)  # too many members
+    with pytest.raises(AssertionError):
+        tl_lora.group_deltas_triton(x, pool, scales, slots, [m], 8, 65)  # rank over 64
+    with pytest.raises(AssertionError):
+        tl_lora.group_deltas_triton(x.double(), pool, scales, slots, [m], 8, 8)  # dtype mismatch
+
+
+def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, tiny_adapters):
+    """A static batch's single-token forward (what a graph captures) through the group launches
+    gives the eager batch's logits; q/k/v and gate/up share a group, o and down are alone."""
+    from transformers import AutoModelForCausalLM
+
+    from handler.engine.multilora import MultiLoraModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).to(DEV).eval()
+    ml = MultiLoraModel(base, max_adapters=4, max_rank=64)
+    names = sorted(tiny_adapters)[:3]
+    for n in names:
+        ml.load_adapter(tiny_adapters[n], n)
+    layers = ml.lora_layers
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q.group is layers["model.layers.0.self_attn.v_proj"].group is not None
+    assert layers["model.layers.0.mlp.gate_proj"].group is layers["model.layers.0.mlp.up_proj"].group
+    assert layers["model.layers.0.self_attn.o_proj"].group is not q.group
+    rows = [names[0], None, names[1], names[2], names[0]]
+    ids = torch.randint(3, 200, (len(rows), 1), device=DEV)
+    with torch.inference_mode():
+        eager = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
+        slots = torch.tensor(ml.resolve_slots(rows, len(rows)), device=DEV)
+        with ml.static_batch(slots, 16):
+            static = ml.model(input_ids=ids, use_cache=False).logits
+            launches = [k for k in ml._ctx.plans if isinstance(k, tuple)]
+    assert (static - eager).abs().max() / eager.abs().max() <= 1e-4
+    n_layers = base.config.num_hidden_layers
+    assert len(launches) == 4 * n_layers  # groups per layer: q/k/v, o, gate/up, down
+    with torch.inference_mode(), ml.disable_adapter():
+        assert not torch.allclose(static, ml(input_ids=ids, use_cache=False).logits)  # adapters mattered
