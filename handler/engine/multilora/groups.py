@@ -34,6 +34,8 @@ SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class DecodeGroup:
+    """The wrapped linears of one group and where their adapters sit in the pool row."""
+
     def __init__(self, key: int, layers: "Sequence[MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor) -> None:
         from ..kernels.triton_lora import GroupMember
 

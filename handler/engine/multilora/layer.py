@@ -96,7 +96,7 @@ class MultiLoraLinear(nn.Module):
         self.scaling = scaling  # [K]
         self.slot_rank = [0] * num_slots
         self.slot_scale = [0.0] * num_slots
-        self.group = None  # `groups.DecodeGroup` when static decode steps may share one launch with siblings
+        self.group = None  # `groups.DecodeGroup`: graph-captured decode steps share launches with siblings
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -139,8 +139,8 @@ class MultiLoraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if (self.group is not None and ctx.kernel_rank is not None and x.dim() == 3 and x.shape[1] == 1
                 and x.shape[0] <= GROUPED_MAX_ROWS and not args and not kwargs and type(self.base_layer) is nn.Linear):
-            # graph-captured decode step: this linear's delta comes from its group's one launch,
-            # and the base GEMM accumulates into it
+            # graph-captured decode step: this linear's delta comes from its group's launch pair
+            # (shared with q/k/v or gate/up siblings), and the base GEMM accumulates into it
             delta = self.group.delta(self, x, ctx)
             return ops.base_plus_delta(delta, x, self.base_layer.weight, self.base_layer.bias)
         kernel = ctx.kernel_rank is not None or _use_kernels(x)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, EngineError, NoFreeSlot
+from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext
-from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK
 from .groups import build_groups
 from .layer import MultiLoraLinear
 
