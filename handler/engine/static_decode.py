@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
@@ -99,7 +99,6 @@ class _Bucket:
     graph: Any = None
     logits: torch.Tensor | None = None  # the captured step's output
     replays: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class StaticDecoder:
