@@ -16,7 +16,11 @@ model objects), same PEFT-saved adapter files. What is measured and how:
   `set_adapter`), ``mixed4`` (4 distinct adapters round-robin) and ``mixed_all``
   (a distinct adapter on every row), PEFT via ``adapter_names=``. All scenarios
   are interleaved round by round (``--repeats``) so drift of a noisy machine
-  hits all of them alike.
+  hits all of them alike. ``--decode`` (auto: ``graphs`` on CUDA, ``generate``
+  on the CPU) picks how ours *and the pure base model* decode: ``graphs`` runs
+  both through the engine's `StaticDecoder` (each decode step a replayed CUDA
+  graph, what the handler serves with); PEFT has only ``generate`` and its
+  ratios are over the base model's ``generate`` (``base_generate_*_ms``).
 * ``decode_floor_mixed_all`` = F = 1 + B x adapter bytes / base-model bytes.
 * ``bytes_per_adapter``: what one resident adapter reserves (a pool slot at
   r_max for us; its parameters for PEFT); ``adapter_bytes``: bytes at its true rank.
@@ -30,7 +34,6 @@ model objects), same PEFT-saved adapter files. What is measured and how:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -276,149 +279,6 @@ class Side:
         return n, n
 
 
-def static_decode(model, ids, steps: int, ctx, device, use_graph: bool, repeats: int) -> dict:
-    """Greedy decode of `steps` tokens after a prefill, over a transformers StaticCache.
-
-    One step = model forward on [B, 1] + argmax + advancing the position, mask and
-    input token, all on the device with static addresses: eager, it is the
-    forward's kernel launches; as a CUDA graph, one `replay()` per step (the graph
-    advances the cache's position tensors itself, so consecutive replays decode
-    consecutive tokens). The attention mask is passed 4D (transformers returns a
-    4D mask as-is, so no mask logic with host syncs runs inside the capture).
-    Returns per-step ms (median over `repeats` runs, CUDA-synchronised), the
-    decoded tokens, and the cache position reached (= prompt + steps if every
-    step ran)."""
-    from transformers import StaticCache
-
-    B, L = ids.shape
-    T = L + steps + 1
-    ar = torch.arange(T, device=device)
-    cache = StaticCache(config=model.config, max_cache_len=T)
-    out: dict = {}
-    with torch.inference_mode(), ctx:
-        pre_mask = (ar.view(1, 1, 1, T) <= torch.arange(L, device=device).view(1, 1, L, 1)).expand(B, 1, L, T)
-        o = model(input_ids=ids, attention_mask=pre_mask, position_ids=torch.arange(L, device=device).expand(B, L),
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first = o.logits[:, -1:].argmax(-1)
-        s_ids = first.clone()
-        pos = torch.full((B, 1), L, dtype=torch.long, device=device)
-        mask = torch.empty(B, 1, 1, T, dtype=torch.bool, device=device)
-        arv = ar.view(1, 1, 1, T).expand(B, 1, 1, T)
-        layers = cache.layers
-
-        def reset():
-            s_ids.copy_(first)
-            pos.fill_(L)
-            torch.le(arv, pos.view(B, 1, 1, 1), out=mask)
-            for lay in layers:
-                lay.cumulative_length.fill_(L)
-                if hasattr(lay, "cumulative_length_int"):
-                    lay.cumulative_length_int = L
-
-        def step():
-            r = model(input_ids=s_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      logits_to_keep=1)
-            s_ids.copy_(r.logits[:, -1:].argmax(-1))
-            pos.add_(1)
-            torch.le(arv, pos.view(B, 1, 1, 1), out=mask)
-
-        def run(fn, record: bool):
-            reset()
-            toks = []
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-                if record:
-                    toks.append(s_ids.clone())
-            sync(device)
-            ms = (time.perf_counter() - t0) * 1000.0 / steps
-            return ms, (torch.cat(toks, 1) if record else None)
-
-        _, eager_toks = run(step, True)  # warm-up (kernel JIT) + reference tokens
-        out["eager_step_ms"] = med([run(step, False)[0] for _ in range(repeats)])
-        out["tokens"] = eager_toks
-        out["pos_after_eager"] = int(layers[0].cumulative_length)
-        if use_graph:
-            s = torch.cuda.Stream(device)
-            s.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graph wants
-                reset()
-                step()
-                step()
-            torch.cuda.current_stream(device).wait_stream(s)
-            reset()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
-            replays = [0]
-
-            def replay():
-                g.replay()
-                replays[0] += 1
-
-            _, graph_toks = run(replay, True)
-            out["pos_after_graph"] = int(layers[0].cumulative_length)
-            out["graph_token_match"] = float((graph_toks == eager_toks).float().mean())
-            out["graph_first_step_match"] = float((graph_toks[:, 0] == eager_toks[:, 0]).float().mean())
-            out["graph_step_ms"] = med([run(replay, False)[0] for _ in range(repeats)])
-            out["replays"] = replays[0]
-            del g
-    del cache
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-def graphs_main(args, base, paths, names, device, dtype, t_start) -> None:
-    """--cuda-graphs: per-step decode, eager vs CUDA graph, base vs ours (no PEFT)."""
-    B = args.batch
-    use_graph = device.type == "cuda"
-    ours = Side("ours", base, args, device)
-    for p, n in zip(paths, names):
-        ours.load(p, n)
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, SIZES[args.size]["vocab_size"], (B, args.prompt_len), generator=g).to(device)
-    steps = args.new_tokens - 1
-    pure = clone_sharing_params(base)
-    res: dict = {"mode": "cuda_graphs" if use_graph else "static_eager", "size": args.size, "device": str(device),
-                 "dtype": str(dtype).replace("torch.", ""), "batch": B, "prompt_len": args.prompt_len,
-                 "decode_steps": steps, "rank": args.rank, "max_rank": args.max_rank, "slots": args.max_adapters + 1,
-                 "repeats": args.repeats}
-    res.update(env_info(device))
-    scen = {"single": [names[0]] * B, "mixed4": [names[i % 4] for i in range(B)], "mixed_all": names[:B]}
-    jobs = [("base", pure, None)] + [(sc, ours.m.model, rows) for sc, rows in scen.items()]
-    for label, model, rows in jobs:
-        ctx = ours.m.batch(rows, B) if rows is not None else contextlib.nullcontext()
-        try:
-            r = static_decode(model, ids, steps, ctx, device, use_graph, args.repeats)
-        except Exception as e:  # report, keep going with the other jobs
-            res[f"{label}_error"] = f"{type(e).__name__}: {e}"[:300]
-            log(f"[{time.perf_counter() - t_start:.0f}s] {label}: FAILED {res[label + '_error']}")
-            continue
-        toks = r.pop("tokens")
-        # the static-cache loop must decode what generate() decodes (greedy, DynamicCache)
-        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
-                  min_new_tokens=steps + 1, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
-        with torch.inference_mode():
-            gen = pure.generate(**kw) if rows is None else ours.m.generate(adapter_names=rows, **kw)
-        r["generate_token_match"] = float((gen[:, args.prompt_len + 1:] == toks).float().mean())
-        for k, v in r.items():
-            res[f"{label}_{k}"] = v
-        log(f"[{time.perf_counter() - t_start:.0f}s] {label}: {r}")
-    for label in scen:
-        for kind in ("eager", "graph"):
-            a, b = res.get(f"{label}_{kind}_step_ms"), res.get(f"base_{kind}_step_ms")
-            if a is not None and b:
-                res[f"{kind}_decode_ratio_{label}"] = a / b
-    res["wall_s"] = time.perf_counter() - t_start
-    for k, v in res.items():
-        if isinstance(v, float):
-            res[k] = round(v, 4)
-    print(json.dumps(res) if args.json else "\n".join(f"{k:34s} {v}" for k, v in res.items()))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="smollm2-135m", choices=sorted(SIZES))
@@ -456,10 +316,6 @@ def main(argv=None):
                     help="ours without the decode group launches (q/k/v and gate/up deltas in one kernel each)")
     ap.add_argument("--compare-groups", action="store_true",
                     help="also time ours without the decode group launches, in the same rounds (keys nogroups_*)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="instead of the normal bench: decode per step over a static KV cache, eager and (on CUDA) "
-                         "as a captured CUDA graph replayed once per step, for the pure base model and ours "
-                         "(single / mixed4 / mixed_all); graph tokens are checked against eager ones")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -490,8 +346,6 @@ def main(argv=None):
     tmp = tempfile.TemporaryDirectory(prefix="loraplex-bench-")
     paths = make_adapters(base, Path(tmp.name), n_ad, args.rank, args.alpha)
     names = [f"a{i}" for i in range(n_ad)]
-    if args.cuda_graphs:
-        return graphs_main(args, base, paths, names, device, dtype, t_start)
     sides = {"ours": Side("ours", base, args, device)}
     if args.compare_groups:  # same engine without the decode group launches, timed in the same rounds
         sides["ours_nogroups"] = Side("ours_nogroups", base, args, device)
