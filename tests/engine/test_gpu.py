@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_base, load_peft, rel_err
+from conftest import load_base, load_peft, peft_row_logits, rel_err
 from handler.engine.multilora import MultiLoraModel
 
 pytestmark = [pytest.mark.gpu,
@@ -27,13 +27,7 @@ def test_bf16_mixed_batch_matches_peft(tiny_model_dir, engine_adapters):
     with torch.no_grad():
         ours = ml(ids, adapter_names=rows).logits
         for i, n in enumerate(rows):
-            if n is None:
-                with pm.disable_adapter():
-                    ref = pm(input_ids=ids[i:i + 1]).logits[0]
-            else:
-                pm.set_adapter(n)
-                ref = pm(input_ids=ids[i:i + 1]).logits[0]
-            assert rel_err(ours[i], ref) <= 2e-2, n
+            assert rel_err(ours[i], peft_row_logits(pm, n, ids[i])) <= 2e-2, n
 
 
 def test_cuda_memory_returns_after_cycles(tiny_model_dir, engine_adapters):
@@ -69,13 +63,7 @@ def _decode_rows_vs_peft(model_dir, adapters, rows, dtype, dev, tol, prompt=8, s
             got.append(out.logits[:, -1])
         got = torch.stack(got, 1)  # [rows, steps, V]: logits after positions prompt-1 .. prompt+steps-2
         for i, n in enumerate(rows):
-            if n is None:
-                with pm.disable_adapter():
-                    ref = pm(input_ids=ids[i:i + 1]).logits[0]
-            else:
-                pm.set_adapter(n)
-                ref = pm(input_ids=ids[i:i + 1]).logits[0]
-            ref = ref[prompt - 1: prompt + steps - 1]
+            ref = peft_row_logits(pm, n, ids[i])[prompt - 1: prompt + steps - 1]
             for t in range(steps):
                 assert rel_err(got[i, t], ref[t]) <= tol, (n, t)
 
