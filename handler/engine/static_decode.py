@@ -131,8 +131,6 @@ class StaticDecoder:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_names: Sequence[Any],
                  **kw: Any) -> torch.Tensor:
         """``model.generate``'s return: ``[N, L + new]`` (rows that stopped early are padded)."""
-        from transformers import StaticCache  # noqa: F401  (fail early if missing)
-
         N, L = input_ids.shape
         max_new = int(kw["max_new_tokens"])
         eos = torch.as_tensor(list(kw.get("eos_token_id") or []), dtype=torch.long, device=input_ids.device)
@@ -158,46 +156,45 @@ class StaticDecoder:
         st.keep[:, :L] = pm.bool()
         positions = pm.long().cumsum(-1) - 1
         positions.masked_fill_(pm == 0, 1)
-        eager = self._eager(names, B)
-        with eager:
+        with contextlib.ExitStack() as batch:
+            # The rows' eager LoRA batch (slots resolved, per-layer plans built once) serves the
+            # prefill and, without graphs, every decode step; captured steps set their own.
+            if self.lora is not None:
+                batch.enter_context(self.lora.batch(names, B))
             out = self.model(input_ids=ids, attention_mask=self._prefill_mask(st, L), position_ids=positions,
                              past_key_values=st.cache, use_cache=True, logits_to_keep=1)
-        tokens = torch.full((B, max_new), pad_id, dtype=torch.long, device=ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        done[N:] = True
-        nxt = pick(out.logits[:, -1])
-        del out
-        tokens[:, 0] = nxt
-        done |= torch.isin(nxt, eos)
-        st.ids.copy_(nxt.view(B, 1))
-        st.pos.copy_(pm.long().sum(-1, keepdim=True))
-        st.cur.fill_(L)
-        self._write_mask(st)
+            if graphs:
+                batch.close()
+            tokens = torch.full((B, max_new), pad_id, dtype=torch.long, device=ids.device)
+            done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+            done[N:] = True
+            nxt = pick(out.logits[:, -1])
+            del out
+            tokens[:, 0] = nxt
+            done |= torch.isin(nxt, eos)
+            st.ids.copy_(nxt.view(B, 1))
+            st.pos.copy_(pm.long().sum(-1, keepdim=True))
+            st.cur.fill_(L)
+            self._write_mask(st)
 
-        # -- decode ---------------------------------------------------------------
-        steps = 1
-        if max_new > 1:
-            step = self._stepper(st, slots, names, graphs)
-            while steps < max_new:
-                if steps % self.check_every == 0 and bool(done.all()):
-                    break
-                logits = step()
-                nxt = pick(logits)
-                nxt = torch.where(done, pad_id, nxt)
-                tokens[:, steps] = nxt
-                done |= torch.isin(nxt, eos)
-                st.ids.copy_(nxt.view(B, 1))
-                steps += 1
+            # -- decode -----------------------------------------------------------
+            steps = 1
+            if max_new > 1:
+                step = self._stepper(st, slots, graphs)
+                while steps < max_new:
+                    if steps % self.check_every == 0 and bool(done.all()):
+                        break
+                    nxt = torch.where(done, pad_id, pick(step()))
+                    tokens[:, steps] = nxt
+                    done |= torch.isin(nxt, eos)
+                    st.ids.copy_(nxt.view(B, 1))
+                    steps += 1
         return torch.cat([input_ids, tokens[:N, :steps]], dim=1)
 
     def describe(self) -> dict[str, Any]:
         return {"graphs": self.use_graphs, "captures": self.captures,
                 "buckets": [{"batch": b.batch, "cache_len": b.length, "rank": b.rank, "replays": b.replays,
                              "captured": b.graph is not None} for b in self._buckets.values()]}
-
-    def clear(self) -> None:
-        """Drop every bucket (caches and graphs)."""
-        self._buckets.clear()
 
     # -- buckets -----------------------------------------------------------
     def _bucket_for(self, B: int, T: int, rank: int, device: torch.device) -> _Bucket:
@@ -225,9 +222,6 @@ class StaticDecoder:
             slots=torch.zeros(B, dtype=torch.long, device=device) if rank else None)
         self._buckets[key] = st
         return st
-
-    def _eager(self, names: Sequence[Any], B: int) -> ContextManager[None]:
-        return self.lora.batch(names, B) if self.lora is not None else contextlib.nullcontext()
 
     def _static(self, st: _Bucket) -> ContextManager[None]:
         if self.lora is None or st.slots is None:
@@ -267,12 +261,9 @@ class StaticDecoder:
         self._write_mask(st)
         return out.logits[:, -1]
 
-    def _stepper(self, st: _Bucket, slots: list[int], names: Sequence[Any], graphs: bool) -> Callable[[], torch.Tensor]:
-        if not graphs:
-            def eager() -> torch.Tensor:
-                with self._eager(names, st.batch):
-                    return self._forward_step(st)
-            return eager
+    def _stepper(self, st: _Bucket, slots: list[int], graphs: bool) -> Callable[[], torch.Tensor]:
+        if not graphs:  # the caller's eager batch is still open
+            return lambda: self._forward_step(st)
         if st.slots is not None:
             st.slots.copy_(torch.as_tensor(slots, dtype=torch.long))
         if st.graph is None:

@@ -24,7 +24,7 @@ from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext
 from .groups import build_groups
-from .layer import MultiLoraLinear
+from .layer import MultiLoraLinear, kernels_usable
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_MARKER = "__base__"  # PEFT's name for "no adapter on this row"
@@ -329,8 +329,6 @@ class MultiLoraModel(nn.Module):
         used = {s for s in slots if s}
         if not used or self._disabled:
             return 0
-        from .layer import kernels_usable
-
         if not self.device.type == "cuda" or not kernels_usable():
             return None
         r = max(layer.slot_rank[s] for layer in self._layers.values() for s in used)
