@@ -231,7 +231,8 @@ class Side:
         self.decoder = None
         if kind.startswith("ours"):
             self.m = MultiLoraModel(model, max_adapters=args.max_adapters, max_rank=args.max_rank, target_modules=TARGETS,
-                                    group_decode=kind == "ours" and not args.no_lora_groups)
+                                    group_decode=kind == "ours" and not args.no_lora_groups,
+                                    group_prefill=kind == "ours" and not args.no_lora_groups)
             if args.decode != "generate":  # the engine's serving decode loop (what `decode: graphs` runs)
                 self.decoder = StaticDecoder(model, use_graphs=args.decode == "graphs", lora=self.m)
         else:
@@ -313,9 +314,12 @@ def main(argv=None):
                          "CUDA graph, or eager); PEFT always uses generate and is compared with the base model's "
                          "generate")
     ap.add_argument("--no-lora-groups", action="store_true",
-                    help="ours without the decode group launches (q/k/v and gate/up deltas in one kernel each)")
+                    help="ours without the group launches (q/k/v and gate/up deltas from one kernel pair each, in "
+                         "graph-captured decode steps and CUDA prefill): per-linear kernels in decode, the torch "
+                         "gather + bmm path in prefill")
     ap.add_argument("--compare-groups", action="store_true",
-                    help="also time ours without the decode group launches, in the same rounds (keys nogroups_*)")
+                    help="also time ours without the group launches (as --no-lora-groups), in the same rounds "
+                         "(keys nogroups_*)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -436,7 +440,7 @@ def main(argv=None):
     pre_b = med(t_pre[("base", None)])
     dec_b = med(t_full[("base", None)]) - pre_b
     res["base_prefill_ms"], res["base_decode_ms"] = pre_b, dec_b
-    denom = {"ours": (pre_b, dec_b), "ours_nogroups": (pre_b, dec_b), "peft": (pre_b, dec_b)}
+    denom = {k: (pre_b, dec_b) for k in sides}
     if ("base_generate", None) in t_pre:
         pre_g = med(t_pre[("base_generate", None)])
         dec_g = med(t_full[("base_generate", None)]) - pre_g
@@ -449,8 +453,8 @@ def main(argv=None):
             dec = med(t_full[(k, sc)]) - pre
             res[f"{p}prefill_ratio_{sc}"] = pre / denom[k][0]
             res[f"{p}decode_ratio_{sc}"] = dec / denom[k][1]
-    nogroups = sides["ours_nogroups"].decoder if "ours_nogroups" in sides else None
-    for label, dec in (("ours", sides["ours"].decoder), ("nogroups", nogroups), ("base", pure_dec)):
+    decoders = [((PREFIX[k] or "ours_").rstrip("_"), s.decoder) for k, s in sides.items() if k != "peft"]
+    for label, dec in decoders + [("base", pure_dec)]:
         if dec is not None:
             res[f"{label}_graph_captures"] = dec.captures
             res[f"{label}_graph_replays"] = sum(b["replays"] for b in dec.describe()["buckets"])

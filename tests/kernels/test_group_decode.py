@@ -1,8 +1,9 @@
-"""The decode group kernel (`kernels.group_deltas_triton`) and its use by the layers.
+"""The group kernels (`kernels.group_deltas_triton`) and their use by the layers.
 
 One shrink and one expand launch compute the LoRA deltas of up to three linears
-that read the same input, straight from the slot-major pool; each member's delta must equal the
-reference math for every row (slot 0 rows: zeros). Runs through Triton's CPU
+that read the same input, straight from the slot-major pool, for a decode step
+(one token per row, grouped by slot) and for prefill (many tokens per row); each
+member's delta must equal the reference math for every row (slot 0 rows: zeros). Runs through Triton's CPU
 interpreter when there is no GPU (conftest sets TRITON_INTERPRET=1), compiled
 on a GPU; skipped where triton is missing.
 """
@@ -42,34 +43,64 @@ def _pool(K, d_in, outs, r_max, ranks, dtype, gen):
     return pool.to(DEV, dtype), scales.to(DEV, dtype), offs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,outs,d_in", [(1, [24], 48), (5, [40, 8, 8], 48), (17, [136, 72], 48),
-                                         (6, [24, 16, 16], 1100)])  # 1100: a 3-way k-split
-def test_group_deltas_match_reference(dtype, N, outs, d_in):
-    gen = torch.Generator().manual_seed(N)
+def _members(offs, outs):
+    return [tl_lora.GroupMember(a_off=a, b_off=b, out=o, scale_row=m + 1)
+            for m, ((a, b), o) in enumerate(zip(offs, outs))]
+
+
+def _check_against_reference(deltas, x, slots, pool, scales, offs, outs, d_in, r_max, dtype):
+    N, S = x.shape[:2]
+    K = pool.shape[0]
+    assert len(deltas) == len(outs)
+    for m, ((a_off, b_off), o) in enumerate(zip(offs, outs)):
+        A = pool.double().cpu()[:, a_off: a_off + r_max * d_in].view(K, r_max, d_in)
+        Bt = pool.double().cpu()[:, b_off: b_off + r_max * o].view(K, r_max, o)
+        ref = ops.lora_delta_reference(x, slots, A, Bt.transpose(1, 2), scales.double().cpu()[m + 1])
+        got = deltas[m].double().cpu().view(N, S, o)
+        assert deltas[m].is_contiguous()
+        err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        assert err <= TOL[dtype], (m, float(err))
+        assert torch.equal(got[slots == 0], torch.zeros_like(got[slots == 0]))
+
+
+def _case(N, outs, d_in, seed):
+    gen = torch.Generator().manual_seed(seed)
     K, r_max = 6, 16
     ranks = [[0] * len(outs)] + [[int(torch.randint(1, 9, (), generator=gen)) for _ in outs] for _ in range(K - 1)]
     ranks[2][0] = 8  # the largest rank = the rank passed to the kernel
-    pool, scales, offs = _pool(K, d_in, outs, r_max, ranks, dtype, gen)
-    members = [tl_lora.GroupMember(a_off=a, b_off=b, out=o, scale_row=m + 1)
-               for m, ((a, b), o) in enumerate(zip(offs, outs))]
     slots = torch.randint(0, K, (N,), generator=gen)
     slots[0] = 2
     if N > 2:
         slots[-1] = 0
         slots[1] = 2
+    return gen, K, r_max, ranks, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,outs,d_in", [(1, [24], 48), (5, [40, 8, 8], 48), (17, [136, 72], 48),
+                                         (6, [24, 16, 16], 1100)])  # 1100: a 3-way k-split
+def test_group_deltas_match_reference(dtype, N, outs, d_in):
+    gen, K, r_max, ranks, slots = _case(N, outs, d_in, N)
+    pool, scales, offs = _pool(K, d_in, outs, r_max, ranks, dtype, gen)
     x = torch.randn(N, d_in, generator=gen, dtype=torch.float64)
-    deltas = tl_lora.group_deltas_triton(x.to(DEV, dtype), pool, scales, slots.to(DEV), members, d_in, 8)
-    assert len(deltas) == len(outs)
-    for m, ((a_off, b_off), o) in enumerate(zip(offs, outs)):
-        A = pool.double().cpu()[:, a_off: a_off + r_max * d_in].view(K, r_max, d_in)
-        Bt = pool.double().cpu()[:, b_off: b_off + r_max * o].view(K, r_max, o)
-        ref = ops.lora_delta_reference(x.view(N, 1, d_in), slots, A, Bt.transpose(1, 2), scales.double().cpu()[m + 1])
-        got = deltas[m].double().cpu()
-        assert got.shape == (N, o) and deltas[m].is_contiguous()
-        err = (got - ref.view(N, o)).abs().max() / ref.abs().max().clamp_min(1e-12)
-        assert err <= TOL[dtype], (m, float(err))
-        assert torch.equal(got[slots == 0], torch.zeros_like(got[slots == 0]))
+    deltas = tl_lora.group_deltas_triton(x.to(DEV, dtype), pool, scales, slots.to(DEV), _members(offs, outs), d_in, 8)
+    assert all(d.shape == (N, o) for d, o in zip(deltas, outs))
+    _check_against_reference(deltas, x.view(N, 1, d_in), slots, pool, scales, offs, outs, d_in, r_max, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,S,outs,d_in", [(3, 5, [40, 8, 8], 48),  # one token tile, three members
+                                           (2, 70, [136, 72], 48),  # 70 tokens: two 64-token tiles, ragged
+                                           (4, 3, [24], 2100)])  # few programs: a 2-way k-split
+def test_group_prefill_deltas_match_reference(dtype, N, S, outs, d_in):
+    """Prefill layout (x [N, S, in]): each row's adapter read from the pool in the kernel, x read
+    once for every member, one delta buffer; partial token tiles and k-splits summed right."""
+    gen, K, r_max, ranks, slots = _case(N, outs, d_in, 100 + N)
+    pool, scales, offs = _pool(K, d_in, outs, r_max, ranks, dtype, gen)
+    x = torch.randn(N, S, d_in, generator=gen, dtype=torch.float64)
+    deltas = tl_lora.group_deltas_triton(x.to(DEV, dtype), pool, scales, slots.to(DEV), _members(offs, outs), d_in, 8)
+    assert all(d.shape == (N, S, o) for d, o in zip(deltas, outs))
+    _check_against_reference(deltas, x, slots, pool, scales, offs, outs, d_in, r_max, dtype)
 
 
 def test_rejects_bad_inputs():
@@ -86,7 +117,23 @@ def test_rejects_bad_inputs():
         tl_lora.group_deltas_triton(x.double(), pool, scales, slots, [m], 8, 8)  # dtype mismatch
 
 
-def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, tiny_adapters):
+def _count_launches(monkeypatch) -> list:
+    """Record each group launch pair (the member count of the group it served)."""
+    from handler.engine import kernels
+
+    calls = []
+
+    def counting(real):
+        def launch(x, pool, scales, slots, members, d_in, rank, **kw):
+            calls.append(len(members))
+            return real(x, pool, scales, slots, members, d_in, rank, **kw)
+        return launch
+
+    monkeypatch.setattr(kernels, "group_deltas_triton", counting(kernels.group_deltas_triton))
+    return calls
+
+
+def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, tiny_adapters, monkeypatch):
     """A static batch's single-token forward (what a graph captures) through the group launches
     gives the eager batch's logits; q/k/v and gate/up share a group, o and down are alone."""
     from transformers import AutoModelForCausalLM
@@ -105,14 +152,52 @@ def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, t
     assert layers["model.layers.0.self_attn.o_proj"].group is not q.group
     rows = [names[0], None, names[1], names[2], names[0]]
     ids = torch.randint(3, 200, (len(rows), 1), device=DEV)
+    launches = _count_launches(monkeypatch)
     with torch.inference_mode():
         eager = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
+        assert launches == []  # an eager one-token forward takes the layers' own path
         slots = torch.tensor(ml.resolve_slots(rows, len(rows)), device=DEV)
         with ml.static_batch(slots, 16):
             static = ml.model(input_ids=ids, use_cache=False).logits
-            launches = [k for k in ml._ctx.plans if isinstance(k, tuple)]
+            assert not any(isinstance(k, tuple) and k[0] == "group" for k in ml._ctx.plans)  # deltas released
     assert (static - eager).abs().max() / eager.abs().max() <= 1e-4
     n_layers = base.config.num_hidden_layers
-    assert len(launches) == 4 * n_layers  # groups per layer: q/k/v, o, gate/up, down
+    assert sorted(launches) == sorted([3, 1, 2, 1] * n_layers)  # per layer: q/k/v, o, gate/up, down
     with torch.inference_mode(), ml.disable_adapter():
         assert not torch.allclose(static, ml(input_ids=ids, use_cache=False).logits)  # adapters mattered
+
+
+def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_model_dir, tiny_adapters, monkeypatch):
+    """An eager multi-token forward (prefill) with the kernels on goes through one launch pair per
+    group and gives the plain-torch path's logits, for a mixed batch with a base row; a batch
+    whose rows name no adapter, or all the same one, launches nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from handler.engine.multilora import MultiLoraModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).to(DEV).eval()
+    ml = MultiLoraModel(base, max_adapters=4, max_rank=64)
+    names = sorted(tiny_adapters)[:3]
+    for n in names:
+        ml.load_adapter(tiny_adapters[n], n)
+    rows = [names[0], None, names[1], names[2]]
+    ids = torch.randint(3, 200, (len(rows), 7), device=DEV)
+    with torch.inference_mode():
+        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+        ref = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
+        base_ref = ml(input_ids=ids, adapter_names=[None] * len(rows), use_cache=False).logits
+        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")  # CPU: the kernels in Triton's interpreter
+        launches = _count_launches(monkeypatch)
+        got = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
+        n_layers = base.config.num_hidden_layers
+        assert sorted(launches) == sorted([3, 1, 2, 1] * n_layers)
+        assert not any(isinstance(k, tuple) and k[0] == "group" for k in ml._ctx.plans)
+        launches.clear()
+        got_base = ml(input_ids=ids, adapter_names=[None] * len(rows), use_cache=False).logits
+        assert launches == []
+        ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False)
+        assert launches == []  # one slot on every row: the layers' plain GEMMs serve it
+    assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
+    assert torch.equal(got_base, base_ref)
+    assert not torch.allclose(got[0], base_ref[0])  # the adapter mattered
+

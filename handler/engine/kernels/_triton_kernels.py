@@ -311,3 +311,99 @@ def group_expand_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
         xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
     res = _dot(xa.to(b.dtype), b, IEEE)
     tl.store(d_ptrs, res.to(delta_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def group_shrink_rows_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
+                             S, IN, R, P, K_SLOTS, K_PER_SPLIT,
+                             stride_xn, stride_xs, stride_pm, stride_ps, stride_pt,
+                             A0, S0, A1, S1, A2, S2,
+                             M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """Prefill shrink for up to three linears that read the same ``x [N, S, in]``, one launch:
+    grid ``(row, token-tile, k-split)``. Each program loads its ``x`` tile once per k-step and
+    multiplies it by every member's A (accumulators ``acc0..acc2``), so ``x`` is read from memory
+    once for the whole group, and the row's A blocks come straight from the pool (no gather).
+    Partials go to ``p[m, split, token, r]``; tokens of slot-0 rows are left unwritten."""
+    n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    if slot == 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < S
+    r_mask = offs_r < R
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
+    x_rows = x_ptr + n * stride_xn + offs_m.to(tl.int64)[:, None] * stride_xs
+    row = pool_ptr + slot * P + offs_r[:, None] * IN
+    acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < k_end
+        am = r_mask[:, None] & k_mask[None, :]
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc0 += _dot(xt, tl.trans(tl.load(row + A0 + k[None, :], mask=am, other=0.0)), IEEE)
+        if M > 1:
+            acc1 += _dot(xt, tl.trans(tl.load(row + A1 + k[None, :], mask=am, other=0.0)), IEEE)
+        if M > 2:
+            acc2 += _dot(xt, tl.trans(tl.load(row + A2 + k[None, :], mask=am, other=0.0)), IEEE)
+    t = n * S + offs_m
+    p = p_ptr + pid_k * stride_ps + t[:, None] * stride_pt + offs_r[None, :]
+    tl.store(p, acc0 * tl.load(scales_ptr + S0 * K_SLOTS + slot).to(tl.float32), mask=m_mask[:, None])
+    if M > 1:
+        tl.store(p + stride_pm, acc1 * tl.load(scales_ptr + S1 * K_SLOTS + slot).to(tl.float32),
+                 mask=m_mask[:, None])
+    if M > 2:
+        tl.store(p + 2 * stride_pm, acc2 * tl.load(scales_ptr + S2 * K_SLOTS + slot).to(tl.float32),
+                 mask=m_mask[:, None])
+
+
+@triton.jit
+def group_expand_rows_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
+                             S, R, P, stride_pm, stride_ps, stride_pt,
+                             B0, O0, D0, T0, B1, O1, D1, T1, B2, O2, D2,
+                             SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                             BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """Expand of `group_shrink_rows_kernel`'s partials, one launch: grid ``(row, token-tile,
+    tile)`` with tiles running over every member's outputs in turn (as `group_expand_kernel`).
+    Writes ``delta_m[t] = xa_m[t] @ B_m[slot]^T`` (zeros for slot-0 rows) into a fresh buffer
+    that the member's base GEMM accumulates into (beta = 1): the delta is written once and
+    never read back by a separate add."""
+    n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    in1 = pid_t >= T0
+    in2 = pid_t >= T0 + T1
+    m = tl.where(in2, 2, tl.where(in1, 1, 0))
+    b_off = tl.where(in2, B2, tl.where(in1, B1, B0)).to(tl.int64)
+    out_m = tl.where(in2, O2, tl.where(in1, O1, O0))
+    d_off = tl.where(in2, D2, tl.where(in1, D1, D0)).to(tl.int64)
+    tile = pid_t - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = offs_m < S
+    o_mask = offs_o < out_m
+    t = n * S + offs_m
+    d_ptrs = delta_ptr + d_off + t.to(tl.int64)[:, None] * out_m + offs_o[None, :]
+    d_mask = m_mask[:, None] & o_mask[None, :]
+    if slot == 0:
+        tl.store(d_ptrs, tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32).to(delta_ptr.dtype.element_ty), mask=d_mask)
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    b = tl.load(pool_ptr + slot * P + b_off + offs_r[:, None] * out_m + offs_o[None, :],
+                mask=r_mask[:, None] & o_mask[None, :], other=0.0)
+    p = p_ptr + m * stride_pm + t[:, None] * stride_pt + offs_r[None, :]
+    pm = m_mask[:, None] & r_mask[None, :]
+    xa = tl.load(p, mask=pm, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
+    res = _dot(xa.to(b.dtype), b, IEEE)
+    tl.store(d_ptrs, res.to(delta_ptr.dtype.element_ty), mask=d_mask)

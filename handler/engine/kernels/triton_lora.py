@@ -361,23 +361,31 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
                         members: "list[GroupMember] | tuple[GroupMember, ...]", d_in: int,
                         rank: int) -> list[torch.Tensor]:
     """``delta_m[n] = scaling_m[slots[n]] * (x[n] @ A_m[slot].T) @ B_m[slot].T`` for each member m,
-    as ``[N, out_m]`` tensors (contiguous slices of one fresh buffer), for ``x [N, in]`` (one
-    token per row). Rows of slot 0 get zeros. Two launches for the whole group (a k-split
-    shrink over every member, then one expand writing every member's delta), no host
-    sync: graph-safe.
+    as contiguous slices of one fresh buffer; rows of slot 0 get zeros. Two launches for the
+    whole group (a shrink over every member, then one expand writing every member's delta),
+    no host sync: graph-safe.
+
+    ``x [N, in]`` (one token per row, a decode step): deltas ``[N, out_m]``, grouped by slot
+    (each distinct adapter read once, `group_shrink_kernel`), ``N <= 128``.
+    ``x [N, S, in]`` (prefill): deltas ``[N, S, out_m]``, one program per row and token tile
+    reading ``x`` once for all members (`group_shrink_rows_kernel`).
 
     The caller adds each delta through the base GEMM (``delta.addmm_(x, W.T)``), so the
-    LoRA of a whole q/k/v or gate/up group costs two kernels instead of two per linear.
-    Preconditions (asserted): 1-3 members, ``N <= 128``, ``rank <= 64``, x and pool one
-    dtype, ``x`` with a contiguous last dim, pool ``[K, P]`` contiguous; offsets are the
-    caller's (`multilora.groups`) and are not range-checked here.
+    LoRA of a whole q/k/v or gate/up group costs two kernels instead of two per linear, and
+    nothing gathers adapters per row. Preconditions (asserted): 1-3 members, ``rank <= 64``,
+    x and pool one dtype, ``x`` with a contiguous last dim, pool ``[K, P]`` contiguous;
+    offsets are the caller's (`multilora.groups`) and are not range-checked here.
     """
-    assert x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == d_in, "x must be [N, in] with a contiguous last dim"
+    assert x.dim() in (2, 3) and x.stride(-1) == 1 and x.shape[-1] == d_in, \
+        "x must be [N, in] or [N, S, in] with a contiguous last dim"
     assert pool.dim() == 2 and pool.is_contiguous() and scales.dim() == 2 and scales.is_contiguous()
     assert 1 <= len(members) <= GROUP_MAX_MEMBERS, f"1-{GROUP_MAX_MEMBERS} members"
     N = x.shape[0]
-    assert 1 <= N <= GROUPED_MAX_ROWS and slots.shape == (N,) and slots.is_contiguous()
+    assert N >= 1 and slots.shape == (N,) and slots.is_contiguous()
     assert 0 < rank <= MAX_RANK and x.dtype == pool.dtype and x.device == pool.device == slots.device
+    if x.dim() == 3:
+        return _group_deltas_rows(x, pool, scales, slots, members, d_in, rank)
+    assert N <= GROUPED_MAX_ROWS, f"a decode group serves at most {GROUPED_MAX_ROWS} rows"
     outs = [m.out for m in members]
     M = len(members)
     buf = torch.empty(N * sum(outs), dtype=x.dtype, device=x.device)
@@ -390,30 +398,87 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
     block_o = 256 if max(outs) >= 4096 else 128  # as `choose_config`: fewer programs for wide outputs
     pdl = _use_pdl(x.device)
     partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
-    a_args: list[int] = []
-    for i in range(GROUP_MAX_MEMBERS):
-        m = members[i] if i < M else members[0]
-        a_args += [m.a_off, m.scale_row]
     _k().group_shrink_kernel[(N, split, M)](
         x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
-        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *a_args,
+        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
     tiles = [_cdiv(o, block_o) for o in outs]
-    b_args: list[int] = []
-    d_off = 0
-    for i in range(GROUP_MAX_MEMBERS):
-        if i < M:
-            b_args += [members[i].b_off, outs[i], d_off * N] + ([tiles[i]] if i < GROUP_MAX_MEMBERS - 1 else [])
-            d_off += outs[i]
-        else:
-            b_args += [0, 1, 0] + ([0] if i < GROUP_MAX_MEMBERS - 1 else [])
     extra = {"launch_pdl": True} if pdl else {}
     _k().group_expand_kernel[(N, sum(tiles))](
         buf, partials, pool, slots, N, rank, pool.stride(0), partials.stride(0), partials.stride(1),
-        partials.stride(2), *b_args, SPLIT=split, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=block_r, IEEE=ieee,
-        USE_PDL=pdl, num_warps=4, **extra)
+        partials.stride(2), *_b_args(members, tiles, N), SPLIT=split, BLOCK_N=block_n, BLOCK_O=block_o,
+        BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, **extra)
+    return _split_buffer(buf, (N,), outs)
+
+
+def _group_deltas_rows(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                       members, d_in: int, rank: int, cfg: dict | None = None) -> list[torch.Tensor]:
+    """The prefill layout of `group_deltas_triton` (``x [N, S, in]``). ``cfg`` overrides the
+    launch shape (``block_m``, ``block_k``, ``block_o``, ``warps_shrink``, ``warps_expand``,
+    ``stages``); only the kernel bench passes it."""
+    N, S, _ = x.shape
+    outs = [m.out for m in members]
+    M = len(members)
+    ieee = x.dtype == torch.float32
+    cfg = cfg or {}
+    block_m = cfg.get("block_m") or (16 if S <= 16 else (32 if S <= 32 else 64))
+    block_k = cfg.get("block_k") or (32 if ieee else 64)
+    # 256-wide expand tiles: the delta is all this launch pair writes, and wider tiles write it
+    # faster (H100, bench/prefill_groups.py: 1B layer 1.50x base vs 1.55x with 128, 8B 1.17 vs 1.20)
+    block_o = cfg.get("block_o") or (64 if ieee else 256)
+    block_r = max(16, _pow2(rank))
+    tiles_m = _cdiv(S, block_m)
+    # k-split only when rows x token tiles cannot fill the GPU (short prompts, small batches)
+    split = max(1, min(_cdiv(2 * _sms(x.device), N * tiles_m), d_in // 1024, 8))
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
+    split = _cdiv(d_in, k_per_split)
+    buf = torch.empty(N * S * sum(outs), dtype=x.dtype, device=x.device)
+    partials = torch.empty((M, split, N * S, block_r), dtype=torch.float32, device=x.device)
+    _k().group_shrink_rows_kernel[(N, tiles_m, split)](
+        x, pool, scales, slots, partials, S, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
+        x.stride(0), x.stride(1), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
+        M=M, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_shrink", 4),
+        num_stages=cfg.get("stages", 3))
+    tiles = [_cdiv(o, block_o) for o in outs]
+    _k().group_expand_rows_kernel[(N, tiles_m, sum(tiles))](
+        buf, partials, pool, slots, S, rank, pool.stride(0), partials.stride(0), partials.stride(1),
+        partials.stride(2), *_b_args(members, tiles, N * S), SPLIT=split, BLOCK_M=block_m, BLOCK_O=block_o,
+        BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_expand", 4))
+    return _split_buffer(buf, (N, S), outs)
+
+
+def _a_args(members) -> list[int]:
+    """``A0, S0, A1, S1, A2, S2``: each member's A offset in the pool row and its scalings row
+    (absent members repeat the first; the kernels never read them)."""
+    args: list[int] = []
+    for i in range(GROUP_MAX_MEMBERS):
+        m = members[i] if i < len(members) else members[0]
+        args += [m.a_off, m.scale_row]
+    return args
+
+
+def _b_args(members, tiles: list[int], tokens: int) -> list[int]:
+    """``B0, O0, D0, T0, B1, O1, D1, T1, B2, O2, D2``: per member its B^T offset in the pool row,
+    its outputs, where its delta starts in the buffer and its output tiles."""
+    args: list[int] = []
+    d_off = 0
+    for i in range(GROUP_MAX_MEMBERS):
+        last = i == GROUP_MAX_MEMBERS - 1
+        if i < len(members):
+            args += [members[i].b_off, members[i].out, d_off * tokens] + ([] if last else [tiles[i]])
+            d_off += members[i].out
+        else:
+            args += [0, 1, 0] + ([] if last else [0])
+    return args
+
+
+def _split_buffer(buf: torch.Tensor, lead: tuple[int, ...], outs: list[int]) -> list[torch.Tensor]:
+    """Each member's contiguous ``[*lead, out_m]`` slice of the group's delta buffer."""
+    tokens = 1
+    for d in lead:
+        tokens *= d
     out, start = [], 0
     for o in outs:
-        out.append(buf[start * N:(start + o) * N].view(N, o))
+        out.append(buf[start * tokens:(start + o) * tokens].view(*lead, o))
         start += o
     return out

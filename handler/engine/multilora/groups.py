@@ -1,7 +1,7 @@
-"""Linears that read the same input get their decode LoRA deltas from one pair of kernel launches.
+"""Linears that read the same input get their LoRA deltas from one pair of kernel launches.
 
-Why: under a CUDA graph a decode step's LoRA cost is the latency of its small
-kernels, two per target linear (a shrink, then an expand) — 14 per Llama
+Why, decode: under a CUDA graph a decode step's LoRA cost is the latency of its
+small kernels, two per target linear (a shrink, then an expand) — 14 per Llama
 layer, each ~4-6 µs on an H100 whatever the adapter mix (bench/KERNELS.md).
 q/k/v read the same normed hidden state and so do gate/up, so one shrink and
 one expand launch can compute all of their deltas (`kernels.group_deltas_triton`);
@@ -9,21 +9,36 @@ the base GEMM of each member then adds its delta for free (beta = 1,
 `ops.base_plus_delta`). A Llama layer's LoRA becomes 8 launches instead of 14
 (q/k/v, o, gate/up, down: two each).
 
-Only static batches use it (`BatchContext.kernel_rank` set: the graph-captured
-decode step), and only for one token per row. The first member a forward calls
-computes the whole group for that input tensor; the others find the result in
-the batch context's plan cache, keyed by the input tensor's identity (the
-cache holds the tensor, so its identity cannot be reused while cached; the
-cache is dropped when the batch context changes).
+Why, prefill (eager, CUDA): there LoRA costs memory traffic, not launches. The
+torch path gathers every row's A and B per linear (4 small launches each) and
+reads the layer input once per member; the group kernels read each row's
+adapter straight from the pool and the input once per group, then write each
+member's delta once for its base GEMM to accumulate into.
+
+Which batches use it (`SharedInputGroup.rank_for`): a static batch's one-token
+forward (`BatchContext.kernel_rank` set: the graph-captured decode step), and
+an eager forward of more than one token per row on CUDA (prefill) whose rows
+use more than one slot, unless ``LORAPLEX_LORA_BACKEND=torch``; ``=triton`` also
+sends CPU prefill through the kernels (Triton's interpreter, for tests).
+Everything else takes the layer's own path: one slot on every row is two plain
+cuBLAS GEMMs there, which beat the group kernels (H100 1B prefill: 1.12 vs 1.15
+over base). The first member a forward calls computes the whole group for that input
+tensor; the others find the result in the batch context's plan cache, keyed by
+the input tensor's identity (the cache holds the tensor, so its identity cannot
+be reused while cached). The entry is dropped once every member has taken its
+delta, so a prefill's full-width deltas live no longer than the members' outputs.
 
 Owned by the engine's thread, like the layers.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from ..kernels.triton_lora import GROUPED_MAX_ROWS, MAX_RANK  # plain Python: needs neither triton nor CUDA
+from . import ops
 from .context import BatchContext
 
 if TYPE_CHECKING:
@@ -33,46 +48,85 @@ if TYPE_CHECKING:
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class DecodeGroup:
+class SharedInputGroup:
     """The wrapped linears of one group and where their adapters sit in the pool row."""
 
-    def __init__(self, key: int, layers: "Sequence[MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, key: int, layers: "Sequence[MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor,
+                 decode: bool = True, prefill: bool = True) -> None:
         from ..kernels.triton_lora import GroupMember
 
-        self.key = ("decode_group", key)
+        self.key = ("group", key)
+        self.rank_key = ("group_rank", key)
         self.layers = tuple(layers)
         self.in_features = layers[0].in_features
         self.pool = pool
         self.scales = scales
+        self.decode = decode
+        self.prefill = prefill
         el = pool.element_size()
         base = pool.data_ptr()
         self.members = tuple(
             GroupMember(a_off=(l.lora_A.data_ptr() - base) // el, b_off=(l.lora_Bt.data_ptr() - base) // el,
                         out=l.out_features, scale_row=l.index) for l in layers)
 
-    def delta(self, layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        """``[N, 1, out]`` delta of `layer` for input ``x [N, 1, in]``; the group's launch runs
-        on the first member's call for this `x`."""
+    def rank_for(self, x: torch.Tensor, ctx: BatchContext) -> int | None:
+        """The kernel rank this forward runs the group at; None when the group launches do not
+        serve it (the layer's own path does), 0 when no member has an adapter for any row."""
+        if x.dim() != 3 or x.shape[1] == 0:
+            return None
+        if ctx.kernel_rank is not None:  # static batch: graph-captured decode step
+            if self.decode and x.shape[1] == 1 and x.shape[0] <= GROUPED_MAX_ROWS:
+                return ctx.kernel_rank
+            return None
+        if not self.prefill or x.shape[1] == 1 or len(ctx.unique) == 1 or not _eager_kernels(x):
+            return None  # one slot on every row: the layer's two plain GEMMs (cuBLAS) are faster
+        rank = ctx.plans.get(self.rank_key)
+        if rank is None:
+            rank = ctx.plans[self.rank_key] = max(l.slot_rank[s] for l in self.layers for s in ctx.unique)
+        return rank if rank <= MAX_RANK else None
+
+    def output(self, layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext, rank: int) -> torch.Tensor:
+        """``[N, S, out]`` output (base + LoRA) of member `layer` for input ``x [N, S, in]``; the
+        whole group runs on the first member's call for this `x`."""
         cached = ctx.plans.get(self.key)
         if cached is None or cached[0] is not x:
-            from .. import kernels
+            cached = ctx.plans[self.key] = [x, self._outputs(x, ctx, rank), len(self.layers)]
+        cached[2] -= 1
+        if cached[2] == 0:  # every member has its output: do not keep them alive in the cache
+            del ctx.plans[self.key]
+        return cached[1][self.layers.index(layer)]
 
-            x2 = x.reshape(x.shape[0], self.in_features)
-            deltas = kernels.group_deltas_triton(x2, self.pool, self.scales, ctx.slots, self.members,
-                                                 self.in_features, ctx.kernel_rank)
-            cached = ctx.plans[self.key] = (x, deltas)
-        return cached[1][self.layers.index(layer)].view(x.shape[0], 1, layer.out_features)
+    def _outputs(self, x: torch.Tensor, ctx: BatchContext, rank: int) -> list[torch.Tensor]:
+        from .. import kernels
+
+        xin = x.reshape(x.shape[0], self.in_features) if x.shape[1] == 1 else x
+        deltas = kernels.group_deltas_triton(xin, self.pool, self.scales, ctx.slots, self.members,
+                                             self.in_features, rank)
+        # each member's base GEMM accumulates into its delta (beta = 1): the delta is written
+        # once and read once, never added in a separate pass
+        return [ops.base_plus_delta(d.view(*x.shape[:-1], l.out_features), x, l.base_layer.weight,
+                                    l.base_layer.bias) for d, l in zip(deltas, self.layers)]
 
 
-def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor,
-                 scales: torch.Tensor) -> list[DecodeGroup]:
-    """Attach a `DecodeGroup` to every wrapped linear: q/k/v and gate/up siblings
-    (same parent module, same input width) together, any other linear alone."""
+def _eager_kernels(x: torch.Tensor) -> bool:
+    mode = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
+    if mode == "torch" or not (x.is_cuda or mode == "triton"):
+        return False
+    from .layer import kernels_usable
+
+    return kernels_usable()
+
+
+def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor,
+                 decode: bool = True, prefill: bool = True) -> list[SharedInputGroup]:
+    """Attach a `SharedInputGroup` to every wrapped linear: q/k/v and gate/up siblings
+    (same parent module, same input width) together, any other linear alone. `decode` /
+    `prefill` say which batches the group launches serve (see the module docstring)."""
     by_parent: dict[str, dict[str, "MultiLoraLinear"]] = {}
     for name, layer in layers.items():
         parent, _, leaf = name.rpartition(".")
         by_parent.setdefault(parent, {})[leaf] = layer
-    groups: list[DecodeGroup] = []
+    groups: list[SharedInputGroup] = []
     for children in by_parent.values():
         taken: set[str] = set()
         sets = [[leaf for leaf in names if leaf in children] for names in SHARED_INPUT]
@@ -83,16 +137,16 @@ def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor,
                 continue
             if len({m.in_features for m in members}) != 1:  # not one input after all: each alone
                 for m in members:
-                    _attach(groups, [m], pool, scales)
+                    _attach(groups, [m], pool, scales, decode, prefill)
             else:
-                _attach(groups, members, pool, scales)
+                _attach(groups, members, pool, scales, decode, prefill)
             taken.update(leaves)
     return groups
 
 
-def _attach(groups: list[DecodeGroup], members: "list[MultiLoraLinear]", pool: torch.Tensor,
-            scales: torch.Tensor) -> None:
-    group = DecodeGroup(len(groups), members, pool, scales)
+def _attach(groups: list[SharedInputGroup], members: "list[MultiLoraLinear]", pool: torch.Tensor,
+            scales: torch.Tensor, decode: bool, prefill: bool) -> None:
+    group = SharedInputGroup(len(groups), members, pool, scales, decode, prefill)
     groups.append(group)
     for m in members:
         m.group = group

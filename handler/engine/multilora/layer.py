@@ -12,7 +12,6 @@ import os
 import torch
 from torch import nn
 
-from ..kernels.triton_lora import GROUPED_MAX_ROWS  # plain Python: needs neither triton nor CUDA
 from . import ops
 from .context import BatchContext
 
@@ -96,7 +95,7 @@ class MultiLoraLinear(nn.Module):
         self.scaling = scaling  # [K]
         self.slot_rank = [0] * num_slots
         self.slot_scale = [0.0] * num_slots
-        self.group = None  # `groups.DecodeGroup`: graph-captured decode steps share launches with siblings
+        self.group = None  # `groups.SharedInputGroup`: decode steps and CUDA prefill share launches with siblings
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -137,12 +136,15 @@ class MultiLoraLinear(nn.Module):
         ctx = self._ctx
         if ctx.slots is None:
             return self.base_layer(x, *args, **kwargs)
-        if (self.group is not None and ctx.kernel_rank is not None and x.dim() == 3 and x.shape[1] == 1
-                and x.shape[0] <= GROUPED_MAX_ROWS and not args and not kwargs and type(self.base_layer) is nn.Linear):
-            # graph-captured decode step: this linear's delta comes from its group's launch pair
-            # (shared with q/k/v or gate/up siblings), and the base GEMM accumulates into it
-            delta = self.group.delta(self, x, ctx)
-            return ops.base_plus_delta(delta, x, self.base_layer.weight, self.base_layer.bias)
+        group = self.group
+        if group is not None and not args and not kwargs and type(self.base_layer) is nn.Linear:
+            # graph-captured decode step, or CUDA prefill: this linear's output comes from its group
+            # (shared with q/k/v or gate/up siblings: one LoRA launch pair for all of them)
+            rank = group.rank_for(x, ctx)
+            if rank == 0:
+                return self.base_layer(x)
+            if rank is not None:
+                return group.output(self, x, ctx, rank)
         kernel = ctx.kernel_rank is not None or _use_kernels(x)
         key = -1 - self.index if kernel else self.index  # eager and captured forwards keep their own plans
         plan = ctx.plans.get(key, _NO_PLAN)
