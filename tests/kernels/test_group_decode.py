@@ -170,8 +170,10 @@ def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, t
 def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_model_dir, tiny_adapters, monkeypatch):
     """An eager multi-token forward (prefill) with the kernels on goes through one launch pair per
     group and gives the plain-torch path's logits, for a mixed batch with a base row; a batch
-    whose rows name no adapter, or all the same one, launches nothing."""
+    whose rows name no adapter, or all the same one, launches nothing; beam search is refused."""
     from transformers import AutoModelForCausalLM
+
+    from handler.engine.errors import BatchShapeError
 
     from handler.engine.multilora import MultiLoraModel
 
@@ -197,6 +199,9 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
         assert launches == []
         ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False)
         assert launches == []  # one slot on every row: the layers' plain GEMMs serve it
+        with pytest.raises(BatchShapeError, match="beam search"):  # rows no longer match the slots
+            ml.generate(input_ids=ids[:2], adapter_names=rows[:2], num_beams=2, max_new_tokens=2, do_sample=False,
+                        pad_token_id=0)
     assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
     assert torch.equal(got_base, base_ref)
     assert not torch.allclose(got[0], base_ref[0])  # the adapter mattered

@@ -78,8 +78,10 @@ class SharedInputGroup:
             if self.decode and x.shape[1] == 1 and x.shape[0] <= GROUPED_MAX_ROWS:
                 return ctx.kernel_rank
             return None
-        if not self.prefill or x.shape[1] == 1 or len(ctx.unique) == 1 or not _eager_kernels(x):
-            return None  # one slot on every row: the layer's two plain GEMMs (cuBLAS) are faster
+        if (not self.prefill or x.shape[1] == 1 or len(ctx.unique) == 1 or x.shape[0] != ctx.slots.shape[0]
+                or not _triton_prefill(x)):
+            return None  # one slot on every row: the layer's two plain GEMMs are faster; rows that do
+            # not match the slots (beam search): the layer's path refuses them
         rank = ctx.plans.get(self.rank_key)
         if rank is None:
             rank = ctx.plans[self.rank_key] = max(l.slot_rank[s] for l in self.layers for s in ctx.unique)
@@ -108,7 +110,11 @@ class SharedInputGroup:
                                     l.base_layer.bias) for d, l in zip(deltas, self.layers)]
 
 
-def _eager_kernels(x: torch.Tensor) -> bool:
+def _triton_prefill(x: torch.Tensor) -> bool:
+    """Prefill through the Triton kernels: on CUDA where they run, unless
+    ``LORAPLEX_LORA_BACKEND=torch``; on a CPU only with ``=triton`` (Triton's interpreter,
+    for tests). A CPU otherwise keeps the layers' torch path: grouping it the same way (one
+    bmm shrink per group) measured no gain there (SmolLM2-135M fp32, 1 thread)."""
     mode = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
     if mode == "torch" or not (x.is_cuda or mode == "triton"):
         return False
