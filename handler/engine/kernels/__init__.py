@@ -2,9 +2,12 @@
 
 `triton_lora.available()` says whether the Triton backend can run here;
 `triton_lora.add_mixed_triton_` is the entry point the layers need, plus
-`group_deltas_triton` for the group launches of `multilora.groups` (graph-captured
-decode steps and CUDA prefill).
+the group launches of `multilora.groups`: `group_decode_linears` (a graph-captured
+decode step: shrink, then each member's GEMM with the expand fused in) and
+`group_deltas_triton` (prefill, and decode without the fused GEMMs).
 """
-from .triton_lora import add_mixed_triton_, available, group_deltas_triton, lora_expand_add_, lora_shrink
+from .triton_lora import (add_mixed_triton_, available, group_decode_linears, group_deltas_triton, lora_expand_add_,
+                          lora_shrink)
 
-__all__ = ["available", "add_mixed_triton_", "group_deltas_triton", "lora_shrink", "lora_expand_add_"]
+__all__ = ["available", "add_mixed_triton_", "group_deltas_triton", "group_decode_linears", "lora_shrink",
+           "lora_expand_add_"]

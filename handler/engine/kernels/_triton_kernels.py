@@ -407,3 +407,58 @@ def group_expand_rows_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
         xa += tl.load(p + s * stride_ps, mask=pm, other=0.0).to(tl.float32)
     res = _dot(xa.to(b.dtype), b, IEEE)
     tl.store(d_ptrs, res.to(delta_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def decode_linear_lora_kernel(x_ptr, w_ptr, xa_ptr, pool_ptr, slots_ptr, y_ptr,
+                              M, K, N, R, P, B_OFF, stride_xm, stride_wn, stride_xam, stride_xas, stride_ym,
+                              SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, LORA: tl.constexpr,
+                              IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    """One decode step's linear with its LoRA expand fused in: ``y = x @ W.T + xa @ B[slot].T``
+    for ``M <= BLOCK_M`` rows (one token each). Grid ``(out tiles,)``: each program streams its
+    ``[BLOCK_N, K]`` slice of W once (as fast as cuBLAS for these skinny shapes on an H100,
+    bench/decode_linear_bench.py) and, in the epilogue, adds every row's delta from the
+    shrink's scaled partials ``xa [SPLIT, M, >= R]`` (fp32) and the row's B^T block (pool row
+    ``slot``, at element ``B_OFF``, ``[R, N]``). Slot 0's block is zeros and its partials are
+    never read, so base rows need no branch. With ``USE_PDL`` (launched as a programmatic
+    dependent of the shrink) the W stream runs while the shrink does; only the epilogue waits
+    for it. Replaces a decode group member's base GEMM and its share of the expand launch."""
+    if USE_PDL:
+        gdc_launch_dependents()  # the next member may start streaming its W too
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += _dot(xt, tl.trans(wt), IEEE)
+    if LORA:
+        slots = tl.load(slots_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        live = m_mask & (slots != 0)  # the shrink leaves slot-0 rows unwritten
+        if USE_PDL:
+            gdc_wait()  # the shrink's partials are complete and visible from here on
+        for r0 in tl.static_range(0, BLOCK_R, 16):  # 16 ranks at a time: bounded registers
+            offs_r = r0 + tl.arange(0, 16)
+            r_mask = offs_r < R
+            xm = live[:, None] & r_mask[None, :]
+            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :], mask=xm, other=0.0)
+            for s in tl.static_range(1, SPLIT):
+                xa += tl.load(xa_ptr + s * stride_xas + offs_m[:, None] * stride_xam + offs_r[None, :], mask=xm,
+                              other=0.0)
+            b = tl.load(pool_ptr + slots[:, None, None] * P + B_OFF + offs_r[None, :, None] * N
+                        + offs_n[None, None, :],
+                        mask=live[:, None, None] & r_mask[None, :, None] & n_mask[None, None, :], other=0.0)
+            acc += tl.sum(xa[:, :, None] * b.to(tl.float32), axis=1)
+    elif USE_PDL:
+        gdc_wait()
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["available", "add_mixed_triton_", "lora_shrink", "lora_expand_add_", "KernelConfig", "choose_config",
-           "GroupMember", "group_deltas_triton"]
+           "GroupMember", "group_deltas_triton", "group_decode_linears"]
 
 MAX_RANK = 64  # BLOCK_R up to 64: the register tiles are sized for it
 GROUPED_MAX_ROWS = 128  # decode rows handled by one grouped program (masked [BLOCK_N, ...] tiles)
@@ -409,6 +409,72 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
         partials.stride(2), *_b_args(members, tiles, N), SPLIT=split, BLOCK_N=block_n, BLOCK_O=block_o,
         BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, **extra)
     return _split_buffer(buf, (N,), outs)
+
+
+def group_decode_linears(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                         members: "list[GroupMember] | tuple[GroupMember, ...]", weights: "list[torch.Tensor]",
+                         d_in: int, rank: int) -> list[torch.Tensor]:
+    """A decode step's whole group: ``y_m = x @ W_m.T + scaling_m[slot] * (x @ A_m[slot].T) @ B_m[slot].T``
+    for each member m (``x [N, in]``, one token per row), as ``[N, out_m]`` tensors.
+
+    One grouped shrink, then one kernel per member that streams ``W_m`` and adds the expand
+    in its epilogue (`decode_linear_lora_kernel`): the group costs one launch more than the
+    base model's GEMMs, and on Hopper (PDL) the members' weight streams start while the shrink
+    runs. Graph-safe (no host sync). Preconditions as `group_deltas_triton`'s decode layout,
+    plus ``weights[m]`` ``[out_m, in]`` with a contiguous last dim, in x's dtype.
+    """
+    assert x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == d_in, "x must be [N, in] with a contiguous last dim"
+    assert pool.dim() == 2 and pool.is_contiguous() and scales.dim() == 2 and scales.is_contiguous()
+    assert 1 <= len(members) <= GROUP_MAX_MEMBERS and len(weights) == len(members)
+    N = x.shape[0]
+    assert 1 <= N <= GROUPED_MAX_ROWS and slots.shape == (N,) and slots.is_contiguous()
+    assert 0 < rank <= MAX_RANK and x.dtype == pool.dtype and x.device == pool.device == slots.device
+    for m, w in zip(members, weights):
+        assert w.shape == (m.out, d_in) and w.stride(1) == 1 and w.dtype == x.dtype, "weight must be [out, in]"
+    M = len(members)
+    ieee = x.dtype == torch.float32
+    block_k = 64 if ieee else 128
+    split = max(1, min(8, _cdiv(d_in, 512)))  # as `choose_config` for a decode shrink
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
+    split = _cdiv(d_in, k_per_split)
+    block_n, block_r = max(16, _pow2(N)), max(16, _pow2(rank))
+    pdl = _use_pdl(x.device)
+    partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
+    _k().group_shrink_kernel[(N, split, M)](
+        x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
+        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
+    outs = []
+    extra = {"launch_pdl": True} if pdl else {}
+    for i, (m, w) in enumerate(zip(members, weights)):
+        y = torch.empty((N, m.out), dtype=x.dtype, device=x.device)
+        bn, bk, stages = _decode_linear_shape(N, d_in, m.out, ieee)
+        _k().decode_linear_lora_kernel[(_cdiv(m.out, bn),)](
+            x, w, partials[i], pool, slots, y, N, d_in, m.out, rank, pool.stride(0), m.b_off, x.stride(0),
+            w.stride(0), partials.stride(2), partials.stride(1), y.stride(0), SPLIT=split, BLOCK_M=block_n,
+            BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, LORA=True, IEEE=ieee, USE_PDL=pdl, num_warps=4,
+            num_stages=stages, **extra)
+        outs.append(y)
+    return outs
+
+
+def _decode_linear_shape(rows: int, d_in: int, d_out: int, fp32: bool) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, stages)`` for `decode_linear_lora_kernel`: the fastest on an H100 for
+    32 rows (bench/decode_linear_bench.py: within 0.5 µs of cuBLAS on every Llama 1B/8B shape);
+    shorter k-steps where the row tile or fp32 would overflow shared memory."""
+    if d_out >= 12288:
+        bn, bk = 64, 128
+    elif d_out >= 8192:
+        bn, bk = 32, 128
+    elif d_in * d_out >= 4096 * 4096:
+        bn, bk = 32, 256
+    else:
+        bn, bk = 16, 256
+    if fp32:
+        bk = 64
+    elif rows > 32:
+        bk = min(bk, 128 if rows <= 64 else 64)
+    return bn, bk, 4
 
 
 def _group_deltas_rows(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,

@@ -52,7 +52,7 @@ class SharedInputGroup:
     """The wrapped linears of one group and where their adapters sit in the pool row."""
 
     def __init__(self, key: int, layers: "Sequence[MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor,
-                 decode: bool = True, prefill: bool = True) -> None:
+                 decode: bool = True, prefill: bool = True, fused: bool = True) -> None:
         from ..kernels.triton_lora import GroupMember
 
         self.key = ("group", key)
@@ -63,6 +63,9 @@ class SharedInputGroup:
         self.scales = scales
         self.decode = decode
         self.prefill = prefill
+        # decode steps through `kernels.group_decode_linears` (the members' GEMMs in Triton, the
+        # expand fused in); not for linears with a bias, which keep cuBLAS + the expand launch
+        self.fused = fused and all(l.base_layer.bias is None for l in layers)
         el = pool.element_size()
         base = pool.data_ptr()
         self.members = tuple(
@@ -101,6 +104,13 @@ class SharedInputGroup:
     def _outputs(self, x: torch.Tensor, ctx: BatchContext, rank: int) -> list[torch.Tensor]:
         from .. import kernels
 
+        if x.shape[1] == 1 and ctx.kernel_rank is not None and self.fused:
+            # decode step: one shrink, then each member's GEMM with its expand in the epilogue
+            n = x.shape[0]
+            ys = kernels.group_decode_linears(x.reshape(n, self.in_features), self.pool, self.scales, ctx.slots,
+                                              self.members, [l.base_layer.weight for l in self.layers],
+                                              self.in_features, rank)
+            return [y.view(n, 1, y.shape[1]) for y in ys]
         xin = x.reshape(x.shape[0], self.in_features) if x.shape[1] == 1 else x
         deltas = kernels.group_deltas_triton(xin, self.pool, self.scales, ctx.slots, self.members,
                                              self.in_features, rank)
@@ -124,7 +134,7 @@ def _triton_prefill(x: torch.Tensor) -> bool:
 
 
 def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor,
-                 decode: bool = True, prefill: bool = True) -> list[SharedInputGroup]:
+                 decode: bool = True, prefill: bool = True, fused: bool = True) -> list[SharedInputGroup]:
     """Attach a `SharedInputGroup` to every wrapped linear: q/k/v and gate/up siblings
     (same parent module, same input width) together, any other linear alone. `decode` /
     `prefill` say which batches the group launches serve (see the module docstring)."""
@@ -143,16 +153,16 @@ def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor, scale
                 continue
             if len({m.in_features for m in members}) != 1:  # not one input after all: each alone
                 for m in members:
-                    _attach(groups, [m], pool, scales, decode, prefill)
+                    _attach(groups, [m], pool, scales, decode, prefill, fused)
             else:
-                _attach(groups, members, pool, scales, decode, prefill)
+                _attach(groups, members, pool, scales, decode, prefill, fused)
             taken.update(leaves)
     return groups
 
 
 def _attach(groups: list[SharedInputGroup], members: "list[MultiLoraLinear]", pool: torch.Tensor,
-            scales: torch.Tensor, decode: bool, prefill: bool) -> None:
-    group = SharedInputGroup(len(groups), members, pool, scales, decode, prefill)
+            scales: torch.Tensor, decode: bool, prefill: bool, fused: bool) -> None:
+    group = SharedInputGroup(len(groups), members, pool, scales, decode, prefill, fused)
     groups.append(group)
     for m in members:
         m.group = group

@@ -48,7 +48,7 @@ class MultiLoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
                  target_modules: Sequence[str] | None = None, group_decode: bool = True,
-                 group_prefill: bool = True) -> None:
+                 group_prefill: bool = True, decode_fused: bool = True) -> None:
         super().__init__()
         if max_adapters < 1 or max_rank < 1:
             raise ValueError("max_adapters and max_rank must be >= 1")
@@ -64,9 +64,10 @@ class MultiLoraModel(nn.Module):
             raise EngineError(f"no nn.Linear matches target modules {self.target_modules}")
         self._layer_shapes = {n: (l.in_features, l.out_features) for n, l in self._layers.items()}
         # Graph-captured decode steps and CUDA prefill compute q/k/v (and gate/up) deltas in one
-        # launch pair (`groups`); the flags exist so the bench can time the engine without them.
-        self._groups = (build_groups(self._layers, self._pool, self._scales, group_decode, group_prefill)
-                        if group_decode or group_prefill else [])
+        # launch pair (`groups`), decode steps with the expand fused into Triton GEMMs
+        # (`decode_fused`); the flags exist so the bench can time the engine without them.
+        self._groups = (build_groups(self._layers, self._pool, self._scales, group_decode, group_prefill,
+                                     decode_fused) if group_decode or group_prefill else [])
         self._slots: dict[str, int] = {}
         self._configs: dict[str, Any] = {}
         self._free = list(range(self.num_slots - 1, 0, -1))  # pop() hands out the lowest slot first
