@@ -7,7 +7,9 @@ run for prefill/decode x single/mixed4/mixed_all, on a log axis. GPU runs of rec
 through CUDA graphs (`"decode": "graphs"`, ours and the base model alike); for an older eager
 run, diamonds add its `--cuda-graphs` per-step ratios (PEFT's mixed
 decode on a GPU is 40x+). Horizontal ticks mark the issue's GPU targets; the
-dashed line is 1.0 (the pure base model).
+dashed line is 1.0 (the pure base model). A run of record made with --skip-peft shows
+PEFT's bars from the first run of the same size and device that has them, labelled
+"(earlier run)".
 
     python bench/plot_results.py                      # -> bench/ratios.png
     python bench/plot_results.py -o /tmp/r.png bench/RESULTS.md
@@ -70,13 +72,23 @@ def main(argv=None) -> None:
     colors = plt.get_cmap("tab10")
     n = len(runs)
     width = 0.8 / (2 * n)
+    # a run of record that skipped PEFT (--skip-peft) shows PEFT from the first run of the same
+    # size and device that has it, labelled as such
+    with_peft = {(r["size"], r.get("device_name", r.get("device"))): r
+                 for r in reversed(load_runs(args.inputs, '"peft_prefill_ratio_single"'))}
     for ax, phase in zip(axes, ("prefill", "decode")):
         for i, r in enumerate(runs):
             for j, (pre, hatch) in enumerate((("", None), ("peft_", "//"))):
-                vals = [r.get(f"{pre}{phase}_ratio_{sc}", float("nan")) for sc in SCEN]
+                src, note = r, ""
+                if pre and f"{pre}{phase}_ratio_single" not in r:
+                    src = with_peft.get((r["size"], r.get("device_name", r.get("device"))))
+                    note = " (earlier run)"
+                    if src is None:
+                        continue
+                vals = [src.get(f"{pre}{phase}_ratio_{sc}", float("nan")) for sc in SCEN]
                 xs = [k + (2 * i + j - n + 0.5) * width for k in range(len(SCEN))]
                 ax.bar(xs, vals, width, color=colors(i), hatch=hatch, edgecolor="black", linewidth=0.4,
-                       label=f"{'PEFT' if pre else 'ours'}  {label(r)}")
+                       label=f"{'PEFT' + note if pre else 'ours'}  {label(src)}")
             if phase == "decode" and r.get("decode", "generate") == "generate":
                 # an eager-generate run: add ours with a captured CUDA graph per step (--cuda-graphs), if any
                 gr = next((g for g in graphs if (g["size"], g.get("device_name")) == (r["size"], r.get("device_name"))), None)
