@@ -212,7 +212,8 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,outs,d_in,rank", [(5, [40, 8, 8], 48, 8), (3, [24], 1100, 8),  # 3-way k-split
-                                              (6, [72, 24], 64, 40)])  # rank 40: three 16-rank epilogue chunks
+                                              (6, [72, 24], 64, 40),  # rank 40: three 16-rank epilogue chunks
+                                              (40, [24, 8], 64, 8)])  # 40 rows: a 64-row tile, shorter k-steps
 def test_group_decode_linears_match_base_plus_reference(dtype, N, outs, d_in, rank):
     """A decode step's group as one shrink + one GEMM per member with the expand in its
     epilogue: each member's output is x @ W.T plus the reference delta; slot-0 rows get the
