@@ -1,13 +1,17 @@
-"""Linears that read the same input get their LoRA deltas from one pair of kernel launches.
+"""Linears that read the same input get their LoRA from one group launch.
 
 Why, decode: under a CUDA graph a decode step's LoRA cost is the latency of its
-small kernels, two per target linear (a shrink, then an expand) — 14 per Llama
-layer, each ~4-6 µs on an H100 whatever the adapter mix (bench/KERNELS.md).
-q/k/v read the same normed hidden state and so do gate/up, so one shrink and
-one expand launch can compute all of their deltas (`kernels.group_deltas_triton`);
-the base GEMM of each member then adds its delta for free (beta = 1,
-`ops.base_plus_delta`). A Llama layer's LoRA becomes 8 launches instead of 14
-(q/k/v, o, gate/up, down: two each).
+small kernels (~4-6 µs each on an H100 whatever the adapter mix,
+bench/KERNELS.md), two per target linear if done naively — 14 per Llama layer.
+q/k/v read the same normed hidden state and so do gate/up, so one shrink can
+serve the whole group; and the expand is fused into each member's GEMM, which
+then runs in Triton instead of cuBLAS (`kernels.group_decode_linears`: as fast
+as cuBLAS at these skinny shapes, the expand costing ~1 µs in its epilogue).
+A Llama layer's LoRA becomes 4 launches (one shrink per q/k/v, o, gate/up,
+down), and with PDL the members stream their weights while the shrink runs.
+Linears with a bias keep cuBLAS: one shrink and one expand launch per group
+(`kernels.group_deltas_triton`), the base GEMMs accumulating into the deltas
+(beta = 1, `ops.base_plus_delta`).
 
 Why, prefill (eager, CUDA): there LoRA costs memory traffic, not launches. The
 torch path gathers every row's A and B per linear (4 small launches each) and

@@ -44,6 +44,10 @@ class MultiLoraModel(nn.Module):
       switch to another adapter; for a multi-tenant server that is a leak.
     * While adapters are disabled every row runs the base model, whatever
       `adapter_names` says (PEFT's `disable_adapter` meaning).
+
+    `group_decode`, `group_prefill` and `decode_fused` (all on by default) choose the
+    GPU group paths of `groups`; they change speed, never results, and exist so the
+    bench can time the engine with each one off.
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
