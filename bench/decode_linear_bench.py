@@ -21,6 +21,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernel_bench import bench_graph  # noqa: E402
 from handler.engine.kernels import _triton_kernels as K  # noqa: E402
 
 SHAPES = {"1b": {"q": (2048, 2048), "kv": (2048, 512), "gate": (2048, 8192), "down": (8192, 2048)},
@@ -30,17 +31,7 @@ CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 4), (
 
 
 def graph_us(fn, copies: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    return triton.testing.do_bench(g.replay, warmup=5, rep=40) * 1000 / copies
+    return bench_graph(fn, copies, warmup_ms=5, rep_ms=40)
 
 
 def main() -> None:

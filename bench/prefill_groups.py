@@ -22,23 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.prefill_variants import SHAPES, timed  # noqa: E402  (hidden, intermediate, kv dim)
 from handler.engine.kernels import triton_lora  # noqa: E402
 from handler.engine.multilora import ops  # noqa: E402
-
-SHAPES = {"1b": (2048, 8192, 512), "8b": (4096, 14336, 1024)}  # hidden, intermediate, kv dim
-
-
-def timed(fn, iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()

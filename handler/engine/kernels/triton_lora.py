@@ -387,21 +387,11 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
         return _group_deltas_rows(x, pool, scales, slots, members, d_in, rank)
     assert N <= GROUPED_MAX_ROWS, f"a decode group serves at most {GROUPED_MAX_ROWS} rows"
     outs = [m.out for m in members]
-    M = len(members)
     buf = torch.empty(N * sum(outs), dtype=x.dtype, device=x.device)
     ieee = x.dtype == torch.float32
-    block_k = 64 if ieee else 128
-    split = max(1, min(8, _cdiv(d_in, 512)))  # as `choose_config` for a decode shrink
-    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
-    split = _cdiv(d_in, k_per_split)
-    block_n, block_r = max(16, _pow2(N)), max(16, _pow2(rank))
     block_o = 256 if max(outs) >= 4096 else 128  # as `choose_config`: fewer programs for wide outputs
     pdl = _use_pdl(x.device)
-    partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
-    _k().group_shrink_kernel[(N, split, M)](
-        x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
-        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
+    partials, split, block_n, block_r = _decode_group_shrink(x, pool, scales, slots, members, d_in, rank, pdl)
     tiles = [_cdiv(o, block_o) for o in outs]
     extra = {"launch_pdl": True} if pdl else {}
     _k().group_expand_kernel[(N, sum(tiles))](
@@ -431,19 +421,9 @@ def group_decode_linears(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tens
     assert 0 < rank <= MAX_RANK and x.dtype == pool.dtype and x.device == pool.device == slots.device
     for m, w in zip(members, weights):
         assert w.shape == (m.out, d_in) and w.stride(1) == 1 and w.dtype == x.dtype, "weight must be [out, in]"
-    M = len(members)
     ieee = x.dtype == torch.float32
-    block_k = 64 if ieee else 128
-    split = max(1, min(8, _cdiv(d_in, 512)))  # as `choose_config` for a decode shrink
-    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
-    split = _cdiv(d_in, k_per_split)
-    block_n, block_r = max(16, _pow2(N)), max(16, _pow2(rank))
     pdl = _use_pdl(x.device)
-    partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
-    _k().group_shrink_kernel[(N, split, M)](
-        x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
-        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
+    partials, split, block_n, block_r = _decode_group_shrink(x, pool, scales, slots, members, d_in, rank, pdl)
     outs = []
     extra = {"launch_pdl": True} if pdl else {}
     for i, (m, w) in enumerate(zip(members, weights)):
@@ -456,6 +436,25 @@ def group_decode_linears(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tens
             num_stages=stages, **extra)
         outs.append(y)
     return outs
+
+
+def _decode_group_shrink(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                         members, d_in: int, rank: int, pdl: bool) -> tuple[torch.Tensor, int, int, int]:
+    """Launch a decode group's shrink (`group_shrink_kernel`, grouped by slot, k-split):
+    returns the fp32 partials ``[members, split, N, block_r]`` and ``split, block_n, block_r``."""
+    N, M = x.shape[0], len(members)
+    ieee = x.dtype == torch.float32
+    block_k = 64 if ieee else 128
+    split = max(1, min(8, _cdiv(d_in, 512)))  # as `choose_config` for a decode shrink
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
+    split = _cdiv(d_in, k_per_split)
+    block_n, block_r = max(16, _pow2(N)), max(16, _pow2(rank))
+    partials = torch.empty((M, split, N, block_r), dtype=torch.float32, device=x.device)
+    _k().group_shrink_kernel[(N, split, M)](
+        x, pool, scales, slots, partials, N, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
+        x.stride(0), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, USE_PDL=pdl, num_warps=4, num_stages=3)
+    return partials, split, block_n, block_r
 
 
 def _decode_linear_shape(rows: int, d_in: int, d_out: int, fp32: bool) -> tuple[int, int, int]:
