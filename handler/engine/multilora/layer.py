@@ -137,9 +137,11 @@ class MultiLoraLinear(nn.Module):
         if ctx.slots is None:
             return self.base_layer(x, *args, **kwargs)
         group = self.group
-        if group is not None and not args and not kwargs and type(self.base_layer) is nn.Linear:
-            # graph-captured decode step, or CUDA prefill: this linear's output comes from its group
-            # (shared with q/k/v or gate/up siblings: one LoRA launch pair for all of them)
+        # graph-captured decode step, or CUDA prefill: this linear's output comes from its group
+        # (shared with q/k/v or gate/up siblings: one LoRA launch pair for all of them). An eager
+        # one-token forward never is, and is the hot path on a CPU: one cheap test skips the rest.
+        if (group is not None and (ctx.kernel_rank is not None or (x.dim() == 3 and x.shape[1] > 1))
+                and not args and not kwargs and type(self.base_layer) is nn.Linear):
             rank = group.rank_for(x, ctx)
             if rank == 0:
                 return self.base_layer(x)
