@@ -446,18 +446,27 @@ def decode_linear_lora_kernel(x_ptr, w_ptr, xa_ptr, pool_ptr, slots_ptr, y_ptr,
         live = m_mask & (slots != 0)  # the shrink leaves slot-0 rows unwritten
         if USE_PDL:
             gdc_wait()  # the shrink's partials are complete and visible from here on
-        for r0 in tl.static_range(0, BLOCK_R, 16):  # 16 ranks at a time: bounded registers
-            offs_r = r0 + tl.arange(0, 16)
-            r_mask = offs_r < R
-            xm = live[:, None] & r_mask[None, :]
-            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :], mask=xm, other=0.0)
-            for s in tl.static_range(1, SPLIT):
-                xa += tl.load(xa_ptr + s * stride_xas + offs_m[:, None] * stride_xam + offs_r[None, :], mask=xm,
-                              other=0.0)
-            b = tl.load(pool_ptr + slots[:, None, None] * P + B_OFF + offs_r[None, :, None] * N
-                        + offs_n[None, None, :],
-                        mask=live[:, None, None] & r_mask[None, :, None] & n_mask[None, None, :], other=0.0)
-            acc += tl.sum(xa[:, :, None] * b.to(tl.float32), axis=1)
+        if BLOCK_M <= 32:  # the measured shape: [rows, 16 ranks, BLOCK_N] tiles
+            for r0 in tl.static_range(0, BLOCK_R, 16):
+                offs_r = r0 + tl.arange(0, 16)
+                r_mask = offs_r < R
+                xm = live[:, None] & r_mask[None, :]
+                xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :], mask=xm, other=0.0)
+                for s in tl.static_range(1, SPLIT):
+                    xa += tl.load(xa_ptr + s * stride_xas + offs_m[:, None] * stride_xam + offs_r[None, :],
+                                  mask=xm, other=0.0)
+                b = tl.load(pool_ptr + slots[:, None, None] * P + B_OFF + offs_r[None, :, None] * N
+                            + offs_n[None, None, :],
+                            mask=live[:, None, None] & r_mask[None, :, None] & n_mask[None, None, :], other=0.0)
+                acc += tl.sum(xa[:, :, None] * b.to(tl.float32), axis=1)
+        else:  # 64-128 rows: one rank at a time, so the tile stays [rows, BLOCK_N] (registers)
+            for r in range(0, R):
+                xa_r = tl.load(xa_ptr + offs_m * stride_xam + r, mask=live, other=0.0)
+                for s in tl.static_range(1, SPLIT):
+                    xa_r += tl.load(xa_ptr + s * stride_xas + offs_m * stride_xam + r, mask=live, other=0.0)
+                b_r = tl.load(pool_ptr + slots[:, None] * P + B_OFF + r * N + offs_n[None, :],
+                              mask=live[:, None] & n_mask[None, :], other=0.0)
+                acc += xa_r[:, None] * b_r.to(tl.float32)
     elif USE_PDL:
         gdc_wait()
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
