@@ -132,6 +132,14 @@ def _count_launches(monkeypatch) -> list:
 
     for name in ("group_deltas_triton", "group_decode_linears"):  # prefill / decode step
         monkeypatch.setattr(kernels, name, counting(getattr(kernels, name)))
+
+    def gated(real):  # an MLP's gate/up pair fused into its activation (`multilora.gated_mlp`)
+        def launch(x, g, u, pool, scales, slots, members, *rest):
+            calls.append(("gated", len(members)))
+            return real(x, g, u, pool, scales, slots, members, *rest)
+        return launch
+
+    monkeypatch.setattr(kernels, "group_gated_act", gated(kernels.group_gated_act))
     return calls
 
 
@@ -171,8 +179,9 @@ def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, t
 
 def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_model_dir, tiny_adapters, monkeypatch):
     """An eager multi-token forward (prefill) with the kernels on goes through one launch pair per
-    group and gives the plain-torch path's logits, for a mixed batch with a base row; a batch
-    whose rows name no adapter, or all the same one, launches nothing; beam search is refused."""
+    group (gate/up: the MLP's fused activation) and gives the plain-torch path's logits, for a
+    mixed batch with a base row; a batch whose rows name no adapter launches nothing, one whose
+    rows all name the same adapter only the fused MLP; beam search is refused."""
     from transformers import AutoModelForCausalLM
 
     from handler.engine.errors import BatchShapeError
@@ -194,17 +203,22 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
         launches = _count_launches(monkeypatch)
         got = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
         n_layers = base.config.num_hidden_layers
-        assert sorted(launches) == sorted([3, 1, 2, 1] * n_layers)
+        assert sorted(launches, key=str) == sorted([3, 1, ("gated", 2), 1] * n_layers, key=str)
         assert not any(isinstance(k, tuple) and k[0] == "group" for k in ml._ctx.plans)
         launches.clear()
         got_base = ml(input_ids=ids, adapter_names=[None] * len(rows), use_cache=False).logits
         assert launches == []
-        ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False)
-        assert launches == []  # one slot on every row: the layers' plain GEMMs serve it
+        single_ref = ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False).logits
+        # one slot on every row: the layers' plain GEMMs serve q/k/v, o and down
+        assert launches == [("gated", 2)] * n_layers
+        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+        single_torch = ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False).logits
+        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
         with pytest.raises(BatchShapeError, match="beam search"):  # rows no longer match the slots
             ml.generate(input_ids=ids[:2], adapter_names=rows[:2], num_beams=2, max_new_tokens=2, do_sample=False,
                         pad_token_id=0)
     assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
+    assert (single_ref - single_torch).abs().max() / single_torch.abs().max() <= 1e-4
     assert torch.equal(got_base, base_ref)
     assert not torch.allclose(got[0], base_ref[0])  # the adapter mattered
 

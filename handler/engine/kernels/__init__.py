@@ -3,11 +3,12 @@
 `triton_lora.available()` says whether the Triton backend can run here;
 `triton_lora.add_mixed_triton_` is the entry point the layers need, plus
 the group launches of `multilora.groups`: `group_decode_linears` (a graph-captured
-decode step: shrink, then each member's GEMM with the expand fused in) and
-`group_deltas_triton` (prefill, and decode without the fused GEMMs).
+decode step: shrink, then each member's GEMM with the expand fused in),
+`group_deltas_triton` (prefill, and decode without the fused GEMMs) and
+`group_gated_act` (a gated MLP's prefill activation with gate/up's expands fused in).
 """
-from .triton_lora import (add_mixed_triton_, available, group_decode_linears, group_deltas_triton, lora_expand_add_,
-                          lora_shrink)
+from .triton_lora import (add_mixed_triton_, available, group_decode_linears, group_deltas_triton, group_gated_act,
+                          lora_expand_add_, lora_shrink)
 
-__all__ = ["available", "add_mixed_triton_", "group_deltas_triton", "group_decode_linears", "lora_shrink",
-           "lora_expand_add_"]
+__all__ = ["available", "add_mixed_triton_", "group_deltas_triton", "group_decode_linears", "group_gated_act",
+           "lora_shrink", "lora_expand_add_"]

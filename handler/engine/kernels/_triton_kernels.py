@@ -471,3 +471,50 @@ def decode_linear_lora_kernel(x_ptr, w_ptr, xa_ptr, pool_ptr, slots_ptr, y_ptr,
         gdc_wait()
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def gated_act_lora_kernel(g_ptr, u_ptr, h_ptr, p_ptr, pool_ptr, slots_ptr,
+                          S, I, R, P, BG, BU, stride_pm, stride_ps, stride_pt,
+                          SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """A gated MLP's activation with both LoRA expands fused in (prefill):
+    ``h = silu(g + xa_g @ Bg[slot]) * (u + xa_u @ Bu[slot])`` where ``g``/``u`` are the base
+    gate/up outputs ``[N*S, I]`` and ``xa_*`` `group_shrink_rows_kernel`'s partials (members 0 and
+    1, scaling applied). Grid ``(row, token-tile, out-tile)``.
+
+    Why: added to g and u separately, the deltas cost a full-width write and read-back each
+    (the largest tensors of a Llama layer); here they live only in registers, and the
+    activation's read of g and u is the one the model's ``act(g) * u`` needed anyway.
+    Slot-0 rows skip the expand (the shrink left their partials unwritten)."""
+    n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_o = tl.program_id(2)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = offs_m < S
+    o_mask = offs_o < I
+    t = n * S + offs_m
+    idx = t[:, None] * I + offs_o[None, :]
+    mask = m_mask[:, None] & o_mask[None, :]
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if slot != 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        bmask = r_mask[:, None] & o_mask[None, :]
+        b_row = pool_ptr + slot * P + offs_r[:, None] * I + offs_o[None, :]
+        bg = tl.load(b_row + BG, mask=bmask, other=0.0)
+        bu = tl.load(b_row + BU, mask=bmask, other=0.0)
+        p = p_ptr + t[:, None] * stride_pt + offs_r[None, :]
+        pm = m_mask[:, None] & r_mask[None, :]
+        xg = tl.load(p, mask=pm, other=0.0)
+        xu = tl.load(p + stride_pm, mask=pm, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            xg += tl.load(p + s * stride_ps, mask=pm, other=0.0)
+            xu += tl.load(p + stride_pm + s * stride_ps, mask=pm, other=0.0)
+        g += _dot(xg.to(bg.dtype), bg, IEEE)
+        u += _dot(xu.to(bu.dtype), bu, IEEE)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=mask)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["available", "add_mixed_triton_", "lora_shrink", "lora_expand_add_", "KernelConfig", "choose_config",
-           "GroupMember", "group_deltas_triton", "group_decode_linears"]
+           "GroupMember", "group_deltas_triton", "group_decode_linears", "group_gated_act"]
 
 MAX_RANK = 64  # BLOCK_R up to 64: the register tiles are sized for it
 GROUPED_MAX_ROWS = 128  # decode rows handled by one grouped program (masked [BLOCK_N, ...] tiles)
@@ -483,33 +483,76 @@ def _group_deltas_rows(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor
     ``stages``); only the kernel bench passes it."""
     N, S, _ = x.shape
     outs = [m.out for m in members]
-    M = len(members)
-    ieee = x.dtype == torch.float32
     cfg = cfg or {}
-    block_m = cfg.get("block_m") or (16 if S <= 16 else (32 if S <= 32 else 64))
-    block_k = cfg.get("block_k") or (32 if ieee else 64)
+    partials, split, block_m, block_r = _rows_shrink(x, pool, scales, slots, members, d_in, rank, cfg)
     # 256-wide expand tiles: the delta is all this launch pair writes, and wider tiles write it
     # faster (H100, bench/prefill_groups.py: 1B layer 1.50x base vs 1.55x with 128, 8B 1.17 vs 1.20)
-    block_o = cfg.get("block_o") or (64 if ieee else 256)
+    block_o = cfg.get("block_o") or (64 if x.dtype == torch.float32 else 256)
+    buf = torch.empty(N * S * sum(outs), dtype=x.dtype, device=x.device)
+    tiles = [_cdiv(o, block_o) for o in outs]
+    _k().group_expand_rows_kernel[(N, _cdiv(S, block_m), sum(tiles))](
+        buf, partials, pool, slots, S, rank, pool.stride(0), partials.stride(0), partials.stride(1),
+        partials.stride(2), *_b_args(members, tiles, N * S), SPLIT=split, BLOCK_M=block_m, BLOCK_O=block_o,
+        BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=cfg.get("warps_expand", 4))
+    return _split_buffer(buf, (N, S), outs)
+
+
+def _rows_shrink(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, members,
+                 d_in: int, rank: int, cfg: dict) -> tuple[torch.Tensor, int, int, int]:
+    """Launch a prefill group's shrink (`group_shrink_rows_kernel`, ``x [N, S, in]`` read once for
+    every member): returns the fp32 partials ``[members, split, N*S, block_r]`` (scaling applied)
+    and ``split, block_m, block_r``."""
+    N, S, _ = x.shape
+    ieee = x.dtype == torch.float32
+    block_m = cfg.get("block_m") or (16 if S <= 16 else (32 if S <= 32 else 64))
+    block_k = cfg.get("block_k") or (32 if ieee else 64)
     block_r = max(16, _pow2(rank))
     tiles_m = _cdiv(S, block_m)
     # k-split only when rows x token tiles cannot fill the GPU (short prompts, small batches)
     split = max(1, min(_cdiv(2 * _sms(x.device), N * tiles_m), d_in // 1024, 8))
     k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
     split = _cdiv(d_in, k_per_split)
-    buf = torch.empty(N * S * sum(outs), dtype=x.dtype, device=x.device)
-    partials = torch.empty((M, split, N * S, block_r), dtype=torch.float32, device=x.device)
+    partials = torch.empty((len(members), split, N * S, block_r), dtype=torch.float32, device=x.device)
     _k().group_shrink_rows_kernel[(N, tiles_m, split)](
         x, pool, scales, slots, partials, S, d_in, rank, pool.stride(0), scales.shape[1], k_per_split,
         x.stride(0), x.stride(1), partials.stride(0), partials.stride(1), partials.stride(2), *_a_args(members),
-        M=M, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_shrink", 4),
-        num_stages=cfg.get("stages", 3))
-    tiles = [_cdiv(o, block_o) for o in outs]
-    _k().group_expand_rows_kernel[(N, tiles_m, sum(tiles))](
-        buf, partials, pool, slots, S, rank, pool.stride(0), partials.stride(0), partials.stride(1),
-        partials.stride(2), *_b_args(members, tiles, N * S), SPLIT=split, BLOCK_M=block_m, BLOCK_O=block_o,
-        BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_expand", 4))
-    return _split_buffer(buf, (N, S), outs)
+        M=len(members), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee,
+        num_warps=cfg.get("warps_shrink", 4), num_stages=cfg.get("stages", 3))
+    return partials, split, block_m, block_r
+
+
+def group_gated_act(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor,
+                    slots: torch.Tensor, members: "list[GroupMember] | tuple[GroupMember, ...]", d_in: int,
+                    rank: int, cfg: dict | None = None) -> torch.Tensor:
+    """A gated-SiLU MLP's hidden state for a prefill with LoRA on gate and up:
+    ``h = silu(gate + Δgate) * (up + Δup)`` where ``gate``/``up`` ``[N, S, I]`` are the *base*
+    projections of ``x [N, S, in]`` and ``Δ`` each row's adapter (members ``(gate, up)``).
+
+    Two launches: the group shrink (reads ``x`` once) and `gated_act_lora_kernel`, which adds
+    both expands in registers while it applies the activation, so neither delta is ever
+    written (with deltas added through the GEMMs they were the largest extra traffic of a
+    prefill: H100 1B, bench/RESULTS.md). Preconditions (asserted): two members with one output
+    width, ``rank <= 64``, ``gate``/``up`` contiguous in x's dtype. ``cfg`` overrides the launch
+    shape (``block_o``, ``warps_act`` and `_rows_shrink`'s keys); only the kernel bench passes it.
+    """
+    assert x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] == d_in, "x must be [N, S, in] with a contiguous last dim"
+    assert pool.dim() == 2 and pool.is_contiguous() and scales.dim() == 2 and scales.is_contiguous()
+    assert len(members) == 2 and members[0].out == members[1].out, "members are (gate, up) of one width"
+    N, S, _ = x.shape
+    inter = members[0].out
+    assert gate.shape == up.shape == (N, S, inter) and gate.is_contiguous() and up.is_contiguous()
+    assert slots.shape == (N,) and slots.is_contiguous() and 0 < rank <= MAX_RANK
+    assert x.dtype == pool.dtype == gate.dtype == up.dtype and x.device == pool.device == slots.device
+    cfg = cfg or {}
+    partials, split, block_m, block_r = _rows_shrink(x, pool, scales, slots, members, d_in, rank, cfg)
+    ieee = x.dtype == torch.float32
+    block_o = cfg.get("block_o") or (64 if ieee else 128)
+    h = torch.empty_like(gate)
+    _k().gated_act_lora_kernel[(N, _cdiv(S, block_m), _cdiv(inter, block_o))](
+        gate, up, h, partials, pool, slots, S, inter, rank, pool.stride(0), members[0].b_off, members[1].b_off,
+        partials.stride(0), partials.stride(1), partials.stride(2), SPLIT=split, BLOCK_M=block_m,
+        BLOCK_O=block_o, BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_act", 4))
+    return h
 
 
 def _a_args(members) -> list[int]:

@@ -89,10 +89,37 @@ class SharedInputGroup:
                 or not _triton_prefill(x)):
             return None  # one slot on every row: the layer's two plain GEMMs are faster; rows that do
             # not match the slots (beam search): the layer's path refuses them
+        return self._prefill_rank(ctx)
+
+    def _prefill_rank(self, ctx: BatchContext) -> int | None:
+        """The largest rank any member has for any slot of the batch (0: none), None over the
+        kernels' limit; computed once per batch."""
         rank = ctx.plans.get(self.rank_key)
         if rank is None:
             rank = ctx.plans[self.rank_key] = max(l.slot_rank[s] for l in self.layers for s in ctx.unique)
         return rank if rank <= MAX_RANK else None
+
+    def gated_act(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
+        """``silu(gate(x)) * up(x)`` with both members' LoRA (this group is an MLP's gate/up, see
+        `gated_mlp`), or None where the caller must run the MLP's own forward: a batch that is no
+        eager multi-token forward through the Triton kernels, or whose rows use no adapter here.
+        Unlike `rank_for` this serves one slot on every row too: fusing saves the delta traffic
+        whatever the adapter mix."""
+        if (not self.prefill or ctx.slots is None or ctx.kernel_rank is not None or x.dim() != 3
+                or x.shape[1] <= 1 or x.shape[0] != ctx.slots.shape[0] or torch.compiler.is_compiling()
+                or not _triton_prefill(x)):
+            return None  # rows that do not match the slots (beam search): the layers refuse them
+        rank = self._prefill_rank(ctx)
+        if not rank:
+            return None
+        from .. import kernels
+
+        gate, up = self.layers
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        g = torch.nn.functional.linear(x, gate.base_layer.weight)
+        u = torch.nn.functional.linear(x, up.base_layer.weight)
+        return kernels.group_gated_act(x, g, u, self.pool, self.scales, ctx.slots, self.members, self.in_features,
+                                       rank)
 
     def output(self, layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext, rank: int) -> torch.Tensor:
         """``[N, S, out]`` output (base + LoRA) of member `layer` for input ``x [N, S, in]``; the

@@ -23,6 +23,7 @@ from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: n
 from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext
+from .gated_mlp import attach_gated_mlps
 from .groups import build_groups
 from .layer import MultiLoraLinear, kernels_usable
 
@@ -45,14 +46,14 @@ class MultiLoraModel(nn.Module):
     * While adapters are disabled every row runs the base model, whatever
       `adapter_names` says (PEFT's `disable_adapter` meaning).
 
-    `group_decode`, `group_prefill` and `decode_fused` (all on by default) choose the
-    GPU group paths of `groups`; they change speed, never results, and exist so the
-    bench can time the engine with each one off.
+    `group_decode`, `group_prefill`, `decode_fused` and `gated_mlp` (all on by default)
+    choose the GPU group paths of `groups` and `gated_mlp`; they change speed, never
+    results, and exist so the bench can time the engine with each one off.
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
                  target_modules: Sequence[str] | None = None, group_decode: bool = True,
-                 group_prefill: bool = True, decode_fused: bool = True) -> None:
+                 group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True) -> None:
         super().__init__()
         if max_adapters < 1 or max_rank < 1:
             raise ValueError("max_adapters and max_rank must be >= 1")
@@ -72,6 +73,8 @@ class MultiLoraModel(nn.Module):
         # (`decode_fused`); the flags exist so the bench can time the engine without them.
         self._groups = (build_groups(self._layers, self._pool, self._scales, group_decode, group_prefill,
                                      decode_fused) if group_decode or group_prefill else [])
+        # CUDA prefill of Llama-style MLPs: gate/up's LoRA fused into silu(g) * u (`gated_mlp`)
+        self._gated_mlps = attach_gated_mlps(self.model, self._layers, self._ctx) if gated_mlp and group_prefill else 0
         self._slots: dict[str, int] = {}
         self._configs: dict[str, Any] = {}
         self._free = list(range(self.num_slots - 1, 0, -1))  # pop() hands out the lowest slot first
