@@ -64,7 +64,8 @@ SIZES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-PREFIX = {"ours": "", "ours_nogroups": "nogroups_", "ours_unfused": "unfused_", "peft": "peft_"}  # JSON key prefix per engine
+PREFIX = {"ours": "", "ours_nogroups": "nogroups_", "ours_unfused": "unfused_", "ours_ungated": "ungated_",
+          "peft": "peft_"}  # JSON key prefix per engine
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -233,7 +234,7 @@ class Side:
             self.m = MultiLoraModel(model, max_adapters=args.max_adapters, max_rank=args.max_rank, target_modules=TARGETS,
                                     group_decode=kind != "ours_nogroups" and not args.no_lora_groups,
                                     group_prefill=kind != "ours_nogroups" and not args.no_lora_groups,
-                                    decode_fused=kind == "ours")
+                                    decode_fused=kind != "ours_unfused", gated_mlp=kind != "ours_ungated")
             if args.decode != "generate":  # the engine's serving decode loop (what `decode: graphs` runs)
                 self.decoder = StaticDecoder(model, use_graphs=args.decode == "graphs", lora=self.m)
         else:
@@ -324,6 +325,10 @@ def main(argv=None):
     ap.add_argument("--compare-unfused", action="store_true",
                     help="also time ours with decode groups as a shrink + expand launch pair ahead of cuBLAS GEMMs "
                          "instead of the GEMMs with the expand fused in, in the same rounds (keys unfused_*)")
+    ap.add_argument("--compare-gated", action="store_true",
+                    help="also time ours without the MLP's gate/up LoRA fused into its activation in prefill "
+                         "(gate/up deltas through the group kernels and the base GEMMs), in the same rounds "
+                         "(keys ungated_*)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -359,6 +364,8 @@ def main(argv=None):
         sides["ours_nogroups"] = Side("ours_nogroups", base, args, device)
     if args.compare_unfused:  # same engine, decode expand as its own launch, timed in the same rounds
         sides["ours_unfused"] = Side("ours_unfused", base, args, device)
+    if args.compare_gated:  # same engine, gate/up deltas added by their GEMMs, timed in the same rounds
+        sides["ours_ungated"] = Side("ours_ungated", base, args, device)
     if not args.skip_peft:
         sides["peft"] = Side("peft", base, args, device)
     res: dict = {"size": args.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": B,
