@@ -72,9 +72,10 @@ def test_gated_act_rejects_bad_inputs():
 
 
 def test_installed_on_llama_mlps_only_and_falls_back(tiny_model_dir, tiny_adapters, monkeypatch):
-    """Every Llama MLP gets the fused forward (not with ``gated_mlp=False``); decode-shaped and
-    CPU-torch forwards take the class's forward and still match."""
-    from transformers import AutoModelForCausalLM
+    """Every Llama MLP with SiLU and no bias gets the fused forward (not with ``gated_mlp=False``,
+    nor a GELU or biased MLP, whose math the kernel does not do); a one-token forward takes the
+    class's forward; both match the engine without it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from handler.engine.multilora import MultiLoraModel
     from handler.engine.multilora.gated_mlp import GatedMlpForward
@@ -89,6 +90,13 @@ def test_installed_on_llama_mlps_only_and_falls_back(tiny_model_dir, tiny_adapte
     base, ml = build()
     mlps = [layer.mlp for layer in base.model.layers]
     assert all(isinstance(m.__dict__.get("forward"), GatedMlpForward) for m in mlps)
+    assert ml._gated_mlps == len(mlps) == base.config.num_hidden_layers
+    for other in ({"hidden_act": "gelu"}, {"mlp_bias": True}):
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, **other)
+        plain = MultiLoraModel(LlamaForCausalLM(cfg).to(DEV), max_adapters=2, max_rank=8)
+        assert plain._gated_mlps == 0, other
+        assert "forward" not in plain.model.model.layers[0].mlp.__dict__
     assert ml.get_model_status()  # the facade still works with the forwards installed
     _, off = build(gated_mlp=False)
     assert not any("forward" in layer.mlp.__dict__ for layer in off.model.model.layers)
