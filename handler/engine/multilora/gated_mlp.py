@@ -45,11 +45,11 @@ class GatedMlpForward:
         self.group = group
         self._ctx = ctx
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mlp = self._mlp()
-        h = self.group.gated_act(x, self._ctx)
+        h = None if args or kwargs else self.group.gated_act(x, self._ctx)
         if h is None:
-            return self._class_forward(mlp, x)
+            return self._class_forward(mlp, x, *args, **kwargs)
         return mlp.down_proj(h)
 
 

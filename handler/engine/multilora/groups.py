@@ -32,6 +32,10 @@ the input tensor's identity (the cache holds the tensor, so its identity cannot
 be reused while cached). The entry is dropped once every member has taken its
 delta, so a prefill's full-width deltas live no longer than the members' outputs.
 
+A Llama-style MLP's gate/up group has one more entry point, `SharedInputGroup.gated_act`:
+its prefill (any adapter mix) adds both deltas inside the activation instead, called by the
+MLP's replaced forward (`gated_mlp`), so those two members never reach `output` in prefill.
+
 Owned by the engine's thread, like the layers.
 """
 from __future__ import annotations
