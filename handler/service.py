@@ -110,7 +110,8 @@ class LoraplexService:
                              pad_token_id=int(tokenizer.pad_token_id),
                              max_adapters=config.max_resident_adapters + 1, max_rank=config.max_rank,
                              target_modules=list(config.target_modules), decode=config.decode,
-                             decode_graph_buckets=config.decode_graph_buckets)
+                             decode_graph_buckets=config.decode_graph_buckets,
+                             cpu_gather_workspace_mb=config.cpu_gather_workspace_mb)
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
         store = AdapterStore(Path(config.adapter_store))
         service = cls(config, tokenizer, engine, registry, store)

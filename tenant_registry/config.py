@@ -56,6 +56,7 @@ class LoraplexConfig:
     engine: str = "multilora"               # multilora | peft
     decode: str = "auto"                    # auto | generate | static | graphs (multilora engine)
     decode_graph_buckets: int = 8           # static KV caches + CUDA graphs kept per worker (LRU)
+    cpu_gather_workspace_mb: int = 512      # CPU: memory kept for gathering mixed batches' adapters (0 = none)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
@@ -255,6 +256,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "engine": _choice("multilora", "peft"),
     "decode": _choice("auto", "generate", "static", "graphs"),
     "decode_graph_buckets": _int(1),
+    "cpu_gather_workspace_mb": _int(0),
     "target_modules": _modules,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),

@@ -19,7 +19,7 @@ ENGINE_KINDS = ("multilora", "peft")
 
 def make_engine(kind: str, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,
                 max_adapters: int, max_rank: int, target_modules: Sequence[str] | None = None,
-                decode: str = "auto", decode_graph_buckets: int = 8) -> Engine:
+                decode: str = "auto", decode_graph_buckets: int = 8, cpu_gather_workspace_mb: int = 512) -> Engine:
     """Build the engine named by the handler config (`engine: multilora` is the default there).
 
     `model` is a transformers causal LM already on its device/dtype; the
@@ -32,7 +32,8 @@ def make_engine(kind: str, model: nn.Module, *, eos_token_ids: Sequence[int], pa
 
         return MultiLoraEngine(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
                                max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
-                               decode=decode, max_graphs=decode_graph_buckets)
+                               decode=decode, max_graphs=decode_graph_buckets,
+                               cpu_gather_workspace_bytes=cpu_gather_workspace_mb << 20)
     if kind == "peft":
         if decode not in ("auto", "generate"):
             raise ValueError(f"decode mode {decode!r} needs engine 'multilora' (the peft engine uses generate)")

@@ -54,7 +54,7 @@ def test_config_known_keys():
         "redis_url", "redis_prefix", "adapter_store", "base_model_dir", "base_model_name", "max_rank",
         "max_adapter_bytes", "max_resident_adapters", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
         "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
-        "engine", "decode", "decode_graph_buckets", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
+        "engine", "decode", "decode_graph_buckets", "cpu_gather_workspace_mb", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
         "model_name"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})

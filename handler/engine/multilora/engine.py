@@ -40,11 +40,12 @@ class MultiLoraEngine:
 
     def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
                  max_rank: int = 64, target_modules: Sequence[str] | None = None, decode: str = "auto",
-                 max_graphs: int = 8) -> None:
+                 max_graphs: int = 8, cpu_gather_workspace_bytes: int = 512 << 20) -> None:
         if decode not in DECODE_MODES:
             raise EngineError(f"unknown decode mode {decode!r} (expected one of {', '.join(DECODE_MODES)})")
         model.eval()
-        self.model = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules)
+        self.model = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
+                                    cpu_gather_workspace_bytes=cpu_gather_workspace_bytes)
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
         if decode == "auto":

@@ -130,7 +130,7 @@ class MultiLoraLinear(nn.Module):
         if len(ctx.unique) == 1:
             s = used[0]
             return (self.lora_A[s, :r], self.lora_Bt[s, :r], self.slot_scale[s])
-        return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r)
+        return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r, workspace=ctx.workspace)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self._ctx

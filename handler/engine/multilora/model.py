@@ -22,7 +22,7 @@ from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, En
 from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import slot_loader
 from .adapter_file import AdapterFile, read_adapter
-from .context import BatchContext
+from .context import BatchContext, GatherWorkspace
 from .gated_mlp import attach_gated_mlps
 from .groups import build_groups
 from .layer import MultiLoraLinear, kernels_usable
@@ -49,11 +49,14 @@ class MultiLoraModel(nn.Module):
     `group_decode`, `group_prefill`, `decode_fused` and `gated_mlp` (all on by default)
     choose the GPU group paths of `groups` and `gated_mlp`; they change speed, never
     results, and exist so the bench can time the engine with each one off.
+    `cpu_gather_workspace_bytes` caps the memory a CPU engine keeps for gathering mixed
+    batches' adapters between calls (0: none; see `context.GatherWorkspace`).
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
                  target_modules: Sequence[str] | None = None, group_decode: bool = True,
-                 group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True) -> None:
+                 group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True,
+                 cpu_gather_workspace_bytes: int = 512 << 20) -> None:
         super().__init__()
         if max_adapters < 1 or max_rank < 1:
             raise ValueError("max_adapters and max_rank must be >= 1")
@@ -68,6 +71,11 @@ class MultiLoraModel(nn.Module):
         if not self._layers:
             raise EngineError(f"no nn.Linear matches target modules {self.target_modules}")
         self._layer_shapes = {n: (l.in_features, l.out_features) for n, l in self._layers.items()}
+        # Mixed batches on a CPU gather rows' adapters into memory kept across calls, up to
+        # `cpu_gather_workspace_bytes` (`context.GatherWorkspace`); never on CUDA, whose caching
+        # allocator already keeps memory.
+        self._ctx.workspace = GatherWorkspace(self._pool.dtype, self._pool.device,
+                                              cpu_gather_workspace_bytes if self._pool.device.type == "cpu" else 0)
         # Graph-captured decode steps and CUDA prefill compute q/k/v (and gate/up) deltas in one
         # launch pair (`groups`), decode steps with the expand fused into Triton GEMMs
         # (`decode_fused`); the flags exist so the bench can time the engine without them.
@@ -270,8 +278,17 @@ class MultiLoraModel(nn.Module):
             "target_modules": list(self.target_modules),
             "num_lora_layers": len(self._layers),
             "pool_bytes": self.pool_bytes(),
+            "gather_workspace_bytes": self._ctx.workspace.nbytes,
             "device": str(self.device),
         }
+
+    def release_gather_workspace(self) -> int:
+        """Free the memory mixed batches gather adapters into (it is kept between calls so
+        the next mixed batch does not fault its pages in again); returns the bytes freed.
+        The next mixed batch allocates it again."""
+        freed = self._ctx.workspace.nbytes
+        self._ctx.workspace.release()
+        return freed
 
     @property
     def pool(self) -> torch.Tensor:
