@@ -16,7 +16,6 @@ variant's output is checked against ``deltas`` before it is timed. Ratios are ov
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.prefill_variants import SHAPES, timed  # noqa: E402  (hidden, intermediate, kv dim)
+from bench.prefill_variants import SHAPES, shape_args, timed  # noqa: E402  (hidden, intermediate, kv dim)
 from handler.engine.kernels import triton_lora  # noqa: E402
 from handler.engine.multilora import ops  # noqa: E402
 
@@ -34,14 +33,7 @@ silu = torch.nn.functional.silu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="1b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = shape_args(iters=10)
     dev, dt = "cuda", torch.bfloat16
     h, inter, _ = SHAPES[args.size]
     N, S, r, K, r_max = args.batch, args.prompt_len, args.rank, args.batch + 1, 64

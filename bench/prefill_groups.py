@@ -12,7 +12,6 @@ base for the whole layer.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -22,19 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.prefill_variants import SHAPES, timed  # noqa: E402  (hidden, intermediate, kv dim)
+from bench.prefill_variants import SHAPES, shape_args, timed  # noqa: E402  (hidden, intermediate, kv dim)
 from handler.engine.kernels import triton_lora  # noqa: E402
 from handler.engine.multilora import ops  # noqa: E402
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="1b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = shape_args(iters=10)
     dev, dt = "cuda", torch.bfloat16
     h, inter, kv = SHAPES[args.size]
     groups = {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [inter, inter]), "down": (inter, [h])}

@@ -32,6 +32,18 @@ SHAPES = {  # hidden, intermediate, kv dim
 }
 
 
+def shape_args(iters: int) -> argparse.Namespace:
+    """The prefill kernel benches' common options: Llama size, batch x prompt, rank, timed iterations."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--json", action="store_true")
+    return ap.parse_args()
+
+
 def timed(fn, iters: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
@@ -45,14 +57,7 @@ def timed(fn, iters: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="1b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = shape_args(iters=20)
     dev, dt = "cuda", torch.bfloat16
     h, inter, kv = SHAPES[args.size]
     linears = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, inter), "up": (h, inter),
