@@ -54,9 +54,9 @@ def test_prepare_mixed_into_the_workspace_equals_fresh_tensors():
 
 
 def test_engine_reuses_it_and_results_do_not_depend_on_it(tiny_model_dir, engine_adapters, monkeypatch):
-    """Mixed batches of changing adapters and ranks give the same logits with the workspace as
-    without; from the second call on the rows are gathered into it (no fresh gather memory);
-    status reports it and `release_gather_workspace` frees it."""
+    """Mixed batches of changing adapters and ranks, under inference_mode and then no_grad, give
+    the same logits with the workspace as without; from the second call on the rows are gathered
+    into it (no fresh gather memory); status reports it and `release_gather_workspace` frees it."""
     ml = MultiLoraModel(load_base(tiny_model_dir), max_adapters=4, max_rank=64)
     ref = MultiLoraModel(load_base(tiny_model_dir), max_adapters=4, max_rank=64, cpu_gather_workspace_bytes=0)
     names = sorted(engine_adapters)[:4]
@@ -67,11 +67,13 @@ def test_engine_reuses_it_and_results_do_not_depend_on_it(tiny_model_dir, engine
     batches = [[names[0], names[1], None, names[2]], [names[3], names[3], names[1], None], names[:4],
                [names[2], None, names[0], names[0]]]
     seen = []
-    with torch.no_grad():
-        for rows in batches + batches:
-            got = ml(ids, adapter_names=rows).logits
-            assert torch.equal(got, ref(ids, adapter_names=rows).logits), rows
-            seen.append(ml.get_model_status()["gather_workspace_bytes"])
+    # the buffer is made during an inference_mode call; later calls without it still write into it
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            for rows in batches:
+                got = ml(ids, adapter_names=rows).logits
+                assert torch.equal(got, ref(ids, adapter_names=rows).logits), rows
+                seen.append(ml.get_model_status()["gather_workspace_bytes"])
     assert ref.get_model_status()["gather_workspace_bytes"] == 0
     assert seen[0] > 0 and seen[-1] == max(seen)  # sized after the first call, never shrunk
 

@@ -73,7 +73,10 @@ class GatherWorkspace:
         need = min(self._need, self.limit)
         if need > (0 if self._buf is None else self._buf.numel()):
             self._buf = None  # the old buffer goes first, so the two never coexist
-            self._buf = torch.empty(need, dtype=self.dtype, device=self.device)
+            # a normal tensor even when the call runs under inference_mode, so that later calls
+            # without it may still write into it
+            with torch.inference_mode(False):
+                self._buf = torch.empty(need, dtype=self.dtype, device=self.device)
         self._used = self._need = 0
 
     def release(self) -> None:
