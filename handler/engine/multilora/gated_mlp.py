@@ -10,7 +10,8 @@ written, and the activation reads g and u once, where the model's own
 ``act(g) * u`` takes two elementwise passes.
 
 Which MLPs: instances of the classes in `GATED_SILU_MLPS` (transformers' forward
-is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` for each), with a
+is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` for each; checked in
+transformers 5.17 and 5.23), with a
 SiLU ``act_fn`` and gate/up wrapped as one bias-free `SharedInputGroup`. Their
 instance ``forward`` is replaced by `GatedMlpForward`, which falls back to the
 class's own forward for every batch `SharedInputGroup.gated_act` does not serve
