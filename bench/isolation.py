@@ -71,7 +71,7 @@ def run_trials(trials: int, *, redis_url: str, workdir: Path, seed: int = 0, ten
                capacity: int = 2, max_batch: int = 8, max_new_tokens: int = 5, engine: str = "multilora") -> dict:
     """Run `trials` random batches; returns counts and the first mismatches."""
     from handler.service import LoraplexService, RawRequest
-    from support import make_random_lora, make_tiny_llama
+    from loraplex_testing.models import make_random_lora, make_tiny_llama
     from tenant_registry.config import LoraplexConfig
     from tenant_registry.onboarding import onboard
     from tenant_registry.validate import BaseModelSpec
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny model: one thread is fastest and steadiest
-    from support import redis_server
+    from loraplex_testing.services import redis_server
 
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="loraplex-iso-") as tmp, redis_server() as (url, _):

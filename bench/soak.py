@@ -45,8 +45,8 @@ def run_soak(duration: float, *, workdir: Path, capacity: int = 4, concurrency: 
              max_new_tokens: int = 6, warmup_fraction: float = 0.25, seed: int = 0) -> dict:
     from build_archive import build_archive
     from isolation import Oracle
-    from localstack import RedisServer, TorchServe, free_port
-    from support import make_random_lora, make_tiny_llama
+    from loraplex_testing.models import make_random_lora, make_tiny_llama
+    from loraplex_testing.services import RedisServer, TorchServe, free_port
     from tenant_registry.config import LoraplexConfig
     from tenant_registry.onboarding import onboard
     from tenant_registry.registry import TenantRegistry

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,8 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from support import make_random_lora, make_tiny_llama, redis_server  # noqa: E402
+from loraplex_testing.models import make_random_lora, make_tiny_llama
+from loraplex_testing.services import redis_server
 
 
 @pytest.fixture(scope="session")

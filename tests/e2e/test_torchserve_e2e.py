@@ -16,12 +16,12 @@ import pytest
 import requests
 import yaml
 
-from support import reference_generate
+from loraplex_testing.oracle import reference_generate
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 from build_archive import build_archive  # noqa: E402
-from localstack import TorchServe  # noqa: E402
+from loraplex_testing.services import TorchServe
 
 pytestmark = pytest.mark.e2e
 NEW = 8

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import ALL_TARGETS, make_lora_with_config, make_random_lora
+from loraplex_testing.models import ALL_TARGETS, make_lora_with_config, make_random_lora
 
 # name -> make_random_lora kwargs: ranks 4/8/16/64, varied alphas, rslora, different target sets
 ADAPTER_SPECS = {

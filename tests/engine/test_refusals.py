@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import load_base
 from handler.engine import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, EngineError, GenerationRow,
                             NoFreeSlot, UnsupportedAdapter, make_engine)
-from support import make_lora_with_config
+from loraplex_testing.models import make_lora_with_config
 
 KINDS = ["multilora", "peft"]
 

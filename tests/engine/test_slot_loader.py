@@ -21,7 +21,7 @@ from handler.engine.errors import AdapterFormatError
 from handler.engine.multilora import MultiLoraModel
 from handler.engine.multilora.adapter_file import read_adapter
 from handler.engine.multilora.slot_loader import ensure_bytes, read_data, read_header, tensor_view
-from support import make_lora_with_config
+from loraplex_testing.models import make_lora_with_config
 
 
 def write_raw(path: Path, entries: dict, data: bytes, *, odd: bool = False, length: int | None = None) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from handler.service import LoraplexService, RawRequest
-from support import free_port
-from localstack import RedisServer
+from loraplex_testing.services import free_port
+from loraplex_testing.services import RedisServer
 from tenant_registry.config import LoraplexConfig
 from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec

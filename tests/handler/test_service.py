@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from handler.service import LoraplexService, RawRequest
-from support import reference_generate
+from loraplex_testing.oracle import reference_generate
 from tenant_registry.config import LoraplexConfig
 from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec

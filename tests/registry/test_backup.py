@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from support import redis_server
+from loraplex_testing.services import redis_server
 from tenant_registry.backup import FORMAT_VERSION, BackupInvalid, export_registry, import_registry
 from tenant_registry.errors import TenantExists
 from tenant_registry.keys import verify_key

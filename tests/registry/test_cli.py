@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port
+from loraplex_testing.services import free_port
 
 from .hostile import pickle_bin
 from .util import files_under, keys_under

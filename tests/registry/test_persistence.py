@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from support import free_port
+from loraplex_testing.services import free_port
 from tenant_registry.backup import export_registry
 from tenant_registry.keys import verify_key
 from tenant_registry.onboarding import ensure_key, onboard, rotate_key

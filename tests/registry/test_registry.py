@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from support import RedisProc, free_port
+from loraplex_testing.services import RedisProc, free_port
 from tenant_registry.errors import (InvalidTenantId, RegistryUnavailable, TenantExists, TenantNotFound,
                                     VersionConflict, VersionNotFound)
 from tenant_registry.onboarding import onboard

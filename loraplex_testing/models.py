@@ -1,20 +1,14 @@
 """Test-only builders shared by every test module: a tiny random Llama model
 directory (config + safetensors + a byte-level BPE tokenizer trained in
-milliseconds), random PEFT LoRA adapters saved the way PEFT saves them, and a
-real `redis-server` on a free loopback port.
+milliseconds) and random PEFT LoRA adapters saved the way PEFT saves them.
 
 Why here and not in each test: one builder for each artefact, so the engine,
 registry and end-to-end tests all exercise the same on-disk formats.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -98,59 +92,6 @@ def make_random_lora(base_dir: Path, out_dir: Path, *, r: int = 8, alpha: int = 
     data["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(data, indent=2))
     return out_dir
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from localstack import RedisServer, free_port  # noqa: E402  (one way to run real services)
-
-
-@contextlib.contextmanager
-def redis_server(port: int | None = None, workdir: Path | None = None) -> Iterator[tuple[str, "RedisProc"]]:
-    """Start a real, private `redis-server` on 127.0.0.1 and yield (url, process handle)."""
-    proc = RedisProc(port or free_port(), workdir)
-    proc.start()
-    try:
-        yield proc.url, proc
-    finally:
-        proc.stop()
-        proc.cleanup()
-
-
-class RedisProc(RedisServer):
-    """A redis-server child process that tests may stop and restart (outage tests)."""
-
-    def __init__(self, port: int, workdir: Path | None = None) -> None:
-        self._own_dir = workdir is None
-        super().__init__(port, Path(workdir or tempfile.mkdtemp(prefix="loraplex-redis-")))
-
-    def cleanup(self) -> None:
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def reference_generate(base_dir: Path, adapter_dir: Path | None, input_ids: Sequence[int],
-                       max_new_tokens: int) -> list[int]:
-    """The oracle: plain transformers (+ PEFT when an adapter is given), one prompt alone,
-    greedy; new tokens up to (not including) the first EOS."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-    ids = torch.tensor([list(input_ids)])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=model.config.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    for i, t in enumerate(new):
-        if t in eos_ids:
-            return new[:i]
-    return new
 
 
 def make_lora_with_config(base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float = 0.1,
