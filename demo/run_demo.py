@@ -19,9 +19,9 @@ from pathlib import Path
 
 import requests
 
+from loraplex_testing.services import DEMO_REDIS_PORT, start_demo_stack
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from localstack import DEMO_REDIS_PORT, main as localstack_main  # noqa: E402
 
 VAR = ROOT / "var"
 TENANTS = ("pirate", "shouty", "robot")
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     print("== starting redis-server (127.0.0.1:%d) and torchserve (127.0.0.1:8080-8082)" % DEMO_REDIS_PORT, flush=True)
-    localstack_main(["start"])
+    VAR.mkdir(parents=True, exist_ok=True)
+    start_demo_stack(VAR)
     key = json.loads((VAR / "torchserve" / "key_file.json").read_text())["inference"]["key"]
 
     print("\n== onboarding tenants with tenantctl (the server keeps running)")

@@ -188,6 +188,34 @@ def stop_pid_file(pid_file: Path, timeout: float = 30) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+# -- the demo's stack (make demo / make stop) ----------------------------------------------
+
+DEMO_REDIS_PORT = 6399
+DEMO_TS_PORTS = (8080, 8081, 8082)
+
+
+def start_demo_stack(var: Path) -> None:
+    """Start the demo's redis-server (6399, shipped redis.conf) and torchserve (8080-8082), detached,
+    unless they already listen. State (pid files, keys, logs, Redis's AOF) lives under `var`."""
+    redis = RedisServer(DEMO_REDIS_PORT, var / "redis", persistent=True)
+    if not wait_port(DEMO_REDIS_PORT, 0.2):
+        redis.start(detach=True)
+        (var / "redis.pid").write_text(str(redis.proc.pid))
+    env = {"LORAPLEX_REDIS_URL": redis.url, "LORAPLEX_ADAPTER_STORE": str(var / "adapters")}
+    ts = TorchServe(var / "torchserve", ROOT / "model_store", ports=DEMO_TS_PORTS, env=env)
+    if wait_port(DEMO_TS_PORTS[0], 0.2):
+        print(f"torchserve already listening on 127.0.0.1:{DEMO_TS_PORTS[0]}")
+        return
+    ts.start(detach=True)
+    print(f"torchserve ready: {ts.inference_url} (keys in {ts.workdir}/key_file.json)")
+
+
+def stop_demo_stack(var: Path) -> None:
+    stop_pid_file(var / "torchserve" / "torchserve.pid")
+    stop_pid_file(var / "redis.pid")
+    print("stopped torchserve and redis-server")
+
+
 @contextlib.contextmanager
 def redis_server(port: int | None = None, workdir: Path | None = None) -> Iterator[tuple[str, "RedisProc"]]:
     """Start a real, private `redis-server` on 127.0.0.1 and yield (url, process handle)."""
