@@ -27,7 +27,7 @@ from tenant_registry.registry import TenantRegistry
 from tenant_registry.schema import TenantRecord
 from tenant_registry.store import AdapterStore
 
-from .engine import make_engine
+from .engine import EngineSettings, make_engine
 from .engine.api import Engine, GenerationRow, SamplingParams
 from .errors import (
     AdapterLoadFailed,
@@ -105,13 +105,14 @@ class LoraplexService:
         """Build everything a worker needs, once (TorchServe's `initialize`)."""
         base_dir = Path(config.base_model_dir or model_dir)
         model, tokenizer = load_base_model(base_dir, device=config.device, dtype=config.dtype)
-        # One spare slot: the residency loads a new adapter before evicting an old one.
-        engine = make_engine(config.engine, model, eos_token_ids=eos_token_ids(model, tokenizer),
-                             pad_token_id=int(tokenizer.pad_token_id),
-                             max_adapters=config.max_resident_adapters + 1, max_rank=config.max_rank,
-                             target_modules=list(config.target_modules), decode=config.decode,
-                             decode_graph_buckets=config.decode_graph_buckets,
-                             cpu_gather_workspace_mb=config.cpu_gather_workspace_mb)
+        # slot 0 = the base model, one spare (the residency loads before evicting), the rest resident adapters
+        settings = EngineSettings(
+            num_slots=config.num_slots, max_rank=config.max_rank, target_modules=tuple(config.target_modules),
+            decode=config.decode, decode_graph_buckets=config.decode_graph_buckets,
+            lora_backend=config.lora_backend, triton_pdl=config.triton_pdl,
+            cpu_gather_workspace_mb=config.cpu_gather_workspace_mb)
+        engine = make_engine(config.engine, model, settings, eos_token_ids=eos_token_ids(model, tokenizer),
+                             pad_token_id=int(tokenizer.pad_token_id))
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
         store = AdapterStore(Path(config.adapter_store))
         service = cls(config, tokenizer, engine, registry, store)

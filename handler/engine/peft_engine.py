@@ -15,7 +15,7 @@ Two PEFT dislikes are handled by keeping the `PeftModel` optional:
 
 Base rows run under `disable_adapter()`. Adapters are validated by the same
 reader as the slot-pool engine before PEFT sees them, so both engines refuse
-the same adapters with the same error types; `max_adapters`/`max_rank` are
+the same adapters with the same error types; `num_slots`/`max_rank` are
 enforced for parity.
 
 Concurrency: owned by one thread; no method is thread-safe.
@@ -32,22 +32,23 @@ from .api import GenerationOutput, GenerationRow, LoadedAdapter
 from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
 from .generation import run_rows
 from .multilora.adapter_file import read_adapter
-from .multilora.model import BASE_MARKER, DEFAULT_TARGETS
+from .multilora.model import BASE_MARKER
+from .settings import EngineSettings
 
 
 class PeftGroupedEngine:
     kind = "peft"
 
-    def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
-                 max_rank: int = 64, target_modules: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, settings: EngineSettings, *, eos_token_ids: Sequence[int],
+                 pad_token_id: int) -> None:
         model.eval()
         self.base = model
         self.peft_model: Any = None  # peft.PeftModel once an adapter is loaded
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
-        self.max_adapters = max_adapters
-        self.max_rank = max_rank
-        self.target_modules = tuple(target_modules or DEFAULT_TARGETS)
+        self.num_slots = settings.num_slots  # as in the multilora engine: num_slots - 1 adapters at once
+        self.max_rank = settings.max_rank
+        self.target_modules = settings.target_modules
         self._layer_shapes = {
             name: (m.in_features, m.out_features) for name, m in model.named_modules()
             if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in self.target_modules
@@ -67,8 +68,8 @@ class PeftGroupedEngine:
             raise EngineError(f"invalid adapter name {adapter_name!r}")
         if adapter_name in self._nbytes:
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
-        if len(self._nbytes) >= self.max_adapters:
-            raise NoFreeSlot(f"no free adapter slot: all {self.max_adapters} are in use; delete one first")
+        if len(self._nbytes) >= self.num_slots - 1:
+            raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
         read_adapter(path, self._layer_shapes, self.max_rank)
         from peft import PeftModel
 
@@ -124,8 +125,8 @@ class PeftGroupedEngine:
             "active_adapter": self._active,
             "adapters_enabled": not self._disabled,
             "loaded_adapters": {n: {"rank": self.peft_model.peft_config[n].r} for n in sorted(self._nbytes)},
-            "max_adapters": self.max_adapters,
-            "free_slots": self.max_adapters - len(self._nbytes),
+            "num_slots": self.num_slots,
+            "free_slots": self.num_slots - 1 - len(self._nbytes),
             "max_rank": self.max_rank,
             "target_modules": list(self.target_modules),
             "device": str(self.device),

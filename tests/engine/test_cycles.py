@@ -10,6 +10,7 @@ import torch
 
 from conftest import load_base, peft_row_logits, rel_err
 from handler.engine.multilora import MultiLoraModel
+from handler.engine.settings import EngineSettings
 
 POOL_NAMES = ["r4", "r8qv", "r16rs", "r64", "r16mlp", "r8rs", "patterned"]
 
@@ -47,7 +48,7 @@ def test_thousand_random_load_evict_cycles(tiny_model_dir, engine_adapters, peft
     torch.manual_seed(5)
     ids = torch.randint(3, 300, (len(POOL_NAMES), 8))
     refs = {n: peft_row_logits(peft_oracle, n, ids[i]) for i, n in enumerate(POOL_NAMES)}
-    ml = MultiLoraModel(load_base(tiny_model_dir), max_adapters=3, max_rank=64)
+    ml = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=4, max_rank=64))
 
     def check(loaded):
         names = [n if n in loaded else None for n in POOL_NAMES]
@@ -93,7 +94,7 @@ def test_thousand_random_load_evict_cycles(tiny_model_dir, engine_adapters, peft
 
 
 def test_reused_slot_never_exposes_old_values(tiny_model_dir, engine_adapters, peft_oracle):
-    ml = MultiLoraModel(load_base(tiny_model_dir), max_adapters=2, max_rank=64)
+    ml = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=3, max_rank=64))
     ml.load_adapter(engine_adapters["r64"], "big")  # rank 64 in every target
     slot = ml.slot_of("big")
     assert ml.pool[slot].any()
@@ -115,7 +116,7 @@ def test_reused_slot_never_exposes_old_values(tiny_model_dir, engine_adapters, p
 def test_failed_load_releases_its_slot(tiny_model_dir, engine_adapters, tmp_path):
     import shutil
 
-    ml = MultiLoraModel(load_base(tiny_model_dir), max_adapters=1, max_rank=64)
+    ml = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=2, max_rank=64))
     broken = tmp_path / "broken"
     shutil.copytree(engine_adapters["r4"], broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")

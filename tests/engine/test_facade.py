@@ -10,11 +10,12 @@ from peft import LoraConfig
 from conftest import load_base, peft_row_logits, rel_err
 from handler.engine import BatchShapeError, GenerationRow, SamplingParams, make_engine
 from handler.engine.multilora import MultiLoraModel
+from handler.engine.settings import EngineSettings
 
 
 @pytest.fixture()
 def ml(tiny_model_dir, engine_adapters):
-    m = MultiLoraModel(load_base(tiny_model_dir), max_adapters=3, max_rank=64)
+    m = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=4, max_rank=64))
     m.load_adapter(engine_adapters["r4"], "r4")
     m.load_adapter(engine_adapters["r16rs"], "r16rs")
     return m
@@ -92,7 +93,7 @@ def test_context_is_cleared_after_calls_and_errors(ml):
 @pytest.mark.parametrize("kind", ["multilora", "peft"])
 def test_engine_state_semantics(kind, tiny_model_dir, tokenizer, engine_adapters):
     eng = make_engine(kind, load_base(tiny_model_dir), eos_token_ids=[tokenizer.eos_token_id],
-                      pad_token_id=tokenizer.pad_token_id, max_adapters=3, max_rank=64)
+                      pad_token_id=tokenizer.pad_token_id, settings=EngineSettings(num_slots=4, max_rank=64))
     assert eng.kind == kind and eng.active_adapter is None and dict(eng.peft_config) == {}
     prompt = [5, 6, 7, 8]
     params = SamplingParams(max_new_tokens=6)

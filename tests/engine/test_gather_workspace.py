@@ -8,6 +8,7 @@ import torch
 from conftest import load_base
 from handler.engine.multilora import MultiLoraModel, ops
 from handler.engine.multilora.context import GatherWorkspace
+from handler.engine.settings import EngineSettings
 
 
 def _inside(t: torch.Tensor, buf: torch.Tensor) -> bool:
@@ -57,8 +58,9 @@ def test_engine_reuses_it_and_results_do_not_depend_on_it(tiny_model_dir, engine
     """Mixed batches of changing adapters and ranks, under inference_mode and then no_grad, give
     the same logits with the workspace as without; from the second call on the rows are gathered
     into it (no fresh gather memory); status reports it and `release_gather_workspace` frees it."""
-    ml = MultiLoraModel(load_base(tiny_model_dir), max_adapters=4, max_rank=64)
-    ref = MultiLoraModel(load_base(tiny_model_dir), max_adapters=4, max_rank=64, cpu_gather_workspace_bytes=0)
+    ml = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=5, max_rank=64))
+    ref = MultiLoraModel(load_base(tiny_model_dir),
+                         settings=EngineSettings(num_slots=5, max_rank=64, cpu_gather_workspace_mb=0))
     names = sorted(engine_adapters)[:4]
     for eng in (ml, ref):
         for n in names:

@@ -8,6 +8,7 @@ import torch
 from conftest import load_base
 from handler.engine import GenerationOutput, GenerationRow, SamplingParams, make_engine
 from handler.engine.generation import finish, group_rows, left_pad
+from handler.engine.settings import EngineSettings
 
 KINDS = ["multilora", "peft"]
 ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp"]
@@ -16,7 +17,7 @@ ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp"]
 def _make(kind, tiny_model_dir, tokenizer, engine_adapters, eos=None, model=None):
     eng = make_engine(kind, model or load_base(tiny_model_dir),
                       eos_token_ids=eos if eos is not None else [tokenizer.eos_token_id],
-                      pad_token_id=tokenizer.pad_token_id, max_adapters=4, max_rank=64)
+                      pad_token_id=tokenizer.pad_token_id, settings=EngineSettings(num_slots=5, max_rank=64))
     for name in ADAPTERS:
         eng.load_adapter(str(engine_adapters[name]), name)
     return eng

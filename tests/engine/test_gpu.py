@@ -7,6 +7,7 @@ import torch
 
 from conftest import load_base, load_peft, peft_row_logits, rel_err
 from handler.engine.multilora import MultiLoraModel
+from handler.engine.settings import EngineSettings
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -16,7 +17,7 @@ NAMES = ["r4", "r8qv", "r16rs", "r64", "patterned"]
 
 def test_bf16_mixed_batch_matches_peft(tiny_model_dir, engine_adapters):
     dev = "cuda"
-    ml = MultiLoraModel(load_base(tiny_model_dir, torch.bfloat16, dev), max_adapters=6, max_rank=64)
+    ml = MultiLoraModel(load_base(tiny_model_dir, torch.bfloat16, dev), EngineSettings(num_slots=7, max_rank=64))
     for n in NAMES:
         ml.load_adapter(engine_adapters[n], n)
     assert ml._staging is not None and ml._staging.is_pinned()
@@ -31,7 +32,7 @@ def test_bf16_mixed_batch_matches_peft(tiny_model_dir, engine_adapters):
 
 
 def test_cuda_memory_returns_after_cycles(tiny_model_dir, engine_adapters):
-    ml = MultiLoraModel(load_base(tiny_model_dir, torch.bfloat16, "cuda"), max_adapters=2, max_rank=64)
+    ml = MultiLoraModel(load_base(tiny_model_dir, torch.bfloat16, "cuda"), EngineSettings(num_slots=3, max_rank=64))
     ml.load_adapter(engine_adapters["r64"], "warm")  # allocates the staging buffer once
     ml.delete_adapter("warm")
     torch.cuda.synchronize()
@@ -49,7 +50,7 @@ def _decode_rows_vs_peft(model_dir, adapters, rows, dtype, dev, tol, prompt=8, s
     """Prefill + `steps` single-token decode steps through the KV cache (the path
     `generate` takes, S=1), every row against PEFT's full forward on that row."""
     names = sorted({n for n in rows if n is not None})
-    ml = MultiLoraModel(load_base(model_dir, dtype, dev), max_adapters=len(names) + 1, max_rank=64)
+    ml = MultiLoraModel(load_base(model_dir, dtype, dev), EngineSettings(num_slots=len(names) + 2, max_rank=64))
     for n in names:
         ml.load_adapter(adapters[n], n)
     pm = load_peft(model_dir, {n: adapters[n] for n in names}, dtype, dev)
@@ -82,8 +83,8 @@ def _graph_engines(model_dir, adapters, tokenizer, names, dtype=torch.float32):
     engines = {}
     for decode in ("graphs", "generate"):
         eng = make_engine("multilora", load_base(model_dir, dtype, "cuda"), eos_token_ids=[tokenizer.eos_token_id],
-                          pad_token_id=tokenizer.pad_token_id, max_adapters=len(names) + 1, max_rank=64,
-                          decode=decode)
+                          pad_token_id=tokenizer.pad_token_id,
+                          settings=EngineSettings(num_slots=len(names) + 2, max_rank=64, decode=decode))
         for n in names:
             eng.load_adapter(str(adapters[n]), n)
         engines[decode] = eng
@@ -94,7 +95,7 @@ def test_auto_decode_on_cuda_is_graphs(tiny_model_dir, tokenizer):
     from handler.engine import make_engine
 
     eng = make_engine("multilora", load_base(tiny_model_dir, torch.bfloat16, "cuda"), eos_token_ids=[0],
-                      pad_token_id=0, max_adapters=1, max_rank=64)
+                      pad_token_id=0, settings=EngineSettings(num_slots=2, max_rank=64))
     assert eng.decode == "graphs"
 
 

@@ -8,13 +8,14 @@ import torch
 
 from conftest import load_base, peft_row_logits, rel_err
 from handler.engine.multilora import MultiLoraModel
+from handler.engine.settings import EngineSettings
 
 NAMES = ["r4", "r8qv", "r16rs", "r64", "r16mlp", "r8rs", "patterned"]
 
 
 @pytest.fixture(scope="module")
 def ml(tiny_model_dir, engine_adapters):
-    m = MultiLoraModel(load_base(tiny_model_dir), max_adapters=8, max_rank=64)
+    m = MultiLoraModel(load_base(tiny_model_dir), settings=EngineSettings(num_slots=9, max_rank=64))
     for name in NAMES:
         m.load_adapter(engine_adapters[name], name)
     return m

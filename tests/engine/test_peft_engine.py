@@ -6,6 +6,7 @@ import torch
 from conftest import load_base
 from handler.engine import GenerationRow, SamplingParams
 from handler.engine.peft_engine import PeftGroupedEngine
+from handler.engine.settings import EngineSettings
 
 
 def _has_lora_layers(model) -> bool:
@@ -14,7 +15,7 @@ def _has_lora_layers(model) -> bool:
 
 def test_bare_model_until_first_load_and_after_last_delete(tiny_model_dir, tokenizer, engine_adapters, base_model):
     eng = PeftGroupedEngine(load_base(tiny_model_dir), eos_token_ids=[tokenizer.eos_token_id],
-                            pad_token_id=tokenizer.pad_token_id, max_adapters=4, max_rank=64)
+                            pad_token_id=tokenizer.pad_token_id, settings=EngineSettings(num_slots=5, max_rank=64))
     assert eng.peft_model is None
     rows = [GenerationRow([5, 6, 7], None, SamplingParams(max_new_tokens=5)),
             GenerationRow([9, 10], None, SamplingParams(max_new_tokens=5))]

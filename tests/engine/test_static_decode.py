@@ -13,6 +13,7 @@ import torch
 from conftest import load_base
 from handler.engine import EngineError, GenerationRow, SamplingParams, make_engine
 from handler.engine.static_decode import StaticDecoder
+from handler.engine.settings import EngineSettings
 
 ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp", "patterned"]
 
@@ -22,7 +23,8 @@ def _engine(tiny_model_dir, tokenizer, engine_adapters, decode, eos=None, attn=N
     if attn is not None:
         model.config._attn_implementation = attn
     eng = make_engine("multilora", model, eos_token_ids=eos if eos is not None else [tokenizer.eos_token_id],
-                      pad_token_id=tokenizer.pad_token_id, max_adapters=6, max_rank=64, decode=decode)
+                      pad_token_id=tokenizer.pad_token_id,
+                      settings=EngineSettings(num_slots=7, max_rank=64, decode=decode))
     for name in ADAPTERS:
         eng.load_adapter(str(engine_adapters[name]), name)
     return eng
@@ -125,15 +127,14 @@ def test_decode_rank_on_cpu_and_bad_modes(static, tiny_model_dir, tokenizer):
     m = static.model
     assert m.decode_rank([0, 0]) == 0  # base-only batch: capturable as the plain model
     assert m.decode_rank([m.slot_of("r4"), 0]) is None  # no CUDA kernels here
-    with pytest.raises(EngineError, match="unknown decode mode"):
-        make_engine("multilora", load_base(tiny_model_dir), eos_token_ids=[0], pad_token_id=0, max_adapters=1,
-                    max_rank=8, decode="fast")
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        EngineSettings(num_slots=2, max_rank=8, decode="fast")
     with pytest.raises(EngineError, match="needs the model on a CUDA device"):
-        make_engine("multilora", load_base(tiny_model_dir), eos_token_ids=[0], pad_token_id=0, max_adapters=1,
-                    max_rank=8, decode="graphs")
+        make_engine("multilora", load_base(tiny_model_dir), EngineSettings(num_slots=2, max_rank=8, decode="graphs"),
+                    eos_token_ids=[0], pad_token_id=0)
     with pytest.raises(ValueError, match="needs engine 'multilora'"):
-        make_engine("peft", load_base(tiny_model_dir), eos_token_ids=[0], pad_token_id=0, max_adapters=1,
-                    max_rank=8, decode="static")
+        make_engine("peft", load_base(tiny_model_dir), EngineSettings(num_slots=2, max_rank=8, decode="static"),
+                    eos_token_ids=[0], pad_token_id=0)
 
 
 def test_engine_falls_back_to_generate_when_decoder_cannot_capture(tiny_model_dir, tokenizer, engine_adapters,

@@ -18,6 +18,7 @@ from handler.engine.kernels import triton_lora as tl_lora
 from handler.engine.multilora import ops
 
 from .test_group_decode import DEV, TOL, _case, _members, _pool
+from handler.engine.settings import EngineSettings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not tl_lora.available(),
                                 reason="needs triton (compiled on CUDA, or its CPU interpreter)")
@@ -82,7 +83,7 @@ def test_installed_on_llama_mlps_only_and_falls_back(tiny_model_dir, tiny_adapte
 
     def build(**kw):
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).to(DEV).eval()
-        ml = MultiLoraModel(base, max_adapters=4, max_rank=64, **kw)
+        ml = MultiLoraModel(base, settings=EngineSettings(num_slots=5, max_rank=64), **kw)
         for n in sorted(tiny_adapters):
             ml.load_adapter(tiny_adapters[n], n)
         return base, ml
@@ -94,7 +95,7 @@ def test_installed_on_llama_mlps_only_and_falls_back(tiny_model_dir, tiny_adapte
     for other in ({"hidden_act": "gelu"}, {"mlp_bias": True}):
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, **other)
-        plain = MultiLoraModel(LlamaForCausalLM(cfg).to(DEV), max_adapters=2, max_rank=8)
+        plain = MultiLoraModel(LlamaForCausalLM(cfg).to(DEV), settings=EngineSettings(num_slots=3, max_rank=8))
         assert plain._gated_mlps == 0, other
         assert "forward" not in plain.model.model.layers[0].mlp.__dict__
     assert ml.get_model_status()  # the facade still works with the forwards installed

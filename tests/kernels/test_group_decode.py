@@ -16,6 +16,7 @@ import torch
 
 from handler.engine.kernels import triton_lora as tl_lora
 from handler.engine.multilora import ops
+from handler.engine.settings import EngineSettings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not tl_lora.available(),
                                 reason="needs triton (compiled on CUDA, or its CPU interpreter)")
@@ -151,7 +152,7 @@ def test_layers_group_qkv_and_gate_up_and_match_the_eager_path(tiny_model_dir, t
     from handler.engine.multilora import MultiLoraModel
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).to(DEV).eval()
-    ml = MultiLoraModel(base, max_adapters=4, max_rank=64)
+    ml = MultiLoraModel(base, settings=EngineSettings(num_slots=5, max_rank=64))
     names = sorted(tiny_adapters)[:3]
     for n in names:
         ml.load_adapter(tiny_adapters[n], n)
@@ -189,7 +190,7 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
     from handler.engine.multilora import MultiLoraModel
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).to(DEV).eval()
-    ml = MultiLoraModel(base, max_adapters=4, max_rank=64)
+    ml = MultiLoraModel(base, settings=EngineSettings(num_slots=5, max_rank=64))
     names = sorted(tiny_adapters)[:3]
     for n in names:
         ml.load_adapter(tiny_adapters[n], n)

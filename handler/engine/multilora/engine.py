@@ -28,24 +28,20 @@ from torch import nn
 from ..api import GenerationOutput, GenerationRow, LoadedAdapter
 from ..errors import EngineError
 from ..generation import run_rows
+from ..settings import EngineSettings
 from ..static_decode import NotCapturable, StaticDecoder
 from .layer import kernels_usable
 from .model import MultiLoraModel
-
-DECODE_MODES = ("auto", "generate", "static", "graphs")
 
 
 class MultiLoraEngine:
     kind = "multilora"
 
-    def __init__(self, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int, max_adapters: int = 32,
-                 max_rank: int = 64, target_modules: Sequence[str] | None = None, decode: str = "auto",
-                 max_graphs: int = 8, cpu_gather_workspace_bytes: int = 512 << 20) -> None:
-        if decode not in DECODE_MODES:
-            raise EngineError(f"unknown decode mode {decode!r} (expected one of {', '.join(DECODE_MODES)})")
+    def __init__(self, model: nn.Module, settings: EngineSettings, *, eos_token_ids: Sequence[int],
+                 pad_token_id: int) -> None:
+        decode = settings.decode
         model.eval()
-        self.model = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
-                                    cpu_gather_workspace_bytes=cpu_gather_workspace_bytes)
+        self.model = MultiLoraModel(model, settings)
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
         if decode == "auto":
@@ -54,7 +50,7 @@ class MultiLoraEngine:
             raise EngineError("decode mode 'graphs' needs the model on a CUDA device")
         self.decode = decode
         self.decoder = None if decode == "generate" else StaticDecoder(
-            model, use_graphs=decode == "graphs", lora=self.model, max_graphs=max_graphs)
+            model, use_graphs=decode == "graphs", lora=self.model, max_graphs=settings.decode_graph_buckets)
         self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
         self.last_fallback = ""
 

@@ -21,13 +21,13 @@ from torch import nn
 from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, EngineError, NoFreeSlot
 from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import slot_loader
+from ..settings import EngineSettings, settings_with_legacy
 from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext, GatherWorkspace
 from .gated_mlp import attach_gated_mlps
 from .groups import build_groups
 from .layer import MultiLoraLinear, kernels_usable
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_MARKER = "__base__"  # PEFT's name for "no adapter on this row"
 
 
@@ -49,22 +49,22 @@ class MultiLoraModel(nn.Module):
     `group_decode`, `group_prefill`, `decode_fused` and `gated_mlp` (all on by default)
     choose the GPU group paths of `groups` and `gated_mlp`; they change speed, never
     results, and exist so the bench can time the engine with each one off.
-    `cpu_gather_workspace_bytes` caps the memory a CPU engine keeps for gathering mixed
-    batches' adapters between calls (0: none; see `context.GatherWorkspace`).
+    `settings` (`..settings.EngineSettings`) sizes the pool (`num_slots`, `max_rank`, `target_modules`)
+    and caps the memory a CPU engine keeps for gathering mixed batches' adapters between calls
+    (`cpu_gather_workspace_mb`, 0: none; see `context.GatherWorkspace`).
     """
 
-    def __init__(self, model: nn.Module, *, max_adapters: int = 32, max_rank: int = 64,
-                 target_modules: Sequence[str] | None = None, group_decode: bool = True,
+    def __init__(self, model: nn.Module, settings: EngineSettings | None = None, *, group_decode: bool = True,
                  group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True,
-                 cpu_gather_workspace_bytes: int = 512 << 20) -> None:
+                 **legacy: Any) -> None:
         super().__init__()
-        if max_adapters < 1 or max_rank < 1:
-            raise ValueError("max_adapters and max_rank must be >= 1")
+        settings = settings_with_legacy(settings, legacy)
+        self.settings = settings
         self.model = model
-        self.max_adapters = max_adapters
-        self.max_rank = max_rank
-        self.num_slots = max_adapters + 1
-        self.target_modules = tuple(target_modules or DEFAULT_TARGETS)
+        self.max_rank = settings.max_rank
+        self.num_slots = settings.num_slots
+        self.target_modules = settings.target_modules
+        cpu_gather_workspace_bytes = settings.cpu_gather_workspace_mb << 20
         self._ctx = BatchContext()
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap()
@@ -149,7 +149,7 @@ class MultiLoraModel(nn.Module):
         if adapter_name in self._slots:
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if not self._free:
-            raise NoFreeSlot(f"no free adapter slot: all {self.max_adapters} are in use; delete one first")
+            raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
         parsed = read_adapter(path, self._layer_shapes, self.max_rank)
         lora_config = _to_lora_config(parsed.config)
         slot = self._free.pop()
