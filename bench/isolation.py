@@ -72,7 +72,7 @@ def run_trials(trials: int, *, redis_url: str, workdir: Path, seed: int = 0, ten
     """Run `trials` random batches; returns counts and the first mismatches."""
     from handler.service import LoraplexService, RawRequest
     from loraplex_testing.models import make_random_lora, make_tiny_llama
-    from tenant_registry.config import LoraplexConfig
+    from loraplex_common.config import LoraplexConfig
     from tenant_registry.onboarding import onboard
     from tenant_registry.validate import BaseModelSpec
 
@@ -86,7 +86,7 @@ def run_trials(trials: int, *, redis_url: str, workdir: Path, seed: int = 0, ten
                 for i in range(tenants)}
     cfg = LoraplexConfig.from_mapping({
         "redis_url": redis_url, "redis_prefix": f"iso{seed}-{int(time.time() * 1000)}",
-        "adapter_store": str(workdir / "store"), "max_resident_adapters": capacity, "engine": engine,
+        "adapter_store": str(workdir / "store"), "num_slots": capacity + 2, "engine": engine,
         "max_new_tokens_cap": 64, "max_prompt_tokens": 128})
     svc = LoraplexService.from_model_dir(model_dir, cfg)
     spec = BaseModelSpec.from_model_dir(model_dir)

@@ -47,7 +47,7 @@ def run_soak(duration: float, *, workdir: Path, capacity: int = 4, concurrency: 
     from isolation import Oracle
     from loraplex_testing.models import make_random_lora, make_tiny_llama
     from loraplex_testing.services import RedisServer, TorchServe, free_port
-    from tenant_registry.config import LoraplexConfig
+    from loraplex_common.config import LoraplexConfig
     from tenant_registry.onboarding import onboard
     from tenant_registry.registry import TenantRegistry
     from tenant_registry.store import AdapterStore
@@ -59,7 +59,7 @@ def run_soak(duration: float, *, workdir: Path, capacity: int = 4, concurrency: 
                                              alpha=16, seed=500 + i) for i in range(3 * capacity)}
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     cfg.update({"batchSize": 8, "maxBatchDelay": 10})
-    cfg["handler"].update({"max_resident_adapters": capacity, "base_model_name": "", "idle_ttl_s": 600})
+    cfg["handler"].update({"num_slots": capacity + 2, "base_model_name": "", "idle_ttl_s": 600})
     (workdir / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     build_archive(model_dir, workdir / "model_store", config_file=workdir / "model-config.yaml")
 

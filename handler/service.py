@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tenant_registry.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import TenantRegistry
 from tenant_registry.schema import TenantRecord
 from tenant_registry.store import AdapterStore
@@ -92,7 +92,7 @@ class LoraplexService:
                                        stale_s=config.registry_stale_s)
         self.residency = AdapterResidency(
             engine, locate=store.path_for, verify=store.verify,
-            max_resident=config.max_resident_adapters, idle_ttl_s=config.idle_ttl_s,
+            max_resident=config.resident_adapters, idle_ttl_s=config.idle_ttl_s,
             negative_cache_s=config.negative_cache_s)
         self.fallbacks: dict[str, int] = {}
         self.requests = 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from tenant_registry.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 
 from handler.service import LoraplexService, RawRequest
 
@@ -45,8 +45,8 @@ class LoraplexHandler(BaseHandler):
         self.service = LoraplexService.from_model_dir(model_dir, config)
         self.context = context
         self.initialized = True
-        log.info("loraplex worker ready in %.1fs (engine=%s, max_resident=%d)", time.monotonic() - start,
-                 config.engine, config.max_resident_adapters)
+        log.info("loraplex worker ready in %.1fs (engine=%s, num_slots=%d, resident_adapters=%d)",
+                 time.monotonic() - start, config.engine, config.num_slots, config.resident_adapters)
 
     def handle(self, data, context):
         self.context = context

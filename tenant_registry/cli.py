@@ -51,7 +51,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from .config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
                      TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "management_url": getattr(args, "management_url", None), "model_name": getattr(args, "model_name", None)})
         COMMANDS[args.command](args, cfg, out)
         return EXIT_OK
-    except (RegistryError, OSError) as e:
+    except (RegistryError, ConfigError, OSError) as e:
         code = _exit_code(e)
         out.error(e, code)
         return code

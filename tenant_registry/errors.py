@@ -9,6 +9,11 @@ caller input (tenant ids are shortened with `shorten()`).
 """
 from __future__ import annotations
 
+# ConfigError lives with the one config (both the worker and the control plane raise it); re-exported
+# here for the control plane's raisers (validate.py: a bad base model dir; registry.py: a bad redis_url).
+# It is not a RegistryError: callers that map errors (tenantctl's exit codes) name it on its own.
+from loraplex_common.config import ConfigError  # noqa: F401
+
 
 def shorten(value: object, limit: int = 40) -> str:
     """repr() of untrusted input, cut to `limit` characters so a 10 KB id cannot flood a log."""
@@ -18,14 +23,6 @@ def shorten(value: object, limit: int = 40) -> str:
 
 class RegistryError(Exception):
     """Base of every error raised by `tenant_registry`."""
-
-
-class ConfigError(RegistryError):
-    """A configuration value is missing or malformed; `key` names it (None = the file itself)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 class InvalidTenantId(RegistryError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 
-from .config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from .errors import TenantNotFound
 from .ids import adapter_id, validate_tenant_id
 from .keys import digest_key, generate_key

@@ -71,7 +71,7 @@ def stack(tiny_model_dir, redis_url, tmp_path_factory) -> E2EStack:
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     cfg.update({"batchSize": 4, "maxBatchDelay": 200})
-    cfg["handler"].update({"max_resident_adapters": 2, "base_model_name": "", "max_new_tokens_cap": 32,
+    cfg["handler"].update({"num_slots": 4, "base_model_name": "", "max_new_tokens_cap": 32,
                            "idle_ttl_s": 600, "registry_cache_s": 30})
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     build_archive(tiny_model_dir, tmp / "model_store", config_file=tmp / "model-config.yaml")

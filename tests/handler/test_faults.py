@@ -7,7 +7,7 @@ import time
 from handler.service import LoraplexService, RawRequest
 from loraplex_testing.services import free_port
 from loraplex_testing.services import RedisServer
-from tenant_registry.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec
 

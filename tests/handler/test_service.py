@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from handler.service import LoraplexService, RawRequest
 from loraplex_testing.oracle import reference_generate
-from tenant_registry.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec
 
@@ -23,7 +23,7 @@ NEW = 6
 def _config(redis_url: str, store: Path, **overrides) -> LoraplexConfig:
     return LoraplexConfig.from_mapping({
         "redis_url": redis_url, "redis_prefix": f"svc{next(_prefixes)}", "adapter_store": str(store),
-        "max_resident_adapters": 2, "idle_ttl_s": 600, "max_new_tokens_cap": 32, "max_prompt_tokens": 64,
+        "num_slots": 4, "idle_ttl_s": 600, "max_new_tokens_cap": 32, "max_prompt_tokens": 64,
         "negative_cache_s": 60, "registry_cache_s": 30, **overrides})
 
 
@@ -108,7 +108,7 @@ def test_bad_request_fails_alone_in_its_batch(make_service, tiny_model_dir, tiny
 
 
 def test_lru_eviction_and_reload_keep_outputs_right(make_service, tiny_model_dir, tiny_adapters):
-    svc = make_service(max_resident_adapters=2)
+    svc = make_service(num_slots=4)
     for name in ("a", "b", "c"):
         _onboard(svc, f"t-{name}", tiny_adapters[name])
     expected = {n: _expected(svc, tiny_model_dir, tiny_adapters[n]) for n in ("a", "b", "c")}

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from tenant_registry.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import TenantRegistry
 from tenant_registry.store import AdapterStore
 from tenant_registry.validate import BaseModelSpec

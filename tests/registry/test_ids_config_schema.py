@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from tenant_registry.config import DEFAULT_TARGET_MODULES, LoraplexConfig
-from tenant_registry.errors import ConfigError, InvalidTenantId
+from loraplex_common.config import DEFAULT_TARGET_MODULES, LoraplexConfig
+from loraplex_common.config import ConfigError
+from tenant_registry.errors import InvalidTenantId
 from tenant_registry.ids import adapter_id, is_valid_tenant_id, parse_adapter_id, validate_tenant_id
 from tenant_registry.schema import RecordError, TenantRecord
 
@@ -41,7 +42,9 @@ def test_adapter_ids():
 def test_config_defaults():
     c = LoraplexConfig.load(env={})
     assert c.redis_url == "redis://127.0.0.1:6379/0" and c.redis_prefix == "loraplex"
-    assert c.max_rank == 64 and c.max_adapter_bytes == 268435456 and c.max_resident_adapters == 8
+    assert c.max_rank == 64 and c.max_adapter_bytes == 268435456
+    assert c.num_slots == 10 and c.resident_adapters == 8  # slot 0 = base, one spare
+    assert c.lora_backend == "auto" and c.triton_pdl is True
     assert c.unknown_tenant_policy == "base" and c.load_failure_policy == "base" and c.require_tenant is False
     assert c.target_modules == DEFAULT_TARGET_MODULES and c.engine == "multilora" and c.decode == "auto"
     assert c.management_url == "http://127.0.0.1:8081" and c.model_name == "loraplex"
@@ -52,10 +55,11 @@ def test_config_known_keys():
     """The full set of keys (README's config table documents each); a new key must be added here."""
     assert set(LoraplexConfig().to_dict()) == {
         "redis_url", "redis_prefix", "adapter_store", "base_model_dir", "base_model_name", "max_rank",
-        "max_adapter_bytes", "max_resident_adapters", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
+        "max_adapter_bytes", "num_slots", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
         "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
-        "engine", "decode", "decode_graph_buckets", "cpu_gather_workspace_mb", "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url",
-        "model_name"}
+        "engine", "decode", "decode_graph_buckets", "lora_backend", "triton_pdl", "cpu_gather_workspace_mb",
+        "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url", "model_name",
+        "model_store", "management_key_file"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})
     assert ei.value.key == "require_tenant_keys" and "require_tenant_key" in str(ei.value)
@@ -77,7 +81,7 @@ def test_config_yaml_env_override_precedence(tmp_path):
                             overrides={"redis_prefix": "fromflag", "adapter_store": None})
     assert c.max_rank == 8 and c.engine == "peft" and c.require_tenant is True
     assert c.target_modules == ("q_proj", "v_proj") and c.idle_ttl_s == 5.0
-    assert c.redis_prefix == "fromflag" and c.adapter_store == "./var/adapters"
+    assert c.redis_prefix == "fromflag" and c.adapter_store == str(tmp_path.resolve() / "var" / "adapters")
     # The parsed section a TorchServe worker gets sits below env.
     c2 = LoraplexConfig.load(handler_section={"max_rank": 4, "device": "cpu"}, env={"LORAPLEX_MAX_RANK": "12"})
     assert c2.max_rank == 12 and c2.device == "cpu"
@@ -90,8 +94,9 @@ def test_config_yaml_env_override_precedence(tmp_path):
     ("unknown_tenant_policy", "allow"), ("load_failure_policy", 1), ("require_tenant", "maybe"),
     ("device", "tpu"), ("dtype", "int8"), ("engine", "vllm"), ("target_modules", []),
     ("target_modules", "q_proj;rm -rf"), ("redis_url", "http://x"), ("redis_prefix", "a b"),
-    ("management_url", "ftp://x"), ("model_name", ""), ("max_resident_adapters", 1.5),
-    ("max_resident_adaptors", 3),  # typo: unknown key
+    ("management_url", "ftp://x"), ("model_name", ""), ("num_slots", 1.5), ("num_slots", 2),
+    ("num_slot", 3),  # typo: unknown key
+    ("lora_backend", "cuda"), ("triton_pdl", "maybe"),
     ("require_tenant_key", "sometimes"), ("require_tenant_key", 1), ("registry_stale_s", -5),
     ("registry_stale_s", "inf"), ("registry_stale_s", False),
 ])

@@ -1,0 +1,368 @@
+"""LoraplexConfig: the one configuration of loraplex. The worker (handler/), the engine's settings
+(built from it in handler/service.py) and `tenantctl` all read this object; nothing else reads a
+`LORAPLEX_*` variable.
+
+Sources, lowest to highest precedence:
+  1. the defaults below;
+  2. the `handler:` section of TorchServe's model-config.yaml;
+  3. environment variables `LORAPLEX_<KEY UPPER>` (e.g. LORAPLEX_REDIS_URL; `env_name(key)`);
+  4. `overrides` passed by the caller (tenantctl's flags).
+
+Why strict: an unknown key in the `handler:` section (a typo such as `num_slot`) and an unknown
+`LORAPLEX_*` variable (`LORAPLEX_NUM_SLOT`) are errors naming the key and the closest known one,
+not silently ignored settings. The few `LORAPLEX_*` variables that are not settings are listed
+once, in NON_SETTING_ENV. Values from env are strings, parsed by the same typed parsers as YAML
+values. Every error is a ConfigError whose `key` is the bad key.
+
+Slots, the one capacity: every pool has `num_slots` slots; slot 0 is the base model (all zeros),
+SPARE_SLOTS slot is kept free so a new adapter loads before an old one is evicted, and the rest
+(`resident_adapters = num_slots - 1 - SPARE_SLOTS`) hold the worker's resident adapters.
+
+Relative paths (PATH_KEYS) read from a model-config file, and the defaults of a config loaded from
+one, are resolved against that file's directory, so `tenantctl` run from anywhere with
+`--model-config` writes where the workers read. Relative paths from env, flags or an already
+parsed `handler_section` (inside a TorchServe worker, whose file's directory is unknown) are kept
+as given: relative to the process's working directory.
+
+Immutable once built; safe to share between threads.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .adapter_format import DEFAULT_TARGET_MODULES
+
+ENV_PREFIX = "LORAPLEX_"
+SPARE_SLOTS = 1        # the slot a new adapter is loaded into before an old one is evicted
+MIN_SLOTS = 2 + SPARE_SLOTS  # slot 0 (base) + the spare + at least one resident adapter
+
+# LORAPLEX_* variables that are not settings of this object (each read by the one tool named).
+# Every other LORAPLEX_* variable must be a setting's env name, or the loader refuses it.
+NON_SETTING_ENV: dict[str, str] = {
+    "LORAPLEX_MODEL_CONFIG": "tenantctl: the model-config.yaml to read when --model-config is not given "
+                             "(default ./model-config.yaml if it exists)",
+    "LORAPLEX_TS_TOKEN": "tenantctl status: the TorchServe management token (a secret, so never a config key)",
+    "LORAPLEX_CACHE": "make model / make adapters: where the converted base model and the demo adapters are "
+                      "cached (default ~/.cache/loraplex)",
+}
+MODEL_CONFIG_FILE = "model-config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; `key` names it (None = the file itself)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class LoraplexConfig:
+    """Every loraplex setting. The README's configuration table documents each (tests/test_config_readme.py)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "loraplex"
+    adapter_store: str = "var/adapters"
+    base_model_dir: str = ""            # "" = the TorchServe model dir (tenantctl: <model_store>/<model_name>)
+    base_model_name: str = ""           # identity adapters must name; "" = any name (shapes still checked)
+    max_rank: int = 64
+    max_adapter_bytes: int = 268435456
+    num_slots: int = 10                 # per pool; slot 0 = base, SPARE_SLOTS spare, the rest resident adapters
+    idle_ttl_s: float = 600.0
+    unknown_tenant_policy: str = "base"     # base | reject
+    load_failure_policy: str = "base"       # base | error
+    require_tenant: bool = False
+    require_tenant_key: bool = False        # requests must carry the tenant's key (X-Tenant-Key)
+    max_new_tokens_cap: int = 256
+    max_prompt_tokens: int = 2048
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                     # auto | float32 | bfloat16 | float16
+    engine: str = "multilora"               # multilora | peft
+    decode: str = "auto"                    # auto | generate | static | graphs (multilora engine)
+    decode_graph_buckets: int = 8           # static KV caches + CUDA graphs kept per worker (LRU)
+    lora_backend: str = "auto"              # auto | torch | triton (multilora engine's GPU LoRA path)
+    triton_pdl: bool = True                 # Triton kernels may use programmatic dependent launch (Hopper+)
+    cpu_gather_workspace_mb: int = 512      # CPU: memory kept for gathering mixed batches' adapters (0 = none)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    negative_cache_s: float = 30.0
+    registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
+    registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
+    management_url: str = "http://127.0.0.1:8081"
+    model_name: str = "loraplex"
+    model_store: str = "model_store"        # TorchServe's model store (tenantctl finds the workers' base model there)
+    management_key_file: str = "var/torchserve/key_file.json"  # TorchServe's key file (tenantctl status)
+
+    @property
+    def resident_adapters(self) -> int:
+        """Adapters a worker keeps loaded: num_slots - 1 (slot 0, the base) - SPARE_SLOTS."""
+        return self.num_slots - 1 - SPARE_SLOTS
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "LoraplexConfig":
+        """Build from a plain mapping (e.g. a parsed `handler:` section). Unknown keys are errors."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"handler settings must be a mapping, got {type(data).__name__}")
+        for k in data:
+            if k not in _PARSERS:
+                raise ConfigError(f"unknown config key {str(k)!r}{_did_you_mean(str(k), _PARSERS)}"
+                                  f" (known keys: {', '.join(sorted(_PARSERS))})", key=str(k))
+        values = {k: _PARSERS[k](k, v) for k, v in data.items()}
+        return cls(**values)
+
+    @classmethod
+    def load(cls, model_config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+             env: Mapping[str, str] = os.environ, *,
+             handler_section: Mapping[str, Any] | None = None) -> "LoraplexConfig":
+        """Defaults < model-config.yaml `handler:` section < env LORAPLEX_* < overrides.
+
+        The `handler:` section comes from the file at `model_config_path`, or, inside a TorchServe
+        worker, already parsed as `handler_section=context.model_yaml_config.get("handler")` (pass it
+        there, not as `overrides`, so env variables can still override the YAML).
+        `overrides` entries whose value is None are ignored (so CLI flags that were not given can be
+        passed through unconditionally). An unknown LORAPLEX_* variable in `env` is a ConfigError.
+        """
+        merged: dict[str, Any] = {}
+        if model_config_path:
+            path = Path(model_config_path)
+            section = dict(_read_handler_section(path))
+            base = path.resolve().parent
+            for k in PATH_KEYS:  # the file's relative paths (and the defaults) are relative to the file
+                v = section.get(k, getattr(cls, k))
+                if isinstance(v, (str, os.PathLike)) and os.fspath(v) and not os.path.isabs(v):
+                    section[k] = str(base / v)
+            merged.update(section)
+        if handler_section is not None:
+            if not isinstance(handler_section, Mapping):
+                raise ConfigError("'handler' section must be a mapping", key="handler")
+            merged.update(handler_section)
+        merged.update(settings_from_env(env))
+        for k, v in (overrides or {}).items():
+            if v is not None:
+                merged[k] = v
+        return cls.from_mapping(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (target_modules as a list)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+
+PATH_KEYS = ("adapter_store", "base_model_dir", "model_store", "management_key_file")
+
+
+def env_name(key: str) -> str:
+    """The environment variable that overrides config key `key`."""
+    return ENV_PREFIX + key.upper()
+
+
+def settings_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings that `env` sets, by key (unparsed). An unknown LORAPLEX_* name is a ConfigError
+    naming it and the closest known name."""
+    by_env = {env_name(k): k for k in _PARSERS}
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV:
+            continue
+        if name not in by_env:
+            raise ConfigError(f"unknown environment variable {name}{_did_you_mean(name, [*by_env, *NON_SETTING_ENV])}"
+                              f" (LORAPLEX_* variables are settings; see README 'Configuration')", key=name)
+        out[by_env[name]] = value
+    return out
+
+
+def env_value(name: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """The value of one of NON_SETTING_ENV's variables ('' counts as unset)."""
+    if name not in NON_SETTING_ENV:
+        raise KeyError(f"{name} is not one of loraplex's non-setting variables")
+    return env.get(name) or None
+
+
+def find_model_config(explicit: str | os.PathLike | None, env: Mapping[str, str] = os.environ,
+                      cwd: str | os.PathLike | None = None) -> Path | None:
+    """The model-config.yaml a command-line tool reads: `explicit` (a flag), else LORAPLEX_MODEL_CONFIG,
+    else ./model-config.yaml when it exists, else None (defaults, env and flags only)."""
+    if explicit:
+        return Path(explicit)
+    named = env_value("LORAPLEX_MODEL_CONFIG", env)
+    if named:
+        return Path(named)
+    here = Path(cwd or os.getcwd()) / MODEL_CONFIG_FILE
+    return here if here.is_file() else None
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _read_handler_section(path: Path) -> Mapping[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read model config {str(path)!r}: {e.strerror or e}") from e
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"model config {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"model config {str(path)!r} must be a YAML mapping")
+    section = doc.get("handler") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"'handler' section of {str(path)!r} must be a mapping", key="handler")
+    return section
+
+
+# ---------------------------------------------------------------------- typed parsers
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _str(key: str, v: Any) -> str:
+    if isinstance(v, (bool, int, float)) or not isinstance(v, (str, os.PathLike)):
+        raise ConfigError(f"config key {key!r} must be a string, got {type(v).__name__}", key=key)
+    return os.fspath(v)
+
+
+def _nonempty_str(key: str, v: Any) -> str:
+    s = _str(key, v).strip()
+    if not s:
+        raise ConfigError(f"config key {key!r} must not be empty", key=key)
+    return s
+
+
+def _int(minimum: int, why: str = "") -> Callable[[str, Any], int]:
+    def parse(key: str, v: Any) -> int:
+        if isinstance(v, bool):
+            raise ConfigError(f"config key {key!r} must be an integer, got a boolean", key=key)
+        if isinstance(v, str):
+            try:
+                v = int(v.strip().replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"config key {key!r} must be an integer, got {v!r}", key=key) from None
+        if not isinstance(v, int):
+            raise ConfigError(f"config key {key!r} must be an integer, got {type(v).__name__}", key=key)
+        if v < minimum:
+            raise ConfigError(f"config key {key!r} must be >= {minimum}{why}, got {v}", key=key)
+        return v
+    return parse
+
+
+def _float(minimum: float) -> Callable[[str, Any], float]:
+    def parse(key: str, v: Any) -> float:
+        if isinstance(v, bool):
+            raise ConfigError(f"config key {key!r} must be a number, got a boolean", key=key)
+        if isinstance(v, str):
+            try:
+                v = float(v.strip())
+            except ValueError:
+                raise ConfigError(f"config key {key!r} must be a number, got {v!r}", key=key) from None
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {v!r}", key=key)
+        if v < minimum:
+            raise ConfigError(f"config key {key!r} must be >= {minimum}, got {v}", key=key)
+        return float(v)
+    return parse
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ConfigError(f"config key {key!r} must be true or false, got {v!r}", key=key)
+
+
+def _choice(*choices: str, pattern: str | None = None) -> Callable[[str, Any], str]:
+    def parse(key: str, v: Any) -> str:
+        s = _str(key, v).strip().lower()
+        if s in choices or (pattern and re.fullmatch(pattern, s)):
+            return s
+        raise ConfigError(f"config key {key!r} must be one of {'|'.join(choices)}, got {v!r}", key=key)
+    return parse
+
+
+def _modules(key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        items = [p.strip() for p in v.split(",")]
+    elif isinstance(v, (list, tuple)):
+        items = [_str(key, p).strip() for p in v]
+    else:
+        raise ConfigError(f"config key {key!r} must be a list or a comma-separated string", key=key)
+    items = [p for p in items if p]
+    if not items:
+        raise ConfigError(f"config key {key!r} must name at least one module", key=key)
+    for p in items:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", p):
+            raise ConfigError(f"config key {key!r}: bad module name {p!r}", key=key)
+    return tuple(dict.fromkeys(items))
+
+
+def _url(*schemes: str) -> Callable[[str, Any], str]:
+    def parse(key: str, v: Any) -> str:
+        s = _nonempty_str(key, v)
+        if not any(s.startswith(sc + "://") for sc in schemes):
+            raise ConfigError(f"config key {key!r} must be a {'/'.join(schemes)} URL, got {s!r}", key=key)
+        return s.rstrip("/") if schemes[0].startswith("http") else s
+    return parse
+
+
+def _prefix(key: str, v: Any) -> str:
+    s = _nonempty_str(key, v)
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", s):
+        raise ConfigError(f"config key {key!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -, got {s!r}", key=key)
+    return s
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "redis_url": _url("redis", "rediss", "unix"),
+    "redis_prefix": _prefix,
+    "adapter_store": _nonempty_str,
+    "base_model_dir": _str,
+    "base_model_name": _str,
+    "max_rank": _int(1),
+    "max_adapter_bytes": _int(1),
+    "num_slots": _int(MIN_SLOTS, " (slot 0 is the base model and one slot is the spare)"),
+    "idle_ttl_s": _float(0.0),
+    "unknown_tenant_policy": _choice("base", "reject"),
+    "load_failure_policy": _choice("base", "error"),
+    "require_tenant": _bool,
+    "require_tenant_key": _bool,
+    "max_new_tokens_cap": _int(1),
+    "max_prompt_tokens": _int(1),
+    "device": _choice("auto", "cpu", "cuda", pattern=r"cuda:[0-9]{1,2}"),
+    "dtype": _choice("auto", "float32", "bfloat16", "float16"),
+    "engine": _choice("multilora", "peft"),
+    "decode": _choice("auto", "generate", "static", "graphs"),
+    "decode_graph_buckets": _int(1),
+    "lora_backend": _choice("auto", "torch", "triton"),
+    "triton_pdl": _bool,
+    "cpu_gather_workspace_mb": _int(0),
+    "target_modules": _modules,
+    "negative_cache_s": _float(0.0),
+    "registry_cache_s": _float(0.0),
+    "registry_stale_s": _float(0.0),
+    "management_url": _url("http", "https"),
+    "model_name": _nonempty_str,
+    "model_store": _nonempty_str,
+    "management_key_file": _nonempty_str,
+}
+assert set(_PARSERS) == {f.name for f in fields(LoraplexConfig)}, "every config key needs a parser"
+
+
+def parse_value(key: str, value: Any) -> Any:
+    """One key's value through its typed parser (what a YAML or env value becomes)."""
+    if key not in _PARSERS:
+        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, _PARSERS)}", key=key)
+    return _PARSERS[key](key, value)
