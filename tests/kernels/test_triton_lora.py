@@ -253,25 +253,26 @@ def test_gpu_matches_reference(case):
     check_case("cuda", dtype, N, S, d_in, d_out, r_max, r_used, K=9, seed=hash(case) % 10_000)
 
 
-@pytest.mark.gpu
-@gpu
+# Same sizes on both: the interpreter runs them in a few seconds (strided x/out, int32 slots,
+# all-base / one-slot / all-distinct batches are layouts the small interpreter cases above lack).
+@pytest.mark.parametrize("dev", [pytest.param("cuda", marks=(pytest.mark.gpu, gpu)), pytest.param("cpu", marks=interp)])
 @pytest.mark.parametrize("S", [1, 7])
-def test_gpu_special_slot_patterns_strides_int32(S):
+def test_special_slot_patterns_strides_int32(dev, S):
     N = 12
     for slots in ([0] * N, [3] * N, list(range(1, N + 1)), [0, 5] * (N // 2)):
         if all(s == 0 for s in slots):
             # every row base: nothing to compare against but "untouched"
             gen = torch.Generator().manual_seed(0)
-            A, Bt, scaling = make_pool(13, 16, 100, 90, [0] + [16] * 12, torch.bfloat16, "cuda", gen)
-            x = torch.randn(N, S, 100, device="cuda", dtype=torch.bfloat16)
-            out = torch.randn(N, S, 90, device="cuda", dtype=torch.bfloat16)
+            A, Bt, scaling = make_pool(13, 16, 100, 90, [0] + [16] * 12, torch.bfloat16, dev, gen)
+            x = torch.randn(N, S, 100, device=dev, dtype=torch.bfloat16)
+            out = torch.randn(N, S, 90, device=dev, dtype=torch.bfloat16)
             base = out.clone()
-            tl_lora.add_mixed_triton_(out, x, torch.zeros(N, dtype=torch.long, device="cuda"), A, Bt, scaling, 16)
+            tl_lora.add_mixed_triton_(out, x, torch.zeros(N, dtype=torch.long, device=dev), A, Bt, scaling, 16)
             assert torch.equal(out, base)
             continue
-        check_case("cuda", torch.bfloat16, N, S, 100, 90, 16, 16, K=13, slots=slots)
-    check_case("cuda", torch.float32, N, S, 300, 200, 16, 8, K=13, x_strided=True)
-    check_case("cuda", torch.bfloat16, N, S, 300, 200, 16, 8, K=13, slot_dtype=torch.int32)
+        check_case(dev, torch.bfloat16, N, S, 100, 90, 16, 16, K=13, slots=slots)
+    check_case(dev, torch.float32, N, S, 300, 200, 16, 8, K=13, x_strided=True)
+    check_case(dev, torch.bfloat16, N, S, 300, 200, 16, 8, K=13, slot_dtype=torch.int32)
 
 
 @pytest.mark.gpu
