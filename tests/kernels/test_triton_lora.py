@@ -5,8 +5,8 @@
   CUDA or triton.
 * Interpreter tests: a few small shapes through Triton's CPU interpreter
   (TRITON_INTERPRET=1, set here before the kernels are first imported) when
-  triton is installed and there is no GPU; skipped when triton is missing
-  (the project's install does not install it).
+  triton is installed and there is no GPU (CI: the `test` extra installs it);
+  skipped when triton is missing.
 * Always: the package imports without triton, and the custom op (CPU fallback
   to the plain-torch path) passes `torch.library.opcheck` and traces under
   torch.compile.
