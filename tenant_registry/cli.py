@@ -18,11 +18,23 @@ already exist unless --replace. Records point into the adapter store: back up th
 alongside the export (see tenant_registry/backup.py).
 
 Global options (also accepted after the sub-command):
-  --model-config PATH   read settings from a TorchServe model-config.yaml `handler:` section
+  --model-config PATH   the TorchServe model-config.yaml whose `handler:` section holds the settings
+                        (default: env LORAPLEX_MODEL_CONFIG, else ./model-config.yaml if it exists)
   --redis-url URL       (env LORAPLEX_REDIS_URL)       --store DIR      adapter store root
   --base-model-dir DIR  base model to validate against  --json           one JSON document on stdout
   --management-url URL, --model-name NAME, --token TOKEN (env LORAPLEX_TS_TOKEN), --key-file PATH
-Settings precedence: defaults < model-config.yaml < env LORAPLEX_* < command-line flags.
+Settings precedence: defaults < model-config.yaml < env LORAPLEX_* < command-line flags (the one
+loader, loraplex_common/config.py). Relative paths in the model config (and the defaults of the
+path settings) are relative to the config file's directory; relative flags to the current directory.
+
+Which base model and store (so `tenantctl onboard acme ./acme-adapter` works in the project dir after
+`make demo`): the store is `adapter_store`; the base model is `base_model_dir`, or, when that is empty
+(the workers then load the TorchServe model dir), the archive `<model_store>/<model_name>` the workers
+load (make archive copies the base model into it). `onboard` refuses a store that cannot be the one
+the workers read: a relative default with no model config to anchor it, or a store that holds none of
+the registered tenants' files. `status` reads the management token from --token, LORAPLEX_TS_TOKEN,
+or the key file (--key-file, else `management_key_file`: TorchServe writes key_file.json in the
+directory it is started from; the demo's is var/torchserve/key_file.json).
 
 Exit codes (scripts may rely on them):
   0  ok
@@ -49,9 +61,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Sequence
 
-from loraplex_common.config import LoraplexConfig
+from loraplex_common.config import LoraplexConfig, env_value, find_model_config, settings_from_env
 from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
                      TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
@@ -179,13 +192,48 @@ def _registry(cfg: LoraplexConfig) -> TenantRegistry:
     return TenantRegistry(cfg.redis_url, cfg.redis_prefix)
 
 
-def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
-    if not cfg.base_model_dir:
-        raise ConfigError("onboard needs the base model: pass --base-model-dir or set base_model_dir",
+def base_model_dir(cfg: LoraplexConfig) -> Path:
+    """The base model adapters are validated against: `base_model_dir`, or, when it is empty (workers
+    load the TorchServe model dir), the archive `<model_store>/<model_name>` the workers load."""
+    if cfg.base_model_dir:
+        return Path(cfg.base_model_dir)
+    archive = Path(cfg.model_store) / cfg.model_name
+    if not (archive / "config.json").is_file():
+        raise ConfigError(f"onboard needs the base model the workers load: base_model_dir is empty and the model "
+                          f"archive {str(archive)!r} (model_store/model_name) has no config.json; run `make archive` "
+                          "or pass --base-model-dir (or --model-config for the model config that names them)",
                           key="base_model_dir")
-    spec = BaseModelSpec.from_model_dir(cfg.base_model_dir, name=cfg.base_model_name or None)
+    return archive
+
+
+def check_store(reg: TenantRegistry, store: AdapterStore, *, anchored: bool) -> None:
+    """Refuse a store that cannot be the one the workers read (ConfigError, nothing written).
+
+    `anchored` is False when adapter_store is a relative default that no model config or flag fixed:
+    it would land under whatever directory tenantctl runs in. And a store holding the files of none
+    of the registered tenants' current versions is another directory than the one onboarding wrote to
+    so far (the workers would answer those tenants with the base model: 'stored file unreadable')."""
+    root = store.root
+    if not anchored:
+        raise ConfigError(f"adapter store {str(root)!r} is relative and no model config anchors it (no "
+                          "./model-config.yaml, LORAPLEX_MODEL_CONFIG or --model-config): run tenantctl in the "
+                          "directory holding model-config.yaml, pass --model-config, or give an absolute --store",
+                          key="adapter_store")
+    current = reg.list()
+    if current and not any(_store_has(store, r.to_dict()) for r in current):
+        sample = current[0]
+        raise ConfigError(f"adapter store {str(root.resolve())!r} holds none of the {len(current)} registered "
+                          f"tenants' adapters (e.g. {sample.adapter_id} at {sample.path}): it is not the store "
+                          "the workers read; use the model config the workers use (--model-config) or its "
+                          "adapter_store", key="adapter_store")
+
+
+def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    spec = BaseModelSpec.from_model_dir(base_model_dir(cfg), name=cfg.base_model_name or None)
     reg = _registry(cfg)
-    rec = onboard(reg, AdapterStore(cfg.adapter_store), spec, args.tenant, args.adapter_dir, cfg)
+    store = AdapterStore(cfg.adapter_store)
+    check_store(reg, store, anchored=args.store_anchored)
+    rec = onboard(reg, store, spec, args.tenant, args.adapter_dir, cfg)
     key = ensure_key(reg, rec.tenant_id)
     text = f"onboarded {rec.adapter_id}\n{_record_text(rec)}"
     if key is not None:
@@ -300,30 +348,44 @@ def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> No
     out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")
 
 
-def _token(args: argparse.Namespace) -> str | None:
+def _token(args: argparse.Namespace, cfg: LoraplexConfig) -> str | None:
+    """--token, else LORAPLEX_TS_TOKEN, else the management key in the key file; None when the key
+    file does not exist (fetch_status then says the token is missing and where it lives)."""
     if getattr(args, "token", None):
         return args.token
-    if os.environ.get("LORAPLEX_TS_TOKEN"):
-        return os.environ["LORAPLEX_TS_TOKEN"]
-    if getattr(args, "key_file", None):
-        try:
-            doc = json.loads(open(args.key_file).read())
-            return doc["management"]["key"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"cannot read the management key from {args.key_file!r}: {e}", key="key_file") from e
-    return None
+    if env_value("LORAPLEX_TS_TOKEN"):
+        return env_value("LORAPLEX_TS_TOKEN")
+    path = Path(cfg.management_key_file)
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return doc["management"]["key"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read the management key from {str(path)!r}: {e}",
+                          key="management_key_file") from e
+
+
+def _no_token_hint(key_file: str | None) -> str:
+    where = f" (looked in {key_file!r}: not there)" if key_file else ""
+    return ("no TorchServe management token was given" + where + ": TorchServe writes it to key_file.json in the "
+            "directory it was started from (the demo's: var/torchserve/key_file.json), under \"management\"; "
+            "pass --key-file PATH, --token TOKEN or env LORAPLEX_TS_TOKEN")
 
 
 def fetch_status(management_url: str, model_name: str, token: str | None,
-                 timeout_s: float = TS_TIMEOUT_S) -> list[dict[str, Any]]:
+                 timeout_s: float = TS_TIMEOUT_S, *, key_file: str | None = None) -> list[dict[str, Any]]:
     """GET <management_url>/models/<model>?customized=true and return one entry per model version:
-    {"model_version", "pid", "engine", "active_adapter", "resident", "counters", "workers", "metadata_error"}."""
+    {"model_version", "pid", "engine", "active_adapter", "resident", "counters", "workers", "metadata_error"}.
+    `key_file` only names, in the error for a missing token, where the token was looked for."""
     url = f"{management_url.rstrip('/')}/models/{urllib.parse.quote(model_name, safe='')}?customized=true"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             body = resp.read()
     except urllib.error.HTTPError as e:
+        if token is None and e.code in (400, 401, 403):  # TorchServe answers 400 to a request without a token
+            raise TorchServeRefused(f"TorchServe refused the request ({e.code}): {_no_token_hint(key_file)}") from e
         if e.code == 404:
             raise ModelNotFound(f"TorchServe at {management_url} has no model {model_name!r}") from e
         if e.code in (401, 403):
@@ -366,7 +428,7 @@ def fetch_status(management_url: str, model_name: str, token: str | None,
 
 
 def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
-    entries = fetch_status(cfg.management_url, cfg.model_name, _token(args))
+    entries = fetch_status(cfg.management_url, cfg.model_name, _token(args, cfg), key_file=cfg.management_key_file)
     now = time.time()
     lines = []
     for e in entries:
@@ -402,10 +464,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = _Out(bool(getattr(args, "json", False)))
     try:
-        cfg = LoraplexConfig.load(getattr(args, "model_config", None), overrides={
+        model_config = find_model_config(getattr(args, "model_config", None))
+        cfg = LoraplexConfig.load(model_config, overrides={
             "redis_url": getattr(args, "redis_url", None), "adapter_store": getattr(args, "store", None),
             "base_model_dir": getattr(args, "base_model_dir", None),
-            "management_url": getattr(args, "management_url", None), "model_name": getattr(args, "model_name", None)})
+            "management_url": getattr(args, "management_url", None), "model_name": getattr(args, "model_name", None),
+            "management_key_file": getattr(args, "key_file", None)})
+        # A relative store is only trusted when a model config resolved it or the user named it.
+        args.store_anchored = (os.path.isabs(cfg.adapter_store) or model_config is not None
+                               or getattr(args, "store", None) is not None
+                               or "adapter_store" in settings_from_env(os.environ))
         COMMANDS[args.command](args, cfg, out)
         return EXIT_OK
     except (RegistryError, ConfigError, OSError) as e:

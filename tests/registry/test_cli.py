@@ -122,6 +122,8 @@ class _FakeTorchServe(BaseHTTPRequestHandler):
             "peft_config": {}, "counters": {"evictions": 1, "fallbacks": 0}}
 
     def do_GET(self):  # noqa: N802
+        if self.headers.get("Authorization") is None:  # what TorchServe 0.12 answers without a token
+            return self._send(400, {"code": 400, "message": "Token Authorization failed"})
         if self.headers.get("Authorization") != f"Bearer {self.token}":
             return self._send(401, {"code": 401, "message": "Token Authorization failed"})
         if not self.path.startswith("/models/loraplex?customized=true"):
@@ -160,6 +162,18 @@ def test_cli_status(ctl, tmp_path):
         assert rc == 1 and "refused" in doc["error"]["message"]
         rc, doc, _ = ctl("--json", "status", "--management-url", url, "--token", "s3cret", "--model-name", "x")
         assert rc == 3
+        # No token anywhere: the error says so and where the token lives (was: 'TorchServe answered 400').
+        rc, doc, text = ctl("--json", "status", "--management-url", url)
+        msg = doc["error"]["message"]
+        assert rc == 1 and "no TorchServe management token" in msg and "key_file.json" in msg, msg
+        assert str(tmp_path / "var" / "torchserve" / "key_file.json") in msg  # the default it looked at
+        rc, doc, _ = ctl("--json", "status", "--management-url", url, "--key-file", str(tmp_path / "nope.json"))
+        assert rc == 1 and "nope.json" in doc["error"]["message"] and "--key-file" in doc["error"]["message"]
+        # The default key file, relative to the model config's directory, is found without a flag.
+        (tmp_path / "var" / "torchserve").mkdir(parents=True)
+        shutil.copy(key_file, tmp_path / "var" / "torchserve" / "key_file.json")
+        rc, doc, _ = ctl("--json", "status", "--management-url", url)
+        assert rc == 0 and doc["versions"][0]["pid"] == 4242
     finally:
         server.shutdown()
         server.server_close()
@@ -251,3 +265,80 @@ def test_cli_export_import(ctl, tiny_adapters, tmp_path, redis_url):
         assert rc == 4 and doc["error"]["type"] == "BackupInvalid"
     rc, doc, _ = ctl("--json", "import", str(tmp_path / "missing.json"))
     assert rc == 4 and "cannot read" in doc["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- first use (issue 16, finding 7)
+@pytest.fixture
+def project(tmp_path, redis_url, prefix, tiny_model_dir):
+    """A project directory as `make demo` leaves it: model-config.yaml with relative paths and the
+    model archive (base model files copied flat) under model_store/loraplex."""
+    proj = tmp_path / "proj"
+    shutil.copytree(tiny_model_dir, proj / "model_store" / "loraplex")
+    (proj / "model-config.yaml").write_text(
+        f"minWorkers: 1\nhandler:\n  redis_url: {redis_url}\n  redis_prefix: {prefix}\n  max_rank: 16\n"
+        "  adapter_store: var/adapters\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+
+    def run(*args: str, cwd: Path = proj, env_extra: dict | None = None) -> tuple[int, dict | None, str]:
+        p = subprocess.run([str(TENANTCTL), "--json", *args], capture_output=True, text=True, cwd=cwd,
+                           env={**env, **(env_extra or {})}, timeout=60)
+        return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None, p.stdout + p.stderr
+    run.proj, run.elsewhere = proj, elsewhere
+    return run
+
+
+def test_cli_first_use_in_the_project_dir(project, tiny_adapters):
+    """`tenantctl onboard acme ./adapter` with no flags: ./model-config.yaml gives Redis, the store and
+    (through the archive) the base model."""
+    rc, doc, text = project("onboard", "acme", str(tiny_adapters["a"]))
+    assert rc == 0, text
+    assert (project.proj / "var" / "adapters" / "acme" / "v1" / "adapter_model.safetensors").is_file()
+    rc, doc, _ = project("list")
+    assert rc == 0 and [t["adapter_id"] for t in doc["tenants"]] == ["acme@v1"]
+
+
+def test_cli_relative_store_resolves_against_the_config_file(project, tiny_adapters):
+    el = project.elsewhere
+    rc, _, text = project("--model-config", "../proj/model-config.yaml", "onboard", "acme", str(tiny_adapters["a"]),
+                          cwd=el)
+    assert rc == 0, text
+    rc, _, text = project("onboard", "zeta", str(tiny_adapters["b"]), cwd=el,
+                          env_extra={"LORAPLEX_MODEL_CONFIG": str(project.proj / "model-config.yaml")})
+    assert rc == 0, text
+    assert sorted(p.name for p in (project.proj / "var" / "adapters").iterdir() if p.name != ".staging") == [
+        "acme", "zeta"]
+    assert list(el.iterdir()) == []  # nothing written under the current directory
+
+
+def test_cli_refuses_a_store_the_workers_do_not_read(project, tiny_adapters, redis_url, prefix, tiny_model_dir):
+    el = project.elsewhere
+    assert project("onboard", "acme", str(tiny_adapters["a"]))[0] == 0
+    # No model config here: the relative default store would land under ./var/adapters.
+    bare = {"LORAPLEX_REDIS_URL": redis_url, "LORAPLEX_REDIS_PREFIX": prefix}
+    rc, doc, _ = project("onboard", "zeta", str(tiny_adapters["b"]), "--base-model-dir", str(tiny_model_dir),
+                         cwd=el, env_extra=bare)
+    assert rc == 2 and doc["error"]["type"] == "ConfigError" and "no model config" in doc["error"]["message"]
+    # A store that holds none of the registered tenants' files is another directory than the workers'.
+    rc, doc, _ = project("onboard", "zeta", str(tiny_adapters["b"]), "--store", str(el / "other-store"),
+                         env_extra={"LORAPLEX_MODEL_CONFIG": str(project.proj / "model-config.yaml")}, cwd=el)
+    assert rc == 2 and "not the store the workers read" in doc["error"]["message"] and "acme@v1" in doc["error"]["message"]
+    assert list(el.iterdir()) == []
+    rc, doc, _ = project("show", "zeta")
+    assert rc == 3  # no record written
+
+
+def test_cli_unknown_loraplex_variable_is_an_error(project):
+    rc, doc, _ = project("list", env_extra={"LORAPLEX_NUM_SLOT": "4"})
+    assert rc == 2 and "LORAPLEX_NUM_SLOT" in doc["error"]["message"]
+    assert "did you mean LORAPLEX_NUM_SLOTS" in doc["error"]["message"]
+    rc, _, _ = project("list", env_extra={"LORAPLEX_TS_TOKEN": "x", "LORAPLEX_CACHE": "/tmp"})  # not settings
+    assert rc == 0
+
+
+def test_cli_onboard_without_a_base_model_says_where_it_looked(project, tiny_adapters):
+    shutil.rmtree(project.proj / "model_store")
+    rc, doc, _ = project("onboard", "acme", str(tiny_adapters["a"]))
+    msg = doc["error"]["message"]
+    assert rc == 2 and "model_store" in msg and "--base-model-dir" in msg and "make archive" in msg

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from loraplex_common.config import DEFAULT_TARGET_MODULES, LoraplexConfig
-from loraplex_common.config import ConfigError
+from loraplex_common.config import ConfigError, find_model_config
 from tenant_registry.errors import InvalidTenantId
 from tenant_registry.ids import adapter_id, is_valid_tenant_id, parse_adapter_id, validate_tenant_id
 from tenant_registry.schema import RecordError, TenantRecord
@@ -110,6 +111,53 @@ def test_config_env_error_names_key():
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.load(env={"LORAPLEX_MAX_NEW_TOKENS_CAP": "-3"})
     assert ei.value.key == "max_new_tokens_cap"
+
+
+def test_config_unknown_loraplex_variables_are_errors():
+    with pytest.raises(ConfigError) as ei:
+        LoraplexConfig.load(env={"LORAPLEX_MAX_RANKS": "8"})
+    assert ei.value.key == "LORAPLEX_MAX_RANKS" and "did you mean LORAPLEX_MAX_RANK?" in str(ei.value)
+    with pytest.raises(ConfigError, match="LORAPLEX_LORA_BAKEND"):
+        LoraplexConfig.load(env={"LORAPLEX_LORA_BAKEND": "torch"})
+    # The non-setting variables (NON_SETTING_ENV) and other prefixes are not settings and not errors.
+    c = LoraplexConfig.load(env={"LORAPLEX_TS_TOKEN": "t", "LORAPLEX_MODEL_CONFIG": "x.yaml", "LORAPLEX_CACHE": "/c",
+                                 "LORAPLEXX": "1", "LORAPLEX_LORA_BACKEND": "TORCH", "LORAPLEX_TRITON_PDL": "0"})
+    assert c.lora_backend == "torch" and c.triton_pdl is False
+    with pytest.raises(ConfigError, match=r"did you mean num_slots\?"):
+        LoraplexConfig.from_mapping({"num_slot": 4})
+
+
+def test_config_slots_one_capacity():
+    c = LoraplexConfig.from_mapping({"num_slots": 3})
+    assert c.resident_adapters == 1  # slot 0 = base, one spare, one resident
+    with pytest.raises(ConfigError, match="base model"):
+        LoraplexConfig.from_mapping({"num_slots": 2})
+
+
+def test_config_relative_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    y = proj / "model-config.yaml"
+    y.write_text("handler:\n  adapter_store: var/adapters\n  base_model_dir: models/base\n"
+                 "  model_store: /abs/store\n")
+    monkeypatch.chdir(tmp_path)
+    c = LoraplexConfig.load("proj/model-config.yaml", env={})
+    assert c.adapter_store == str(proj.resolve() / "var" / "adapters")
+    assert c.base_model_dir == str(proj.resolve() / "models" / "base") and c.model_store == "/abs/store"
+    assert c.management_key_file == str(proj.resolve() / "var" / "torchserve" / "key_file.json")  # a default
+    # env and flags are where they were typed: the current directory.
+    c = LoraplexConfig.load(y, env={"LORAPLEX_ADAPTER_STORE": "mine"}, overrides={"base_model_dir": "flag"})
+    assert c.adapter_store == "mine" and c.base_model_dir == "flag"
+    # An empty base_model_dir stays empty (= the TorchServe model dir); no file: nothing is resolved.
+    assert LoraplexConfig.load(env={}).base_model_dir == "" and LoraplexConfig.load(env={}).adapter_store == "var/adapters"
+
+
+def test_find_model_config(tmp_path):
+    assert find_model_config("x.yaml", env={}, cwd=tmp_path) == Path("x.yaml")
+    assert find_model_config(None, env={"LORAPLEX_MODEL_CONFIG": "/m.yaml"}, cwd=tmp_path) == Path("/m.yaml")
+    assert find_model_config(None, env={}, cwd=tmp_path) is None
+    (tmp_path / "model-config.yaml").write_text("handler: {}\n")
+    assert find_model_config(None, env={}, cwd=tmp_path) == tmp_path / "model-config.yaml"
 
 
 def test_config_bad_yaml(tmp_path):
