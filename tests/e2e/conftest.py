@@ -38,7 +38,7 @@ class E2EStack:
     def tenantctl(self, *args: str) -> subprocess.CompletedProcess:
         """The real `tenantctl --json ...` against this stack's registry, store, model and TorchServe."""
         exe = Path(sys.executable).parent / "tenantctl"
-        base = [str(exe), "--json", "--redis-url", self.redis_url, "--store", str(self.store),
+        base = [str(exe), "--json", "--model-config", str(self.tmp / "model-config.yaml"), "--redis-url", self.redis_url, "--store", str(self.store),
                 "--base-model-dir", str(self.model), "--management-url", self.ts.management_url,
                 "--key-file", str(self.ts.workdir / "key_file.json")]
         return subprocess.run(base + list(args), capture_output=True, text=True, timeout=120,
