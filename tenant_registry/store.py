@@ -8,7 +8,9 @@ a half-written version directory.
 
 Who calls what:
   * `install`, `remove_version`, `remove_tenant` -- onboarding / CLI processes only.
-  * `path_for`, `verify` -- workers (any thread; they only read).
+  * `read` -- workers (any thread; it only reads): the adapter's bytes, read once, their sha256
+    checked against the record; the engine loads from those same bytes (`AdapterBytes`).
+  * `path_for`, `verify` -- tools and the CLI (verify = read and discard).
 Callers never pass paths from requests; `path_for` takes a TenantRecord and
 refuses any location that resolves outside the root (symlinks included).
 """
@@ -22,10 +24,12 @@ import stat
 import uuid
 from pathlib import Path
 
+from loraplex_common.adapter_format import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, AdapterBytes
+
 from .errors import AdapterInvalid, RegistryError
 from .ids import validate_tenant_id
 from .schema import TenantRecord
-from .validate import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterManifest
+from .validate import AdapterManifest
 
 STAGING = ".staging"
 _CHUNK = 1 << 20
@@ -56,41 +60,55 @@ class AdapterStore:
             raise StoreError(f"adapter path {record.path!r} points into the staging area")
         return target
 
-    def verify(self, record: TenantRecord) -> Path:
-        """Check the stored copy still is what was onboarded; return its directory.
-
-        Recomputes sha256 of the weights (streaming) and checks that adapter_config.json still says
-        LORA with the record's r / lora_alpha / use_rslora. Raises AdapterInvalid (code
-        "missing_file", "sha256_mismatch" or "config_mismatch") naming the adapter and file.
+    def read(self, record: TenantRecord) -> AdapterBytes:
+        """The stored adapter of `record`, read once: its weights' sha256 is checked on exactly the
+        bytes returned, and adapter_config.json must still say LORA with the record's r / lora_alpha /
+        use_rslora (the engine then applies every adapter rule to these bytes). Raises AdapterInvalid
+        (code "missing_file", "sha256_mismatch" or "config_mismatch") naming the adapter and file,
+        StoreError for a path outside the store.
         """
         d = self.path_for(record)
-        weights = d / WEIGHTS_FILE
-        try:
-            h = hashlib.sha256()
-            fd = os.open(weights, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            with os.fdopen(fd, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                    raise AdapterInvalid(f"{record.adapter_id}: stored weights are not a regular file",
-                                         code="missing_file", file=WEIGHTS_FILE)
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
-            cfg = json.loads((d / CONFIG_FILE).read_text())
-        except OSError as e:
-            raise AdapterInvalid(f"{record.adapter_id}: stored file unreadable ({e.strerror})", code="missing_file",
-                                 file=Path(e.filename or WEIGHTS_FILE).name) from e
-        except ValueError:
-            raise AdapterInvalid(f"{record.adapter_id}: stored config is not valid JSON", code="config_mismatch",
-                                 file=CONFIG_FILE) from None
-        if h.hexdigest() != record.sha256:
+        weights = self._read_file(record, d / WEIGHTS_FILE, None)
+        raw_cfg = self._read_file(record, d / CONFIG_FILE, MAX_CONFIG_BYTES)
+        adapter = AdapterBytes.of(raw_cfg, weights, record.adapter_id)
+        if adapter.sha256 != record.sha256:
             raise AdapterInvalid(f"{record.adapter_id}: sha256 mismatch (stored file altered)",
                                  code="sha256_mismatch", file=WEIGHTS_FILE)
+        try:
+            cfg = json.loads(raw_cfg.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise AdapterInvalid(f"{record.adapter_id}: stored config is not valid JSON", code="config_mismatch",
+                                 file=CONFIG_FILE) from None
+        alpha = cfg.get("lora_alpha", 8) if isinstance(cfg, dict) else None
         ok = (isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" and cfg.get("r") == record.rank
-              and float(cfg.get("lora_alpha", 8)) == record.alpha
+              and type(alpha) in (int, float) and float(alpha) == record.alpha
               and bool(cfg.get("use_rslora", False)) == record.use_rslora and not cfg.get("use_dora"))
         if not ok:
             raise AdapterInvalid(f"{record.adapter_id}: stored config no longer matches the record",
                                  code="config_mismatch", file=CONFIG_FILE)
-        return d
+        return adapter
+
+    def verify(self, record: TenantRecord) -> Path:
+        """`read` for its checks only (the CLI, before pointing workers at a version); returns the directory."""
+        self.read(record)
+        return self.path_for(record)
+
+    @staticmethod
+    def _read_file(record: TenantRecord, path: Path, limit: int | None) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise AdapterInvalid(f"{record.adapter_id}: stored file is not a regular file",
+                                         code="missing_file", file=path.name)
+                if limit is not None and st.st_size > limit:
+                    raise AdapterInvalid(f"{record.adapter_id}: stored file is over {limit} bytes",
+                                         code="config_mismatch", file=path.name)
+                return fh.read()
+        except OSError as e:
+            raise AdapterInvalid(f"{record.adapter_id}: stored file unreadable ({e.strerror})", code="missing_file",
+                                 file=path.name) from e
 
     # ------------------------------------------------------------------ writing (onboarding)
     def install(self, tenant: str, version: int, src_dir: str | os.PathLike, manifest: AdapterManifest) -> str:

@@ -3,7 +3,7 @@
 Who calls it: `onboarding.onboard` (the CLI process). It reads the tenant's
 directory, never executes or unpickles anything, and never imports torch.
 
-What a tenant's adapter directory may contain:
+What a tenant's adapter directory may contain (the directory rules are onboarding's own):
   * `adapter_config.json` and `adapter_model.safetensors` -- required, regular files;
   * pickle-ish files (*.bin *.pt *.pth *.pkl *.ckpt *.pickle) -- the whole adapter is
     refused, because their presence means the tenant handed us pickled weights;
@@ -13,46 +13,35 @@ What a tenant's adapter directory may contain:
     and NOT copied into the store. Deliberate: PEFT writes a README.md next to
     every adapter, refusing it would refuse every real adapter.
 
-Checks on the adapter itself: peft_type LORA; no DoRA; bias "none"; no option
-the engines cannot honour (rank_pattern, alpha_pattern, modules_to_save, ...);
-1 <= r <= max_rank; weights file <= max_bytes; a well-formed safetensors header;
-every tensor is `base_model.model.<module>.lora_{A,B}.weight` of a module the
-base model has as a linear layer and that is one of the configured
-`target_modules`; A = (r, in_features), B = (out_features, r) of that module;
-every entry of the config's target_modules exists in the base model and has
-weights; floating dtypes only.
-
-Base model identity: when `base_model_name` is configured, the adapter's
-`base_model_name_or_path` must equal it exactly, or its last path component
-must equal the configured name's last path component, case-insensitively
-("HuggingFaceTB/SmolLM2-135M-Instruct" matches "smollm2-135m-instruct").
-When it is "" any name (or none) is accepted; shapes are still checked.
+Checks on the adapter itself: the weights file is at most `max_bytes`, then exactly the rules the
+worker's engines load by (`loraplex_common.adapter_format.check_adapter`: which PEFT options are
+accepted or refused, rank <= max_rank, the safetensors header, every tensor a LoRA A/B of a base
+linear layer among the configured `target_modules` with the shapes its rank implies), so an
+adapter onboarding accepts is one the engines load, and one they refuse is refused here first,
+with the same message. The base model identity rule is onboarding's
+(`adapter_format.check_base_model`): when `base_model_name` is configured, the adapter's
+`base_model_name_or_path` must equal it or have the same last path component, case-insensitively;
+"" accepts any name (shapes are still checked).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from loraplex_common.adapter_format import (ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_SUFFIXES,
+                                            WEIGHTS_FILE, AdapterBytes, AdapterRefused, HeaderError, LinearLayers,
+                                            check_adapter, check_base_model, parse_config, read_header,
+                                            same_base_model)
 
 from .errors import AdapterInvalid, ConfigError, shorten
-from .safetensors_header import HeaderError, read_header
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")
-MAX_CONFIG_BYTES = 1024 * 1024
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-# PEFT LoraConfig options that change what the weights mean in ways the engines do not implement.
-UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "lora_bias",
-                       "target_parameters", "fan_in_fan_out", "trainable_token_indices", "use_qalora")
-_KEY_RE = re.compile(r"base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<ab>[AB])\.weight")
-_READ_CHUNK = 1 << 20
+__all__ = ["ADAPTER_FILES", "CONFIG_FILE", "WEIGHTS_FILE", "AdapterManifest", "BaseModelSpec", "same_base_model",
+           "validate_adapter"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +86,7 @@ class BaseModelSpec:
             path = d / shard
             try:
                 with open(path, "rb") as fh:
-                    tensors, _ = read_header(fh, os.fstat(fh.fileno()).st_size)
+                    tensors = read_header(fh, os.fstat(fh.fileno()).st_size).tensors
             except (OSError, HeaderError) as e:
                 raise ConfigError(f"base model shard {str(path)!r}: {e}", key="base_model_dir") from e
             for key, info in tensors.items():
@@ -112,16 +101,17 @@ class BaseModelSpec:
 
     def modules_matching(self, target: str) -> list[str]:
         """Base linear modules PEFT would match with target name `target` (exact or dotted suffix)."""
-        return [m for m in self.linear if _matches(m, target)]
+        return [m for m in self.linear if m == target or m.endswith("." + target)]
+
+    def layers(self, allowed_targets: Sequence[str] | None) -> LinearLayers:
+        """The linear layers as the adapter rules see them: those whose leaf name is in
+        `allowed_targets` (None: all) may be modified, as the engine wraps exactly those."""
+        return LinearLayers.of({m: (in_f, out_f) for m, (out_f, in_f) in self.linear.items()}, allowed_targets)
 
 
 def _is_embedding(module: str) -> bool:
     leaf = module.rsplit(".", 1)[-1]
     return "embed" in leaf or leaf in ("wte", "wpe")
-
-
-def _matches(module: str, target: str) -> bool:
-    return module == target or module.endswith("." + target)
 
 
 @dataclass(frozen=True)
@@ -153,19 +143,27 @@ def validate_adapter(src_dir: str | os.PathLike, spec: BaseModelSpec, *, max_ran
         raise AdapterInvalid(f"adapter directory {str(src)!r} does not exist or is not a directory",
                              code="not_a_directory")
     _check_entries(src)
-    cfg_bytes, cfg_sha = _read_small(src / CONFIG_FILE)
-    cfg = _parse_config(cfg_bytes, base_model_name)
-    rank = cfg["r"]
-    if rank > max_rank:
-        raise AdapterInvalid(f"rank r={rank} exceeds the maximum rank {max_rank}", code="rank_too_large",
-                             file=CONFIG_FILE)
-    tensors, sha, nbytes = _read_weights(src / WEIGHTS_FILE, max_bytes)
-    modules = _check_tensors(tensors, spec, rank, cfg["target_modules"], allowed_targets)
+    cfg_bytes = _read_regular(src / CONFIG_FILE, MAX_CONFIG_BYTES, "config_too_large", "")
+    # The config first (cheap): a refused option or another base model is reported before a big file is read.
+    config = _refusing(parse_config, cfg_bytes)
+    _refusing(check_base_model, config, base_model_name)
+    weights = _read_regular(src / WEIGHTS_FILE, max_bytes, "too_large", " the maximum of")
+    adapter = AdapterBytes.of(cfg_bytes, weights, str(src))
+    parsed = _refusing(check_adapter, adapter, spec.layers(allowed_targets), max_rank)
+    modules = [m.module for m in parsed.modules]
     return AdapterManifest(
-        rank=rank, alpha=float(cfg.get("lora_alpha", 8)), use_rslora=bool(cfg.get("use_rslora", False)),
+        rank=config.r, alpha=config.lora_alpha, use_rslora=config.use_rslora,
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})), modules=tuple(sorted(modules)),
-        sha256=sha, nbytes=nbytes, config_sha256=cfg_sha, base_model=spec.name,
-        declared_base_model=cfg.get("base_model_name_or_path"))
+        sha256=adapter.sha256, nbytes=len(weights), config_sha256=hashlib.sha256(cfg_bytes).hexdigest(),
+        base_model=spec.name, declared_base_model=config.base_model_name_or_path)
+
+
+def _refusing(rule, *args):
+    """Run one of the shared adapter rules; its refusal becomes this package's AdapterInvalid."""
+    try:
+        return rule(*args)
+    except AdapterRefused as r:
+        raise AdapterInvalid(r.reason, code=r.code, file=r.file) from r
 
 
 # ---------------------------------------------------------------------------- steps
@@ -192,146 +190,20 @@ def _check_entries(src: Path) -> None:
             raise AdapterInvalid("is not a regular file", code="not_regular_file", file=name)
 
 
-def _open_regular(path: Path) -> tuple[int, os.stat_result]:
-    """Open without following symlinks and confirm it is a regular file (the lstat check could be raced)."""
+def _read_regular(path: Path, limit: int, code: str, what: str) -> bytes:
+    """The whole file, opened without following symlinks, confirmed regular (the lstat check could be
+    raced) and at most `limit` bytes, read once."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise AdapterInvalid(f"cannot open ({e.strerror})", code="unreadable", file=path.name) from e
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise AdapterInvalid("is not a regular file", code="not_regular_file", file=path.name)
-    return fd, st
-
-
-def _read_small(path: Path) -> tuple[bytes, str]:
-    fd, st = _open_regular(path)
     with os.fdopen(fd, "rb") as fh:
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise AdapterInvalid(f"is {st.st_size} bytes, more than {MAX_CONFIG_BYTES}", code="config_too_large",
-                                 file=path.name)
-        data = fh.read(MAX_CONFIG_BYTES + 1)
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def _parse_config(raw: bytes, base_model_name: str) -> dict[str, Any]:
-    def bad(reason: str, code: str = "bad_config") -> AdapterInvalid:
-        return AdapterInvalid(reason, code=code, file=CONFIG_FILE)
-
-    try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise bad(f"not valid JSON ({str(e)[:120]})") from None
-    if not isinstance(cfg, dict):
-        raise bad("must be a JSON object")
-    if cfg.get("peft_type") != "LORA":
-        raise bad(f"peft_type must be \"LORA\", got {shorten(cfg.get('peft_type'))}", code="not_lora")
-    if cfg.get("use_dora"):
-        raise bad("DoRA adapters (use_dora: true) are not supported", code="dora")
-    if cfg.get("bias", "none") != "none":
-        raise bad(f"bias must be \"none\", got {shorten(cfg.get('bias'))}", code="bias")
-    for opt in UNSUPPORTED_OPTIONS:
-        if cfg.get(opt):
-            raise bad(f"option {opt!r} is not supported (got {shorten(cfg.get(opt))})", code="unsupported_option")
-    r = cfg.get("r")
-    if type(r) is not int or r < 1:
-        raise bad(f"r must be a positive integer, got {shorten(r)}", code="bad_rank")
-    alpha = cfg.get("lora_alpha", 8)
-    if type(alpha) not in (int, float) or not (alpha == alpha) or abs(alpha) == float("inf"):
-        raise bad(f"lora_alpha must be a number, got {shorten(alpha)}")
-    if type(cfg.get("use_rslora", False)) is not bool:
-        raise bad("use_rslora must be true or false")
-    tm = cfg.get("target_modules")
-    if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
-        raise bad("target_modules must be a non-empty list of module names (regex strings are not supported)",
-                  code="bad_target_modules")
-    declared = cfg.get("base_model_name_or_path")
-    if base_model_name:
-        if not isinstance(declared, str) or not same_base_model(declared, base_model_name):
-            raise bad(f"base_model_name_or_path {shorten(declared, 80)} does not name the base model "
-                      f"{base_model_name!r}", code="base_model_mismatch")
-    elif declared is not None and not isinstance(declared, str):
-        raise bad("base_model_name_or_path must be a string")
-    return cfg
-
-
-def same_base_model(declared: str, expected: str) -> bool:
-    """Exact match, or equal last path components (case-insensitive). See the module docstring."""
-    if declared == expected:
-        return True
-    def last(s: str) -> str:
-        return re.split(r"[/\\]", s.rstrip("/\\"))[-1].lower()
-    return bool(last(declared)) and last(declared) == last(expected)
-
-
-def _read_weights(path: Path, max_bytes: int) -> tuple[dict, str, int]:
-    st = os.lstat(path)
-    if st.st_size > max_bytes:
-        raise AdapterInvalid(f"is {st.st_size} bytes, more than the maximum of {max_bytes}", code="too_large",
-                             file=path.name)
-    fd, st = _open_regular(path)
-    with os.fdopen(fd, "rb") as fh:
-        if st.st_size > max_bytes:
-            raise AdapterInvalid(f"is {st.st_size} bytes, more than the maximum of {max_bytes}", code="too_large",
-                                 file=path.name)
-        try:
-            tensors, _meta = read_header(fh, st.st_size)
-        except HeaderError as e:
-            raise AdapterInvalid(f"not a valid safetensors file: {e}", code="corrupt_safetensors",
-                                 file=path.name) from None
-        fh.seek(0)
-        h = hashlib.sha256()
-        n = 0
-        while chunk := fh.read(_READ_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    if n != st.st_size:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterInvalid("is not a regular file", code="not_regular_file", file=path.name)
+        if st.st_size > limit:
+            raise AdapterInvalid(f"is {st.st_size} bytes, more than{what} {limit}", code=code, file=path.name)
+        data = fh.read(limit + 1)
+    if len(data) != st.st_size:
         raise AdapterInvalid("changed while being read", code="changed_during_read", file=path.name)
-    return tensors, h.hexdigest(), n
-
-
-def _check_tensors(tensors: Mapping, spec: BaseModelSpec, rank: int, config_targets: Iterable[str],
-                   allowed_targets: Sequence[str] | None) -> set[str]:
-    def bad(reason: str, code: str) -> AdapterInvalid:
-        return AdapterInvalid(reason, code=code, file=WEIGHTS_FILE)
-
-    if not tensors:
-        raise bad("contains no tensors", "no_tensors")
-    config_targets = list(config_targets)
-    seen: dict[str, set[str]] = {}
-    for key, info in sorted(tensors.items()):
-        m = _KEY_RE.fullmatch(key)
-        if m is None:
-            raise bad(f"unexpected tensor {shorten(key, 120)}: only "
-                      "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' are accepted", "unexpected_tensor")
-        module, ab = m.group("module"), m.group("ab")
-        if module not in spec.linear:
-            raise bad(f"tensor {shorten(key, 120)} is for module {module!r}, which the base model "
-                      f"{spec.name!r} does not have as a linear layer", "unknown_module")
-        leaf = module.rsplit(".", 1)[-1]
-        if allowed_targets is not None and not any(_matches(module, t) for t in allowed_targets):
-            raise bad(f"module {module!r} is not an allowed target (allowed: {', '.join(allowed_targets)})",
-                      "target_not_allowed")
-        if not any(_matches(module, t) for t in config_targets):
-            raise bad(f"tensor for module {module!r} but {leaf!r} is not in the config's target_modules",
-                      "config_mismatch")
-        if info.dtype not in FLOAT_DTYPES:
-            raise bad(f"tensor {shorten(key, 120)} has dtype {info.dtype}; expected one of {FLOAT_DTYPES}", "bad_dtype")
-        out_f, in_f = spec.linear[module]
-        expected = (rank, in_f) if ab == "A" else (out_f, rank)
-        if info.shape != expected:
-            raise bad(f"tensor {shorten(key, 120)} has shape {list(info.shape)}, expected {list(expected)} "
-                      f"(r={rank}, base layer {module} is out={out_f} x in={in_f})", "shape_mismatch")
-        seen.setdefault(module, set()).add(ab)
-    for module, parts in sorted(seen.items()):
-        if parts != {"A", "B"}:
-            missing = ({"A", "B"} - parts).pop()
-            raise bad(f"module {module!r} has no lora_{missing}.weight", "missing_tensor")
-    for t in config_targets:
-        if not spec.modules_matching(t):
-            raise AdapterInvalid(f"target module {t!r} does not exist in the base model {spec.name!r}",
-                                 code="unknown_module", file=CONFIG_FILE)
-        if not any(_matches(m, t) for m in seen):
-            raise bad(f"target module {t!r} has no weights", "missing_tensor")
-    return set(seen)
+    return data

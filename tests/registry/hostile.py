@@ -182,8 +182,18 @@ def bias_all(d, outside):
     return "bias"
 
 
-def rank_pattern(d, outside):
-    _edit_config(d, rank_pattern={"q_proj": 2})
+def modules_to_save(d, outside):
+    _edit_config(d, modules_to_save=["lm_head"])
+    return "unsupported_option"
+
+
+def pissa_init(d, outside):
+    _edit_config(d, init_lora_weights="pissa")  # trained against a rewritten base: wrong on ours
+    return "unsupported_option"
+
+
+def unknown_option_set(d, outside):
+    _edit_config(d, use_some_future_variant=True)
     return "unsupported_option"
 
 
@@ -206,5 +216,6 @@ def weights_fifo(d, outside):
 HOSTILE = [pickle_bin, pickle_pt_only, wrong_shape_in, wrong_shape_rank, module_base_lacks, target_base_lacks,
            non_lora_tensor, target_not_allowed, missing_b, int_dtype, rank_above_max, oversize, symlink_outside,
            symlink_extra, truncated, truncated_header, corrupt_header_len, corrupt_header_json, tiny_file,
-           trailing_garbage, other_base_model, dora, not_lora, bias_all, rank_pattern, config_not_json,
+           trailing_garbage, other_base_model, dora, not_lora, bias_all, modules_to_save, pissa_init,
+           unknown_option_set, config_not_json,
            config_missing, weights_fifo]

