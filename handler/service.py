@@ -91,7 +91,7 @@ class LoraplexService:
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
                                        stale_s=config.registry_stale_s)
         self.residency = AdapterResidency(
-            engine, locate=store.path_for, verify=store.verify,
+            engine, read=store.read,
             max_resident=config.resident_adapters, idle_ttl_s=config.idle_ttl_s,
             negative_cache_s=config.negative_cache_s)
         self.fallbacks: dict[str, int] = {}
@@ -148,7 +148,7 @@ class LoraplexService:
 
     def _next_wave(self, pending: dict[int, Plan]) -> list[int]:
         """Rows that fit in the resident set together: all base rows and rows of at most
-        `max_resident_adapters` distinct adapters, resident ones first (no load needed).
+        `config.resident_adapters` distinct adapters, resident ones first (no load needed).
         A batch needing more adapters than that is served in several waves, each one
         engine call, rather than falling back to the base model."""
         resident = self.residency.resident_ids()
