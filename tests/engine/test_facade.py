@@ -116,3 +116,19 @@ def test_engine_state_semantics(kind, tiny_model_dir, tokenizer, engine_adapters
     assert eng.generate([GenerationRow(prompt, None, params)])[0] == base
     eng.load_adapter(str(engine_adapters["r64"]), "r64")  # reload after emptying
     assert eng.generate([GenerationRow(prompt, "r64", params)])[0] == tuned
+
+
+def test_lora_backend_comes_from_settings_not_the_environment(tiny_model_dir, monkeypatch):
+    """The backend is fixed when the model is built (EngineSettings.lora_backend / triton_pdl); the
+    old LORAPLEX_LORA_BACKEND variable is the config loader's business and the engine never reads it."""
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+    monkeypatch.setenv("LORAPLEX_TRITON_PDL", "0")
+    m = MultiLoraModel(load_base(tiny_model_dir), EngineSettings(num_slots=2, max_rank=8, lora_backend="triton"))
+    assert m.lora_backend.mode == "triton" and m.lora_backend.pdl is True
+    off = MultiLoraModel(load_base(tiny_model_dir), EngineSettings(num_slots=2, max_rank=8, lora_backend="torch",
+                                                                   triton_pdl=False))
+    assert off.lora_backend.mode == "torch" and off.lora_backend.kernels is None and not off.lora_backend.pdl
+    m.set_lora_backend("torch")
+    assert m.lora_backend.mode == "torch" and not m.lora_backend.usable
+    with pytest.raises(ValueError, match="unknown lora_backend"):
+        EngineSettings(lora_backend="cuda")

@@ -102,7 +102,7 @@ def test_installed_on_llama_mlps_only_and_falls_back(tiny_model_dir, tiny_adapte
     _, off = build(gated_mlp=False)
     assert not any("forward" in layer.mlp.__dict__ for layer in off.model.model.layers)
     rows = ["a", None, "b", "a"]
-    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    ml.set_lora_backend("triton")
     with torch.inference_mode():
         for length in (1, 6):  # a one-token forward is never served by the fused path
             ids = torch.randint(3, 200, (len(rows), length), device=DEV)

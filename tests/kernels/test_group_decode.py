@@ -126,18 +126,18 @@ def _count_launches(monkeypatch) -> list:
     calls = []
 
     def counting(real):
-        def launch(x, pool, scales, slots, members, *rest):
+        def launch(x, pool, scales, slots, members, *rest, **kw):
             calls.append(len(members))
-            return real(x, pool, scales, slots, members, *rest)
+            return real(x, pool, scales, slots, members, *rest, **kw)
         return launch
 
     for name in ("group_deltas_triton", "group_decode_linears"):  # prefill / decode step
         monkeypatch.setattr(kernels, name, counting(getattr(kernels, name)))
 
     def gated(real):  # an MLP's gate/up pair fused into its activation (`multilora.gated_mlp`)
-        def launch(x, g, u, pool, scales, slots, members, *rest):
+        def launch(x, g, u, pool, scales, slots, members, *rest, **kw):
             calls.append(("gated", len(members)))
-            return real(x, g, u, pool, scales, slots, members, *rest)
+            return real(x, g, u, pool, scales, slots, members, *rest, **kw)
         return launch
 
     monkeypatch.setattr(kernels, "group_gated_act", gated(kernels.group_gated_act))
@@ -197,10 +197,10 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
     rows = [names[0], None, names[1], names[2]]
     ids = torch.randint(3, 200, (len(rows), 7), device=DEV)
     with torch.inference_mode():
-        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+        ml.set_lora_backend("torch")
         ref = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
         base_ref = ml(input_ids=ids, adapter_names=[None] * len(rows), use_cache=False).logits
-        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")  # CPU: the kernels in Triton's interpreter
+        ml.set_lora_backend("triton")  # CPU: the kernels in Triton's interpreter
         launches = _count_launches(monkeypatch)
         got = ml(input_ids=ids, adapter_names=rows, use_cache=False).logits
         n_layers = base.config.num_hidden_layers
@@ -212,9 +212,9 @@ def test_prefill_runs_through_group_launches_and_matches_the_torch_path(tiny_mod
         single_ref = ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False).logits
         # one slot on every row: the layers' plain GEMMs serve q/k/v, o and down
         assert launches == [("gated", 2)] * n_layers
-        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+        ml.set_lora_backend("torch")
         single_torch = ml(input_ids=ids, adapter_names=[names[0]] * len(rows), use_cache=False).logits
-        monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+        ml.set_lora_backend("triton")
         with pytest.raises(BatchShapeError, match="beam search"):  # rows no longer match the slots
             ml.generate(input_ids=ids[:2], adapter_names=rows[:2], num_beams=2, max_new_tokens=2, do_sample=False,
                         pad_token_id=0)

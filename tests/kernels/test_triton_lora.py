@@ -124,7 +124,7 @@ def _cpu_args(seed=0, N=5, S=3, d_in=24, d_out=20, r=4):
 
 
 def test_custom_op_opcheck_cpu():
-    args = _cpu_args()
+    args = (*_cpu_args(), True)  # pdl: a decode launch may use PDL (no effect on a CPU)
     torch.library.opcheck(torch.ops.loraplex.add_mixed_lora_.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

@@ -26,10 +26,10 @@ Two layouts per stage:
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from .triton_lora import INTERPRET as _INTERPRET
 
 try:  # programmatic dependent launch (Hopper+); triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -49,7 +49,7 @@ except Exception:  # pragma: no cover - older triton
 
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot wrongly (numpy
 # has no bf16); under it, dots run in fp32. Compiled kernels are unaffected.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+INTERPRET = tl.constexpr(_INTERPRET)  # Triton's own switch, read once (triton_lora.INTERPRET)
 
 
 @triton.jit

@@ -44,8 +44,8 @@ def _triton_importable() -> bool:
     return True
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton's own switch for its CPU interpreter, read once at import (triton reads it the same way).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available() -> bool:
@@ -53,7 +53,7 @@ def available() -> bool:
     CUDA device (or triton's CPU interpreter is switched on)."""
     if not _triton_importable():
         return False
-    return torch.cuda.is_available() or _interpret()
+    return torch.cuda.is_available() or INTERPRET
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,9 +70,9 @@ def _num_sms(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _pdl_supported(device_index: int) -> bool:
-    """PDL: Hopper or newer, a triton that has gdc_* and the launch_pdl option,
-    and not switched off by LORAPLEX_TRITON_PDL=0."""
-    if os.environ.get("LORAPLEX_TRITON_PDL", "1") == "0" or _interpret():
+    """PDL: Hopper or newer and a triton that has gdc_* and the launch_pdl option (the engine can
+    switch it off: `EngineSettings.triton_pdl`, passed to the launchers as ``pdl``)."""
+    if INTERPRET:
         return False
     if torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
@@ -86,8 +86,9 @@ def _pdl_supported(device_index: int) -> bool:
     return bool(_k().HAS_GDC)
 
 
-def _use_pdl(device: torch.device) -> bool:
-    if device.type != "cuda":
+def _use_pdl(device: torch.device, allowed: bool = True) -> bool:
+    """Whether launches on `device` use PDL: `allowed` (the caller's setting) and supported there."""
+    if not allowed or device.type != "cuda":
         return False
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -226,7 +227,7 @@ def _run_expand(out3: torch.Tensor, partials: torch.Tensor, split: int, Bt: torc
 
 
 def _add_mixed_impl(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
-                    scaling: torch.Tensor, rank: int, cfg: KernelConfig | None = None) -> None:
+                    scaling: torch.Tensor, rank: int, cfg: KernelConfig | None = None, pdl: bool = True) -> None:
     N, S, d_in = x.shape
     d_out = out.shape[-1]
     if N == 0 or S == 0 or rank == 0:
@@ -234,7 +235,7 @@ def _add_mixed_impl(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: 
     if cfg is None:
         # PDL pays in decode (hides the expand's launch and prologue, ~1.5-2 µs);
         # in prefill the waiting expand programs cost the shrink SM slots.
-        cfg = choose_config(N, S, d_in, d_out, rank, x.dtype, _sms(x.device), pdl=S == 1 and _use_pdl(x.device))
+        cfg = choose_config(N, S, d_in, d_out, rank, x.dtype, _sms(x.device), pdl=S == 1 and _use_pdl(x.device, pdl))
     # Rows of slot-0 tokens are never written nor read: empty is enough.
     partials = torch.empty((cfg.split, N * S, cfg.block_r), dtype=torch.float32, device=x.device)
     _run_shrink(x, A, slots, scaling, rank, cfg, partials)
@@ -260,9 +261,9 @@ def _check_mixed(out, x, slots, A, Bt, scaling, rank) -> None:
 # ----------------------------------------------------------------------------
 @torch.library.custom_op("loraplex::add_mixed_lora_", mutates_args=("out",))
 def _add_mixed_op(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
-                  scaling: torch.Tensor, rank: int) -> None:
-    if x.is_cuda or (_interpret() and _triton_importable()):
-        _add_mixed_impl(out, x, slots, A, Bt, scaling, rank)
+                  scaling: torch.Tensor, rank: int, pdl: bool) -> None:
+    if x.is_cuda or (INTERPRET and _triton_importable()):
+        _add_mixed_impl(out, x, slots, A, Bt, scaling, rank, pdl=pdl)
         return
     # CPU without the interpreter: the plain-torch path (same math).
     from ..multilora import ops
@@ -272,7 +273,7 @@ def _add_mixed_op(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: to
 
 
 @_add_mixed_op.register_fake
-def _(out, x, slots, A, Bt, scaling, rank) -> None:
+def _(out, x, slots, A, Bt, scaling, rank, pdl) -> None:
     return None
 
 
@@ -280,7 +281,7 @@ def _(out, x, slots, A, Bt, scaling, rank) -> None:
 # public entry points
 # ----------------------------------------------------------------------------
 def add_mixed_triton_(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
-                      scaling: torch.Tensor, rank: int) -> torch.Tensor:
+                      scaling: torch.Tensor, rank: int, pdl: bool = True) -> torch.Tensor:
     """``out[n, s] += scaling[slots[n]] * (x[n, s] @ A[slots[n], :rank].T) @ Bt[slots[n], :rank]``, in place.
 
     Preconditions (asserted, shapes/dtypes only - nothing reads tensor values):
@@ -291,10 +292,11 @@ def add_mixed_triton_(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A
     ``0 <= rank <= min(r_max, 64)``; pool entries past a slot's true rank are
     zero (so ``rank`` = the largest rank among the batch's slots is exact);
     slot values in ``[0, K)`` (not checked: that would need a sync). Slot 0 rows
-    are skipped on the device. Returns ``out``.
+    are skipped on the device. ``pdl``: a decode call may use programmatic dependent
+    launch where the GPU supports it. Returns ``out``.
     """
     _check_mixed(out, x, slots, A, Bt, scaling, rank)
-    torch.ops.loraplex.add_mixed_lora_(out, x, slots, A, Bt, scaling, int(rank))
+    torch.ops.loraplex.add_mixed_lora_(out, x, slots, A, Bt, scaling, int(rank), bool(pdl))
     return out
 
 
@@ -359,7 +361,7 @@ class GroupMember:
 
 def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
                         members: "list[GroupMember] | tuple[GroupMember, ...]", d_in: int,
-                        rank: int) -> list[torch.Tensor]:
+                        rank: int, pdl: bool = True) -> list[torch.Tensor]:
     """``delta_m[n] = scaling_m[slots[n]] * (x[n] @ A_m[slot].T) @ B_m[slot].T`` for each member m,
     as contiguous slices of one fresh buffer; rows of slot 0 get zeros. Two launches for the
     whole group (a shrink over every member, then one expand writing every member's delta),
@@ -390,7 +392,7 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
     buf = torch.empty(N * sum(outs), dtype=x.dtype, device=x.device)
     ieee = x.dtype == torch.float32
     block_o = 256 if max(outs) >= 4096 else 128  # as `choose_config`: fewer programs for wide outputs
-    pdl = _use_pdl(x.device)
+    pdl = _use_pdl(x.device, pdl)
     partials, split, block_n, block_r = _decode_group_shrink(x, pool, scales, slots, members, d_in, rank, pdl)
     tiles = [_cdiv(o, block_o) for o in outs]
     extra = {"launch_pdl": True} if pdl else {}
@@ -403,7 +405,7 @@ def group_deltas_triton(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tenso
 
 def group_decode_linears(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
                          members: "list[GroupMember] | tuple[GroupMember, ...]", weights: "list[torch.Tensor]",
-                         d_in: int, rank: int) -> list[torch.Tensor]:
+                         d_in: int, rank: int, pdl: bool = True) -> list[torch.Tensor]:
     """A decode step's whole group: ``y_m = x @ W_m.T + scaling_m[slot] * (x @ A_m[slot].T) @ B_m[slot].T``
     for each member m (``x [N, in]``, one token per row), as ``[N, out_m]`` tensors.
 
@@ -422,7 +424,7 @@ def group_decode_linears(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tens
     for m, w in zip(members, weights):
         assert w.shape == (m.out, d_in) and w.stride(1) == 1 and w.dtype == x.dtype, "weight must be [out, in]"
     ieee = x.dtype == torch.float32
-    pdl = _use_pdl(x.device)
+    pdl = _use_pdl(x.device, pdl)
     partials, split, block_n, block_r = _decode_group_shrink(x, pool, scales, slots, members, d_in, rank, pdl)
     outs = []
     extra = {"launch_pdl": True} if pdl else {}

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .backend import LoraBackend
+
 
 class GatherWorkspace:
     """Memory that the per-call gathers of each row's adapter (`ops.prepare_mixed`) reuse
@@ -87,14 +89,16 @@ class GatherWorkspace:
 class BatchContext:
     """Slots for the batch in flight (None = no batch: every layer runs base only)."""
 
-    __slots__ = ("slots", "unique", "plans", "version", "kernel_rank", "workspace")
+    __slots__ = ("slots", "unique", "plans", "version", "kernel_rank", "workspace", "backend")
 
-    def __init__(self, workspace: GatherWorkspace | None = None) -> None:
+    def __init__(self, workspace: GatherWorkspace | None = None, backend: LoraBackend | None = None) -> None:
         self.slots: torch.Tensor | None = None
         self.unique: tuple[int, ...] = ()
         self.plans: dict[Any, Any] = {}
         self.version = 0
         self.workspace = workspace  # where plans gather into; None: fresh tensors
+        # which LoRA path every layer takes: fixed when the engine is built (`backend`), not per batch
+        self.backend = backend if backend is not None else LoraBackend()
         # Set for a static batch (CUDA-graph decode): every layer runs the Triton kernel at
         # this rank and reads `slots` at run time, whatever adapters the slots name now.
         self.kernel_rank: int | None = None

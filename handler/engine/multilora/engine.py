@@ -30,7 +30,6 @@ from ..errors import EngineError
 from ..generation import run_rows
 from ..settings import EngineSettings
 from ..static_decode import NotCapturable, StaticDecoder
-from .layer import kernels_usable
 from .model import MultiLoraModel
 
 
@@ -45,7 +44,7 @@ class MultiLoraEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = int(pad_token_id)
         if decode == "auto":
-            decode = "graphs" if self.model.device.type == "cuda" and kernels_usable() else "generate"
+            decode = "graphs" if self.model.device.type == "cuda" and self.model.lora_backend.usable else "generate"
         if decode == "graphs" and self.model.device.type != "cuda":
             raise EngineError("decode mode 'graphs' needs the model on a CUDA device")
         self.decode = decode

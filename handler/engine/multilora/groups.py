@@ -22,8 +22,8 @@ member's delta once for its base GEMM to accumulate into.
 Which batches use it (`SharedInputGroup.rank_for`): a static batch's one-token
 forward (`BatchContext.kernel_rank` set: the graph-captured decode step), and
 an eager forward of more than one token per row on CUDA (prefill) whose rows
-use more than one slot, unless ``LORAPLEX_LORA_BACKEND=torch``; ``=triton`` also
-sends CPU prefill through the kernels (Triton's interpreter, for tests).
+use more than one slot, unless the engine's `lora_backend` is ``torch``; ``triton`` also
+sends CPU prefill through the kernels (Triton's interpreter, for tests; see `backend`).
 Everything else takes the layer's own path: one slot on every row is two plain
 cuBLAS GEMMs there, which beat the group kernels (H100 1B prefill: 1.12 vs 1.15
 over base). The first member a forward calls computes the whole group for that input
@@ -40,7 +40,6 @@ Owned by the engine's thread, like the layers.
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -90,7 +89,7 @@ class SharedInputGroup:
                 return ctx.kernel_rank
             return None
         if (not self.prefill or x.shape[1] == 1 or len(ctx.unique) == 1 or x.shape[0] != ctx.slots.shape[0]
-                or not _triton_prefill(x)):
+                or not ctx.backend.prefill_groups(x)):
             return None  # one slot on every row: the layer's two plain GEMMs are faster; rows that do
             # not match the slots (beam search): the layer's path refuses them
         return self._prefill_rank(ctx)
@@ -111,12 +110,12 @@ class SharedInputGroup:
         whatever the adapter mix."""
         if (not self.prefill or ctx.slots is None or ctx.kernel_rank is not None or x.dim() != 3
                 or x.shape[1] <= 1 or x.shape[0] != ctx.slots.shape[0] or torch.compiler.is_compiling()
-                or not _triton_prefill(x)):
+                or not ctx.backend.prefill_groups(x)):
             return None  # rows that do not match the slots (beam search): the layers refuse them
         rank = self._prefill_rank(ctx)
         if not rank:
             return None
-        from .. import kernels
+        kernels = ctx.backend.kernels
 
         gate, up = self.layers
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -137,35 +136,22 @@ class SharedInputGroup:
         return cached[1][self.layers.index(layer)]
 
     def _outputs(self, x: torch.Tensor, ctx: BatchContext, rank: int) -> list[torch.Tensor]:
-        from .. import kernels
+        kernels = ctx.backend.kernels
 
         if x.shape[1] == 1 and ctx.kernel_rank is not None and self.fused:
             # decode step: one shrink, then each member's GEMM with its expand in the epilogue
             n = x.shape[0]
             ys = kernels.group_decode_linears(x.reshape(n, self.in_features), self.pool, self.scales, ctx.slots,
                                               self.members, [l.base_layer.weight for l in self.layers],
-                                              self.in_features, rank)
+                                              self.in_features, rank, pdl=ctx.backend.pdl)
             return [y.view(n, 1, y.shape[1]) for y in ys]
         xin = x.reshape(x.shape[0], self.in_features) if x.shape[1] == 1 else x
         deltas = kernels.group_deltas_triton(xin, self.pool, self.scales, ctx.slots, self.members,
-                                             self.in_features, rank)
+                                             self.in_features, rank, pdl=ctx.backend.pdl)
         # each member's base GEMM accumulates into its delta (beta = 1): the delta is written
         # once and read once, never added in a separate pass
         return [ops.base_plus_delta(d.view(*x.shape[:-1], l.out_features), x, l.base_layer.weight,
                                     l.base_layer.bias) for d, l in zip(deltas, self.layers)]
-
-
-def _triton_prefill(x: torch.Tensor) -> bool:
-    """Prefill through the Triton kernels: on CUDA where they run, unless
-    ``LORAPLEX_LORA_BACKEND=torch``; on a CPU only with ``=triton`` (Triton's interpreter,
-    for tests). A CPU otherwise keeps the layers' torch path: grouping it the same way (one
-    bmm shrink per group) measured no gain there (SmolLM2-135M fp32, 1 thread)."""
-    mode = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
-    if mode == "torch" or not (x.is_cuda or mode == "triton"):
-        return False
-    from .layer import kernels_usable
-
-    return kernels_usable()
 
 
 def build_groups(layers: "dict[str, MultiLoraLinear]", pool: torch.Tensor, scales: torch.Tensor,

@@ -7,8 +7,6 @@ ride in the same batch.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -25,45 +23,6 @@ class _KernelPlan:
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
-
-
-_KERNELS: object = None  # the kernels module once found usable, False when not
-
-
-def _kernels():
-    """The Triton backend if it can run here (CUDA + triton) and is not switched off
-    with LORAPLEX_LORA_BACKEND=torch; imported lazily so CPU hosts never touch it."""
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = False
-        if os.environ.get("LORAPLEX_LORA_BACKEND", "auto") != "torch":
-            try:
-                from .. import kernels
-
-                if kernels.available():
-                    _KERNELS = kernels
-            except Exception:  # no triton, or a broken install: plain torch still works
-                _KERNELS = False
-    return _KERNELS
-
-
-def kernels_usable() -> bool:
-    """Whether the Triton kernels can serve a static (graph-captured) batch here."""
-    return bool(_kernels()) and os.environ.get("LORAPLEX_LORA_BACKEND", "auto") != "torch"
-
-
-def _use_kernels(x: torch.Tensor) -> bool:
-    """Which GPU path serves this forward. LORAPLEX_LORA_BACKEND=auto (default): the Triton
-    kernels only inside CUDA-graph capture or torch.compile, where their launch cost vanishes;
-    eager forwards use the torch ops, because Triton's Python launcher costs more host time per
-    linear than the GPU work (H100, 1B, eager generate: mixed4 decode 2.72x base with Triton vs
-    1.19x with torch; bench/RESULTS.md). `triton` forces the kernels, `torch` never uses them."""
-    if not x.is_cuda or not _kernels():
-        return False
-    mode = os.environ.get("LORAPLEX_LORA_BACKEND", "auto")
-    if mode == "triton":
-        return True
-    return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
 
 
 class MultiLoraLinear(nn.Module):
@@ -147,7 +106,7 @@ class MultiLoraLinear(nn.Module):
                 return self.base_layer(x)
             if rank is not None:
                 return group.output(self, x, ctx, rank)
-        kernel = ctx.kernel_rank is not None or _use_kernels(x)
+        kernel = ctx.kernel_rank is not None or ctx.backend.eager_layer_kernels(x)
         key = -1 - self.index if kernel else self.index  # eager and captured forwards keep their own plans
         plan = ctx.plans.get(key, _NO_PLAN)
         if plan is _NO_PLAN:
@@ -165,8 +124,8 @@ class MultiLoraLinear(nn.Module):
                                       "supported with mixed adapters)")
             if type(plan) is _KernelPlan:  # GPU: the kernel adds into the base output in place
                 out = self.base_layer(x, *args, **kwargs)
-                return _kernels().add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt, self.scaling,
-                                                    plan.rank)
+                return ctx.backend.kernels.add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt,
+                                                             self.scaling, plan.rank, pdl=ctx.backend.pdl)
             delta = ops.mixed_delta(x, plan)
         if args or kwargs or type(self.base_layer) is not nn.Linear:
             return self.base_layer(x, *args, **kwargs) + delta

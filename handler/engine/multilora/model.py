@@ -26,7 +26,8 @@ from .adapter_file import AdapterFile, read_adapter
 from .context import BatchContext, GatherWorkspace
 from .gated_mlp import attach_gated_mlps
 from .groups import build_groups
-from .layer import MultiLoraLinear, kernels_usable
+from .backend import LoraBackend
+from .layer import MultiLoraLinear
 
 BASE_MARKER = "__base__"  # PEFT's name for "no adapter on this row"
 
@@ -65,7 +66,7 @@ class MultiLoraModel(nn.Module):
         self.num_slots = settings.num_slots
         self.target_modules = settings.target_modules
         cpu_gather_workspace_bytes = settings.cpu_gather_workspace_mb << 20
-        self._ctx = BatchContext()
+        self._ctx = BatchContext(backend=LoraBackend(settings.lora_backend, settings.triton_pdl))
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap()
         if not self._layers:
@@ -139,6 +140,18 @@ class MultiLoraModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._pool.device
+
+    @property
+    def lora_backend(self) -> LoraBackend:
+        """The LoRA path every layer takes (from `settings.lora_backend` / `triton_pdl`)."""
+        return self._ctx.backend
+
+    def set_lora_backend(self, mode: str) -> None:
+        """Switch every layer to another `lora_backend` (``auto | torch | triton``); for tests and
+        benches comparing paths on one model. Not during a batch (owner thread, between calls)."""
+        if self._ctx.slots is not None:
+            raise EngineError("set_lora_backend inside a batch")
+        self._ctx.backend = LoraBackend(mode, self._ctx.backend.pdl)
 
     # -- adapter management -------------------------------------------------
     def load_adapter(self, path: str | Path, adapter_name: str) -> float:
@@ -357,7 +370,7 @@ class MultiLoraModel(nn.Module):
         used = {s for s in slots if s}
         if not used or self._disabled:
             return 0
-        if not self.device.type == "cuda" or not kernels_usable():
+        if not self.device.type == "cuda" or not self._ctx.backend.usable:
             return None
         r = max(layer.slot_rank[s] for layer in self._layers.values() for s in used)
         if r == 0:

@@ -24,8 +24,8 @@ Two entry points:
 
 On CUDA the layers use the Triton kernel `handler.engine.kernels.add_mixed_triton_`
 (same pool layout, reads each row's slot inside the kernel, so no gather at
-all) when it is available and ranks are <= 64; ``LORAPLEX_LORA_BACKEND=torch``
-forces this module's path everywhere.
+all) when it is available and ranks are <= 64; the engine's ``lora_backend: torch``
+forces this module's path everywhere (`multilora.backend`).
 """
 from __future__ import annotations
 
