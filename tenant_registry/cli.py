@@ -64,7 +64,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from loraplex_common.config import LoraplexConfig, env_value, find_model_config, settings_from_env
+from loraplex_common.config import (MODEL_CONFIG_FILE, LoraplexConfig, env_value, find_model_config,
+                                    settings_from_env)
 from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
                      TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
@@ -107,14 +108,16 @@ def _exit_code(e: BaseException) -> int:
 # ---------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # defaults are applied once in main(), so a sub-parser never resets a global flag
-    p.add_argument("--model-config", metavar="PATH", default=s, help="TorchServe model-config.yaml")
+    p.add_argument("--model-config", metavar="PATH", default=s,
+                   help="TorchServe model-config.yaml (default: env LORAPLEX_MODEL_CONFIG, else ./model-config.yaml)")
     p.add_argument("--redis-url", default=s, help="Redis URL (env LORAPLEX_REDIS_URL)")
     p.add_argument("--store", metavar="DIR", default=s, help="adapter store root")
     p.add_argument("--base-model-dir", metavar="DIR", default=s, help="base model to validate adapters against")
     p.add_argument("--management-url", default=s, help="TorchServe management API URL")
     p.add_argument("--model-name", default=s, help="TorchServe model name")
     p.add_argument("--token", default=s, help="TorchServe management token (env LORAPLEX_TS_TOKEN)")
-    p.add_argument("--key-file", metavar="PATH", default=s, help="TorchServe key_file.json (management key)")
+    p.add_argument("--key-file", metavar="PATH", default=s,
+                   help="TorchServe key_file.json holding the management key (config key management_key_file)")
     p.add_argument("--json", action="store_true", default=s, help="print one JSON document on stdout")
 
 
@@ -463,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tenantctl` console script; returns the exit code (see module docstring)."""
     args = build_parser().parse_args(argv)
     out = _Out(bool(getattr(args, "json", False)))
+    model_config = None
     try:
         model_config = find_model_config(getattr(args, "model_config", None))
         cfg = LoraplexConfig.load(model_config, overrides={
@@ -479,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RegistryError, ConfigError, OSError) as e:
         code = _exit_code(e)
         out.error(e, code)
+        if isinstance(e, RegistryUnavailable) and model_config is None:
+            print(f"tenantctl: hint: no model config was read (no ./{MODEL_CONFIG_FILE} here, no "
+                  "LORAPLEX_MODEL_CONFIG), so Redis is the default one; pass --model-config", file=sys.stderr)
         return code
 
 

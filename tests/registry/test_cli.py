@@ -342,3 +342,11 @@ def test_cli_onboard_without_a_base_model_says_where_it_looked(project, tiny_ada
     rc, doc, _ = project("onboard", "acme", str(tiny_adapters["a"]))
     msg = doc["error"]["message"]
     assert rc == 2 and "model_store" in msg and "--base-model-dir" in msg and "make archive" in msg
+
+
+def test_cli_without_a_model_config_says_so(project):
+    rc, _, text = project("list", cwd=project.elsewhere,
+                          env_extra={"LORAPLEX_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert rc == 5 and "no model config was read" in text and "--model-config" in text
+    rc, _, text = project("list", env_extra={"LORAPLEX_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert rc == 5 and "no model config was read" not in text  # ./model-config.yaml was read
