@@ -56,10 +56,6 @@ class AdapterLoadFailed(Exception):
         self.reason = reason
 
 
-class ResidencyFull(Exception):
-    """Every resident slot is held by rows of the current batch; nothing can be evicted."""
-
-
 # Ordered most specific first; the first isinstance match wins.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, 413, "Prompt Too Long"),
@@ -73,7 +69,6 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (TenantDisabled, 403, "Tenant Disabled"),
     (RegistryUnavailable, 503, "Registry Unavailable"),
     (AdapterLoadFailed, 503, "Adapter Unavailable"),
-    (ResidencyFull, 503, "Adapter Capacity Exhausted"),
     (NoFreeSlot, 503, "Adapter Capacity Exhausted"),
     (AdapterInvalid, 503, "Adapter Unavailable"),
     (RegistryError, 500, "Registry Error"),
@@ -90,12 +85,19 @@ def http_status(exc: BaseException) -> tuple[int, str]:
 
 
 def error_body(exc: BaseException) -> dict:
-    """The JSON body a client gets for a failed request: a stable `type` and a message."""
+    """The JSON body a client gets for a failed request: a stable `type` and a message.
+    A 4xx message names the client's own mistake; a 5xx one is a plain sentence (the
+    exception, with its addresses and paths, goes to the worker log only)."""
     code, _ = http_status(exc)
-    message = str(exc) if code < 500 or not _is_internal(exc) else "internal error; see the worker log"
-    return {"error": message, "type": type(exc).__name__, "status": code}
+    return {"error": str(exc) if code < 500 else public_message(exc), "type": type(exc).__name__, "status": code}
 
 
-def _is_internal(exc: BaseException) -> bool:
-    """Unexpected exceptions may carry paths or internals: do not echo them to tenants."""
-    return not any(isinstance(exc, kind) for kind, _, _ in _STATUS)
+def public_message(exc: BaseException) -> str:
+    """What a tenant may be told about a server-side failure."""
+    if isinstance(exc, AdapterLoadFailed):
+        return f"adapter {exc.adapter_id} cannot be served right now; try again later"
+    if isinstance(exc, RegistryUnavailable):
+        return "the tenant registry is unavailable; try again later"
+    if isinstance(exc, NoFreeSlot):
+        return "no adapter slot is free; try again later"
+    return "internal error; see the worker log"

@@ -79,13 +79,21 @@ def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive header lookup (TorchServe forwards names as the client sent them)."""
+    """Case-insensitive header lookup (TorchServe forwards names as the client sent them).
+
+    A header present more than once is ambiguous (a proxy in front may have checked the
+    other copy): InvalidRequest (400). TorchServe's frontend keeps only the last of copies
+    spelt alike (`X-Tenant-ID` twice); copies spelt differently (`x-tenant-id`) reach us as
+    separate entries and are refused here."""
     wanted = name.lower()
+    found: list[str] = []
     for key, value in headers.items():
         k = key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
         if k.lower() == wanted:
-            return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
-    return None
+            found.append(value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value))
+    if len(found) > 1:
+        raise InvalidRequest(f"header {name} was sent more than once; send it once")
+    return found[0] if found else None
 
 
 def _key(headers: Mapping[str, str]) -> str | None:
@@ -104,6 +112,8 @@ def _decode_body(body: Any) -> dict:
         except UnicodeDecodeError:
             raise InvalidRequest("body is not UTF-8 text; send a JSON object") from None
     if isinstance(body, str):
+        if not body.strip():
+            raise InvalidRequest("body is empty; POST a JSON object such as {\"prompt\": \"Hello\"}")
         try:
             body = json.loads(body)
         except (ValueError, RecursionError):

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
-from .errors import AdapterLoadFailed, ResidencyFull
+from .errors import AdapterLoadFailed
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,13 @@ class ResidentAdapter:
     last_used: float
     load_ms: float
     nbytes: int
-    hits: int = 0
+    hits: int = 0  # requests served with it since it was loaded, the loading request included
 
 
 @dataclass
 class ResidencyCounters:
     loads: int = 0
-    hits: int = 0
+    hits: int = 0  # requests served with an adapter (those that loaded it included; `loads` says how many did)
     load_failures: int = 0
     quarantine_hits: int = 0
     evictions_lru: int = 0
@@ -154,15 +154,18 @@ class AdapterResidency:
                 raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
             del self._quarantine[name]
         self._drop_stale_versions(record, pinned)
-        if len(self._resident) > self.max_resident or (
-                len(self._resident) == self.max_resident and not self._evictable(pinned)):
-            raise ResidencyFull(f"all {self.max_resident} resident adapters are in use by this batch; "
-                                f"cannot load {name}")
-        loaded = self._load(record, now)
+        if len(pinned) >= self.max_resident:
+            # The service's wave planning never pins more adapters than fit; a caller that did
+            # would have every slot in use by its own batch.
+            raise RuntimeError(f"a batch pinned {len(pinned)} adapters and asked for {name}; "
+                               f"at most {self.max_resident} can be resident")
+        loaded = self._load(record, now)  # into the spare slot: a failed load costs no resident adapter
+        loaded.hits = 1  # the request that loaded it is its first use
+        self.counters.hits += 1
         self._resident[name] = loaded
         while len(self._resident) > self.max_resident:
             victim = self._evictable(pinned | {name})
-            if victim is None:  # cannot happen: checked above
+            if victim is None:  # unreachable: fewer than max_resident are pinned (checked above)
                 break
             self._evict(victim)
             self.counters.evictions_lru += 1

@@ -34,7 +34,6 @@ from .errors import (
     AdapterNotAllowed,
     InvalidRequest,
     PromptTooLong,
-    ResidencyFull,
     TenantRequired,
     TenantUnauthorized,
     error_body,
@@ -43,6 +42,7 @@ from .errors import (
 from tenant_registry.errors import TenantDisabled, TenantNotFound
 from tenant_registry.keys import verify_key
 from .model_loading import eos_token_ids, load_base_model
+from .prompts import encode_messages
 from .request import BASE, InferenceRequest, parse_request
 from .residency import AdapterResidency
 from .tenants import TenantResolver
@@ -164,11 +164,11 @@ class LoraplexService:
             for i, plan in plans.items():
                 try:
                     adapter = lease.acquire(plan.record) if plan.record is not None else None
-                except (AdapterLoadFailed, ResidencyFull) as exc:
+                except AdapterLoadFailed as exc:
                     if self.config.load_failure_policy != "base":
                         replies[i] = self._failed(exc)
                         continue
-                    plans[i] = plan = replace(plan, record=None, fallback=_reason(exc))
+                    plans[i] = plan = replace(plan, record=None, fallback=f"adapter_load_failed: {exc.adapter_id}")
                     adapter = None
                 rows[i] = GenerationRow(plan.input_ids, adapter, self._sampling(plan.request))
             if not rows:
@@ -186,6 +186,10 @@ class LoraplexService:
                 replies[i] = self._reply(plans[i], out.token_ids, out.finish_reason)
 
     def _plan(self, req: InferenceRequest) -> Plan:
+        """Who may be served, then with what. Every request that names a tenant passes the same
+        checks in the same order, whatever it asks for (`adapter: base`, a pin, sampling, chat):
+        its key (401), the tenant's existence under the unknown-tenant policy (404), its status
+        (403); only then does the `adapter` field choose between current, pinned and base."""
         cap = self.config.max_new_tokens_cap
         if req.max_new_tokens is not None and req.max_new_tokens > cap:
             raise InvalidRequest(f"'max_new_tokens' is {req.max_new_tokens}; this server allows at most {cap}")
@@ -195,18 +199,21 @@ class LoraplexService:
             return Plan(req, None, "no_tenant")
         if self.config.require_tenant_key:
             self._authenticate(req)
-        if req.adapter == BASE:
-            return Plan(req, None, None)
-        if req.adapter is not None:
-            return Plan(req, self._explicit_version(req.tenant, req.adapter), None)
         record = self.resolver.resolve(req.tenant)
         if record is None:
             if self.config.unknown_tenant_policy == "reject":
                 raise TenantNotFound(req.tenant)
+            if req.adapter not in (None, BASE):
+                self._pinned_version(req)  # 403 if it names another tenant's adapter
+                raise TenantNotFound(req.tenant)  # a pin of an unknown tenant names nothing that exists
             return Plan(req, None, "unknown_tenant")
         if record.status != "enabled":
             raise TenantDisabled(req.tenant)
-        return Plan(req, record, None)
+        if req.adapter is None:
+            return Plan(req, record, None)
+        if req.adapter == BASE:
+            return Plan(req, None, None)
+        return Plan(req, self._explicit_version(record, self._pinned_version(req)), None)
 
     def _authenticate(self, req: InferenceRequest) -> None:
         """401 unless X-Tenant-Key matches the tenant's salted digest. Unknown tenants get the same
@@ -215,31 +222,30 @@ class LoraplexService:
         if req.key is None or digest is None or not verify_key(digest, req.key):
             raise TenantUnauthorized(f"tenant {req.tenant!r}: X-Tenant-Key is missing or wrong")
 
-    def _explicit_version(self, tenant: str, adapter: str) -> TenantRecord:
-        prefix = f"{tenant}@v"
-        if not adapter.startswith(prefix) or not adapter[len(prefix):].isdigit():
-            raise AdapterNotAllowed(f"'adapter' may be \"base\" or one of tenant {tenant!r}'s own versions "
+    @staticmethod
+    def _pinned_version(req: InferenceRequest) -> int:
+        """The N of `"adapter": "<own tenant>@v<N>"`; anything else is 403 (another tenant's adapter is
+        never looked up, so the answer reveals nothing about it)."""
+        prefix = f"{req.tenant}@v"
+        digits = req.adapter[len(prefix):] if req.adapter.startswith(prefix) else ""
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
+            raise AdapterNotAllowed(f"'adapter' may be \"base\" or one of tenant {req.tenant!r}'s own versions "
                                     f"(\"{prefix}N\")")
-        current = self.resolver.resolve(tenant)
-        if current is None:
-            raise TenantNotFound(tenant)
-        if current.status != "enabled":
-            raise TenantDisabled(tenant)
-        record = self.resolver.resolve_version(tenant, int(adapter[len(prefix):]))
+        return int(digits)
+
+    def _explicit_version(self, current: TenantRecord, version: int) -> TenantRecord:
+        record = self.resolver.resolve_version(current.tenant_id, version)
         if record is None:
-            raise InvalidRequest(f"tenant {tenant!r} has no adapter version {adapter!r}")
+            raise InvalidRequest(f"tenant {current.tenant_id!r} has no adapter version "
+                                 f"'{current.tenant_id}@v{version}'")
         return replace(record, status=current.status)
 
     def _tokenize(self, plan: Plan) -> Plan:
         req = plan.request
         if req.messages is not None:
-            ids = self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            if isinstance(ids, Mapping):
-                ids = ids["input_ids"]
-        else:
-            ids = self.tokenizer(req.prompt, add_special_tokens=True)["input_ids"]
-        ids = [int(t) for t in ids]
+            ids = encode_messages(self.tokenizer, req.messages)  # content is text, never special tokens
+        else:  # a raw prompt is the tenant's whole input, special tokens included
+            ids = [int(t) for t in self.tokenizer(req.prompt, add_special_tokens=True)["input_ids"]]
         if len(ids) > self.config.max_prompt_tokens:
             raise PromptTooLong(f"prompt has {len(ids)} tokens; this server allows at most "
                                 f"{self.config.max_prompt_tokens}")
@@ -257,6 +263,7 @@ class LoraplexService:
         cut = min((text.find(s) for s in plan.request.stop if s in text), default=-1)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
+            token_ids = token_ids[:self._tokens_covering(token_ids, cut)]
         if plan.fallback:
             kind = plan.fallback.split(":")[0]
             self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
@@ -269,6 +276,14 @@ class LoraplexService:
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
         return Reply(200, "OK", body)
+
+    def _tokens_covering(self, token_ids: Sequence[int], chars: int) -> int:
+        """The fewest leading tokens whose text reaches `chars` characters: what a reply cut at a stop
+        string really used (the token holding the cut counts, tokens past it do not)."""
+        for n in range(len(token_ids) + 1):
+            if len(self.tokenizer.decode(token_ids[:n], skip_special_tokens=True)) >= chars:
+                return n
+        return len(token_ids)
 
     def _failed(self, exc: BaseException) -> Reply:
         code, _ = http_status(exc)
@@ -297,11 +312,6 @@ class LoraplexService:
                          "registry_stale_hits": self.resolver.stale_hits,
                          "registry_events": self.resolver.events_seen},
         }
-
-
-def _reason(exc: BaseException) -> str:
-    kind = "adapter_load_failed" if isinstance(exc, AdapterLoadFailed) else "adapter_capacity"
-    return f"{kind}: {exc}"
 
 
 def _config_dict(cfg: Any) -> dict:

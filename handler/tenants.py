@@ -40,7 +40,7 @@ class TenantResolver:
         self._stale_s = max(stale_s, refresh_s)
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], _Entry] = {}  # (kind, tenant) -> entry
+        self._cache: dict[tuple[str, str, int], _Entry] = {}  # (kind, tenant, version or 0) -> entry
         self.stale_hits = 0  # answers served from cache while Redis was unreachable
         self.events_seen = 0  # change events applied (subscriber thread)
 
@@ -53,15 +53,9 @@ class TenantResolver:
         return self._cached("key", tenant_id, self._registry.get_key_digest)
 
     def resolve_version(self, tenant_id: str, version: int) -> TenantRecord | None:
-        """A specific version from the tenant's history (not cached: explicit pins are rare)."""
-        try:
-            history = self._registry.history(tenant_id)
-        except TenantNotFound:
-            return None
-        for record in history:
-            if record.version == version:
-                return record
-        return None
+        """A specific version from the tenant's history (`"adapter": "<tenant>@v<N>"`), or None.
+        Cached like current records, so a pinned version keeps being served while Redis is down."""
+        return self._cached("version", tenant_id, lambda t: self._fetch_version(t, version), version)
 
     def on_event(self, event: dict) -> None:
         """Registry change event (subscriber thread): forget what the event touched."""
@@ -71,14 +65,15 @@ class TenantResolver:
             if event.get("kind") == "resync" or not isinstance(tenant, str):
                 self._cache.clear()
             else:
-                self._cache.pop(("record", tenant), None)
-                self._cache.pop(("key", tenant), None)
+                for key in [k for k in self._cache if k[1] == tenant]:
+                    del self._cache[key]
 
-    def _cached(self, kind: str, tenant_id: str, fetch: Callable[[str], Any]) -> Any:
+    def _cached(self, kind: str, tenant_id: str, fetch: Callable[[str], Any], version: int = 0) -> Any:
         """Fresh entry → it; else ask Redis; Redis down → an entry younger than stale_s, or raise."""
         now = self._clock()
+        key = (kind, tenant_id, version)
         with self._lock:
-            entry = self._cache.get((kind, tenant_id))
+            entry = self._cache.get(key)
         if entry is not None and now - entry.fetched_at < self._refresh_s:
             return entry.value
         try:
@@ -89,8 +84,15 @@ class TenantResolver:
                 return entry.value
             raise
         with self._lock:
-            self._cache[(kind, tenant_id)] = _Entry(value, now)
+            self._cache[key] = _Entry(value, now)
         return value
+
+    def _fetch_version(self, tenant_id: str, version: int) -> TenantRecord | None:
+        try:
+            history = self._registry.history(tenant_id)
+        except TenantNotFound:
+            return None
+        return next((record for record in history if record.version == version), None)
 
     def _fetch_record(self, tenant_id: str) -> TenantRecord | None:
         try:

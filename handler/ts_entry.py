@@ -6,12 +6,25 @@ it as a top-level module, so it uses absolute imports of the installed
 
 TorchServe's contract (ts/torch_handler/base_handler.py): `initialize(context)`
 once per worker process, then `handle(data, context)` for each batch the
-frontend assembles, sequentially, returning one output per request. A
-management describe call (`GET /models/<name>?customized=true`) reaches
-`handle` with a `describe` header and is routed to `describe_handle`.
+frontend assembles, sequentially, returning one output per request (any other
+count fails the whole batch with TorchServe's 503, so `handle` never raises and
+always returns one output per request).
 
 Every request in a batch gets its own status through
 `context.set_response_status(code, phrase, idx)`, so a bad request fails alone.
+
+What the frontend sends (TorchServe 0.12, observed on a real server):
+- a management describe (`GET /models/<name>?customized=true`) is a batch of one
+  request with a `describe: True` header, no input and none of the `explain` /
+  `url_path` headers that the frontend adds to every inference request (and
+  writes over when a client sends them). BaseHandler treats any request whose
+  first entry carries `describe: True` as a describe, so a client could read the
+  management view over the inference API, and fail its whole batch; here only a
+  request without `url_path` is one (`is_management_describe`).
+- the HTTP method is not passed on: GET, PUT, DELETE … on /predictions reach
+  `handle` exactly like a POST (an empty body gets 400).
+- headers arrive as one dict: of two headers spelt alike the frontend keeps the
+  last; differently spelt copies are separate keys (request.py refuses those).
 """
 from __future__ import annotations
 
@@ -24,7 +37,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from loraplex_common.config import LoraplexConfig
 
-from handler.service import LoraplexService, RawRequest
+from handler.service import LoraplexService, RawRequest, Reply
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +64,18 @@ class LoraplexHandler(BaseHandler):
     def handle(self, data, context):
         self.context = context
         start = time.time()
-        if self._is_describe():
+        if is_management_describe(data, context):
             output = [self.describe_handle()]
         else:
             batch = [RawRequest(_body(item), context.get_all_request_header(idx) or {})
                      for idx, item in enumerate(data)]
+            try:
+                replies = self.service.handle_batch(batch)
+            except Exception as exc:  # a bug outside the per-request guards: 500 for each, the worker lives
+                log.exception("handle_batch failed for a batch of %d requests", len(batch))
+                replies = [Reply.error(exc)] * len(batch)
             output = []
-            for idx, reply in enumerate(self.service.handle_batch(batch)):
+            for idx, reply in enumerate(replies):
                 if reply.status != 200:
                     context.set_response_status(reply.status, reply.phrase, idx)
                 output.append(json.dumps(reply.body))
@@ -66,6 +84,15 @@ class LoraplexHandler(BaseHandler):
 
     def describe_handle(self):
         return json.dumps(self.service.describe())
+
+
+def is_management_describe(data, context) -> bool:
+    """True only for TorchServe's management describe: one request, `describe: True`, and no
+    `url_path` header (the frontend puts one on every inference request, whatever the client sent)."""
+    if len(data) != 1:
+        return False
+    headers = context.get_all_request_header(0) or {}
+    return headers.get("describe") == "True" and "url_path" not in headers
 
 
 def _body(item):

@@ -12,8 +12,9 @@ from tenant_registry.onboarding import onboard
 from tenant_registry.validate import BaseModelSpec
 
 
-def _ask(svc, tenant):
-    return svc.handle_batch([RawRequest({"prompt": "hello world", "max_new_tokens": 4}, {"X-Tenant-ID": tenant})])[0]
+def _ask(svc, tenant, **fields):
+    body = {"prompt": "hello world", "max_new_tokens": 4, **fields}
+    return svc.handle_batch([RawRequest(body, {"X-Tenant-ID": tenant})])[0]
 
 
 def test_redis_outage_serves_known_tenants_from_cache_and_recovers(tiny_model_dir, tiny_adapters, tmp_path):
@@ -34,6 +35,7 @@ def test_redis_outage_serves_known_tenants_from_cache_and_recovers(tiny_model_di
         assert svc.resolver.events_seen > seen
         before = _ask(svc, "known")
         assert before.status == 200 and before.body["adapter"] == "known@v1"
+        assert _ask(svc, "known", adapter="known@v1").status == 200  # a version pin, cached like the record
 
         redis.stop()
         time.sleep(0.3)  # past registry_cache_s: the worker must try Redis and fall back to its cache
@@ -41,8 +43,13 @@ def test_redis_outage_serves_known_tenants_from_cache_and_recovers(tiny_model_di
         during = _ask(svc, "known")
         assert during.status == 200 and during.body["adapter"] == "known@v1"
         assert during.body["text"] == before.body["text"]
+        pinned = _ask(svc, "known", adapter="known@v1")
+        assert pinned.status == 200 and pinned.body["text"] == before.body["text"]
         fresh = _ask(svc, "newcomer")
-        assert fresh.status == 503 and "Redis" in fresh.body["error"]
+        assert fresh.status == 503 and "registry" in fresh.body["error"]
+        # the client is told the registry is unavailable, not where it lives or what the socket said
+        assert str(redis.port) not in fresh.body["error"] and "127.0.0.1" not in fresh.body["error"]
+        assert "Error" not in fresh.body["error"]
         assert time.monotonic() - started < 15  # bounded by the registry's timeouts, never a hang
         assert svc.describe()["counters"]["registry_stale_hits"] >= 1
 

@@ -101,3 +101,24 @@ def test_fuzz_parser_returns_request_or_typed_4xx(body, tenant):
     else:
         assert (req.prompt is None) != (req.messages is None)
         json.dumps({"t": req.tenant, "p": req.prompt})  # the request is plain data
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Tenant-ID": "acme", "x-tenant-id": "other"},
+    {"X-Tenant-ID": "acme", "X-TENANT-ID": "acme"},
+    {b"X-Tenant-ID": b"acme", "x-tenant-id": "other"},
+    {"X-Tenant-ID": "acme", "X-Tenant-Key": "a", "x-tenant-key": "b"},
+])
+def test_a_header_sent_twice_is_ambiguous_400(headers):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request({"prompt": "x"}, headers)
+    assert "more than once" in str(info.value) and http_status(info.value)[0] == 400
+
+
+def test_empty_body_says_so():
+    """GET/DELETE on /predictions reach the handler with an empty body (TorchServe does not pass
+    the method on): the message says what to send."""
+    for body in (b"", "", bytearray()):
+        with pytest.raises(InvalidRequest) as info:
+            parse_request(body, H)
+        assert "empty" in str(info.value) and "POST" in str(info.value)

@@ -2,75 +2,22 @@
 adapter store and the real engines, on a tiny random Llama. PEFT is the oracle."""
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from handler.service import LoraplexService, RawRequest
-from loraplex_testing.oracle import reference_generate
-from loraplex_common.config import LoraplexConfig
-from tenant_registry.onboarding import onboard
-from tenant_registry.validate import BaseModelSpec
+from handler.service import RawRequest
 
-_prefixes = itertools.count()
 NEW = 6
 
 
-def _config(redis_url: str, store: Path, **overrides) -> LoraplexConfig:
-    return LoraplexConfig.from_mapping({
-        "redis_url": redis_url, "redis_prefix": f"svc{next(_prefixes)}", "adapter_store": str(store),
-        "num_slots": 4, "idle_ttl_s": 600, "max_new_tokens_cap": 32, "max_prompt_tokens": 64,
-        "negative_cache_s": 60, "registry_cache_s": 30, **overrides})
-
-
-@pytest.fixture
-def make_service(tiny_model_dir, redis_url, tmp_path):
-    made = []
-
-    def build(**overrides) -> LoraplexService:
-        cfg = _config(redis_url, tmp_path / f"store{len(made)}", **overrides)
-        svc = LoraplexService.from_model_dir(tiny_model_dir, cfg)
-        made.append(svc)
-        return svc
-
-    yield build
-    for svc in made:
-        svc.stop()
-
-
-def _onboard(svc: LoraplexService, tenant: str, adapter_dir: Path):
-    spec = BaseModelSpec.from_model_dir(svc.config.base_model_dir or _model_dir(svc))
-    return onboard(svc.registry, svc.store, spec, tenant, adapter_dir, svc.config)
-
-
-def _model_dir(svc) -> Path:
-    return Path(svc.tokenizer.name_or_path)
-
-
-def _ask(svc, tenant, prompt="hello world", **fields):
-    headers = {"X-Tenant-ID": tenant} if tenant else {}
-    reply = svc.handle_batch([RawRequest({"prompt": prompt, "max_new_tokens": NEW, **fields}, headers)])[0]
-    return reply
-
-
-def _ids(svc, prompt="hello world"):
-    return svc.tokenizer(prompt)["input_ids"]
-
-
-def _expected(svc, model_dir, adapter_dir, prompt="hello world"):
-    return svc.tokenizer.decode(reference_generate(model_dir, adapter_dir, _ids(svc, prompt), NEW),
-                                skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("engine", ["multilora", "peft"])
-def test_each_tenant_matches_peft_and_unknown_gets_base(make_service, tiny_model_dir, tiny_adapters, engine):
+def test_each_tenant_matches_peft_and_unknown_gets_base(make_service, tools, tiny_model_dir, tiny_adapters, engine):
     svc = make_service(engine=engine)
     for name in ("a", "b", "c"):
-        _onboard(svc, f"t-{name}", tiny_adapters[name])
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     prompts = ["hello world", "the quick brown fox", "What is the capital"]
     batch = [RawRequest({"prompt": p, "max_new_tokens": NEW}, {"X-Tenant-ID": f"t-{n}"})
              for n in ("a", "b") for p in prompts[:2]]
@@ -80,19 +27,19 @@ def test_each_tenant_matches_peft_and_unknown_gets_base(make_service, tiny_model
     assert [r.status for r in replies] == [200] * 6
     for reply, (name, p) in zip(replies[:4], [(n, p) for n in ("a", "b") for p in prompts[:2]]):
         assert reply.body["adapter"] == f"t-{name}@v1" and reply.body["fallback"] is None
-        assert reply.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters[name], p)
+        assert reply.body["text"] == tools.expected(svc, tiny_adapters[name], p)
     unknown, forced_base = replies[4].body, replies[5].body
     assert unknown["adapter"] == "base" and unknown["fallback"] == "unknown_tenant"
-    assert unknown["text"] == _expected(svc, tiny_model_dir, None, prompts[2])
+    assert unknown["text"] == tools.expected(svc, None, prompts[2])
     assert forced_base["adapter"] == "base" and forced_base["fallback"] is None
-    assert forced_base["text"] == _expected(svc, tiny_model_dir, None, prompts[0])
+    assert forced_base["text"] == tools.expected(svc, None, prompts[0])
     # The adapters really change the output (otherwise the checks above prove nothing).
     assert len({replies[0].body["text"], replies[2].body["text"], forced_base["text"]}) == 3
 
 
-def test_bad_request_fails_alone_in_its_batch(make_service, tiny_model_dir, tiny_adapters):
+def test_bad_request_fails_alone_in_its_batch(make_service, tools, tiny_model_dir, tiny_adapters):
     svc = make_service()
-    _onboard(svc, "acme", tiny_adapters["a"])
+    tools.onboard(svc, "acme", tiny_adapters["a"])
     batch = [RawRequest({"prompt": "hello world", "max_new_tokens": NEW}, {"X-Tenant-ID": "acme"}),
              RawRequest(b"{not json", {"X-Tenant-ID": "acme"}),
              RawRequest({"prompt": "hello world", "temperature": float("nan")}, {"X-Tenant-ID": "acme"}),
@@ -104,16 +51,16 @@ def test_bad_request_fails_alone_in_its_batch(make_service, tiny_model_dir, tiny
     assert "not valid JSON" in replies[1].body["error"]
     assert "max_new_tokens" in replies[3].body["error"] and "32" in replies[3].body["error"]
     assert "tokens" in replies[4].body["error"]
-    assert replies[0].body["text"] == _expected(svc, tiny_model_dir, tiny_adapters["a"])
+    assert replies[0].body["text"] == tools.expected(svc, tiny_adapters["a"])
 
 
-def test_lru_eviction_and_reload_keep_outputs_right(make_service, tiny_model_dir, tiny_adapters):
+def test_lru_eviction_and_reload_keep_outputs_right(make_service, tools, tiny_model_dir, tiny_adapters):
     svc = make_service(num_slots=4)
     for name in ("a", "b", "c"):
-        _onboard(svc, f"t-{name}", tiny_adapters[name])
-    expected = {n: _expected(svc, tiny_model_dir, tiny_adapters[n]) for n in ("a", "b", "c")}
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    expected = {n: tools.expected(svc, tiny_adapters[n]) for n in ("a", "b", "c")}
     for name in ("a", "b", "c", "a", "c", "b"):
-        reply = _ask(svc, f"t-{name}")
+        reply = tools.ask(svc, f"t-{name}")
         assert reply.status == 200 and reply.body["text"] == expected[name]
     state = svc.describe()
     assert len(state["resident"]) == 2
@@ -124,22 +71,22 @@ def test_lru_eviction_and_reload_keep_outputs_right(make_service, tiny_model_dir
     json.dumps(state)
 
 
-def test_static_decode_config_serves_the_same_answers(make_service, tiny_model_dir, tiny_adapters):
+def test_static_decode_config_serves_the_same_answers(make_service, tools, tiny_model_dir, tiny_adapters):
     """`decode: static` (the CUDA-graph loop, run eagerly here) through the whole request path."""
     svc = make_service(decode="static", decode_graph_buckets=2)
     for name in ("a", "b"):
-        _onboard(svc, f"t-{name}", tiny_adapters[name])
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     for name in ("a", "b", "a"):
-        reply = _ask(svc, f"t-{name}")
-        assert reply.status == 200 and reply.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters[name])
+        reply = tools.ask(svc, f"t-{name}")
+        assert reply.status == 200 and reply.body["text"] == tools.expected(svc, tiny_adapters[name])
     state = svc.describe()["decode"]
     assert state["mode"] == "static" and state["fallbacks"] == 0 and 1 <= len(state["buckets"]) <= 2
 
 
-def test_idle_adapters_are_evicted(make_service, tiny_adapters):
+def test_idle_adapters_are_evicted(make_service, tools, tiny_adapters):
     svc = make_service(idle_ttl_s=0.3)
-    _onboard(svc, "acme", tiny_adapters["a"])
-    assert _ask(svc, "acme").status == 200
+    tools.onboard(svc, "acme", tiny_adapters["a"])
+    assert tools.ask(svc, "acme").status == 200
     assert [r["adapter"] for r in svc.describe()["resident"]] == ["acme@v1"]
     time.sleep(0.5)
     assert svc.describe()["resident"] == []
@@ -155,32 +102,32 @@ def _wait(predicate, timeout=5.0):
     return False
 
 
-def test_new_version_and_disable_take_effect_without_restart(make_service, tiny_model_dir, tiny_adapters):
+def test_new_version_and_disable_take_effect_without_restart(make_service, tools, tiny_model_dir, tiny_adapters):
     svc = make_service()
-    _onboard(svc, "acme", tiny_adapters["a"])
-    assert _ask(svc, "acme").body["adapter"] == "acme@v1"
-    _onboard(svc, "acme", tiny_adapters["b"])
-    assert _wait(lambda: _ask(svc, "acme").body["adapter"] == "acme@v2")
-    reply = _ask(svc, "acme")
-    assert reply.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters["b"])
+    tools.onboard(svc, "acme", tiny_adapters["a"])
+    assert tools.ask(svc, "acme").body["adapter"] == "acme@v1"
+    tools.onboard(svc, "acme", tiny_adapters["b"])
+    assert _wait(lambda: tools.ask(svc, "acme").body["adapter"] == "acme@v2")
+    reply = tools.ask(svc, "acme")
+    assert reply.body["text"] == tools.expected(svc, tiny_adapters["b"])
     assert [r["adapter"] for r in svc.describe()["resident"]] == ["acme@v2"]  # stale v1 dropped
     # Pinning an older own version explicitly is allowed; another tenant's is not.
-    pinned = _ask(svc, "acme", adapter="acme@v1")
-    assert pinned.status == 200 and pinned.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters["a"])
-    _onboard(svc, "other", tiny_adapters["c"])
-    assert _ask(svc, "acme", adapter="other@v1").status == 403
+    pinned = tools.ask(svc, "acme", adapter="acme@v1")
+    assert pinned.status == 200 and pinned.body["text"] == tools.expected(svc, tiny_adapters["a"])
+    tools.onboard(svc, "other", tiny_adapters["c"])
+    assert tools.ask(svc, "acme", adapter="other@v1").status == 403
     svc.registry.set_status("acme", "disabled")
-    assert _wait(lambda: _ask(svc, "acme").status == 403)
-    assert "disabled" in _ask(svc, "acme").body["error"]
+    assert _wait(lambda: tools.ask(svc, "acme").status == 403)
+    assert "disabled" in tools.ask(svc, "acme").body["error"]
     svc.registry.set_status("acme", "enabled")
-    assert _wait(lambda: _ask(svc, "acme").status == 200)
+    assert _wait(lambda: tools.ask(svc, "acme").status == 200)
 
 
-def test_policies_reject_unknown_and_require_tenant(make_service):
+def test_policies_reject_unknown_and_require_tenant(make_service, tools):
     svc = make_service(unknown_tenant_policy="reject", require_tenant=True)
-    unknown = _ask(svc, "nobody")
+    unknown = tools.ask(svc, "nobody")
     assert unknown.status == 404 and "nobody" in unknown.body["error"]
-    missing = _ask(svc, None)
+    missing = tools.ask(svc, None)
     assert missing.status == 400 and "X-Tenant-ID" in missing.body["error"]
 
 
@@ -193,11 +140,11 @@ def _corrupt(svc, record):
 
 
 @pytest.mark.parametrize("policy, status", [("base", 200), ("error", 503)])
-def test_altered_adapter_is_quarantined_and_others_unaffected(make_service, tiny_model_dir, tiny_adapters,
+def test_altered_adapter_is_quarantined_and_others_unaffected(make_service, tools, tiny_model_dir, tiny_adapters,
                                                               policy, status):
     svc = make_service(load_failure_policy=policy)
-    bad = _onboard(svc, "bad", tiny_adapters["a"])
-    _onboard(svc, "good", tiny_adapters["b"])
+    bad = tools.onboard(svc, "bad", tiny_adapters["a"])
+    tools.onboard(svc, "good", tiny_adapters["b"])
     _corrupt(svc, bad)
     batch = [RawRequest({"prompt": "hello world", "max_new_tokens": NEW}, {"X-Tenant-ID": t}) for t in ("bad", "good")]
     first, good = svc.handle_batch(batch)
@@ -205,21 +152,21 @@ def test_altered_adapter_is_quarantined_and_others_unaffected(make_service, tiny
     assert "bad@v1" in json.dumps(first.body)
     if policy == "base":
         assert first.body["adapter"] == "base" and first.body["fallback"].startswith("adapter_load_failed")
-        assert first.body["text"] == _expected(svc, tiny_model_dir, None)
-    assert good.status == 200 and good.body["text"] == _expected(svc, tiny_model_dir, tiny_adapters["b"])
-    again = _ask(svc, "bad")
+        assert first.body["text"] == tools.expected(svc, None)
+    assert good.status == 200 and good.body["text"] == tools.expected(svc, tiny_adapters["b"])
+    again = tools.ask(svc, "bad")
     assert again.status == status
     counters = svc.describe()["counters"]
     assert counters["load_failures"] == 1 and counters["quarantine_hits"] == 1
     assert "bad@v1" in svc.describe()["quarantined"]
 
 
-def test_tenant_keys_401_wrong_or_missing_403_disabled(make_service, tiny_adapters):
+def test_tenant_keys_401_wrong_or_missing_403_disabled(make_service, tools, tiny_adapters):
     from tenant_registry.onboarding import ensure_key, rotate_key
 
     svc = make_service(require_tenant_key=True)
-    _onboard(svc, "acme", tiny_adapters["a"])
-    _onboard(svc, "other", tiny_adapters["b"])
+    tools.onboard(svc, "acme", tiny_adapters["a"])
+    tools.onboard(svc, "other", tiny_adapters["b"])
     key = ensure_key(svc.registry, "acme")
     other_key = ensure_key(svc.registry, "other")
 
