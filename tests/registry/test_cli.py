@@ -323,7 +323,8 @@ def test_cli_refuses_a_store_the_workers_do_not_read(project, tiny_adapters, red
     # A store that holds none of the registered tenants' files is another directory than the workers'.
     rc, doc, _ = project("onboard", "zeta", str(tiny_adapters["b"]), "--store", str(el / "other-store"),
                          env_extra={"LORAPLEX_MODEL_CONFIG": str(project.proj / "model-config.yaml")}, cwd=el)
-    assert rc == 2 and "not the store the workers read" in doc["error"]["message"] and "acme@v1" in doc["error"]["message"]
+    msg = doc["error"]["message"]
+    assert rc == 2 and "not the store the workers read" in msg and "acme@v1" in msg
     assert list(el.iterdir()) == []
     rc, doc, _ = project("show", "zeta")
     assert rc == 3  # no record written

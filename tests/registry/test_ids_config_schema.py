@@ -149,7 +149,8 @@ def test_config_relative_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     c = LoraplexConfig.load(y, env={"LORAPLEX_ADAPTER_STORE": "mine"}, overrides={"base_model_dir": "flag"})
     assert c.adapter_store == "mine" and c.base_model_dir == "flag"
     # An empty base_model_dir stays empty (= the TorchServe model dir); no file: nothing is resolved.
-    assert LoraplexConfig.load(env={}).base_model_dir == "" and LoraplexConfig.load(env={}).adapter_store == "var/adapters"
+    bare = LoraplexConfig.load(env={})
+    assert bare.base_model_dir == "" and bare.adapter_store == "var/adapters"
 
 
 def test_find_model_config(tmp_path):
