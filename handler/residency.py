@@ -21,9 +21,9 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
+from loraplex_common.adapter_format import AdapterBytes
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
@@ -76,15 +76,13 @@ class BatchLease:
 
 
 class AdapterResidency:
-    def __init__(self, engine: Engine, *, locate: Callable[[TenantRecord], Path],
-                 verify: Callable[[TenantRecord], None], max_resident: int, idle_ttl_s: float,
-                 negative_cache_s: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, engine: Engine, *, read: Callable[[TenantRecord], AdapterBytes], max_resident: int,
+                 idle_ttl_s: float, negative_cache_s: float, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         if max_resident < 1:
             raise ValueError("max_resident_adapters must be at least 1")
         self._engine = engine
-        self._locate = locate
-        self._verify = verify
+        self._read = read  # the record's adapter bytes, sha256-checked (AdapterStore.read); loaded as they are
         self.max_resident = max_resident
         self.idle_ttl_s = idle_ttl_s
         self.negative_cache_s = negative_cache_s
@@ -174,8 +172,7 @@ class AdapterResidency:
     def _load(self, record: TenantRecord, now: float) -> ResidentAdapter:
         name = record.adapter_id
         try:
-            self._verify(record)
-            info = self._engine.load_adapter(str(self._locate(record)), name)
+            info = self._engine.load_adapter(self._read(record), name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
             reason = f"{type(exc).__name__}: {exc}"
             self._quarantine[name] = _Quarantine(reason, now + self.negative_cache_s)

@@ -11,8 +11,11 @@ loop). No method is thread-safe; callers serialise.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
+
+from loraplex_common.adapter_format import AdapterBytes
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class Engine(Protocol):
 
     kind: str  # "peft" or "multilora"
 
-    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter: ...
+    def load_adapter(self, source: "str | os.PathLike | AdapterBytes", adapter_name: str) -> LoadedAdapter:
+        """Load a PEFT adapter from a directory or from the verified bytes of one (`AdapterBytes`)."""
+        ...
 
     def delete_adapter(self, adapter_name: str) -> None: ...
 

@@ -31,7 +31,7 @@ from torch import nn
 from .api import GenerationOutput, GenerationRow, LoadedAdapter
 from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
 from .generation import run_rows
-from .multilora.adapter_file import read_adapter
+from .multilora.adapter_file import AdapterSource, linear_layers, read_adapter
 from .multilora.model import BASE_MARKER
 from .settings import EngineSettings
 
@@ -49,10 +49,7 @@ class PeftGroupedEngine:
         self.num_slots = settings.num_slots  # as in the multilora engine: num_slots - 1 adapters at once
         self.max_rank = settings.max_rank
         self.target_modules = settings.target_modules
-        self._layer_shapes = {
-            name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in self.target_modules
-        }
+        self._layers = linear_layers(model, self.target_modules)  # of the bare model, before PEFT wraps it
         self._nbytes: dict[str, int] = {}
         self._active: str | None = None
         self._disabled = False
@@ -62,7 +59,7 @@ class PeftGroupedEngine:
         return next(self.base.parameters()).device
 
     # -- adapter management -------------------------------------------------
-    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
+    def load_adapter(self, source: AdapterSource, adapter_name: str) -> LoadedAdapter:
         t0 = time.perf_counter()
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_MARKER:
             raise EngineError(f"invalid adapter name {adapter_name!r}")
@@ -70,15 +67,17 @@ class PeftGroupedEngine:
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if len(self._nbytes) >= self.num_slots - 1:
             raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
-        read_adapter(path, self._layer_shapes, self.max_rank)
+        parsed = read_adapter(source, self._layers, self.max_rank)
         from peft import PeftModel
 
-        if self.peft_model is None:
-            self.peft_model = PeftModel.from_pretrained(self.base, str(path), adapter_name=adapter_name,
-                                                        is_trainable=False)
-            self.peft_model.eval()
-        else:
-            self.peft_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
+        # PEFT loads from a path: the checked bytes, written to a private temporary directory.
+        with parsed.source.as_directory() as path:
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(self.base, str(path), adapter_name=adapter_name,
+                                                            is_trainable=False)
+                self.peft_model.eval()
+            else:
+                self.peft_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=False)
         ms = (time.perf_counter() - t0) * 1000.0
         nbytes = sum(p.numel() * p.element_size() for n, p in self.peft_model.named_parameters()
                      if f".{adapter_name}." in n and (".lora_A." in n or ".lora_B." in n))

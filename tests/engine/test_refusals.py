@@ -1,8 +1,11 @@
 """Every adapter the engines refuse is refused at load, with a message naming
-the problem, by both engines, and leaves the engine unchanged."""
+the problem, by both engines, and leaves the engine unchanged. (The rules and their
+messages are `loraplex_common.adapter_format`'s, shared with onboarding:
+tests/test_adapter_format.py holds the two sides against each other.)"""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,10 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_base
-from handler.engine import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, EngineError, GenerationRow,
-                            NoFreeSlot, UnsupportedAdapter, make_engine)
+from handler.engine import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, EngineError,
+                            EngineSettings, GenerationRow, NoFreeSlot, UnsupportedAdapter, make_engine)
 from loraplex_testing.models import make_lora_with_config
+
+
+def load_base(model_dir: Path, dtype=torch.float32, device="cpu"):
+    """The tiny base model (not conftest's helper: `from conftest import` breaks when tests/handler,
+    which has a conftest of its own, is collected in the same run)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 KINDS = ["multilora", "peft"]
 
@@ -75,12 +85,12 @@ def bad(tiny_model_dir, engine_adapters, tmp_path_factory) -> dict[str, Path]:
 
 CASES = [
     ("dora", UnsupportedAdapter, "DoRA"),
-    ("bias", UnsupportedAdapter, "bias='all' is not supported"),
-    ("ia3", UnsupportedAdapter, "peft_type 'IA3' is not supported"),
-    ("lm_head", UnsupportedAdapter, "'lm_head', which is not a wrapped linear layer"),
+    ("bias", UnsupportedAdapter, 'bias must be "none", got \'all\''),
+    ("ia3", UnsupportedAdapter, 'peft_type must be "LORA", got \'IA3\''),
+    ("lm_head", UnsupportedAdapter, "module 'lm_head' is not an allowed target"),
     ("embedding", UnsupportedAdapter, "embedding layer"),
     ("r_mismatch", AdapterFormatError, "shape mismatch for 'model.layers.0.mlp.down_proj'"),
-    ("missing_b", AdapterFormatError, "missing tensor lora_B for 'model.layers.0.self_attn.q_proj'"),
+    ("missing_b", AdapterFormatError, "module 'model.layers.0.self_attn.q_proj' has no lora_B.weight"),
     ("missing_module", AdapterFormatError, "missing tensors for 1 targeted module(s), e.g. 'model.layers.1.self_attn.k_proj'"),
     ("unexpected", AdapterFormatError, "unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight'"),
     ("wrong_shape", AdapterFormatError, "lora_A [4, 65]"),
@@ -90,10 +100,9 @@ CASES = [
 
 
 def _engine(kind, tiny_model_dir, tokenizer, **kw):
-    args = dict(eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, max_adapters=3,
-                max_rank=32)
-    args.update(kw)
-    return make_engine(kind, load_base(tiny_model_dir), **args)
+    settings = EngineSettings(**{"num_slots": 4, "max_rank": 32, **kw})
+    return make_engine(kind, load_base(tiny_model_dir), settings, eos_token_ids=[tokenizer.eos_token_id],
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -121,7 +130,7 @@ def test_refused_with_clear_message_and_no_trace(engine, bad, case, exc, message
 
 
 def test_rank_above_pool_max_is_refused(engine, engine_adapters):
-    with pytest.raises(UnsupportedAdapter, match="rank 64 of 'model.layers.0.mlp.down_proj' exceeds the pool's max rank 32"):
+    with pytest.raises(UnsupportedAdapter, match="rank 64 of 'model.layers.0.mlp.down_proj' exceeds the maximum rank 32"):
         engine.load_adapter(str(engine_adapters["r64"]), "big")
 
 
@@ -143,7 +152,7 @@ def test_unknown_names_are_refused(engine):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_free_slot(kind, tiny_model_dir, tokenizer, engine_adapters):
-    eng = _engine(kind, tiny_model_dir, tokenizer, max_adapters=2)
+    eng = _engine(kind, tiny_model_dir, tokenizer, num_slots=3)
     eng.load_adapter(str(engine_adapters["r4"]), "one")
     eng.load_adapter(str(engine_adapters["r8qv"]), "two")
     with pytest.raises(NoFreeSlot, match="no free adapter slot: all 2 are in use"):
@@ -155,7 +164,7 @@ def test_no_free_slot(kind, tiny_model_dir, tokenizer, engine_adapters):
 @pytest.mark.parametrize("kind", KINDS)
 def test_target_not_wrapped_by_engine_config(kind, tiny_model_dir, tokenizer, engine_adapters):
     eng = _engine(kind, tiny_model_dir, tokenizer, target_modules=("q_proj",))
-    with pytest.raises(UnsupportedAdapter, match="'model.layers.0.self_attn.v_proj', which is not a wrapped linear layer"):
+    with pytest.raises(UnsupportedAdapter, match=re.escape("module 'model.layers.0.self_attn.v_proj' is not an allowed target (allowed: q_proj)")):
         eng.load_adapter(str(engine_adapters["r8qv"]), "qv")
 
 

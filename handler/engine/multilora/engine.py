@@ -30,6 +30,7 @@ from ..errors import EngineError
 from ..generation import run_rows
 from ..settings import EngineSettings
 from ..static_decode import NotCapturable, StaticDecoder
+from .adapter_file import AdapterSource
 from .model import MultiLoraModel
 
 
@@ -53,8 +54,8 @@ class MultiLoraEngine:
         self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
         self.last_fallback = ""
 
-    def load_adapter(self, path: str, adapter_name: str) -> LoadedAdapter:
-        ms = self.model.load_adapter(path, adapter_name)
+    def load_adapter(self, source: AdapterSource, adapter_name: str) -> LoadedAdapter:
+        ms = self.model.load_adapter(source, adapter_name)
         return LoadedAdapter(name=adapter_name, nbytes=self.model.adapter_nbytes(adapter_name), load_ms=ms)
 
     def delete_adapter(self, adapter_name: str) -> None:

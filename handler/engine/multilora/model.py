@@ -22,7 +22,7 @@ from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, En
 from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import slot_loader
 from ..settings import EngineSettings, settings_with_legacy
-from .adapter_file import AdapterFile, read_adapter
+from .adapter_file import AdapterSource, ParsedAdapter, linear_layers, read_adapter
 from .context import BatchContext, GatherWorkspace
 from .gated_mlp import attach_gated_mlps
 from .groups import build_groups
@@ -154,8 +154,9 @@ class MultiLoraModel(nn.Module):
         self._ctx.backend = LoraBackend(mode, self._ctx.backend.pdl)
 
     # -- adapter management -------------------------------------------------
-    def load_adapter(self, path: str | Path, adapter_name: str) -> float:
-        """Copy a PEFT adapter into a free slot; returns elapsed ms. Does not activate it."""
+    def load_adapter(self, source: AdapterSource, adapter_name: str) -> float:
+        """Copy a PEFT adapter (a directory, or the verified bytes of one: `AdapterBytes`) into a free
+        slot; returns elapsed ms. Does not activate it."""
         t0 = time.perf_counter()
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_MARKER:
             raise EngineError(f"invalid adapter name {adapter_name!r}")
@@ -163,8 +164,8 @@ class MultiLoraModel(nn.Module):
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if not self._free:
             raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
-        parsed = read_adapter(path, self._layer_shapes, self.max_rank)
-        lora_config = _to_lora_config(parsed.config)
+        parsed = read_adapter(source, linear_layers(self.model, self.target_modules), self.max_rank)
+        lora_config = _to_lora_config(dict(parsed.config.raw))
         slot = self._free.pop()
         try:
             self._fill_slot(slot, parsed)
@@ -177,13 +178,14 @@ class MultiLoraModel(nn.Module):
         self._ctx.invalidate()
         return (time.perf_counter() - t0) * 1000.0
 
-    def _fill_slot(self, slot: int, parsed: AdapterFile) -> None:
-        """Copy the adapter's tensors into the (zeroed) slot with one file read and, on CUDA, one
-        host-to-device copy; dtype conversion and B's transpose happen in the device-side copy
-        into the slot (`slot_loader` says why). Called by `load_adapter` only (the owner thread).
+    def _fill_slot(self, slot: int, parsed: ParsedAdapter) -> None:
+        """Copy the adapter's tensors into the (zeroed) slot with one copy of the verified bytes'
+        data region into the host staging buffer and, on CUDA, one host-to-device copy; dtype
+        conversion and B's transpose happen in the device-side copy into the slot (`slot_loader`
+        says why). Called by `load_adapter` only (the owner thread).
 
         On CUDA the byte buffers are kept: pinning a fresh host buffer per load costs more than
-        the read. This returns without waiting for the GPU: later work on the current stream
+        the copy. This returns without waiting for the GPU: later work on the current stream
         (forwards, `_clear_slot`) is ordered after the copies anyway, and only the host buffer
         needs protecting, so the next load waits on `_staging_read` before reusing it. On CPU
         the buffer lives for one load only, so the engine holds no more memory with every
@@ -195,15 +197,10 @@ class MultiLoraModel(nn.Module):
         on_cuda = self.device.type == "cuda"
         if self._staging_read is not None:
             self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
-        with open(parsed.weights_path, "rb", buffering=0) as fh:
-            index = slot_loader.parse_header(fh, parsed.weights_path)
-            tensors = []
-            for m in parsed.modules:
-                in_f, out_f = self._layer_shapes[m.module]
-                tensors.append((m, index.entry(m.key_a, (m.rank, in_f)), index.entry(m.key_b, (out_f, m.rank))))
-            n = index.data_len
-            host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
-            slot_loader.read_data(fh, index, host)
+        tensors = parsed.header.tensors
+        n = parsed.header.data_len
+        host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
+        slot_loader.copy_data(parsed.source.weights, parsed.header, host)
         data = host[:n]
         if on_cuda:
             self._staging = host
@@ -213,9 +210,10 @@ class MultiLoraModel(nn.Module):
             if self._staging_read is None:
                 self._staging_read = torch.cuda.Event()
             self._staging_read.record(torch.cuda.current_stream(self.device))
-        for m, ea, eb in tensors:
-            self._layers[m.module].write_slot(slot, slot_loader.tensor_view(data, ea),
-                                              slot_loader.tensor_view(data, eb), m.scale, non_blocking=True)
+        for m in parsed.modules:
+            self._layers[m.module].write_slot(slot, slot_loader.tensor_view(data, tensors[m.key_a]),
+                                              slot_loader.tensor_view(data, tensors[m.key_b]), m.scale,
+                                              non_blocking=True)
 
     def _clear_slot(self, slot: int) -> None:
         """Zero the slot's full extent in every layer (one memset): a reused slot never shows old values."""
