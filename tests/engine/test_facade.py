@@ -84,7 +84,7 @@ def test_batch_shape_errors(ml):
 
 def test_context_is_cleared_after_calls_and_errors(ml):
     _logits(ml, adapter_names=["r4", "r16rs"])
-    assert ml._ctx.slots is None and not ml._ctx.plans
+    assert ml._ctx.slots is None and ml._ctx.empty
     with pytest.raises(BatchShapeError):
         _logits(ml, adapter_names=["r4"])
     assert ml._ctx.slots is None

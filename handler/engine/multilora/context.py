@@ -6,7 +6,7 @@ through every module signature is impossible without patching the model. The
 facade sets the context in a try/finally around one forward or one `generate`
 call, and the layers read it.
 
-The context also caches each layer's per-batch plan (see `ops.prepare_mixed`):
+The context also caches each layer's per-batch plan (`plans`; see `ops.prepare_mixed`):
 slots do not change during a `generate` call, so the per-row gather happens
 once per call, not once per decode step. Clearing the context drops the cache,
 so gathered weights never outlive the call that needed them; the memory they
@@ -17,11 +17,15 @@ Owned by one thread, like the engine.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .backend import LoraBackend
+
+if TYPE_CHECKING:
+    from .plans import LayerPlan
 
 
 class GatherWorkspace:
@@ -86,42 +90,80 @@ class GatherWorkspace:
         self._used = self._need = 0
 
 
-class BatchContext:
-    """Slots for the batch in flight (None = no batch: every layer runs base only)."""
+@dataclass
+class GroupOutputs:
+    """A group's outputs for one input tensor, until every member has taken its own."""
 
-    __slots__ = ("slots", "unique", "plans", "version", "kernel_rank", "workspace", "backend")
+    x: torch.Tensor  # the input they were computed for (held, so its identity is not reused meanwhile)
+    outputs: list[torch.Tensor]  # one per member, in the group's order
+    pending: int  # members that have not taken theirs yet
+
+
+class BatchContext:
+    """Slots for the batch in flight (None = no batch: every layer runs base only), and what the
+    layers computed for it once (their plans, the groups' ranks and outputs).
+
+    Per batch (reset by `set` / `clear`; plans also by `invalidate`):
+      `slots` ``[N]`` long, one slot per row; `unique` the sorted distinct slots; `kernel_rank` set
+      for a static batch (CUDA-graph decode: every layer runs the Triton kernel at this rank and
+      reads `slots` at run time, whatever adapters the slots name now); `layer_plans` /
+      `kernel_plans` each layer's `plans.LayerPlan` by layer index (eager / kernel forwards);
+      `group_ranks` a group's rank for the batch and `group_outputs` its outputs for the current
+      input, by group id.
+    Per engine: `workspace` (where plans gather into; None: fresh tensors) and `backend` (which LoRA
+    path the layers take, fixed at build from `EngineSettings.lora_backend`).
+    """
+
+    __slots__ = ("slots", "unique", "kernel_rank", "layer_plans", "kernel_plans", "group_ranks", "group_outputs",
+                 "workspace", "backend")
 
     def __init__(self, workspace: GatherWorkspace | None = None, backend: LoraBackend | None = None) -> None:
         self.slots: torch.Tensor | None = None
         self.unique: tuple[int, ...] = ()
-        self.plans: dict[Any, Any] = {}
-        self.version = 0
-        self.workspace = workspace  # where plans gather into; None: fresh tensors
-        # which LoRA path every layer takes: fixed when the engine is built (`backend`), not per batch
-        self.backend = backend if backend is not None else LoraBackend()
-        # Set for a static batch (CUDA-graph decode): every layer runs the Triton kernel at
-        # this rank and reads `slots` at run time, whatever adapters the slots name now.
         self.kernel_rank: int | None = None
+        self.layer_plans: dict[int, LayerPlan] = {}
+        self.kernel_plans: dict[int, LayerPlan] = {}
+        self.group_ranks: dict[int, int] = {}
+        self.group_outputs: dict[int, GroupOutputs] = {}
+        self.workspace = workspace
+        self.backend = backend if backend is not None else LoraBackend()
 
     def set(self, slots: torch.Tensor, unique: tuple[int, ...], kernel_rank: int | None = None) -> None:
         self.slots = slots
         self.unique = unique
         self.kernel_rank = kernel_rank
-        self.plans = {}
-        self.version += 1
+        self._drop()
         if self.workspace is not None:
             self.workspace.rewind()
 
     def invalidate(self) -> None:
         """Slot contents changed (load/delete): rebuild plans on next forward."""
-        self.plans = {}
-        self.version += 1
+        self._drop()
 
     def clear(self) -> None:
         self.slots = None
         self.unique = ()
         self.kernel_rank = None
-        self.plans = {}
-        self.version += 1
+        self._drop()
         if self.workspace is not None:  # the plans holding its views are gone
             self.workspace.rewind()
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the context keeps alive for the batch (tests check nothing outlives it)."""
+        held = [t for cache in (self.layer_plans, self.kernel_plans) for p in cache.values() for t in p.tensors()]
+        for g in self.group_outputs.values():
+            held += [g.x, *g.outputs]
+        if self.slots is not None:
+            held.append(self.slots)
+        return held
+
+    @property
+    def empty(self) -> bool:
+        """No plan, rank or output cached."""
+        return not (self.layer_plans or self.kernel_plans or self.group_ranks or self.group_outputs)
+
+    def _drop(self) -> None:
+        self.layer_plans = {}
+        self.kernel_plans = {}
+        self.group_ranks = {}
+        self.group_outputs = {}

@@ -27,9 +27,9 @@ sends CPU prefill through the kernels (Triton's interpreter, for tests; see `bac
 Everything else takes the layer's own path: one slot on every row is two plain
 cuBLAS GEMMs there, which beat the group kernels (H100 1B prefill: 1.12 vs 1.15
 over base). The first member a forward calls computes the whole group for that input
-tensor; the others find the result in the batch context's plan cache, keyed by
-the input tensor's identity (the cache holds the tensor, so its identity cannot
-be reused while cached). The entry is dropped once every member has taken its
+tensor; the others find the result in the batch context's `group_outputs`, keyed by
+the input tensor's identity (`context.GroupOutputs` holds the tensor, so its identity
+cannot be reused while cached). The entry is dropped once every member has taken its
 delta, so a prefill's full-width deltas live no longer than the members' outputs.
 
 A Llama-style MLP's gate/up group has one more entry point, `SharedInputGroup.gated_act`:
@@ -46,7 +46,7 @@ import torch
 
 from ..kernels.triton_lora import GROUPED_MAX_ROWS, MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import ops
-from .context import BatchContext
+from .context import BatchContext, GroupOutputs
 
 if TYPE_CHECKING:
     from .layer import MultiLoraLinear
@@ -62,8 +62,7 @@ class SharedInputGroup:
                  decode: bool = True, prefill: bool = True, fused: bool = True) -> None:
         from ..kernels.triton_lora import GroupMember
 
-        self.key = ("group", key)
-        self.rank_key = ("group_rank", key)
+        self.id = key  # index in the model's group list: the key of its batch-context entries
         self.layers = tuple(layers)
         self.in_features = layers[0].in_features
         self.pool = pool
@@ -97,9 +96,9 @@ class SharedInputGroup:
     def _prefill_rank(self, ctx: BatchContext) -> int | None:
         """The largest rank any member has for any slot of the batch (0: none), None over the
         kernels' limit; computed once per batch."""
-        rank = ctx.plans.get(self.rank_key)
+        rank = ctx.group_ranks.get(self.id)
         if rank is None:
-            rank = ctx.plans[self.rank_key] = max(l.slot_rank[s] for l in self.layers for s in ctx.unique)
+            rank = ctx.group_ranks[self.id] = max(l.slot_rank[s] for l in self.layers for s in ctx.unique)
         return rank if rank <= MAX_RANK else None
 
     def gated_act(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor | None:
@@ -127,13 +126,13 @@ class SharedInputGroup:
     def output(self, layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext, rank: int) -> torch.Tensor:
         """``[N, S, out]`` output (base + LoRA) of member `layer` for input ``x [N, S, in]``; the
         whole group runs on the first member's call for this `x`."""
-        cached = ctx.plans.get(self.key)
-        if cached is None or cached[0] is not x:
-            cached = ctx.plans[self.key] = [x, self._outputs(x, ctx, rank), len(self.layers)]
-        cached[2] -= 1
-        if cached[2] == 0:  # every member has its output: do not keep them alive in the cache
-            del ctx.plans[self.key]
-        return cached[1][self.layers.index(layer)]
+        cached = ctx.group_outputs.get(self.id)
+        if cached is None or cached.x is not x:
+            cached = ctx.group_outputs[self.id] = GroupOutputs(x, self._outputs(x, ctx, rank), len(self.layers))
+        cached.pending -= 1
+        if cached.pending == 0:  # every member has its output: do not keep them alive in the cache
+            del ctx.group_outputs[self.id]
+        return cached.outputs[self.layers.index(layer)]
 
     def _outputs(self, x: torch.Tensor, ctx: BatchContext, rank: int) -> list[torch.Tensor]:
         kernels = ctx.backend.kernels

@@ -10,19 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
 from .context import BatchContext
-
-_NO_PLAN = object()
-
-
-class _KernelPlan:
-    """Mixed batch served by the Triton kernel (`handler.engine.kernels`): no gather, only the rank."""
-
-    __slots__ = ("rank",)
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+from .plans import route
 
 
 class MultiLoraLinear(nn.Module):
@@ -34,7 +23,8 @@ class MultiLoraLinear(nn.Module):
     allocated per adapter. They are plain attributes, not buffers: moving the
     module with `.to()` would split them from the shared buffer, so move the
     model *before* wrapping it. Python mirrors of per-slot rank and scaling let
-    the hot path decide what to do without reading tensors (no device sync).
+    the hot path decide what to do without reading tensors (no device sync);
+    what it does is `plans.route`'s choice.
     """
 
     def __init__(self, base_layer: nn.Linear, ctx: BatchContext, index: int, lora_A: torch.Tensor,
@@ -55,6 +45,7 @@ class MultiLoraLinear(nn.Module):
         self.slot_rank = [0] * num_slots
         self.slot_scale = [0.0] * num_slots
         self.group = None  # `groups.SharedInputGroup`: decode steps and CUDA prefill share launches with siblings
+        self.plain = type(base_layer) is nn.Linear  # exactly nn.Linear: its GEMM can accumulate into a delta
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -77,59 +68,11 @@ class MultiLoraLinear(nn.Module):
         self.slot_scale[slot] = float(scale)
 
     # -- hot path -----------------------------------------------------------
-    def _plan(self, ctx: BatchContext, kernel: bool):
-        if ctx.kernel_rank is not None:  # static batch: the plan must not depend on today's adapters
-            return _KernelPlan(ctx.kernel_rank)
-        used = [s for s in ctx.unique if self.slot_rank[s]]
-        if not used:
-            return None
-        r = max(self.slot_rank[s] for s in used)
-        if kernel and r <= 64:  # one fused shrink/expand pair serves one adapter or many
-            return _KernelPlan(r)
-        if len(ctx.unique) == 1:
-            s = used[0]
-            return (self.lora_A[s, :r], self.lora_Bt[s, :r], self.slot_scale[s])
-        return ops.prepare_mixed(ctx.slots, self.lora_A, self.lora_B, self.scaling, rank=r, workspace=ctx.workspace)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self._ctx
         if ctx.slots is None:
             return self.base_layer(x, *args, **kwargs)
-        group = self.group
-        # graph-captured decode step, or CUDA prefill: this linear's output comes from its group
-        # (shared with q/k/v or gate/up siblings: one LoRA launch pair for all of them). An eager
-        # one-token forward never is, and is the hot path on a CPU: one cheap test skips the rest.
-        if (group is not None and (ctx.kernel_rank is not None or (x.dim() == 3 and x.shape[1] > 1))
-                and not args and not kwargs and type(self.base_layer) is nn.Linear):
-            rank = group.rank_for(x, ctx)
-            if rank == 0:
-                return self.base_layer(x)
-            if rank is not None:
-                return group.output(self, x, ctx, rank)
-        kernel = ctx.kernel_rank is not None or ctx.backend.eager_layer_kernels(x)
-        key = -1 - self.index if kernel else self.index  # eager and captured forwards keep their own plans
-        plan = ctx.plans.get(key, _NO_PLAN)
-        if plan is _NO_PLAN:
-            plan = ctx.plans[key] = self._plan(ctx, kernel)
-        if plan is None:
-            return self.base_layer(x, *args, **kwargs)
-        if type(plan) is tuple:
-            delta = ops.uniform_delta(x, *plan)
-        else:
-            if x.dim() != 3 or x.shape[0] != ctx.slots.shape[0]:
-                from ..errors import BatchShapeError
-
-                raise BatchShapeError(f"batch has {x.shape[0] if x.dim() else 0} rows but {ctx.slots.shape[0]} "
-                                      "adapter names were given (beam search / num_return_sequences are not "
-                                      "supported with mixed adapters)")
-            if type(plan) is _KernelPlan:  # GPU: the kernel adds into the base output in place
-                out = self.base_layer(x, *args, **kwargs)
-                return ctx.backend.kernels.add_mixed_triton_(out, x, ctx.slots, self.lora_A, self.lora_Bt,
-                                                             self.scaling, plan.rank, pdl=ctx.backend.pdl)
-            delta = ops.mixed_delta(x, plan)
-        if args or kwargs or type(self.base_layer) is not nn.Linear:
-            return self.base_layer(x, *args, **kwargs) + delta
-        return ops.base_plus_delta(delta, x, self.base_layer.weight, self.base_layer.bias)
+        return route(self, x, ctx, args, kwargs).run(self, x, ctx, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.lora_A.shape[0]}, r_max={self.max_rank}"

@@ -1,0 +1,63 @@
+"""`plans.route` / `plan_layer`: which plan kind serves a layer for a batch (CPU, torch backend).
+
+The plan choice is what tenant isolation rests on: one slot on every row may take the uniform
+path, any mix must read or gather per row; a layer no row's adapter targets runs the base alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_base
+from handler.engine.multilora import MultiLoraModel
+from handler.engine.multilora.plans import BASE_ONLY, GatheredPlan, KernelPlan, UniformPlan, plan_layer
+from handler.engine.settings import EngineSettings
+
+Q = "model.layers.0.self_attn.q_proj"
+K = "model.layers.0.self_attn.k_proj"  # not targeted by r8qv
+
+
+@pytest.fixture(scope="module")
+def ml(tiny_model_dir, engine_adapters):
+    m = MultiLoraModel(load_base(tiny_model_dir), EngineSettings(num_slots=4, max_rank=64, lora_backend="torch"))
+    m.load_adapter(engine_adapters["r4"], "r4")
+    m.load_adapter(engine_adapters["r8qv"], "qv")
+    return m
+
+
+def _plans(ml, names):
+    """Each layer's cached plan after one eager forward of a batch naming `names`."""
+    ids = torch.arange(5, 5 + 3 * len(names)).view(len(names), 3)
+    with torch.no_grad(), ml.batch(names, len(names)):
+        ml.model(input_ids=ids)
+        layers = ml.lora_layers
+        return {n: ml._ctx.layer_plans[l.index] for n, l in layers.items()}
+
+
+def test_plan_kinds_follow_the_batch(ml):
+    uniform = _plans(ml, ["qv", "qv"])
+    assert isinstance(uniform[Q], UniformPlan) and uniform[Q].a.shape[0] == 8
+    assert uniform[K] is BASE_ONLY  # no row's adapter targets k_proj
+    mixed = _plans(ml, ["qv", None])  # a base row beside an adapter row: never the uniform path
+    assert isinstance(mixed[Q], GatheredPlan) and mixed[Q].rows.a_rows.shape[0] == 2
+    assert mixed[K] is BASE_ONLY
+    both = _plans(ml, ["r4", "qv"])
+    assert isinstance(both[Q], GatheredPlan) and both[Q].rows.a_rows.shape[1] == 8  # the batch's largest rank
+    assert isinstance(both[K], GatheredPlan) and both[K].rows.a_rows.shape[1] == 4
+    assert ml._ctx.empty and ml._ctx.slots is None  # nothing outlives the batch
+
+
+def test_kernel_forwards_and_static_batches_take_the_kernel_plan(ml):
+    layer = ml.lora_layers[Q]
+    ctx = ml._ctx
+    ctx.set(torch.tensor([1, 0]), (0, 1))
+    try:
+        assert isinstance(plan_layer(layer, ctx, kernel=True), KernelPlan)
+        assert plan_layer(layer, ctx, kernel=True).rank == 4
+    finally:
+        ctx.clear()
+    ctx.set(torch.tensor([0, 0]), (0, 1, 2, 3), kernel_rank=16)  # static batch: today's adapters do not matter
+    try:
+        plan = plan_layer(ml.lora_layers[K], ctx, kernel=True)
+        assert isinstance(plan, KernelPlan) and plan.rank == 16
+    finally:
+        ctx.clear()
