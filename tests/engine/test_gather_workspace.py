@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from conftest import load_base
-from handler.engine.multilora import MultiLoraModel, ops
+from handler.engine import lora_ops as ops
+from handler.engine.multilora import MultiLoraModel
 from handler.engine.multilora.context import GatherWorkspace
 from handler.engine.settings import EngineSettings
 

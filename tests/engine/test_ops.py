@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from handler.engine.multilora import ops
+from handler.engine import lora_ops as ops
 
 
 def _pool(K=5, r=8, d_in=12, d_out=10, seed=0):

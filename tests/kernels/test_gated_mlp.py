@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from handler.engine.kernels import triton_lora as tl_lora
-from handler.engine.multilora import ops
+from handler.engine import lora_ops as ops
 
 from .test_group_decode import DEV, TOL, _case, _members, _pool
 from handler.engine.settings import EngineSettings

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from handler.engine.kernels import triton_lora as tl_lora
-from handler.engine.multilora import ops
+from handler.engine import lora_ops as ops
 from handler.engine.settings import EngineSettings
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not tl_lora.available(),

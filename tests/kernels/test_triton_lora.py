@@ -28,7 +28,7 @@ if not HAS_CUDA and importlib.util.find_spec("triton") is not None:
 from handler.engine.kernels import triton_lora as tl_lora  # noqa: E402
 
 HAS_TRITON = tl_lora._triton_importable()  # False also for a broken install
-from handler.engine.multilora import ops  # noqa: E402
+from handler.engine import lora_ops as ops  # noqa: E402
 
 gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and triton")
 interp = pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter tests: triton installed, no GPU")

@@ -1,7 +1,7 @@
 """Triton kernels for the mixed-adapter LoRA delta (Punica SGMV/BGMV style).
 
 Imported lazily by :mod:`.triton_lora` (importing this module needs triton).
-Math contract (see ``handler/engine/multilora/ops.py``)::
+Math contract (see ``handler/engine/lora_ops.py``)::
 
     out[n, s] += scaling[slots[n]] * (x[n, s] @ A[slots[n]].T) @ Bt[slots[n]]
 

@@ -1,7 +1,7 @@
 """Triton backend for the mixed-adapter LoRA delta (Punica SGMV/BGMV style).
 
-Drop-in for ``ops.prepare_mixed`` + ``ops.add_mixed_`` (same pool layout, same
-math; see ``handler/engine/multilora/ops.py``)::
+Drop-in for ``lora_ops.prepare_mixed`` + ``lora_ops.add_mixed_`` (same pool layout, same
+math; see ``handler/engine/lora_ops.py``)::
 
     add_mixed_triton_(out, x, slots, A, Bt, scaling, rank)
     # out[n, s] += scaling[slots[n]] * (x[n, s] @ A[slots[n], :rank].T) @ Bt[slots[n], :rank]
@@ -16,7 +16,7 @@ place) between graph replays gives the new adapters' results.
 Importing this module never needs triton or CUDA; :func:`available` says
 whether the kernels can run (CUDA + triton, or triton's CPU interpreter with
 ``TRITON_INTERPRET=1`` set before triton is first imported). Without them the
-custom op's CPU implementation falls back to the plain-torch ``ops`` path.
+custom op's CPU implementation falls back to the plain-torch ``handler.engine.lora_ops`` path.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def _add_mixed_op(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: to
         _add_mixed_impl(out, x, slots, A, Bt, scaling, rank, pdl=pdl)
         return
     # CPU without the interpreter: the plain-torch path (same math).
-    from ..multilora import ops
+    from .. import lora_ops as ops
 
     if rank:
         ops.add_mixed_(out, x, ops.prepare_mixed(slots.long(), A, Bt.transpose(1, 2), scaling, rank=rank))

@@ -6,7 +6,7 @@ through every module signature is impossible without patching the model. The
 facade sets the context in a try/finally around one forward or one `generate`
 call, and the layers read it.
 
-The context also caches each layer's per-batch plan (`plans`; see `ops.prepare_mixed`):
+The context also caches each layer's per-batch plan (`plans`; see `lora_ops.prepare_mixed`):
 slots do not change during a `generate` call, so the per-row gather happens
 once per call, not once per decode step. Clearing the context drops the cache,
 so gathered weights never outlive the call that needed them; the memory they
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class GatherWorkspace:
-    """Memory that the per-call gathers of each row's adapter (`ops.prepare_mixed`) reuse
+    """Memory that the per-call gathers of each row's adapter (`lora_ops.prepare_mixed`) reuse
     from one call to the next.
 
     Why: a mixed batch on the torch path gathers every row's A and B for every layer, batch x

@@ -11,7 +11,7 @@ A Llama layer's LoRA becomes 4 launches (one shrink per q/k/v, o, gate/up,
 down), and with PDL the members stream their weights while the shrink runs.
 Linears with a bias keep cuBLAS: one shrink and one expand launch per group
 (`kernels.group_deltas_triton`), the base GEMMs accumulating into the deltas
-(beta = 1, `ops.base_plus_delta`).
+(beta = 1, `lora_ops.base_plus_delta`).
 
 Why, prefill (eager, CUDA): there LoRA costs memory traffic, not launches. The
 torch path gathers every row's A and B per linear (4 small launches each) and
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..kernels.triton_lora import GROUPED_MAX_ROWS, MAX_RANK  # plain Python: needs neither triton nor CUDA
-from . import ops
+from .. import lora_ops as ops
 from .context import BatchContext, GroupOutputs
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def lora_B(self) -> torch.Tensor:
-        """``[K, out, r_max]`` view of the transposed store (see `ops`)."""
+        """``[K, out, r_max]`` view of the transposed store (see `..lora_ops`)."""
         return self.lora_Bt.transpose(1, 2)
 
     # -- slot management (cold path) -------------------------------------

@@ -6,7 +6,7 @@ Plans (one class per kind, each knows how to run itself):
 * `BaseOnly` — no row of the batch has an adapter on this layer: the base linear alone.
 * `UniformPlan` — every row uses the same slot: two plain GEMMs on that slot's weights.
 * `GatheredPlan` — rows use different slots, torch path: each row's adapter gathered once per
-  batch (`ops.prepare_mixed`), then two batched GEMMs per forward.
+  batch (`lora_ops.prepare_mixed`), then two batched GEMMs per forward.
 * `KernelPlan` — rows' slots read inside the Triton kernel (`handler.engine.kernels`) at `rank`;
   nothing gathered. A static batch (graph-captured decode) always takes it, at the batch's rank.
 * `GroupPlan` — this linear's output comes from its `groups.SharedInputGroup` (one launch pair
@@ -27,7 +27,7 @@ import torch
 
 from ..errors import BatchShapeError
 from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
-from . import ops
+from .. import lora_ops as ops
 from .context import BatchContext
 
 if TYPE_CHECKING:

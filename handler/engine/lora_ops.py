@@ -2,7 +2,9 @@
 
 This is the one place the math lives, so a GPU kernel (Punica-style
 shrink/expand, `handler/engine/kernels/`) can replace it without touching the
-layers. Pool layout (what every backend receives):
+layers. Pure torch, importing nothing of the engine: the layers (`multilora`) and the
+kernels' CPU fallback (`kernels.triton_lora`) both use it, and neither imports the other
+for it. Pool layout (what every backend receives):
 
 * ``A``: ``[K, r, in]``  - slot k's ``lora_A.weight`` zero-padded to r rows.
 * ``B``: ``[K, out, r]`` - slot k's ``lora_B.weight`` zero-padded to r columns.
@@ -30,12 +32,15 @@ forces this module's path everywhere (`multilora.backend`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .context import GatherWorkspace
+
+class Workspace(Protocol):
+    """Memory to gather into (`multilora.context.GatherWorkspace`)."""
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -47,7 +52,7 @@ class MixedPlan:
 
 
 def prepare_mixed(slots: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
-                  rank: int | None = None, workspace: "GatherWorkspace | None" = None) -> MixedPlan:
+                  rank: int | None = None, workspace: Workspace | None = None) -> MixedPlan:
     """Gather each row's adapter once. ``rank`` trims the zero padding every
     slot in the batch shares (exact: padded rows/columns are zero). The row's
     scaling is folded into its gathered B here, once per call, which saves an
