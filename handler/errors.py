@@ -16,7 +16,7 @@ from tenant_registry.errors import (
     TenantNotFound,
 )
 
-from .engine.errors import EngineError, NoFreeSlot
+from .engine.errors import EngineError
 
 
 class RequestError(Exception):
@@ -69,7 +69,6 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (TenantDisabled, 403, "Tenant Disabled"),
     (RegistryUnavailable, 503, "Registry Unavailable"),
     (AdapterLoadFailed, 503, "Adapter Unavailable"),
-    (NoFreeSlot, 503, "Adapter Capacity Exhausted"),
     (AdapterInvalid, 503, "Adapter Unavailable"),
     (RegistryError, 500, "Registry Error"),
     (EngineError, 500, "Engine Error"),
@@ -98,6 +97,4 @@ def public_message(exc: BaseException) -> str:
         return f"adapter {exc.adapter_id} cannot be served right now; try again later"
     if isinstance(exc, RegistryUnavailable):
         return "the tenant registry is unavailable; try again later"
-    if isinstance(exc, NoFreeSlot):
-        return "no adapter slot is free; try again later"
     return "internal error; see the worker log"

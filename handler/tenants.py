@@ -1,4 +1,4 @@
-"""Tenant -> registry record (and key digest), with a small in-worker cache.
+"""Tenant -> registry record (and key digest, and pinned versions), with a small in-worker cache.
 
 Why a cache: a Redis round trip per request is cheap but not free, and an
 outage of Redis must not stop tenants that were already being served. The cache
