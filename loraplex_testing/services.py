@@ -2,30 +2,53 @@
 both on 127.0.0.1. Used by the demo and `scripts/localstack.py` (make demo / make
 stop), the end-to-end tests and the benchmarks, so there is one way to run them.
 
-Why our own process handling instead of `torchserve --stop`: that command keeps
-one pid file per machine (in the temp dir), so a demo and a test run could not
-coexist. Each instance here gets its own working dir (where TorchServe writes
-key_file.json and logs/) and its own TMPDIR, and is stopped by pid.
+Every TorchServe started here is private, so a demo, a test run and several
+scale-out instances can share one machine. What TorchServe 0.12 would otherwise
+share machine-wide, and what each instance gets instead:
+
+- the launcher's pid file, `<tempfile.gettempdir()>/.model_server.pid` (a second
+  launcher seeing a live one refuses to start): TMPDIR = the instance's own dir;
+- the worker socket, `<java.io.tmpdir>/.ts.sock.<port>`: Java ignores TMPDIR (its
+  tmpdir stays /tmp), but the launcher passes `-Djava.io.tmpdir=$TEMP`, so TEMP =
+  the same private dir. A starting worker deletes whatever file has its socket
+  name, which is how one instance's start used to delete another's socket;
+- the worker ports (`initial_worker_port`, 9000 up, one per worker and restart;
+  the socket names' suffix, or TCP ports where Netty has no native transport)
+  and torchrun's `initial_distribution_port`: a checked-free range per instance;
+- the gRPC servers, which 0.12 always starts (no setting turns them off), on
+  7070/7071: free loopback ports per instance;
+- key_file.json, logs/ and the config are in the instance's working dir.
+
+Processes: each service runs in its own process group and is stopped by group
+(launcher, Java frontend and Python workers together). A service started for a
+test (`detach=False`) also gets a `reaper.Guard`, which stops the group when the
+test process dies without running its cleanup; `start()` stops what it started
+when it fails. The demo's detached services are stopped by pid file (`make stop`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from typing import Iterator
 import time
-from pathlib import Path
-
-import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from loraplex_testing.reaper import Guard, kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Ports one TorchServe may hand its workers (initial_worker_port upwards): one per
+# worker start, restarts included.
+WORKER_PORT_RANGE = 64
+_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
 
 
 def wait_port(port: int, timeout: float) -> bool:
@@ -38,10 +61,49 @@ def wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports free right now (all held open until all are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_port_range(n: int, low: int = 10000, high: int = 32000, tries: int = 200) -> int:
+    """First port of `n` consecutive loopback ports all free right now. Drawn below Linux's
+    ephemeral range (32768+), so connections and `free_port()` do not take them meanwhile."""
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(low, high - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in [{low}, {high})")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
 
 
 class RedisServer:
@@ -52,6 +114,7 @@ class RedisServer:
         self.workdir = Path(workdir)
         self.persistent = persistent
         self.proc: subprocess.Popen | None = None
+        self._guard: Guard | None = None
 
     @property
     def url(self) -> str:
@@ -62,38 +125,76 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         if self.persistent:
-            return [exe, str(ROOT / "scripts" / "redis.conf"), "--port", str(self.port), "--dir", str(self.workdir)]
+            return [exe, str(ROOT / "scripts" / "redis.conf"), "--port", str(self.port), "--dir", str(self.workdir),
+                    "--daemonize", "no"]
         return [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir)]
+                "--dir", str(self.workdir), "--daemonize", "no"]
 
     def start(self, detach: bool = False) -> None:
+        """Start and wait until it accepts connections; on any failure nothing is left running."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=detach)
-        if not wait_port(self.port, 10):
-            raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.workdir}/redis.log")
+        cmd = self.command()
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._guard = None if detach else Guard(self.proc.pid)
+            self._wait_ready(10)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:  # e.g. the port was taken: don't mistake another server for ours
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}:\n"
+                                   f"{_tail(self.workdir / 'redis.log')}")
+            if self._serving_pid() == self.proc.pid:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.workdir}/redis.log")
+
+    def _serving_pid(self) -> int | None:
+        """The pid of the redis-server answering on our port (another server there is not ours)."""
+        import redis
+
+        with contextlib.suppress(redis.RedisError, OSError, KeyError):
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                return int(client.info("server")["process_id"])
+            finally:
+                client.close()
+        return None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:  # not reaped yet, so its pid (= its group) is still ours
+                kill_group(self.proc.pid, timeout=10, leader=self.proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        if self._guard is not None:
+            self._guard.release()
+        self.proc, self._guard = None, None
 
 
 class TorchServe:
-    """One torchserve instance with its own config, model store, working dir and ports."""
+    """One private torchserve instance: its own config, model store, working dir, temp dir and ports
+    (HTTP: given or free; gRPC, worker and distribution ports: free, picked at each start)."""
 
     def __init__(self, workdir: Path, model_store: Path, *, model_name: str = "loraplex",
                  ports: tuple[int, int, int] | None = None, env: dict[str, str] | None = None,
                  extra_config: dict[str, str] | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store)
         self.model_name = model_name
-        self.ports = ports or (free_port(), free_port(), free_port())
+        self.ports = ports or tuple(free_ports(3))
         self.env = env or {}
         self.extra_config = extra_config or {}
+        self.private_ports: dict[str, int] = {}
+        self.tmpdir: Path | None = None
+        self._own_short_tmp = False
         self.proc: subprocess.Popen | None = None
+        self._guard: Guard | None = None
 
     @property
     def inference_url(self) -> str:
@@ -103,39 +204,67 @@ class TorchServe:
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[1]}"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "torchserve.pid"
+
+    def _pick_private_ports(self) -> dict[str, int]:
+        taken = set(self.ports)
+        while True:
+            grpc_inf, grpc_mgmt, dist = free_ports(3)
+            worker = free_port_range(WORKER_PORT_RANGE)
+            picked = {grpc_inf, grpc_mgmt, dist, *range(worker, worker + WORKER_PORT_RANGE)}
+            if not picked & taken:
+                return {"grpc_inference_port": grpc_inf, "grpc_management_port": grpc_mgmt,
+                        "initial_distribution_port": dist, "initial_worker_port": worker}
+
+    def _make_tmpdir(self) -> Path:
+        """The instance's temp dir; a short one under /tmp where the worker socket's path would not fit."""
+        tmp = self.workdir / "tmp"
+        self._own_short_tmp = len(str(tmp)) + len("/.ts.sock.65535") > _UNIX_PATH_MAX
+        if self._own_short_tmp:
+            tmp = Path(tempfile.mkdtemp(prefix="lpx-ts-", dir="/tmp"))
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmpdir = tmp
+        return tmp
+
     def write_config(self) -> Path:
         """Our shipped config.properties with this instance's ports and store; auth stays on."""
-        lines = []
-        for line in (ROOT / "config.properties").read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if key in {"inference_address", "management_address", "metrics_address", "model_store",
-                       "load_models", *self.extra_config}:
-                continue
-            lines.append(line)
         inf, mgmt, metrics = self.ports
-        lines += [f"inference_address=http://127.0.0.1:{inf}", f"management_address=http://127.0.0.1:{mgmt}",
-                  f"metrics_address=http://127.0.0.1:{metrics}", f"model_store={self.model_store}",
-                  f"load_models={self.model_name}"]
-        lines += [f"{k}={v}" for k, v in self.extra_config.items()]
+        own = {"inference_address": f"http://127.0.0.1:{inf}", "management_address": f"http://127.0.0.1:{mgmt}",
+               "metrics_address": f"http://127.0.0.1:{metrics}", "grpc_inference_address": "127.0.0.1",
+               "grpc_management_address": "127.0.0.1", "model_store": str(self.model_store),
+               "load_models": self.model_name, **{k: str(v) for k, v in self.private_ports.items()},
+               **self.extra_config}
+        lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
+                 if line.split("=", 1)[0].strip() not in own]
+        lines += [f"{k}={v}" for k, v in own.items()]
         path = self.workdir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
         return path
 
     def start(self, timeout: float = 300, detach: bool = False) -> None:
+        """Start and wait for a READY worker; on any failure nothing is left running."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "tmp").mkdir(exist_ok=True)
+        self._make_tmpdir()
+        self.private_ports = self._pick_private_ports()
         cfg = self.write_config()
         exe = Path(sys.executable).parent / "torchserve"
-        env = {**os.environ, **self.env, "TMPDIR": str(self.workdir / "tmp"), "LOG_LOCATION": str(self.workdir / "logs"),
-               "METRICS_LOCATION": str(self.workdir / "logs"),
+        env = {**os.environ, **self.env, "TMPDIR": str(self.tmpdir), "TEMP": str(self.tmpdir),
+               "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs"),
                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-        log = open(self.workdir / "torchserve.out", "ab")
-        self.proc = subprocess.Popen([str(exe), "--start", "--foreground", "--ncs", "--ts-config", str(cfg),
-                                      "--model-store", str(self.model_store)],
-                                     cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        (self.workdir / "torchserve.pid").write_text(str(self.proc.pid))
-        self.wait_ready(timeout)
+        with open(self.workdir / "torchserve.out", "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "--start", "--foreground", "--ncs", "--ts-config", str(cfg),
+                                          "--model-store", str(self.model_store)],
+                                         cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            self.pid_file.write_text(str(self.proc.pid))
+            self._guard = None if detach else Guard(self.proc.pid)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def keys(self) -> dict:
         return json.loads((self.workdir / "key_file.json").read_text())
@@ -146,7 +275,8 @@ class TorchServe:
         last = ""
         while time.time() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"torchserve exited with {self.proc.returncode}; see {self.workdir}/logs")
+                raise RuntimeError(f"torchserve exited with {self.proc.returncode}; {self.workdir}/logs/ts_log.log "
+                                   f"ends:\n{_tail(self.workdir / 'logs' / 'ts_log.log')}")
             with contextlib.suppress(Exception):
                 status = self.describe(customized=False)
                 workers = status[0].get("workers", [])
@@ -164,34 +294,37 @@ class TorchServe:
             return json.loads(resp.read())
 
     def stop(self) -> None:
-        stop_pid_file(self.workdir / "torchserve.pid")
-        self.proc = None
+        """Stop the whole group (launcher, frontend, workers); safe to call twice or after a failed start."""
+        if self.proc is not None:
+            kill_group(self.proc.pid, leader=self.proc)  # also when the launcher is gone: the rest of its group may not be
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self.pid_file.unlink(missing_ok=True)
+        else:
+            stop_pid_file(self.pid_file)
+        if self._guard is not None:
+            self._guard.release()
+        if self._own_short_tmp and self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self.proc, self._guard = None, None
 
 
 def stop_pid_file(pid_file: Path, timeout: float = 30) -> None:
-    """Stop the process group whose leader's pid the file holds (frontend + Python workers)."""
+    """Stop the process group whose leader's pid the file holds (a detached service: make stop)."""
     if not pid_file.exists():
         return
     pid = int(pid_file.read_text().strip() or 0)
     pid_file.unlink()
-    if pid <= 0:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
+    kill_group(pid, timeout)
 
 
 # -- the demo's stack (make demo / make stop) ----------------------------------------------
 
 DEMO_REDIS_PORT = 6399
 DEMO_TS_PORTS = (8080, 8081, 8082)
+# TorchServe's default is 60 minutes, after which every request gets 400 until the token API
+# renews the keys (README, "Limits"); the demo is meant to be left running and played with.
+DEMO_TOKEN_EXPIRATION_MIN = 7 * 24 * 60
 
 
 def start_demo_stack(var: Path) -> None:
@@ -202,7 +335,8 @@ def start_demo_stack(var: Path) -> None:
         redis.start(detach=True)
         (var / "redis.pid").write_text(str(redis.proc.pid))
     env = {"LORAPLEX_REDIS_URL": redis.url, "LORAPLEX_ADAPTER_STORE": str(var / "adapters")}
-    ts = TorchServe(var / "torchserve", ROOT / "model_store", ports=DEMO_TS_PORTS, env=env)
+    ts = TorchServe(var / "torchserve", ROOT / "model_store", ports=DEMO_TS_PORTS, env=env,
+                    extra_config={"token_expiration_min": str(DEMO_TOKEN_EXPIRATION_MIN)})
     if wait_port(DEMO_TS_PORTS[0], 0.2):
         print(f"torchserve already listening on 127.0.0.1:{DEMO_TS_PORTS[0]}")
         return
@@ -220,8 +354,8 @@ def stop_demo_stack(var: Path) -> None:
 def redis_server(port: int | None = None, workdir: Path | None = None) -> Iterator[tuple[str, "RedisProc"]]:
     """Start a real, private `redis-server` on 127.0.0.1 and yield (url, process handle)."""
     proc = RedisProc(port or free_port(), workdir)
-    proc.start()
     try:
+        proc.start()
         yield proc.url, proc
     finally:
         proc.stop()
