@@ -7,7 +7,7 @@ Modules, one job each (import what you need directly; this package imports nothi
   ids         tenant id / adapter id validation
   schema      TenantRecord
   validate    BaseModelSpec, validate_adapter
-  store       AdapterStore (path_for / verify for workers)
+  store       AdapterStore (read for workers: the adapter bytes, sha256-checked)
   keys        per-tenant keys: generate_key, KeyDigest, digest_key, verify_key
   registry    TenantRegistry (Redis records, key digests, events, subscribe)
   onboarding  onboard(), ensure_key(), rotate_key()

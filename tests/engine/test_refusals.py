@@ -170,4 +170,5 @@ def test_target_not_wrapped_by_engine_config(kind, tiny_model_dir, tokenizer, en
 
 def test_unknown_engine_kind():
     with pytest.raises(ValueError, match="unknown engine kind 'vllm'"):
-        make_engine("vllm", torch.nn.Linear(2, 2), eos_token_ids=[0], pad_token_id=0, max_adapters=1, max_rank=1)
+        make_engine("vllm", torch.nn.Linear(2, 2), EngineSettings(num_slots=2, max_rank=1), eos_token_ids=[0],
+                    pad_token_id=0)
