@@ -139,9 +139,11 @@ class LogitsProbe:
         finally:
             handle.remove()
 
-    def row(self, j: int, n_steps: int):
-        """Row j's logits for its first `n_steps` tokens, or None when fewer forwards ran."""
-        if len(self.steps) < n_steps:
+    def row(self, j: int, n_steps: int, n_rows: int):
+        """Row j's logits for its first `n_steps` tokens, or None when the forwards were not one
+        per step over the whole batch of `n_rows` (fewer ran, or the engine split the batch, as
+        the peft engine does per adapter)."""
+        if len(self.steps) < n_steps or any(s.shape[0] < n_rows for s in self.steps):
             return None
         import torch
 
@@ -150,14 +152,15 @@ class LogitsProbe:
 
 def output_layer(engine: Any):
     """The transformers model's output projection inside an engine (multilora or peft)."""
-    seen = engine
-    for _ in range(4):
-        get = getattr(seen, "get_output_embeddings", None)
+    todo = [engine]
+    for _ in range(6):
+        if not todo:
+            break
+        obj = todo.pop(0)
+        get = getattr(obj, "get_output_embeddings", None)
         if callable(get) and get() is not None:
             return get()
-        seen = getattr(seen, "model", None)
-        if seen is None:
-            break
+        todo += [x for x in (getattr(obj, a, None) for a in ("model", "base")) if x is not None]
     raise TypeError(f"cannot find the output layer inside {type(engine).__name__}")
 
 
@@ -215,9 +218,11 @@ def check_row(oracle: PeftOracle, adapter: str | None, prompt_ids: Sequence[int]
 
 
 def facade_failures(facade: Any, oracle: PeftOracle, seqs: Sequence[Sequence[int]], adapters: Sequence[str | None],
-                    *, tol: float, static_slots: Any = None, rank: int | None = None) -> tuple[list[list[str]], float]:
+                    *, tol: float, oracle_names: Sequence[str | None] | None = None, static_slots: Any = None,
+                    rank: int | None = None) -> tuple[list[list[str]], float]:
     """Full-sequence logits of every row through the multi-LoRA facade as ONE mixed batch
-    (left-padded, position ids from the mask), each against PEFT on that row alone.
+    (left-padded, position ids from the mask), each against PEFT on that row alone
+    (`adapters`: the engine's names; `oracle_names`: the oracle's, when they differ).
 
     ``static_slots`` (a 1-D long tensor of at least len(seqs) rows, kept by the caller between
     calls): the rows' slots are written into it in place and the forward runs under
@@ -247,7 +252,7 @@ def facade_failures(facade: Any, oracle: PeftOracle, seqs: Sequence[Sequence[int
                 logits = facade.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logits = logits.float().cpu()
     out, worst = [], 0.0
-    for i, (s, a) in enumerate(zip(seqs, adapters)):
+    for i, (s, a) in enumerate(zip(seqs, oracle_names if oracle_names is not None else adapters)):
         err = rel_err(logits[i, width - len(s):], oracle.logits(a, s))
         worst = max(worst, err)
         out.append([f"facade logits rel_err {err:.3g} > {tol}"] if err > tol else [])
@@ -292,15 +297,27 @@ class RowChecker:
         self.facade = facade
         self.static_slots = static_slots
         self.result = result
+        self.slot_owner: dict[int, str] = {}  # for `track_slots`
+
+    def track_slots(self, rows: Sequence[Any]) -> None:
+        """Count slots that now hold another adapter than when last seen (service path, where
+        the residency, not the driver, loads and evicts)."""
+        if self.facade is None:
+            return
+        for name in dict.fromkeys(r.adapter for r in rows if r.adapter is not None):
+            slot = self.facade.slot_of(name)
+            if self.slot_owner.get(slot, name) != name:
+                self.result.slot_reuses += 1
+            self.slot_owner[slot] = name
 
     def check(self, rows: Sequence[Any], outputs: Sequence[Any], probe: LogitsProbe | None,
               oracle_name: Callable[[str | None], str | None], where: dict) -> list[bool]:
         res = self.result
-        oks, seqs, names = [], [], []
+        oks, seqs, names = [], [], []  # names: the oracle's
         for j, (row, out) in enumerate(zip(rows, outputs)):
             name = oracle_name(row.adapter)
             n_steps = len(out.token_ids) + (out.finish_reason == "stop")
-            steps = probe.row(j, n_steps) if (probe is not None and self.score_steps) else None
+            steps = probe.row(j, n_steps, len(rows)) if (probe is not None and self.score_steps) else None
             fails, worst = check_row(self.oracle, name, row.input_ids, out.token_ids, out.finish_reason,
                                      row.params.max_new_tokens, tol=self.tol, step_logits=steps)
             res.rows_step_scored += steps is not None
@@ -312,8 +329,8 @@ class RowChecker:
             names.append(name)
         if self.facade is not None and seqs:
             fails_by_row, worst = facade_failures(
-                self.facade, self.oracle, seqs, names, tol=self.tol, static_slots=self.static_slots,
-                rank=None)
+                self.facade, self.oracle, seqs, [r.adapter for r in rows], oracle_names=names, tol=self.tol,
+                static_slots=self.static_slots)
             res.max_rel_err = max(res.max_rel_err, worst)
             res.rows_facade_checked += len(seqs)
             for j, fails in enumerate(fails_by_row):
@@ -439,13 +456,15 @@ def engine_for(setup: IsolationSetup, *, kind: str = "multilora", decode: str = 
 
 def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int = 0, tenants: int = 6,
                        capacity: int = 2, max_batch: int = 8, engine: str = "multilora", decode: str = "auto",
-                       tol: float = TOL, setup: IsolationSetup | None = None) -> IsolationResult:
+                       tol: float = TOL, setup: IsolationSetup | None = None,
+                       before_trials: Callable[[Any], None] | None = None) -> IsolationResult:
     """`trials` random batches through `LoraplexService.handle_batch` (registry in the given
     redis-server, adapter store, residency with `capacity` resident adapters for `tenants`
     tenants, so adapters are evicted and reloaded between batches). Every reply must be 200
     with ``adapter`` = the tenant's ``<tenant>@v1`` (or ``base``), ``fallback`` = None (or
     ``no_tenant`` for rows without a tenant) and PEFT's text; every engine row beneath it
-    passes `RowChecker` (logits per step, teacher-forced tokens, facade logits)."""
+    passes `RowChecker` (logits per step, teacher-forced tokens, facade logits).
+    `before_trials(service)` is a hook for fault-injection demos."""
     from handler.service import LoraplexService, RawRequest
     from loraplex_common.config import LoraplexConfig
     from tenant_registry.onboarding import onboard
@@ -471,6 +490,7 @@ def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int 
     where: dict = {}
 
     def checked_generate(rows):  # runs inside the service's lease: the rows' adapters are loaded
+        checker.track_slots(rows)
         with probe.record():
             outputs = inner(rows)
         checker.check(rows, outputs, probe, tenant_of_adapter, {**where, "level": "engine"})
@@ -478,6 +498,8 @@ def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int 
 
     eng.generate = checked_generate  # instance attribute: this service's engine only
     try:
+        if before_trials is not None:
+            before_trials(svc)
         for trial in range(trials):
             where["trial"] = trial
             batch, asked = [], []
