@@ -122,6 +122,9 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], str | None]] = {
     "layers_to_transform_excludes_tensors": (edited({"layers_to_transform": [1]}), "config_mismatch"),
     "target_not_in_base": (edited({"target_modules": [*ALL_TARGETS, "cross_attn"]}), "unknown_module"),
     "regex_target_matches_nothing": (edited({"target_modules": r".*\.cross_attn"}), "config_mismatch"),
+    # a tenant's regex runs in the validator and the worker: none that can backtrack exponentially
+    "regex_target_nested_repetition": (edited({"target_modules": r"(.*)*\.q_proj"}), "bad_target_modules"),
+    "rank_pattern_nested_repetition": (edited({"rank_pattern": {r"(\w+\.)+q_proj": 4}}), "bad_config"),
     "missing_b": (edited(tensors=_drop_b), "missing_tensor"),
     "missing_module": (edited(tensors=lambda t: [t.pop(k) for k in list(t) if ".layers.1.mlp.up_proj." in k]),
                        "missing_tensor"),

@@ -159,14 +159,50 @@ def _number(v: object) -> bool:
     return type(v) in (int, float) and math.isfinite(v) and v > 0
 
 
+MAX_PATTERN_CHARS = 256
+
+
 def _regex(v: object) -> bool:
-    if not isinstance(v, str) or not v:
+    """A regular expression from a tenant's config that is safe to run: it compiles, is short, and
+    has no repetition inside a repetition (`(a+)+`, `(.*)*`: exponential backtracking on a module
+    path would hang the validator and the worker; PEFT would run it too)."""
+    if not isinstance(v, str) or not v or len(v) > MAX_PATTERN_CHARS:
         return False
     try:
         re.compile(v)
-    except re.error:
+        tree = _sre_parse(v)
+    except (re.error, RecursionError, OverflowError):
         return False
-    return True
+    return not _nested_repeat(tree, False)
+
+
+def _sre_parse(v: str):
+    import re._parser as sre_parse  # the stdlib's own pattern parser (what re.compile runs)
+
+    return sre_parse.parse(v)
+
+
+def _nested_repeat(items, inside: bool) -> bool:
+    import re._constants as c
+
+    for op, arg in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = arg
+            repeats = hi is c.MAXREPEAT or hi > 1
+            if repeats and inside:
+                return True
+            if _nested_repeat(sub, inside or repeats):
+                return True
+        elif op is c.SUBPATTERN:
+            if _nested_repeat(arg[-1], inside):
+                return True
+        elif op is c.BRANCH:
+            if any(_nested_repeat(b, inside) for b in arg[1]):
+                return True
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            if _nested_repeat(arg[1], inside):
+                return True
+    return False
 
 
 def parse_config(raw: bytes | Mapping[str, Any]) -> AdapterConfig:
@@ -216,8 +252,9 @@ def parse_config(raw: bytes | Mapping[str, Any]) -> AdapterConfig:
     elif _regex(tm):
         targets = tm
     else:
-        raise bad("target_modules must be a non-empty list of module names or one regular expression, "
-                  f"got {shorten(tm)}", "bad_target_modules")
+        raise bad("target_modules must be a non-empty list of module names or one regular expression "
+                  f"(at most {MAX_PATTERN_CHARS} characters, no nested repetition), got {shorten(tm)}",
+                  "bad_target_modules")
     ex = cfg.get("exclude_modules")
     if ex is not None and not (_regex(ex) or (isinstance(ex, list) and all(isinstance(e, str) and e for e in ex))):
         raise bad(f"exclude_modules must be a list of module names or one regular expression, got {shorten(ex)}")
