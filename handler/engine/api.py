@@ -56,7 +56,10 @@ class LoadedAdapter:
 
 
 class Engine(Protocol):
-    """PEFT's multi-adapter names and meanings, plus one batched `generate`."""
+    """What serving needs of an engine (handler/service.py, handler/residency.py), in PEFT's names
+    and meanings, plus one batched `generate`. Nothing else: switching a default adapter or
+    disabling adapters is the PEFT-named facade's business (`multilora.MultiLoraModel`), since
+    every `GenerationRow` names its own adapter."""
 
     kind: str  # "peft" or "multilora"
 
@@ -66,17 +69,11 @@ class Engine(Protocol):
 
     def delete_adapter(self, adapter_name: str) -> None: ...
 
-    def set_adapter(self, adapter_name: str) -> None: ...
-
     @property
     def active_adapter(self) -> str | None: ...
 
     @property
     def peft_config(self) -> Mapping[str, Any]: ...
-
-    def disable_adapters(self) -> None: ...
-
-    def enable_adapters(self) -> None: ...
 
     def get_model_status(self) -> Mapping[str, Any]: ...
 

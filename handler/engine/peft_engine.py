@@ -52,7 +52,6 @@ class PeftGroupedEngine:
         self._layers = linear_layers(model, self.target_modules)  # of the bare model, before PEFT wraps it
         self._nbytes: dict[str, int] = {}
         self._active: str | None = None
-        self._disabled = False
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +95,8 @@ class PeftGroupedEngine:
             self._active = None  # PEFT would silently activate another tenant's adapter
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Not part of `Engine` (rows name their adapter); kept while tests/engine/test_refusals.py
+        calls it on both engines. Sets `active_adapter` (reported by describe)."""
         self._check(adapter_name)
         self.peft_model.set_adapter(adapter_name)
         self._active = adapter_name
@@ -112,17 +113,10 @@ class PeftGroupedEngine:
     def peft_config(self) -> Mapping[str, Any]:
         return dict(self.peft_model.peft_config) if self.peft_model is not None else {}
 
-    def disable_adapters(self) -> None:
-        self._disabled = True
-
-    def enable_adapters(self) -> None:
-        self._disabled = False
-
     def get_model_status(self) -> Mapping[str, Any]:
         return {
             "engine": "peft",
             "active_adapter": self._active,
-            "adapters_enabled": not self._disabled,
             "loaded_adapters": {n: {"rank": self.peft_model.peft_config[n].r} for n in sorted(self._nbytes)},
             "num_slots": self.num_slots,
             "free_slots": self.num_slots - 1 - len(self._nbytes),
@@ -133,7 +127,7 @@ class PeftGroupedEngine:
 
     # -- generation ---------------------------------------------------------
     def _run(self, adapter: str | None, ids: torch.Tensor, mask: torch.Tensor, kw: dict) -> torch.Tensor:
-        if adapter is None or self._disabled or self.peft_model is None:
+        if adapter is None or self.peft_model is None:
             if self.peft_model is None:
                 return self.base.generate(input_ids=ids, attention_mask=mask, **kw)
             with self.peft_model.disable_adapter():

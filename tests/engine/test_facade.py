@@ -92,6 +92,7 @@ def test_context_is_cleared_after_calls_and_errors(ml):
 
 @pytest.mark.parametrize("kind", ["multilora", "peft"])
 def test_engine_state_semantics(kind, tiny_model_dir, tokenizer, engine_adapters):
+    """What serving relies on (the `Engine` protocol): load, per-row adapters, delete, status."""
     eng = make_engine(kind, load_base(tiny_model_dir), eos_token_ids=[tokenizer.eos_token_id],
                       pad_token_id=tokenizer.pad_token_id, settings=EngineSettings(num_slots=4, max_rank=64))
     assert eng.kind == kind and eng.active_adapter is None and dict(eng.peft_config) == {}
@@ -102,12 +103,9 @@ def test_engine_state_semantics(kind, tiny_model_dir, tokenizer, engine_adapters
     assert info.name == "r64" and info.nbytes > 0 and info.load_ms > 0
     assert eng.active_adapter is None
     eng.load_adapter(str(engine_adapters["r4"]), "r4")
-    eng.set_adapter("r64")
     tuned = eng.generate([GenerationRow(prompt, "r64", params)])[0]
-    assert tuned != base
-    eng.disable_adapters()
-    assert eng.generate([GenerationRow(prompt, "r64", params)])[0] == base
-    eng.enable_adapters()
+    assert tuned != base and eng.active_adapter is None  # rows name their adapter; nothing becomes active
+    assert eng.generate([GenerationRow(prompt, None, params)])[0] == base
     eng.delete_adapter("r64")
     assert eng.active_adapter is None
     assert set(eng.peft_config) == {"r4"}
@@ -132,3 +130,12 @@ def test_lora_backend_comes_from_settings_not_the_environment(tiny_model_dir, mo
     assert m.lora_backend.mode == "torch" and not m.lora_backend.usable
     with pytest.raises(ValueError, match="unknown lora_backend"):
         EngineSettings(lora_backend="cuda")
+
+
+def test_engine_protocol_is_what_serving_uses():
+    """`Engine` carries the members handler/service.py and handler/residency.py call, nothing more."""
+    from handler.engine.api import Engine
+
+    members = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    assert members == {"kind", "load_adapter", "delete_adapter", "active_adapter", "peft_config",
+                       "get_model_status", "generate"}

@@ -1,9 +1,12 @@
-"""`MultiLoraEngine`: the `Engine` contract over `MultiLoraModel` (`engine: multilora`).
+"""`MultiLoraEngine`: serving rows with `MultiLoraModel` (`engine: multilora`).
 
-Why thin: all adapter logic is in the facade and all batching in
-`..generation`; this class only adapts names and return types. A whole group
-of rows, whatever their adapters, is one `generate` call: one forward per
-prefill/decode step.
+Its job is decoding: it picks the decode mode, owns the `StaticDecoder`, falls
+back to `generate` for a group the decoder cannot capture (and counts it), and
+turns rows into groups (`..generation.run_rows`). A whole group of rows,
+whatever their adapters, is one call: one forward per prefill/decode step.
+Adapter state lives in the facade, `self.model` (PEFT's names: `set_adapter`,
+`disable_adapter()`, ...); of it this class carries only what the `Engine`
+protocol (serving) needs.
 
 Decoding (`decode`): ``generate`` is transformers' `generate` with a dynamic
 cache; ``graphs`` is `..static_decode.StaticDecoder` with every decode step
@@ -12,9 +15,10 @@ falls back to ``generate``); ``static`` is the same static-cache loop run
 eagerly (the CPU-testable twin of ``graphs``); ``auto`` = ``graphs`` where the
 Triton kernels run on CUDA, else ``generate``.
 
-Rows name their adapter explicitly (None = base model); `set_adapter` only
-changes the default for facade calls without `adapter_names`. While adapters
-are disabled every row runs the base model.
+Rows name their adapter explicitly (None = base model); the facade's
+`set_adapter` only changes the default for its own calls without
+`adapter_names`. While the facade's adapters are disabled every row runs the
+base model.
 
 Concurrency: owned by one thread; no method is thread-safe.
 """
@@ -62,6 +66,8 @@ class MultiLoraEngine:
         self.model.delete_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Not part of `Engine` (rows name their adapter): kept only while tests/engine/test_refusals.py
+        still calls it on both engines; use `self.model.set_adapter`."""
         self.model.set_adapter(adapter_name)
 
     @property
@@ -71,12 +77,6 @@ class MultiLoraEngine:
     @property
     def peft_config(self) -> Mapping[str, Any]:
         return self.model.peft_config
-
-    def disable_adapters(self) -> None:
-        self.model.disable_adapters()
-
-    def enable_adapters(self) -> None:
-        self.model.enable_adapters()
 
     def get_model_status(self) -> Mapping[str, Any]:
         status = dict(self.model.get_model_status())
