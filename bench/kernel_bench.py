@@ -26,15 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from handler.engine.kernels import triton_lora  # noqa: E402
-from handler.engine.multilora import ops  # noqa: E402
+from handler.engine.kernels import triton_lora
+from handler.engine import lora_ops as ops
 
 MODELS = {
     # name: hidden, intermediate, kv_dim
