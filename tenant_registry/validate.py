@@ -80,6 +80,7 @@ class BaseModelSpec:
             raise ConfigError(f"base model dir {str(d)!r} has no model.safetensors or model.safetensors.index.json",
                               key="base_model_dir")
         linear: dict[str, tuple[int, int]] = {}
+        embedding: tuple[int, int] | None = None
         for shard in shards:
             if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
                 raise ConfigError(f"base model dir {str(d)!r}: bad shard name {shard!r}", key="base_model_dir")
@@ -94,6 +95,12 @@ class BaseModelSpec:
                     module = key[: -len(".weight")]
                     if not _is_embedding(module):
                         linear[module] = (info.shape[0], info.shape[1])
+                    elif module.endswith("embed_tokens"):
+                        embedding = (info.shape[0], info.shape[1])
+        # Tied embeddings (SmolLM2, Llama 3.2 1B): lm_head is a linear layer of the loaded model but has
+        # no tensor of its own; list it, so the adapter rules see the layers the engine sees.
+        if cfg.get("tie_word_embeddings") and "lm_head" not in linear and embedding is not None:
+            linear["lm_head"] = embedding
         if not linear:
             raise ConfigError(f"base model dir {str(d)!r} has no linear layers", key="base_model_dir")
         return cls(name=name or d.resolve().name, model_dir=str(d), model_type=str(cfg.get("model_type", "")),

