@@ -15,12 +15,15 @@ Every request in a batch gets its own status through
 
 What the frontend sends (TorchServe 0.12, observed on a real server):
 - a management describe (`GET /models/<name>?customized=true`) is a batch of one
-  request with a `describe: True` header, no input and none of the `explain` /
-  `url_path` headers that the frontend adds to every inference request (and
-  writes over when a client sends them). BaseHandler treats any request whose
-  first entry carries `describe: True` as a describe, so a client could read the
-  management view over the inference API, and fail its whole batch; here only a
-  request without `url_path` is one (`is_management_describe`).
+  request with a `describe: True` header, no input and no `explain` header.
+  Every REST inference request (/predictions, /explanations and the KServe
+  routes /v1/models/<m>:predict, /v2/models/<m>/infer) carries an `explain`
+  header the frontend sets, overwriting a client's; /predictions also gets
+  `url_path`. A gRPC request passes no client headers (its input map becomes
+  parameters). BaseHandler takes any batch whose first request carries
+  `describe: True` for a describe, so a client could read the management view
+  over the inference API and fail the rest of its batch; `is_management_describe`
+  accepts only the management shape.
 - the HTTP method is not passed on: GET, PUT, DELETE … on /predictions reach
   `handle` exactly like a POST (an empty body gets 400).
 - headers arrive as one dict: of two headers spelt alike the frontend keeps the
@@ -87,12 +90,13 @@ class LoraplexHandler(BaseHandler):
 
 
 def is_management_describe(data, context) -> bool:
-    """True only for TorchServe's management describe: one request, `describe: True`, and no
-    `url_path` header (the frontend puts one on every inference request, whatever the client sent)."""
-    if len(data) != 1:
+    """True only for TorchServe's management describe: one request carrying `describe: True`, no
+    input and no `explain` header (the frontend puts `explain` on every REST inference request,
+    whatever the client sent; gRPC requests pass no client headers at all)."""
+    if len(data) != 1 or data[0]:
         return False
     headers = context.get_all_request_header(0) or {}
-    return headers.get("describe") == "True" and "url_path" not in headers
+    return headers.get("describe") == "True" and "explain" not in headers and "url_path" not in headers
 
 
 def _body(item):

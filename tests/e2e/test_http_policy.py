@@ -97,6 +97,12 @@ def test_describe_header_on_the_inference_api_is_an_ordinary_request(stack, tiny
         t.join()
     assert all(r.status_code == 200 and r.json()["text"] == want for r in results.values()), \
         {i: (r.status_code, r.text[:80]) for i, r in results.items()}
+    # The KServe routes of the inference API reach the same handler, without the url_path header.
+    for route in ("/v2/models/loraplex/infer", "/v1/models/loraplex:predict"):
+        r = requests.post(f"{stack.ts.inference_url}{route}", json=good, timeout=120,
+                          headers={"Authorization": f"Bearer {stack.ts.keys()['inference']['key']}",
+                                   "X-Tenant-ID": "tenant-h", "describe": "True"})
+        assert r.status_code == 200 and r.json().get("text") == want, (route, r.text[:200])
     # The management API still answers describe.
     meta = stack.ts.describe()[0]["customizedMetadata"]
     assert "resident" in (json.loads(meta) if isinstance(meta, str) else meta)

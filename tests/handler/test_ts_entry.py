@@ -2,11 +2,10 @@
 it: a batch as the frontend frames it goes through ts.service's own
 `retrieve_data_for_inference` into a real `ts.context.Context`, then `handle`.
 
-What the frontend sends was observed on a real torchserve (see README,
-"Requests and responses"): a management describe (`GET /models/<m>?customized=true`)
-is a one-request batch with a `describe: True` header, no input parameter and none
-of the `explain` / `url_path` headers the frontend adds to (and overwrites on)
-every inference request."""
+What the frontend sends was observed on a real torchserve (see handler/ts_entry.py):
+a management describe (`GET /models/<m>?customized=true`) is a one-request batch
+with a `describe: True` header, no input parameter and no `explain` header, which
+the frontend adds to (and overwrites on) every REST inference request."""
 from __future__ import annotations
 
 import json
@@ -48,8 +47,11 @@ class _FakeService:
         return {"worker": {"pid": 1}, "resident": [{"adapter": "secret@v1"}]}
 
 
-def _inference(tenant, body=b'{"prompt": "x"}', **extra):
-    headers = {"explain": "False", "Host": "127.0.0.1", "Content-Type": "application/json", "url_path": "",
+def _inference(tenant, body=b'{"prompt": "x"}', *, route="predictions", **extra):
+    """An inference request as the frontend frames it: /predictions adds `explain` and `url_path`;
+    the KServe routes (/v1/models/<m>:predict, /v2/models/<m>/infer) add `explain` only."""
+    added = {"explain": "False", "url_path": ""} if route == "predictions" else {"explain": "False"}
+    headers = {**added, "Host": "127.0.0.1", "Content-Type": "application/json",
                **({"X-Tenant-ID": tenant} if tenant else {}), **extra}
     return {"requestId": f"req-{tenant}".encode(),
             "headers": [{"name": k.encode(), "value": v.encode()} for k, v in headers.items()],
@@ -83,6 +85,20 @@ def test_a_describe_header_on_an_inference_request_is_just_a_request():
     svc, output, _ = _run([_inference("acme", describe="True")])
     assert svc.describes == 0
     assert json.loads(output[0]) == {"text": "ok", "tenant": "acme"}
+
+
+def test_a_describe_header_on_the_kserve_routes_is_just_a_request():
+    svc, output, _ = _run([_inference("acme", route="v2", describe="True")])
+    assert svc.describes == 0
+    assert json.loads(output[0]) == {"text": "ok", "tenant": "acme"}
+
+
+def test_a_describe_header_with_an_empty_form_body_is_just_a_request():
+    """A form post without fields has no input parameter at all, like a describe; `explain` tells them apart."""
+    request = _inference("acme", describe="True")
+    request["parameters"] = []
+    svc, output, statuses = _run([request])
+    assert svc.describes == 0 and statuses[0][0] == 400
 
 
 def test_a_describe_header_first_in_a_batch_fails_nobody():
