@@ -6,29 +6,27 @@ Concurrency: an engine is owned by one thread.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from torch import nn
 
 from .api import Engine, GenerationOutput, GenerationRow, LoadedAdapter, SamplingParams
 from .errors import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, BatchShapeError, EngineError,
                      NoFreeSlot, UnsupportedAdapter)
-from .settings import EngineSettings, settings_with_legacy
+from .settings import EngineSettings
 
 ENGINE_KINDS = ("multilora", "peft")
 
 
-def make_engine(kind: str, model: nn.Module, settings: EngineSettings | None = None, *,
-                eos_token_ids: Sequence[int], pad_token_id: int, **legacy: Any) -> Engine:
+def make_engine(kind: str, model: nn.Module, settings: EngineSettings, *, eos_token_ids: Sequence[int],
+                pad_token_id: int) -> Engine:
     """Build the engine named by the handler config (`engine: multilora` is the default there).
 
     `model` is a transformers causal LM already on its device/dtype; the
     multilora engine wraps its target linears in place, so give each engine its own model.
     `settings.decode` picks how the multilora engine decodes (see `multilora.engine`); the
     peft engine always uses `generate` and accepts only ``auto``/``generate``.
-    (`legacy`: see `settings.settings_with_legacy`; transitional.)
     """
-    settings = settings_with_legacy(settings, legacy)
     if kind == "multilora":
         from .multilora import MultiLoraEngine
 

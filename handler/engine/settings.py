@@ -7,7 +7,7 @@ the number of static KV caches + CUDA graphs a multilora engine keeps (least rec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from loraplex_common.adapter_format import DEFAULT_TARGET_MODULES
 
@@ -45,29 +45,3 @@ class EngineSettings:
                              f"(expected one of {', '.join(LORA_BACKENDS)})")
         if self.cpu_gather_workspace_mb < 0:
             raise ValueError(f"cpu_gather_workspace_mb must be >= 0, got {self.cpu_gather_workspace_mb}")
-
-
-_LEGACY_KEYS = ("max_adapters", "max_rank", "target_modules")
-
-
-def settings_with_legacy(settings: EngineSettings | None, legacy: dict) -> EngineSettings:
-    """Transitional: `max_adapters=N` (= `num_slots=N + 1`), `max_rank=`, `target_modules=` keyword
-    arguments as `make_engine`/`MultiLoraModel` took them before `EngineSettings`. Still passed by
-    tests/engine/test_refusals.py and test_slot_loader.py (helper H3's files); delete this function
-    once they pass an `EngineSettings`."""
-    unknown = set(legacy) - set(_LEGACY_KEYS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    if settings is not None and legacy:
-        raise TypeError("pass either settings or the legacy keyword arguments, not both")
-    settings = settings or EngineSettings()
-    if not legacy:
-        return settings
-    fields: dict = {}
-    if "max_adapters" in legacy:
-        fields["num_slots"] = int(legacy["max_adapters"]) + 1
-    if "max_rank" in legacy:
-        fields["max_rank"] = int(legacy["max_rank"])
-    if legacy.get("target_modules") is not None:
-        fields["target_modules"] = tuple(legacy["target_modules"])
-    return replace(settings, **fields)

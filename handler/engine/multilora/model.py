@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import AdapterAlreadyLoaded, AdapterNotLoaded, BatchShapeError, EngineError, NoFreeSlot
 from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from . import slot_loader
-from ..settings import EngineSettings, settings_with_legacy
+from ..settings import EngineSettings
 from .adapter_file import AdapterSource, ParsedAdapter, linear_layers, read_adapter
 from .context import BatchContext, GatherWorkspace
 from .gated_mlp import attach_gated_mlps
@@ -55,10 +55,9 @@ class MultiLoraModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, settings: EngineSettings | None = None, *, group_decode: bool = True,
-                 group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True,
-                 **legacy: Any) -> None:
+                 group_prefill: bool = True, decode_fused: bool = True, gated_mlp: bool = True) -> None:
         super().__init__()
-        settings = settings_with_legacy(settings, legacy)
+        settings = settings if settings is not None else EngineSettings()
         self.settings = settings
         self.model = model
         self.max_rank = settings.max_rank
