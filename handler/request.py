@@ -88,6 +88,8 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
     wanted = name.lower()
     found: list[str] = []
     for key, value in headers.items():
+        if isinstance(value, Mapping):  # TorchServe files each input part's content type here: not a header
+            continue
         k = key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
         if k.lower() == wanted:
             found.append(value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value))

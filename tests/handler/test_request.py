@@ -122,3 +122,11 @@ def test_empty_body_says_so():
         with pytest.raises(InvalidRequest) as info:
             parse_request(body, H)
         assert "empty" in str(info.value) and "POST" in str(info.value)
+
+
+def test_input_part_content_types_are_not_headers():
+    """TorchServe puts {"content-type": ...} under each input part's name in the same dict as the
+    headers (a gRPC input or form field named X-Tenant-ID): not a tenant header."""
+    req = parse_request({"prompt": "x"}, {"x-tenant-id": {"content-type": ""}, "X-Tenant-ID": "acme"})
+    assert req.tenant == "acme"
+    assert parse_request({"prompt": "x"}, {"X-Tenant-ID": {"content-type": "text/plain"}}).tenant is None
