@@ -3,8 +3,7 @@
 Why: on a GPU an eager decode step of a small model is bound by kernel
 launches, and the LoRA deltas add two per target linear (14 per Llama layer).
 A captured graph replays a whole step with one launch, so the LoRA kernels cost
-only their GPU time (H100, 1B, batch 32: eager `generate` decodes a mixed
-batch at 1.2-1.4x the base model, a replayed step at 1.15-1.2x; bench/RESULTS.md).
+only their GPU time (figures: bench/RESULTS.md).
 transformers' own static-cache auto-compile skipped CUDA graphs ("mutated
 inputs") when tried, so the engine captures the step itself.
 

@@ -141,7 +141,7 @@ def choose_config(n_rows: int, seq: int, d_in: int, d_out: int, rank: int, dtype
         # serves the whole batch, but few partials for the expand to sum.
         split = max(1, min(8, _cdiv(d_in, 512)))
         # Wider tiles halve the programs when every row has its own adapter
-        # (measured on H100: -10..-20% there, +0.3..0.7 µs with one adapter).
+        # (bench/KERNELS.md).
         block_o = 256 if d_out >= 4096 else 128
     else:
         grouped = False
@@ -233,7 +233,7 @@ def _add_mixed_impl(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: 
     if N == 0 or S == 0 or rank == 0:
         return
     if cfg is None:
-        # PDL pays in decode (hides the expand's launch and prologue, ~1.5-2 µs);
+        # PDL pays in decode (hides the expand's launch and prologue);
         # in prefill the waiting expand programs cost the shrink SM slots.
         cfg = choose_config(N, S, d_in, d_out, rank, x.dtype, _sms(x.device), pdl=S == 1 and _use_pdl(x.device, pdl))
     # Rows of slot-0 tokens are never written nor read: empty is enough.
@@ -460,8 +460,8 @@ def _decode_group_shrink(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tens
 
 
 def _decode_linear_shape(rows: int, d_in: int, d_out: int, fp32: bool) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_K, stages)`` for `decode_linear_lora_kernel`: the fastest on an H100 for
-    32 rows (bench/decode_linear_bench.py: within 0.5 µs of cuBLAS on every Llama 1B/8B shape);
+    """``(BLOCK_N, BLOCK_K, stages)`` for `decode_linear_lora_kernel`: the fastest measured for
+    32 rows on Llama 1B/8B shapes (bench/KERNELS.md; time variants with `tuning.decode_linear_shape`);
     shorter k-steps where the row tile or fp32 would overflow shared memory."""
     if d_out >= 12288:
         bn, bk = 64, 128
@@ -488,7 +488,7 @@ def _group_deltas_rows(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor
     cfg = cfg or {}
     partials, split, block_m, block_r = _rows_shrink(x, pool, scales, slots, members, d_in, rank, cfg)
     # 256-wide expand tiles: the delta is all this launch pair writes, and wider tiles write it
-    # faster (H100, bench/prefill_groups.py: 1B layer 1.50x base vs 1.55x with 128, 8B 1.17 vs 1.20)
+    # faster (bench/KERNELS.md)
     block_o = cfg.get("block_o") or (64 if x.dtype == torch.float32 else 256)
     buf = torch.empty(N * S * sum(outs), dtype=x.dtype, device=x.device)
     tiles = [_cdiv(o, block_o) for o in outs]

@@ -33,11 +33,9 @@ class GatherWorkspace:
     from one call to the next.
 
     Why: a mixed batch on the torch path gathers every row's A and B for every layer, batch x
-    adapter bytes per call (156 MB for 8 rows of SmolLM2-135M at rank 16). Allocated fresh,
-    that memory goes back to the OS whenever something else in the process frees memory in
-    between, and the next mixed call then pays a page fault per 4 KiB touched (CPU bench:
-    6,000+ faults and a prefill a few percent slower; bench/RESULTS.md). Held here, the pages
-    are faulted in once.
+    adapter bytes per call. Allocated fresh, that memory goes back to the OS whenever something
+    else in the process frees memory in between, and the next mixed call then pays a page fault
+    per 4 KiB touched (bench/RESULTS.md). Held here, the pages are faulted in once.
 
     Bump allocation within a call (`take`); `rewind` (at the start and end of every call)
     grows the buffer to what the last call asked for, up to `limit_bytes` — beyond the limit,

@@ -1,12 +1,12 @@
 """Linears that read the same input get their LoRA from one group launch.
 
 Why, decode: under a CUDA graph a decode step's LoRA cost is the latency of its
-small kernels (~4-6 µs each on an H100 whatever the adapter mix,
-bench/KERNELS.md), two per target linear if done naively — 14 per Llama layer.
+small kernels (bench/KERNELS.md), two per target linear if done naively — 14 per
+Llama layer.
 q/k/v read the same normed hidden state and so do gate/up, so one shrink can
 serve the whole group; and the expand is fused into each member's GEMM, which
 then runs in Triton instead of cuBLAS (`kernels.group_decode_linears`: as fast
-as cuBLAS at these skinny shapes, the expand costing ~1 µs in its epilogue).
+as cuBLAS at these skinny shapes, the expand a small addition to its epilogue).
 A Llama layer's LoRA becomes 4 launches (one shrink per q/k/v, o, gate/up,
 down), and with PDL the members stream their weights while the shrink runs.
 Linears with a bias keep cuBLAS: one shrink and one expand launch per group
@@ -25,8 +25,7 @@ an eager forward of more than one token per row on CUDA (prefill) whose rows
 use more than one slot, unless the engine's `lora_backend` is ``torch``; ``triton`` also
 sends CPU prefill through the kernels (Triton's interpreter, for tests; see `backend`).
 Everything else takes the layer's own path: one slot on every row is two plain
-cuBLAS GEMMs there, which beat the group kernels (H100 1B prefill: 1.12 vs 1.15
-over base). The first member a forward calls computes the whole group for that input
+cuBLAS GEMMs there, which beat the group kernels (bench/RESULTS.md). The first member a forward calls computes the whole group for that input
 tensor; the others find the result in the batch context's `group_outputs`, keyed by
 the input tensor's identity (`context.GroupOutputs` holds the tensor, so its identity
 cannot be reused while cached). The entry is dropped once every member has taken its
