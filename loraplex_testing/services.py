@@ -155,13 +155,15 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.workdir}/redis.log")
 
     def _serving_pid(self) -> int | None:
-        """The pid of the redis-server answering on our port (another server there is not ours)."""
+        """The pid of the redis-server answering on our port once it has loaded its data (another
+        server there is not ours; INFO answers while an append-only file is still loading, PING not)."""
         import redis
 
-        with contextlib.suppress(redis.RedisError, OSError, KeyError):
+        with contextlib.suppress(redis.RedisError, OSError, KeyError, ValueError):
             client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
             try:
-                return int(client.info("server")["process_id"])
+                info = client.info()
+                return int(info["process_id"]) if int(info["loading"]) == 0 else None
             finally:
                 client.close()
         return None
