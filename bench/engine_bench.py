@@ -124,8 +124,12 @@ class Ours:
         self.engine.delete_adapter(name)
         self.loaded.remove(name)
 
-    def set(self, name: str) -> None:
+    def set(self, name: str) -> None:  # PEFT's name; rows name their adapter, so serving never calls it
         self.engine.set_adapter(name)
+
+    @property
+    def can_switch(self) -> bool:
+        return hasattr(self.engine, "set_adapter")
 
     def prepare(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str], new: int) -> Callable[[], Any]:
         params = SamplingParams(max_new_tokens=new)
@@ -273,14 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     t_switch: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(20):
         for k, s in sides.items():
-            for n in (names[1], names[0]):
-                t_switch[k].append(clock.timed(lambda: s.set(n)))
+            if getattr(s, "can_switch", True):
+                for n in (names[1], names[0]):
+                    t_switch[k].append(clock.timed(lambda: s.set(n)))
     res["load_floor_ms"] = med(t_floor)
     for k, s in sides.items():
         p = "" if k == "ours" else "peft_"
         res[p + "load_ms"] = med(t_load[k])
         res[p + "load_floor_ratio"] = med(t_load[k]) / med(t_floor)
-        res[p + "switch_ms"] = med(t_switch[k])
+        res[p + "switch_ms"] = med(t_switch[k]) if t_switch[k] else None  # None: the engine has no switch
         res[p + "delete_ms"] = med(t_del[k])
         res[p + "bytes_per_adapter"], res[p + "adapter_bytes"] = s.bytes_per_adapter(names[0])
     del floor

@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from handler.engine.kernels import triton_lora
-from handler.engine import lora_ops as ops
+from handler.engine import kernels, lora_ops as ops
+from handler.engine.kernels import tuning
 
 MODELS = {
     # name: hidden, intermediate, kv_dim
@@ -124,9 +124,9 @@ def run_shape(d_in, d_out, N, S, rank, dtype, scenarios, variants, l2_bytes, war
 
         def triton_lora_fn(c, cfg=None):
             if cfg is None:
-                triton_lora.add_mixed_triton_(O(c), X(c), slots, As[c], Bts[c], scs[c], rank)
+                kernels.add_mixed_triton_(O(c), X(c), slots, As[c], Bts[c], scs[c], rank)
             else:
-                triton_lora._add_mixed_impl(O(c), X(c), slots, As[c], Bts[c], scs[c], rank, cfg)
+                tuning.add_mixed_with_config(O(c), X(c), slots, As[c], Bts[c], scs[c], rank, cfg)
 
         for c in range(copies):  # correctness of this exact setup (bf16)
             ref = torch.empty_like(O(c))
@@ -145,9 +145,9 @@ def run_shape(d_in, d_out, N, S, rank, dtype, scenarios, variants, l2_bytes, war
         r["triton_lora_us"] = bench_graph(triton_lora_fn, copies, warmup_ms, rep_ms)
         r["triton_GBps"] = r["floor_bytes"] / r["triton_us"] / 1e3
         r["torch_GBps"] = r["floor_bytes"] / r["torch_us"] / 1e3
-        cfg0 = triton_lora.choose_config(N, S, d_in, d_out, rank, dtype)
+        cfg0 = tuning.choose_config(N, S, d_in, d_out, rank, dtype)
         r["config"] = {k: v for k, v in cfg0.__dict__.items() if k in ("grouped", "block_m", "split", "block_o")}
-        pdl = S == 1 and triton_lora._use_pdl(torch.device(dev))  # as add_mixed_triton_ decides
+        pdl = S == 1 and tuning.pdl_enabled(dev)  # as add_mixed_triton_ decides
         r["pdl"] = pdl
         for vname, over in variants.items():
             if prefill != over.get("_prefill", False):
@@ -156,12 +156,11 @@ def run_shape(d_in, d_out, N, S, rank, dtype, scenarios, variants, l2_bytes, war
             if "_kps" in over:  # k-split sized so that each shrink program runs `_kps` of `in`
                 kw["k_per_split"] = over["_kps"]
                 kw["split"] = -(-d_in // over["_kps"])
-            cfg = triton_lora.choose_config(N, S, d_in, d_out, rank, dtype, **kw)
+            cfg = tuning.choose_config(N, S, d_in, d_out, rank, dtype, **kw)
             if over.get("_shrink_only"):
-                parts = [torch.empty((cfg.split, N * S, cfg.block_r), dtype=torch.float32, device=dev)
-                         for _ in range(copies)]
-                fn = lambda c, cfg=cfg, parts=parts: triton_lora._run_shrink(  # noqa: E731
-                    X(c), As[c], slots, scs[c], rank, cfg, parts[c])
+                parts = [tuning.shrink_partials(cfg, N * S, dev) for _ in range(copies)]
+                fn = lambda c, cfg=cfg, parts=parts: tuning.shrink_into(  # noqa: E731
+                    parts[c], X(c), As[c], slots, scs[c], rank, cfg)
             else:
                 fn = lambda c, cfg=cfg: triton_lora_fn(c, cfg)  # noqa: E731
             r.setdefault("variants_lora_us", {})[vname] = bench_graph(fn, copies, warmup_ms, rep_ms)
@@ -202,7 +201,7 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=60)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not (torch.cuda.is_available() and triton_lora.available()):
+    if not (torch.cuda.is_available() and kernels.available()):
         msg = "kernel_bench needs a CUDA GPU and triton"
         print(msg)
         if args.json:
