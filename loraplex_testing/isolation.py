@@ -475,7 +475,7 @@ def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int 
     rng = random.Random(seed)
     cfg = LoraplexConfig.from_mapping({
         "redis_url": redis_url, "redis_prefix": f"iso{seed}-{int(time.time() * 1000)}",
-        "adapter_store": str(workdir / "store"), **capacity_setting(LoraplexConfig, capacity), "engine": engine,
+        "adapter_store": str(workdir / "store"), **capacity_setting(capacity), "engine": engine,
         "decode": decode, "max_new_tokens_cap": 64, "max_prompt_tokens": 128})
     svc = LoraplexService.from_model_dir(setup.model_dir, cfg)
     spec = BaseModelSpec.from_model_dir(setup.model_dir)
@@ -526,11 +526,12 @@ def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int 
     return res
 
 
-def capacity_setting(config_cls: Any, capacity: int) -> dict:
-    """The config key that gives `capacity` resident adapters: `num_slots` (base slot + spare
-    + capacity) where the config has it, else the older `max_resident_adapters`."""
-    fields = getattr(config_cls, "__dataclass_fields__", {})
-    return {"num_slots": capacity + 2} if "num_slots" in fields else {"max_resident_adapters": capacity}
+def capacity_setting(capacity: int) -> dict:
+    """The config that gives a worker `capacity` resident adapters (slot 0 is the base model,
+    `SPARE_SLOTS` the spare the residency loads into before evicting)."""
+    from loraplex_common.config import SPARE_SLOTS
+
+    return {"num_slots": capacity + 1 + SPARE_SLOTS}
 
 
 def tenant_of_adapter(adapter_id: str | None) -> str | None:
