@@ -2,10 +2,13 @@
 handler) and a real `redis-server`, both on 127.0.0.1, a model archive built
 by our archive builder from a tiny random Llama, tenants onboarded with the
 real `tenantctl`, and everything checked over HTTP with TorchServe's token
-auth on. PEFT is the oracle for every tenant's output."""
+auth on. PEFT is the oracle for every tenant's output. The stack (tests/e2e/
+conftest.py) is shared by the session, so each test names its own tenants."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,9 +89,6 @@ def test_multi_tenant_serving_end_to_end(stack, tiny_adapters):
 
 def test_killed_worker_is_restarted_and_serves_again(stack, tiny_adapters):
     new = stack.new_tokens
-    import os
-    import signal
-
     listed = stack.tenantctl("list")
     assert listed.returncode == 0, listed.stderr
     if "restart-b" not in listed.stdout:
