@@ -205,8 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-spread", type=float, default=0.2,
                     help="a ratio whose (max - min) / median over rounds exceeds this is withheld")
     ap.add_argument("--deadline-s", type=float,
-                    help="wall-clock budget (default 420 on 1b/8b): past 60%% no PEFT round starts once one ran, "
-                         "past 80%% no round starts once --min-rounds ran, past 90%% the drift cycles stop")
+                    help="wall-clock budget (default 420 on 1b/8b): past 85%% no PEFT round starts (past 60%% once "
+                         "--min-rounds of them ran), past 80%% no round starts once --min-rounds ran, past 90%% the "
+                         "drift cycles stop")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = process CPU time (shared CPU machine; use with --threads 1)")
     ap.add_argument("--load-repeats", type=int)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         res[p + "bytes_per_adapter"], res[p + "adapter_bytes"] = s.bytes_per_adapter(names[0])
     del floor
     log(f"[{time.perf_counter() - t_start:.0f}s] load/switch/delete: "
-        + str({k: round(v, 4) for k, v in res.items() if k.endswith(("_ms", "_ratio"))}))
+        + str({k: round(v, 4) for k, v in res.items() if k.endswith(("_ms", "_ratio")) and v is not None}))
 
     # ---- prefill / decode ------------------------------------------------------------
     g = torch.Generator().manual_seed(2)
@@ -339,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.repeats):
         if r >= args.min_rounds and past(0.8):
             break
-        with_peft = peft_rounds < args.peft_repeats and not (peft_rounds >= 1 and past(0.6))
+        # PEFT's first --min-rounds rounds may start until 85% of the deadline, later ones until 60%
+        with_peft = peft_rounds < args.peft_repeats and not past(0.85 if peft_rounds < args.min_rounds else 0.6)
         peft_rounds += with_peft and "peft" in sides
         rot = r % len(order)
         for job in order[rot:] + order[:rot]:

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+import harness
 from handler.engine import kernels, lora_ops as ops
 from handler.engine.kernels import tuning
 
@@ -262,17 +263,7 @@ def main() -> None:
                 f"(bytes floor {layer[f'{s}_floor_ratio']:.3f}x)" for s, _ in scenarios), flush=True)
         out["models"][model] = mres
     if args.json:
-        print(json.dumps(_rounded(out)))
-
-
-def _rounded(o):
-    if isinstance(o, float):
-        return round(o, 3)
-    if isinstance(o, dict):
-        return {k: _rounded(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_rounded(v) for v in o]
-    return o
+        print(json.dumps(harness.rounded(out, 3)))
 
 
 if __name__ == "__main__":
