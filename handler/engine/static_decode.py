@@ -23,8 +23,8 @@ transformers' own warpers, EOS, pad), and the same output shape:
    sync asks whether every row has produced EOS.
 
 Per key (batch bucket, cache bucket, LoRA rank bucket) a `_Bucket` keeps the
-cache, the static inputs and the graph; at most `max_graphs` are kept (least
-recently used dropped first: its cache and graph memory go back to the
+cache, the static inputs and the graph; at most `decode_graph_buckets` are kept
+(least recently used dropped first: its cache and graph memory go back to the
 allocator). LoRA slots of a bucket are one fixed device tensor that the
 captured kernels read at replay: the engine copies the batch's slots into it,
 so a graph captured for one set of adapters serves any other. Loading or
@@ -110,15 +110,15 @@ class StaticDecoder:
     are on; the engine then falls back to `model.generate`.
     """
 
-    def __init__(self, model: nn.Module, *, use_graphs: bool, lora: LoraRows | None = None, max_graphs: int = 8,
-                 len_bucket: int = 256, check_every: int = 8) -> None:
+    def __init__(self, model: nn.Module, *, use_graphs: bool, lora: LoraRows | None = None,
+                 decode_graph_buckets: int = 8, len_bucket: int = 256, check_every: int = 8) -> None:
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn not in SUPPORTED_ATTENTION:
             raise EngineError(f"static decoding supports attention {SUPPORTED_ATTENTION}, model uses {attn!r}")
         self.model = model
         self.use_graphs = bool(use_graphs)
         self.lora = lora
-        self.max_graphs = max(1, int(max_graphs))
+        self.decode_graph_buckets = max(1, int(decode_graph_buckets))
         self.len_bucket = max(1, int(len_bucket))
         self.check_every = max(1, int(check_every))
         self.float_mask = attn == "eager"
@@ -202,7 +202,7 @@ class StaticDecoder:
         if st is not None:
             self._buckets.move_to_end(key)
             return st
-        while len(self._buckets) >= self.max_graphs:
+        while len(self._buckets) >= self.decode_graph_buckets:
             self._buckets.popitem(last=False)
         from transformers import StaticCache
 

@@ -103,7 +103,7 @@ def test_eager_attention_float_mask_path(tiny_model_dir, tokenizer, engine_adapt
 
 def test_buckets_are_reused_and_bounded(tiny_model_dir, tokenizer):
     model = load_base(tiny_model_dir)
-    dec = StaticDecoder(model, use_graphs=False, max_graphs=2, len_bucket=32)
+    dec = StaticDecoder(model, use_graphs=False, decode_graph_buckets=2, len_bucket=32)
     kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=[], pad_token_id=tokenizer.pad_token_id)
 
     def run(n, length):

@@ -54,7 +54,8 @@ class MultiLoraEngine:
             raise EngineError("decode mode 'graphs' needs the model on a CUDA device")
         self.decode = decode
         self.decoder = None if decode == "generate" else StaticDecoder(
-            model, use_graphs=decode == "graphs", lora=self.model, max_graphs=settings.decode_graph_buckets)
+            model, use_graphs=decode == "graphs", lora=self.model,
+            decode_graph_buckets=settings.decode_graph_buckets)
         self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
         self.last_fallback = ""
 
