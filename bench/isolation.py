@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine path: facade check through static_batch (auto: on with graphs)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.device == "cpu" and args.static_slots == "on":
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # static_batch's Triton kernels, in the interpreter
     import torch
 
     torch.set_num_threads(1)  # tiny model: one thread is fastest and steadiest
