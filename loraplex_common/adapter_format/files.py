@@ -8,6 +8,7 @@ load bytes nobody checked. Immutable; safe to hand between threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -26,17 +27,22 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class AdapterBytes:
-    """An adapter's two files as bytes. `sha256` is of `weights`; `name` names the adapter in
-    messages (e.g. "acme@v2" or the directory it was read from)."""
+    """An adapter's two files as bytes. `sha256` is of `weights`, computed on first use (the
+    store checks it against the record before handing the bytes on; an engine given a directory
+    of its own never needs it, so loading from a path does not pay for hashing); `name` names
+    the adapter in messages (e.g. "acme@v2" or the directory it was read from)."""
 
     config: bytes = field(repr=False)
     weights: bytes = field(repr=False)
-    sha256: str
     name: str = "adapter"
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
 
     @classmethod
     def of(cls, config: bytes, weights: bytes, name: str = "adapter") -> "AdapterBytes":
-        return cls(config, weights, hashlib.sha256(weights).hexdigest(), name)
+        return cls(config, weights, name)
 
     @classmethod
     def read_dir(cls, directory: str | os.PathLike) -> "AdapterBytes":
