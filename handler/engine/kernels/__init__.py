@@ -6,6 +6,8 @@ the group launches of `multilora.groups`: `group_decode_linears` (a graph-captur
 decode step: shrink, then each member's GEMM with the expand fused in),
 `group_deltas_triton` (prefill, and decode without the fused GEMMs) and
 `group_gated_act` (a gated MLP's prefill activation with gate/up's expands fused in).
+`tuning` is what a bench times them through under chosen launch shapes (the engine never uses it).
+Nothing here imports `multilora`; the CPU fallback uses `handler.engine.lora_ops`.
 """
 from .triton_lora import (add_mixed_triton_, available, group_decode_linears, group_deltas_triton, group_gated_act,
                           lora_expand_add_, lora_shrink)
