@@ -418,7 +418,7 @@ def decode_linear_lora_kernel(x_ptr, w_ptr, xa_ptr, pool_ptr, slots_ptr, y_ptr,
     """One decode step's linear with its LoRA expand fused in: ``y = x @ W.T + xa @ B[slot].T``
     for ``M <= BLOCK_M`` rows (one token each). Grid ``(out tiles,)``: each program streams its
     ``[BLOCK_N, K]`` slice of W once (about as fast as cuBLAS for these skinny shapes,
-    bench/KERNELS.md) and, in the epilogue, adds every row's delta from the
+    bench/RESULTS.md) and, in the epilogue, adds every row's delta from the
     shrink's scaled partials ``xa [SPLIT, M, >= R]`` (fp32) and the row's B^T block (pool row
     ``slot``, at element ``B_OFF``, ``[R, N]``). Slot 0's block is zeros and its partials are
     never read, so base rows need no branch. With ``USE_PDL`` (launched as a programmatic

@@ -141,7 +141,7 @@ def choose_config(n_rows: int, seq: int, d_in: int, d_out: int, rank: int, dtype
         # serves the whole batch, but few partials for the expand to sum.
         split = max(1, min(8, _cdiv(d_in, 512)))
         # Wider tiles halve the programs when every row has its own adapter
-        # (bench/KERNELS.md).
+        # (bench/RESULTS.md).
         block_o = 256 if d_out >= 4096 else 128
     else:
         grouped = False
@@ -461,7 +461,7 @@ def _decode_group_shrink(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tens
 
 def _decode_linear_shape(rows: int, d_in: int, d_out: int, fp32: bool) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_K, stages)`` for `decode_linear_lora_kernel`: the fastest measured for
-    32 rows on Llama 1B/8B shapes (bench/KERNELS.md; time variants with `tuning.decode_linear_shape`);
+    32 rows on Llama 1B/8B shapes (bench/RESULTS.md; time variants with `tuning.decode_linear_shape`);
     shorter k-steps where the row tile or fp32 would overflow shared memory."""
     if d_out >= 12288:
         bn, bk = 64, 128
@@ -488,7 +488,7 @@ def _group_deltas_rows(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor
     cfg = cfg or {}
     partials, split, block_m, block_r = _rows_shrink(x, pool, scales, slots, members, d_in, rank, cfg)
     # 256-wide expand tiles: the delta is all this launch pair writes, and wider tiles write it
-    # faster (bench/KERNELS.md)
+    # faster (bench/RESULTS.md)
     block_o = cfg.get("block_o") or (64 if x.dtype == torch.float32 else 256)
     buf = torch.empty(N * S * sum(outs), dtype=x.dtype, device=x.device)
     tiles = [_cdiv(o, block_o) for o in outs]

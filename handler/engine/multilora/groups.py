@@ -1,7 +1,7 @@
 """Linears that read the same input get their LoRA from one group launch.
 
 Why, decode: under a CUDA graph a decode step's LoRA cost is the latency of its
-small kernels (bench/KERNELS.md), two per target linear if done naively — 14 per
+small kernels (bench/RESULTS.md), two per target linear if done naively — 14 per
 Llama layer.
 q/k/v read the same normed hidden state and so do gate/up, so one shrink can
 serve the whole group; and the expand is fused into each member's GEMM, which
