@@ -69,7 +69,9 @@ class MultiLoraModel(nn.Module):
         self._wrap()
         if not self._layers:
             raise EngineError(f"no nn.Linear matches target modules {self.target_modules}")
-        self._layer_shapes = {n: (l.in_features, l.out_features) for n, l in self._layers.items()}
+        # What adapters are checked against (every linear, the wrapped ones adaptable): the module tree
+        # never changes after wrapping, so it is walked once here, not on every load.
+        self._linear_layers = linear_layers(self.model, self.target_modules)
         # Mixed batches on a CPU gather rows' adapters into memory kept across calls, up to
         # `cpu_gather_workspace_bytes` (`context.GatherWorkspace`); never on CUDA, whose caching
         # allocator already keeps memory.
@@ -162,7 +164,7 @@ class MultiLoraModel(nn.Module):
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if not self._free:
             raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
-        parsed = read_adapter(source, linear_layers(self.model, self.target_modules), self.max_rank)
+        parsed = read_adapter(source, self._linear_layers, self.max_rank)
         lora_config = _to_lora_config(dict(parsed.config.raw))
         slot = self._free.pop()
         try:
