@@ -63,6 +63,38 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _slot_group(slots_ptr, N, pid, BLOCK_N: tl.constexpr):
+    """Row `pid`'s place among the batch's rows grouped by slot (one load for its own and all
+    slots): the row offsets, its slot, which rows share it, and the first of them (the one
+    program of the group that does the work; the others return)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
+    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    same = all_slots == slot
+    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
+    return offs_n, slot, same, first
+
+
+@triton.jit
+def _rows_shrink_tile(x_ptr, n, S, IN, R, K_PER_SPLIT, stride_xn, stride_xs, stride_ps, stride_pt,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What one program of a per-row prefill shrink (grid ``(row, token-tile, k-split)``) covers:
+    its token offsets and rank/k offsets with their masks, its k range, the row's x tile pointers,
+    and the offsets of its partials ``p[split, n * S + token, r]`` (shared by `shrink_rows_kernel`
+    and `group_shrink_rows_kernel`)."""
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
+    x_rows = x_ptr + n * stride_xn + offs_m.to(tl.int64)[:, None] * stride_xs
+    p_tile = pid_k * stride_ps + (n * S + offs_m)[:, None] * stride_pt + offs_r[None, :]
+    return offs_m, offs_r, offs_k, offs_m < S, offs_r < R, k_start, k_end, x_rows, p_tile
+
+
+@triton.jit
 def shrink_rows_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
                        S, IN, R, K_PER_SPLIT,
                        stride_xn, stride_xs, stride_ak, stride_ar, stride_ps, stride_pt,
@@ -71,19 +103,11 @@ def shrink_rows_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
     if USE_PDL:  # let the expand start its prologue (slots, B, out) while this runs
         gdc_launch_dependents()
     n = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     slot = tl.load(slots_ptr + n).to(tl.int64)
     if slot == 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < S
-    r_mask = offs_r < R
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
-    x_rows = x_ptr + n * stride_xn + offs_m.to(tl.int64)[:, None] * stride_xs
+    offs_m, offs_r, offs_k, m_mask, r_mask, k_start, k_end, x_rows, p_tile = _rows_shrink_tile(
+        x_ptr, n, S, IN, R, K_PER_SPLIT, stride_xn, stride_xs, stride_ps, stride_pt, BLOCK_M, BLOCK_K, BLOCK_R)
     a_rows = a_ptr + slot * stride_ak + offs_r[:, None] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -96,8 +120,7 @@ def shrink_rows_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
         else:
             acc += _dot(xt, tl.trans(a), IEEE)
     acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
-    t = n * S + offs_m
-    p = p_ptr + pid_k * stride_ps + t[:, None] * stride_pt + offs_r[None, :]
+    p = p_ptr + p_tile
     tl.store(p, acc, mask=m_mask[:, None])
 
 
@@ -111,13 +134,9 @@ def shrink_grouped_kernel(x_ptr, a_ptr, slots_ptr, scale_ptr, p_ptr,
         gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = tl.arange(0, BLOCK_N)
-    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
-    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)  # one load for own + all slots
+    offs_n, slot, same, first = _slot_group(slots_ptr, N, pid, BLOCK_N)
     if slot == 0:
         return
-    same = all_slots == slot
-    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
     if first != pid:
         return
     offs_r = tl.arange(0, BLOCK_R)
@@ -187,13 +206,9 @@ def expand_grouped_kernel(out_ptr, p_ptr, bt_ptr, slots_ptr,
                           BLOCK_R: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     pid_o = tl.program_id(1)
-    offs_n = tl.arange(0, BLOCK_N)
-    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
-    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    offs_n, slot, same, first = _slot_group(slots_ptr, N, pid, BLOCK_N)
     if slot == 0:
         return
-    same = all_slots == slot
-    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
     if first != pid:
         return
     offs_r = tl.arange(0, BLOCK_R)
@@ -234,13 +249,9 @@ def group_shrink_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    offs_n = tl.arange(0, BLOCK_N)
-    all_slots = tl.load(slots_ptr + offs_n, mask=offs_n < N, other=-1).to(tl.int64)
-    slot = tl.sum(tl.where(offs_n == pid, all_slots, 0), axis=0)
+    offs_n, slot, same, first = _slot_group(slots_ptr, N, pid, BLOCK_N)
     if slot == 0:
         return
-    same = all_slots == slot
-    first = tl.min(tl.where(same, offs_n, BLOCK_N), axis=0)
     if first != pid:
         return
     a_off = tl.where(m == 2, A2, tl.where(m == 1, A1, A0)).to(tl.int64)
@@ -326,19 +337,11 @@ def group_shrink_rows_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
     once for the whole group, and the row's A blocks come straight from the pool (no gather).
     Partials go to ``p[m, split, token, r]``; tokens of slot-0 rows are left unwritten."""
     n = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     slot = tl.load(slots_ptr + n).to(tl.int64)
     if slot == 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < S
-    r_mask = offs_r < R
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, IN)
-    x_rows = x_ptr + n * stride_xn + offs_m.to(tl.int64)[:, None] * stride_xs
+    offs_m, offs_r, offs_k, m_mask, r_mask, k_start, k_end, x_rows, p_tile = _rows_shrink_tile(
+        x_ptr, n, S, IN, R, K_PER_SPLIT, stride_xn, stride_xs, stride_ps, stride_pt, BLOCK_M, BLOCK_K, BLOCK_R)
     row = pool_ptr + slot * P + offs_r[:, None] * IN
     acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -353,8 +356,7 @@ def group_shrink_rows_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
             acc1 += _dot(xt, tl.trans(tl.load(row + A1 + k[None, :], mask=am, other=0.0)), IEEE)
         if M > 2:
             acc2 += _dot(xt, tl.trans(tl.load(row + A2 + k[None, :], mask=am, other=0.0)), IEEE)
-    t = n * S + offs_m
-    p = p_ptr + pid_k * stride_ps + t[:, None] * stride_pt + offs_r[None, :]
+    p = p_ptr + p_tile
     tl.store(p, acc0 * tl.load(scales_ptr + S0 * K_SLOTS + slot).to(tl.float32), mask=m_mask[:, None])
     if M > 1:
         tl.store(p + stride_pm, acc1 * tl.load(scales_ptr + S1 * K_SLOTS + slot).to(tl.float32),
