@@ -59,11 +59,14 @@ class InferenceRequest:
 def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
     """Validate one request. `body` is what TorchServe hands over: a dict (already
     decoded JSON), bytes/bytearray or str (raw payload)."""
-    data = _decode_body(body)
-    unknown = sorted(set(data) - _ALLOWED_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(repr(k)[:40] for k in unknown[:5])}; "
-                             f"allowed: {', '.join(sorted(_ALLOWED_FIELDS))}")
+    return request_from_fields(decode_body(body), headers)
+
+
+def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> InferenceRequest:
+    """Validate fields named as this API names them: the one home of every field rule, shared by
+    the JSON API and the OpenAI-compatible one (handler/openai_api.py translates its fields first)."""
+    data = dict(data)
+    refuse_unknown_fields(data, _ALLOWED_FIELDS)
     tenant = _tenant(data, headers)
     prompt, messages = _prompt_or_messages(data)
     do_sample = _bool(data, "do_sample", False)
@@ -76,6 +79,18 @@ def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
                             stop=_stops(data), adapter=_adapter(data), key=_key(headers))
+
+
+def refuse_unknown_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(repr(k)[:40] for k in unknown[:5])}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+
+
+def caller(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(tenant, key) named by the headers alone, validated as for any request."""
+    return _tenant({}, headers), _key(headers)
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -107,7 +122,7 @@ def _key(headers: Mapping[str, str]) -> str | None:
     return key
 
 
-def _decode_body(body: Any) -> dict:
+def decode_body(body: Any) -> dict:
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")
@@ -122,7 +137,7 @@ def _decode_body(body: Any) -> dict:
             raise InvalidRequest("body is not valid JSON; send a JSON object such as "
                                  '{"prompt": "Hello"}') from None
     if not isinstance(body, dict):
-        raise InvalidRequest(f"body must be a JSON object, got {_json_type(body)}")
+        raise InvalidRequest(f"body must be a JSON object, got {json_type(body)}")
     return body
 
 
@@ -130,7 +145,7 @@ def _tenant(data: dict, headers: Mapping[str, str]) -> str | None:
     from_header = header(headers, TENANT_HEADER)
     from_body = data.get("tenant")
     if from_body is not None and not isinstance(from_body, str):
-        raise InvalidRequest(f"'tenant' must be a string, got {_json_type(from_body)}")
+        raise InvalidRequest(f"'tenant' must be a string, got {json_type(from_body)}")
     if from_header is not None and from_body is not None and from_header != from_body:
         raise TenantConflict("X-Tenant-ID header and body field 'tenant' name different tenants")
     tenant = from_header if from_header is not None else from_body
@@ -148,7 +163,7 @@ def _prompt_or_messages(data: dict) -> tuple[str | None, tuple[Mapping[str, str]
     if has_prompt:
         prompt = data["prompt"]
         if not isinstance(prompt, str):
-            raise InvalidRequest(f"'prompt' must be a string, got {_json_type(prompt)}")
+            raise InvalidRequest(f"'prompt' must be a string, got {json_type(prompt)}")
         _check_text("prompt", prompt)
         return prompt, None
     messages = data["messages"]
@@ -165,7 +180,7 @@ def _prompt_or_messages(data: dict) -> tuple[str | None, tuple[Mapping[str, str]
         if role not in _ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {sorted(_ROLES)}")
         if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content must be a string, got {_json_type(content)}")
+            raise InvalidRequest(f"messages[{i}].content must be a string, got {json_type(content)}")
         total += len(content)
         out.append({"role": role, "content": content})
     if total > MAX_PROMPT_CHARS:
@@ -187,14 +202,14 @@ def _check_text(name: str, text: str) -> None:
 def _bool(data: dict, name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be true or false, got {_json_type(value)}")
+        raise InvalidRequest(f"'{name}' must be true or false, got {json_type(value)}")
     return value
 
 
 def _int(data: dict, name: str, *, low: int, high: int) -> int:
     value = data.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{name}' must be an integer, got {_json_type(value)}")
+        raise InvalidRequest(f"'{name}' must be an integer, got {json_type(value)}")
     if not low <= value <= high:
         raise InvalidRequest(f"'{name}' must be between {low} and {high}, got {value}")
     return value
@@ -203,7 +218,7 @@ def _int(data: dict, name: str, *, low: int, high: int) -> int:
 def _float(data: dict, name: str, default: float, *, low: float, high: float, low_open: bool) -> float:
     value = data.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"'{name}' must be a number, got {_json_type(value)}")
+        raise InvalidRequest(f"'{name}' must be a number, got {json_type(value)}")
     value = float(value)
     if math.isnan(value) or math.isinf(value):
         raise InvalidRequest(f"'{name}' must be a finite number")
@@ -238,7 +253,7 @@ def _adapter(data: dict) -> str | None:
     return adapter
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
