@@ -47,6 +47,10 @@ class AdapterNotAllowed(RequestError):
     """The `adapter` field names something other than `base` or the caller's own versions."""
 
 
+class UnknownEndpoint(RequestError):
+    """The path after /predictions/<model>/<version>/ names no endpoint of this server."""
+
+
 class AdapterLoadFailed(Exception):
     """The tenant's adapter could not be made resident (verify or load failed, or quarantined)."""
 
@@ -63,6 +67,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (TenantConflict, 400, "Tenant Conflict"),
     (TenantUnauthorized, 401, "Unauthorized"),
     (AdapterNotAllowed, 403, "Adapter Not Allowed"),
+    (UnknownEndpoint, 404, "Not Found"),
     (InvalidRequest, 400, "Bad Request"),
     (InvalidTenantId, 400, "Invalid Tenant Id"),
     (TenantNotFound, 404, "Unknown Tenant"),

@@ -20,7 +20,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import TenantRegistry
@@ -43,8 +43,10 @@ from tenant_registry.errors import TenantDisabled, TenantNotFound
 from tenant_registry.keys import verify_key
 from .model_loading import eos_token_ids, load_base_model
 from .prompts import encode_messages
-from .request import BASE, InferenceRequest, parse_request
+from .openai_api import models_body
+from .request import BASE, InferenceRequest
 from .residency import AdapterResidency
+from .routes import Exchange, JsonExchange, route_for
 from .tenants import TenantResolver
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class Plan:
     record: TenantRecord | None  # None = base model
     fallback: str | None  # why a tenant request runs on the base model, if it does
     input_ids: tuple[int, ...] = ()
+    exchange: Exchange | None = None  # the API it came by (routes.py): writes its reply and errors
 
 
 class LoraplexService:
@@ -133,10 +136,16 @@ class LoraplexService:
         replies: list[Reply | None] = [None] * len(batch)
         plans: dict[int, Plan] = {}
         for i, raw in enumerate(batch):
+            route = route_for(raw.headers)
             try:
-                plans[i] = self._tokenize(self._plan(parse_request(raw.body, raw.headers)))
+                parsed = route.parse(raw.body, raw.headers)
+                if route.lists_models:  # the same checks as a completion, then the list
+                    plan = self._plan(parsed)
+                    replies[i] = Reply(200, "OK", models_body(plan.record.tenant_id if plan.record else None))
+                    continue
+                plans[i] = self._tokenize(replace(self._plan(parsed.request), exchange=parsed))
             except Exception as exc:
-                replies[i] = self._failed(exc)
+                replies[i] = self._failed(exc, route.error)
         self.residency.evict_idle()
         pending = dict(plans)
         while pending:
@@ -166,7 +175,7 @@ class LoraplexService:
                     adapter = lease.acquire(plan.record) if plan.record is not None else None
                 except AdapterLoadFailed as exc:
                     if self.config.load_failure_policy != "base":
-                        replies[i] = self._failed(exc)
+                        replies[i] = self._failed(exc, plan.exchange.error)
                         continue
                     plans[i] = plan = replace(plan, record=None, fallback=f"adapter_load_failed: {exc.adapter_id}")
                     adapter = None
@@ -179,7 +188,7 @@ class LoraplexService:
             except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
                 log.exception("engine.generate failed for a batch of %d rows", len(order))
                 for i in order:
-                    replies[i] = self._failed(exc)
+                    replies[i] = self._failed(exc, plans[i].exchange.error)
                 return
             self.batches += 1
             for i, out in zip(order, outputs):
@@ -275,7 +284,7 @@ class LoraplexService:
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
-        return Reply(200, "OK", body)
+        return Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body))
 
     def _tokens_covering(self, token_ids: Sequence[int], chars: int) -> int:
         """The fewest leading tokens whose text reaches `chars` characters: what a reply cut at a stop
@@ -285,11 +294,11 @@ class LoraplexService:
                 return n
         return len(token_ids)
 
-    def _failed(self, exc: BaseException) -> Reply:
-        code, _ = http_status(exc)
+    def _failed(self, exc: BaseException, render: Callable[[BaseException], dict] = error_body) -> Reply:
+        code, phrase = http_status(exc)
         if code >= 500:
             log.warning("request failed with %d: %s: %s", code, type(exc).__name__, exc)
-        return Reply.error(exc)
+        return Reply(code, phrase, render(exc))
 
     # -- management ----------------------------------------------------------------
 

@@ -1,0 +1,217 @@
+"""The OpenAI-compatible API (chat/completions, completions, models), translated to and from our
+JSON API. Pure translation: no TorchServe, no registry, no engine.
+
+    OpenAI body ─► our field names ─► request.request_from_fields (the one home of every field rule)
+                                       ─► the same validated InferenceRequest our JSON API produces
+    our reply body ─► chat.completion / text_completion (our extra fields under "loraplex")
+    any error ─► {"error": {message, type, param, code}} with the status of errors.py's one table
+
+`model` names who is served: "<tenant>" (its current adapter), "<tenant>@v<N>" (a pin of one of
+its own versions, our `adapter` field) or "base" (the base model; the tenant, if any, comes from
+X-Tenant-ID and is checked as for any request). A tenant named in `model` must agree with
+X-Tenant-ID, as our `tenant` field must.
+
+Sampling follows OpenAI: `temperature: 0` is greedy; any other temperature, or none (OpenAI's
+default is 1), samples. Streaming and log-probabilities come with the per-step scheduler: until
+then `stream: true`, `logprobs` and `top_logprobs` are 400 saying so.
+
+Pure functions of their inputs (plus the clock for `created` and a random `id`): any thread.
+"""
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from . import errors
+from .errors import InvalidRequest
+from .request import (
+    BASE,
+    InferenceRequest,
+    caller,
+    decode_body,
+    json_type,
+    refuse_unknown_fields,
+    request_from_fields,
+)
+
+OWNED_BY = "loraplex"
+
+
+class Endpoint(enum.Enum):
+    """The OpenAI endpoints, by TorchServe's `url_path` (what follows /predictions/<model>/<version>/)."""
+
+    CHAT = "v1/chat/completions"
+    COMPLETIONS = "v1/completions"
+    MODELS = "v1/models"
+
+
+_SHARED = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "logprobs"})
+_FIELDS = {
+    Endpoint.CHAT: _SHARED | {"messages", "max_completion_tokens", "top_logprobs"},
+    Endpoint.COMPLETIONS: _SHARED | {"prompt"},
+}
+_TEXT_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt"}
+
+# Our field names in messages -> what an OpenAI caller sent (the only renaming of a message).
+_RENAMES = (("'max_new_tokens'", "'max_tokens'"), ("body field 'tenant'", "'model'"))
+
+# HTTP status (from errors.py's one table) -> OpenAI's error `type`.
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 413: "invalid_request_error"}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """One validated chat or completions request: our InferenceRequest plus what the reply echoes."""
+
+    endpoint: Endpoint
+    model: str
+    request: InferenceRequest
+
+    def reply(self, body: Mapping[str, Any], *, created: int | None = None) -> dict:
+        return completion_body(self, body, created=created)
+
+    @staticmethod
+    def error(exc: BaseException) -> dict:
+        return error_body(exc)
+
+
+def parse(endpoint: Endpoint, body: Any, headers: Mapping[str, str]) -> OpenAIRequest:
+    """Validate one chat or completions request; raises a RequestError (errors.py) naming the field."""
+    if endpoint not in _FIELDS:
+        raise ValueError(f"{endpoint} takes no completion body")
+    data = decode_body(body)
+    refuse_unknown_fields(data, _FIELDS[endpoint])
+    data = {k: v for k, v in data.items() if v is not None}  # OpenAI treats null as "not sent"
+    _refuse_not_available(data)
+    model = data.get("model")
+    if not isinstance(model, str) or not model or model.startswith("@"):
+        raise InvalidRequest("'model' is required: \"<tenant>\", \"<tenant>@v<N>\" or \"base\"")
+    fields: dict[str, Any] = _tenant_fields(model)
+    text_field = _TEXT_FIELD[endpoint]
+    if text_field not in data:
+        raise InvalidRequest(f"'{text_field}' is required")
+    fields[text_field] = _messages(data["messages"]) if endpoint is Endpoint.CHAT else data["prompt"]
+    if "max_tokens" in data and "max_completion_tokens" in data:
+        raise InvalidRequest("send one of 'max_tokens' or 'max_completion_tokens'")
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in data:
+            fields["max_new_tokens"] = data[name]
+    temperature = data.get("temperature")
+    if _is_zero(temperature):
+        fields["do_sample"] = False
+    else:
+        fields["do_sample"] = True
+        if temperature is not None:
+            fields["temperature"] = temperature
+    for name in ("top_p", "seed", "stop"):
+        if name in data:
+            fields[name] = data[name]
+    return OpenAIRequest(endpoint, model, request_from_fields(fields, headers))
+
+
+def models_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
+    """`v1/models` (a GET: TorchServe hands it on as an empty body): the caller's tenant and key only,
+    so the service checks them exactly as for a completion before listing anything."""
+    if not _is_empty(body):
+        raise InvalidRequest("v1/models takes no body; send a GET")
+    tenant, key = caller(headers)
+    return InferenceRequest(tenant=tenant, prompt=None, messages=None, max_new_tokens=None, temperature=1.0,
+                            top_p=1.0, do_sample=False, seed=None, stop=(), adapter=None, key=key)
+
+
+def models_body(tenant: str | None) -> dict:
+    """What a caller may name in `model`: "base", and its own tenant when it named one that is served
+    with an adapter. Never other tenants: listing them would tell any caller who else is served."""
+    ids = [BASE] + ([tenant] if tenant else [])
+    return {"object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": OWNED_BY} for i in ids]}
+
+
+def completion_body(req: OpenAIRequest, body: Mapping[str, Any], *, created: int | None = None) -> dict:
+    """Our JSON API's reply body -> OpenAI's chat.completion / text_completion object."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.endpoint is Endpoint.CHAT:
+        kind, prefix = "chat.completion", "chatcmpl-"
+        choice["message"] = {"role": "assistant", "content": body["text"]}
+    else:
+        kind, prefix = "text_completion", "cmpl-"
+        choice["text"] = body["text"]
+    choice.update(logprobs=None, finish_reason=body["finish_reason"])
+    usage = body["usage"]
+    return {
+        "id": prefix + secrets.token_hex(12),
+        "object": kind,
+        "created": int(time.time()) if created is None else created,
+        "model": req.model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                  "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        "loraplex": {"tenant": body["tenant"], "adapter": body["adapter"], "fallback": body["fallback"]},
+    }
+
+
+def error_body(exc: BaseException) -> dict:
+    """OpenAI's error shape; the status, the message and the 5xx wording are errors.py's."""
+    ours = errors.error_body(exc)
+    message = ours["error"]
+    for mine, theirs in _RENAMES:
+        message = message.replace(mine, theirs)
+    status = ours["status"]
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": ours["type"]}}
+
+
+def _refuse_not_available(data: Mapping[str, Any]) -> None:
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest(f"'stream' must be true or false, got {json_type(stream)}")
+    if stream:
+        raise InvalidRequest("streaming is not available yet on this server; send 'stream': false")
+    if data.get("logprobs", False) is not False or "top_logprobs" in data:
+        raise InvalidRequest("'logprobs' and 'top_logprobs' are not available yet on this server")
+    n = data.get("n", 1)
+    if isinstance(n, bool) or n != 1:
+        raise InvalidRequest("'n' must be 1 on this server (one choice per request)")
+
+
+def _tenant_fields(model: str) -> dict[str, Any]:
+    """`model` -> our `tenant` / `adapter` fields (validated by request.py like our own)."""
+    if model == BASE:
+        return {"adapter": BASE}
+    if "@" in model:
+        return {"tenant": model.split("@", 1)[0], "adapter": model}
+    return {"tenant": model}
+
+
+def _messages(messages: Any) -> Any:
+    """OpenAI content may be a list of parts; text parts are joined into our one string. Everything
+    else (roles, the shape of each message) is checked by request.py."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
+                       and isinstance(p["text"], str) for p in parts):
+                raise InvalidRequest(f"messages[{i}].content: only text parts "
+                                     "({\"type\": \"text\", \"text\": ...}) are supported")
+            m = {**m, "content": "\n".join(p["text"] for p in parts)}
+        out.append(m)
+    return out
+
+
+def _is_zero(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
+
+
+def _is_empty(body: Any) -> bool:
+    if body is None or body == {}:
+        return True
+    if isinstance(body, (bytes, bytearray)):
+        return not bytes(body).strip()
+    return isinstance(body, str) and not body.strip()
