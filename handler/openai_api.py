@@ -53,6 +53,8 @@ _FIELDS = {
     Endpoint.CHAT: _SHARED | {"messages", "max_completion_tokens", "top_logprobs"},
     Endpoint.COMPLETIONS: _SHARED | {"prompt"},
 }
+_EXAMPLE = {Endpoint.CHAT: '{"model": "base", "messages": [{"role": "user", "content": "Hello"}]}',
+            Endpoint.COMPLETIONS: '{"model": "base", "prompt": "Hello"}'}
 _TEXT_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt"}
 
 # Our field names in messages -> what an OpenAI caller sent (the only renaming of a message).
@@ -83,6 +85,8 @@ def parse(endpoint: Endpoint, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     """Validate one chat or completions request; raises a RequestError (errors.py) naming the field."""
     if endpoint not in _FIELDS:
         raise ValueError(f"{endpoint} takes no completion body")
+    if _is_empty(body):
+        raise InvalidRequest(f"body is empty; POST a JSON object such as {_EXAMPLE[endpoint]}")
     data = decode_body(body)
     refuse_unknown_fields(data, _FIELDS[endpoint])
     data = {k: v for k, v in data.items() if v is not None}  # OpenAI treats null as "not sent"

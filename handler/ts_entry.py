@@ -81,6 +81,7 @@ class LoraplexHandler(BaseHandler):
             for idx, reply in enumerate(replies):
                 if reply.status != 200:
                     context.set_response_status(reply.status, reply.phrase, idx)
+                context.set_response_content_type(idx, "application/json")  # else the frontend sends none
                 output.append(json.dumps(reply.body))
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return output

@@ -55,6 +55,7 @@ def test_url_path_as_torchserve_sends_it(stack, tenants):
     assert r.status_code == 404 and "'admin'" in r.json()["error"], r.text
     r = requests.get(f"{base}/1.0/v1/models", headers=auth, timeout=120)  # a GET: an empty body
     assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["base", "oai-a"], r.text
+    assert r.headers.get("content-type") == "application/json"
 
 
 def test_completions_and_chat_greedy_equal_our_json_api_and_peft(stack, tenants, tiny_adapters):

@@ -121,8 +121,11 @@ def test_completions_fields():
         assert words in str(e.value)
     with pytest.raises(InvalidRequest, match="'prompt' is required"):
         parse(COMP, {"model": "acme"}, {})
-    with pytest.raises(InvalidRequest, match="body is empty"):
-        parse(COMP, b"", {})
+    for endpoint, example in ((COMP, '"prompt": "Hello"'), (CHAT, '"messages": [{"role": "user"')):
+        for body in (b"", "  ", None):
+            with pytest.raises(InvalidRequest, match="body is empty") as e:
+                parse(endpoint, body, {})
+            assert example in str(e.value)
 
 
 def test_text_content_parts_are_joined():
