@@ -18,15 +18,28 @@ from typing import Any, Mapping, Protocol, Sequence
 from loraplex_common.adapter_format import AdapterBytes
 
 
+MAX_LOGPROBS = 20  # the most alternatives a row may ask for per token (OpenAI's `top_logprobs` cap)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-row decoding settings. Rows with equal params may share a `generate` call."""
+    """Per-row decoding settings. Rows with equal params may share a `generate` call.
+
+    ``logprobs``: 0 (default) = none, no extra work anywhere; k in 1..`MAX_LOGPROBS` = each
+    returned token's log-probability and the top-k alternatives (`GenerationOutput`). They are
+    taken from the model's own next-token distribution, log_softmax of the raw logits in fp32,
+    before temperature and top-p (what OpenAI and vLLM report by default): a confidence
+    threshold on an answer's mean token log-probability must not move with the temperature the
+    request sampled at, and a top-p cut would turn every excluded alternative into -inf. The
+    engine refuses other values (`EngineError`, per row).
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,10 +53,18 @@ class GenerationRow:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """New tokens only (prompt and padding stripped, generation stops at the first EOS)."""
+    """New tokens only (prompt and padding stripped, generation stops at the first EOS).
+
+    With ``SamplingParams.logprobs = k >= 1``: ``token_logprobs[t]`` is the log-probability of
+    ``token_ids[t]`` and ``top_logprobs[t]`` the k most likely (token id, log-probability) pairs
+    at that step, most likely first (the distribution `SamplingParams` names); the EOS that
+    stopped the row is not a returned token and has neither. Both are None when not asked.
+    """
 
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS reached) or "length" (max_new_tokens reached)
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
 
 
 @dataclass(frozen=True)

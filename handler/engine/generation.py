@@ -25,18 +25,48 @@ otherwise merge in.
 
 Returned ``token_ids`` exclude the EOS token; ``finish_reason`` is "stop" when an
 EOS was produced within the row's ``max_new_tokens``, else "length".
+
+Log-probabilities (``SamplingParams.logprobs``) do not change the grouping: a row that
+asks shares its group (one forward per step) with rows that do not. Only a group with at
+least one asking row computes them (`GenerateFn`'s ``logprobs`` = the largest k in the
+group; 0 = none, and the decode paths then do exactly what they did without the feature);
+each asking row gets its own k, cut with its tokens at its limit and EOS, and the rows that
+did not ask get None. Computing them reads logits and draws no random numbers, so no row's
+tokens change (`logprobs` module: which distribution, and how).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .api import GenerationOutput, GenerationRow, SamplingParams
+from . import logprobs as lp
+from .api import MAX_LOGPROBS, GenerationOutput, GenerationRow, SamplingParams
 from .errors import EngineError
 
-# (input_ids[N, L], attention_mask[N, L], adapter per row, generate kwargs) -> sequences[N, L + new]
-GenerateFn = Callable[[torch.Tensor, torch.Tensor, list, dict], torch.Tensor]
+
+@dataclass(frozen=True)
+class GroupOutput:
+    """One group's decode: ``model.generate``'s sequences [N, L + new], and the steps'
+    log-probabilities when the call asked for them (else None)."""
+
+    sequences: torch.Tensor
+    logprobs: lp.StepLogprobs | None = None
+
+
+# (input_ids[N, L], attention_mask[N, L], adapter per row, generate kwargs, logprobs k (0 = none)) -> GroupOutput
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, list, dict, int], GroupOutput]
+
+
+def hf_generate(generate: Callable[..., Any], input_ids: torch.Tensor, k: int, **kw: Any) -> GroupOutput:
+    """A transformers ``generate`` call; only with ``k >= 1`` does it keep each step's raw
+    logits (``output_logits``), turned into log-probabilities of the new tokens."""
+    if not k:
+        return GroupOutput(generate(input_ids=input_ids, **kw))
+    out = generate(input_ids=input_ids, output_logits=True, return_dict_in_generate=True, **kw)
+    new = out.sequences[:, input_ids.shape[1]:]
+    return GroupOutput(out.sequences, lp.from_step_logits(out.logits, new, k))
 
 
 def group_rows(rows: Sequence[GenerationRow]) -> list[list[int]]:
@@ -80,14 +110,22 @@ def generation_kwargs(params: SamplingParams, max_new_tokens: int, eos_token_ids
     return kw
 
 
-def finish(new_tokens: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int]) -> GenerationOutput:
-    """Cut a row's new tokens at its own limit and at the first EOS."""
+def finish(new_tokens: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int],
+           logprobs: tuple[lp.RowLogprobs, int, int] | None = None) -> GenerationOutput:
+    """Cut a row's new tokens at its own limit and at the first EOS; ``logprobs`` =
+    (the group's, this row's index in it, its k), cut with the tokens."""
     toks = list(new_tokens[:max_new_tokens])
     eos = set(eos_token_ids)
+    reason = "length"
     for j, t in enumerate(toks):
         if t in eos:
-            return GenerationOutput(token_ids=toks[:j], finish_reason="stop")
-    return GenerationOutput(token_ids=toks, finish_reason="length")
+            toks, reason = toks[:j], "stop"
+            break
+    if logprobs is None:
+        return GenerationOutput(token_ids=toks, finish_reason=reason)
+    group, j, k = logprobs
+    chosen, top = group.row(j, len(toks), k)
+    return GenerationOutput(token_ids=toks, finish_reason=reason, token_logprobs=chosen, top_logprobs=top)
 
 
 def validate_rows(rows: Sequence[GenerationRow]) -> None:
@@ -96,6 +134,9 @@ def validate_rows(rows: Sequence[GenerationRow]) -> None:
             raise EngineError(f"row {i}: empty prompt")
         if row.params.max_new_tokens < 1:
             raise EngineError(f"row {i}: max_new_tokens must be >= 1")
+        k = row.params.logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
+            raise EngineError(f"row {i}: logprobs must be an integer from 0 to {MAX_LOGPROBS} (got {k!r})")
 
 
 def run_rows(rows: Sequence[GenerationRow], generate_fn: GenerateFn, *, eos_token_ids: Sequence[int],
@@ -109,15 +150,19 @@ def run_rows(rows: Sequence[GenerationRow], generate_fn: GenerateFn, *, eos_toke
         max_new = max(r.params.max_new_tokens for r in group)
         kw = generation_kwargs(group[0].params, max_new, eos_token_ids, pad_token_id)
         adapters = [r.adapter for r in group]
+        k = max(r.params.logprobs for r in group)
         seed = group[0].params.seed if group[0].params.do_sample else None
         if seed is not None:
             dev = torch.device(device)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(seed)
-                seqs = generate_fn(ids, mask, adapters, kw)
+                out = generate_fn(ids, mask, adapters, kw, k)
         else:
-            seqs = generate_fn(ids, mask, adapters, kw)
-        new = seqs[:, ids.shape[1]:].tolist()
+            out = generate_fn(ids, mask, adapters, kw, k)
+        new = out.sequences[:, ids.shape[1]:].tolist()
+        host = out.logprobs.rows() if k else None
         for j, i in enumerate(idx):
-            outputs[i] = finish(new[j], rows[i].params.max_new_tokens, eos_token_ids)
+            row_k = rows[i].params.logprobs
+            outputs[i] = finish(new[j], rows[i].params.max_new_tokens, eos_token_ids,
+                                (host, j, row_k) if row_k else None)
     return outputs  # type: ignore[return-value]

@@ -30,7 +30,8 @@ from torch import nn
 
 from .api import GenerationOutput, GenerationRow, LoadedAdapter
 from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
-from .generation import run_rows
+from .generation import GroupOutput, hf_generate, run_rows
+from .logprobs import StepLogprobs
 from .multilora.adapter_file import AdapterSource, linear_layers, read_adapter
 from .multilora.model import BASE_MARKER
 from .settings import EngineSettings
@@ -126,21 +127,23 @@ class PeftGroupedEngine:
         }
 
     # -- generation ---------------------------------------------------------
-    def _run(self, adapter: str | None, ids: torch.Tensor, mask: torch.Tensor, kw: dict) -> torch.Tensor:
+    def _run(self, adapter: str | None, ids: torch.Tensor, mask: torch.Tensor, kw: dict, k: int) -> GroupOutput:
         if adapter is None or self.peft_model is None:
             if self.peft_model is None:
-                return self.base.generate(input_ids=ids, attention_mask=mask, **kw)
+                return hf_generate(self.base.generate, ids, k, attention_mask=mask, **kw)
             with self.peft_model.disable_adapter():
-                return self.peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
+                return hf_generate(self.peft_model.generate, ids, k, attention_mask=mask, **kw)
         self.peft_model.set_adapter(adapter)
-        return self.peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return hf_generate(self.peft_model.generate, ids, k, attention_mask=mask, **kw)
 
-    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
+    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict,
+                        logprobs: int) -> GroupOutput:
         for a in adapters:
             if a is not None and a != BASE_MARKER:
                 self._check(a)
         width = ids.shape[1]
         per_row: list[torch.Tensor | None] = [None] * ids.shape[0]
+        per_row_lp: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * ids.shape[0]
         order: dict[str | None, list[int]] = {}
         for i, a in enumerate(adapters):
             order.setdefault(None if a == BASE_MARKER else a, []).append(i)
@@ -148,15 +151,26 @@ class PeftGroupedEngine:
             for adapter, rows in order.items():
                 sub_mask = mask[rows]
                 lead = int((sub_mask.sum(0) == 0).long().cumprod(0).sum())  # shared left padding, trimmed
-                seqs = self._run(adapter, ids[rows, lead:], sub_mask[:, lead:], kw)
+                sub = self._run(adapter, ids[rows, lead:], sub_mask[:, lead:], kw, logprobs)
                 for j, i in enumerate(rows):
-                    per_row[i] = seqs[j, width - lead:]
+                    per_row[i] = sub.sequences[j, width - lead:]
+                    if sub.logprobs is not None:
+                        got = sub.logprobs
+                        per_row_lp[i] = (got.chosen[j].cpu(), got.top_ids[j].cpu(), got.top_values[j].cpu())
         longest = max(t.shape[0] for t in per_row)  # groups may stop early on EOS
         out = torch.full((ids.shape[0], width + longest), self.pad_token_id, dtype=torch.long)
         out[:, :width] = ids.cpu()
         for i, t in enumerate(per_row):
             out[i, width: width + t.shape[0]] = t.cpu()
-        return out
+        if not logprobs:
+            return GroupOutput(out)
+        n, k = ids.shape[0], per_row_lp[0][1].shape[-1]
+        chosen = torch.zeros(n, longest)
+        top_ids = torch.zeros(n, longest, k, dtype=torch.long)
+        top_values = torch.zeros(n, longest, k)
+        for i, (c, ti, tv) in enumerate(per_row_lp):  # type: ignore[misc]
+            chosen[i, :c.shape[0]], top_ids[i, :c.shape[0]], top_values[i, :c.shape[0]] = c, ti, tv
+        return GroupOutput(out, StepLogprobs(chosen, top_ids, top_values))
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
         return run_rows(rows, self._generate_group, eos_token_ids=self.eos_token_ids,

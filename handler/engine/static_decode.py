@@ -21,6 +21,10 @@ transformers' own warpers, EOS, pad), and the same output shape:
    next step, all in place. The next token is picked eagerly from the graph's
    static logits (three small launches). Every `check_every` steps one host
    sync asks whether every row has produced EOS.
+4. Only when the call asks for log-probabilities (`decode`'s ``logprobs`` >= 1)
+   each step's logits (the prefill's, then the graph's static output after its
+   replay) also go through `..logprobs.Recorder`, eagerly: the captured graph
+   is the same with or without them.
 
 Per key (batch bucket, cache bucket, LoRA rank bucket) a `_Bucket` keeps the
 cache, the static inputs and the graph; at most `decode_graph_buckets` are kept
@@ -46,6 +50,8 @@ import torch
 from torch import nn
 
 from .errors import EngineError
+from .generation import GroupOutput
+from .logprobs import Recorder
 
 
 class LoraRows(Protocol):
@@ -130,6 +136,12 @@ class StaticDecoder:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_names: Sequence[Any],
                  **kw: Any) -> torch.Tensor:
         """``model.generate``'s return: ``[N, L + new]`` (rows that stopped early are padded)."""
+        return self.decode(input_ids, attention_mask, adapter_names, **kw).sequences
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_names: Sequence[Any], *,
+               logprobs: int = 0, **kw: Any) -> GroupOutput:
+        """`generate`'s sequences and, with ``logprobs`` = k >= 1, every step's log-probabilities
+        (`..logprobs`: the chosen token's and the top k, from the step's raw logits)."""
         N, L = input_ids.shape
         max_new = int(kw["max_new_tokens"])
         eos = torch.as_tensor(list(kw.get("eos_token_id") or []), dtype=torch.long, device=input_ids.device)
@@ -167,8 +179,12 @@ class StaticDecoder:
             tokens = torch.full((B, max_new), pad_id, dtype=torch.long, device=ids.device)
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             done[N:] = True
-            nxt = pick(out.logits[:, -1])
-            del out
+            logits = out.logits[:, -1]
+            nxt = pick(logits)
+            rec = Recorder(B, max_new, logprobs, logits.shape[-1], ids.device) if logprobs else None
+            if rec is not None:
+                rec.record(0, logits, nxt)
+            del out, logits
             tokens[:, 0] = nxt
             done |= torch.isin(nxt, eos)
             st.ids.copy_(nxt.view(B, 1))
@@ -183,12 +199,16 @@ class StaticDecoder:
                 while steps < max_new:
                     if steps % self.check_every == 0 and bool(done.all()):
                         break
-                    nxt = torch.where(done, pad_id, pick(step()))
+                    logits = step()
+                    nxt = torch.where(done, pad_id, pick(logits))
+                    if rec is not None:
+                        rec.record(steps, logits, nxt)
                     tokens[:, steps] = nxt
                     done |= torch.isin(nxt, eos)
                     st.ids.copy_(nxt.view(B, 1))
                     steps += 1
-        return torch.cat([input_ids, tokens[:N, :steps]], dim=1)
+        seqs = torch.cat([input_ids, tokens[:N, :steps]], dim=1)
+        return GroupOutput(seqs, rec.result(N, steps) if rec is not None else None)
 
     def describe(self) -> dict[str, Any]:
         return {"graphs": self.use_graphs, "captures": self.captures,

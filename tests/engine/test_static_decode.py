@@ -146,7 +146,7 @@ def test_engine_falls_back_to_generate_when_decoder_cannot_capture(tiny_model_di
     def refuse(*a, **k):
         raise NotCapturable("CUDA graph capture failed: test")
 
-    monkeypatch.setattr(st.decoder, "generate", refuse)
+    monkeypatch.setattr(st.decoder, "decode", refuse)
     rows = [GenerationRow(p, a, SamplingParams(max_new_tokens=5)) for p, a in zip(_prompts(3, seed=8), ["r4", None, "r8qv"])]
     assert st.generate(rows) == reference.generate(rows)
     status = st.get_model_status()["decoder"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..api import GenerationOutput, GenerationRow, LoadedAdapter
 from ..errors import EngineError
-from ..generation import run_rows
+from ..generation import GroupOutput, hf_generate, run_rows
 from ..settings import EngineSettings
 from ..static_decode import NotCapturable, StaticDecoder
 from .adapter_file import AdapterSource
@@ -87,15 +87,16 @@ class MultiLoraEngine:
                                  "last_fallback": self.last_fallback}
         return status
 
-    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict) -> torch.Tensor:
+    def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict,
+                        logprobs: int) -> GroupOutput:
         with torch.inference_mode():
             if self.decoder is not None:
                 try:
-                    return self.decoder.generate(ids, mask, adapters, **kw)
+                    return self.decoder.decode(ids, mask, adapters, logprobs=logprobs, **kw)
                 except NotCapturable as exc:
                     self.fallbacks += 1
                     self.last_fallback = str(exc)
-            return self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters, **kw)
+            return hf_generate(self.model.generate, ids, logprobs, attention_mask=mask, adapter_names=adapters, **kw)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
         return run_rows(rows, self._generate_group, eos_token_ids=self.eos_token_ids,
