@@ -58,6 +58,8 @@ class PeftOracle:
       exactly `reference_generate`'s answer.
     - `logits(adapter, ids)`: teacher-forced fp32 logits ``[len(ids), vocab]`` of the
       whole sequence (row ``t`` scores the token after position ``t``).
+    - `token_logprobs(adapter, prompt_ids, tokens)`: teacher-forced log-probabilities of
+      the distributions each of `tokens` was picked from.
     - `text(adapter, prompt, n)`: the greedy text of the new tokens.
 
     Not thread-safe (tests call it from one thread).
@@ -120,6 +122,16 @@ class PeftOracle:
             with torch.no_grad(), self._use(adapter):
                 self._logits[key] = self.model(input_ids=ids).logits[0].float().cpu()
         return self._logits[key]
+
+    def token_logprobs(self, adapter: str | None, prompt_ids: Sequence[int], tokens: Sequence[int]):
+        """Teacher-forced fp32 log-probabilities ``[len(tokens), vocab]``: row ``t`` is
+        log_softmax of the logits after ``prompt_ids + tokens[:t]``, the distribution
+        ``tokens[t]`` was drawn from (raw logits: no temperature or top-p)."""
+        import torch
+
+        n = len(prompt_ids)
+        logits = self.logits(adapter, list(prompt_ids) + list(tokens))
+        return torch.log_softmax(logits[n - 1: n - 1 + len(tokens)], dim=-1)
 
     def text(self, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
         return self.tokenizer.decode(self.greedy(adapter, self.prompt_ids(prompt), max_new_tokens),
