@@ -24,7 +24,8 @@ import stat
 import uuid
 from pathlib import Path
 
-from loraplex_common.adapter_format import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, AdapterBytes
+from loraplex_common.adapter_format import (ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, AdapterBytes,
+                                            Into, ReadBuffer, read_file)
 
 from .errors import AdapterInvalid, RegistryError
 from .ids import validate_tenant_id
@@ -40,10 +41,15 @@ class StoreError(RegistryError):
 
 
 class AdapterStore:
-    """A root directory of immutable, versioned adapter copies."""
+    """A root directory of immutable, versioned adapter copies.
+
+    `read` puts an adapter's weights into one buffer reused by every read (`ReadBuffer`, grown to
+    the largest adapter read), so what it returns is valid until its next read: the worker loads it
+    right away. One thread reads (the worker's owner thread, or the CLI)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._weights_buffer = ReadBuffer()
 
     # ------------------------------------------------------------------ reading (workers)
     def relpath(self, tenant: str, version: int) -> str:
@@ -68,8 +74,8 @@ class AdapterStore:
         StoreError for a path outside the store.
         """
         d = self.path_for(record)
-        weights = self._read_file(record, d / WEIGHTS_FILE, None)
-        raw_cfg = self._read_file(record, d / CONFIG_FILE, MAX_CONFIG_BYTES)
+        weights = self._read_file(record, d / WEIGHTS_FILE, None, self._weights_buffer)
+        raw_cfg = bytes(self._read_file(record, d / CONFIG_FILE, MAX_CONFIG_BYTES))
         adapter = AdapterBytes.of(raw_cfg, weights, record.adapter_id)
         if adapter.sha256 != record.sha256:
             raise AdapterInvalid(f"{record.adapter_id}: sha256 mismatch (stored file altered)",
@@ -94,7 +100,7 @@ class AdapterStore:
         return self.path_for(record)
 
     @staticmethod
-    def _read_file(record: TenantRecord, path: Path, limit: int | None) -> bytes:
+    def _read_file(record: TenantRecord, path: Path, limit: int | None, into: Into | None = None) -> bytes | memoryview:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
             with os.fdopen(fd, "rb") as fh:
@@ -105,7 +111,7 @@ class AdapterStore:
                 if limit is not None and st.st_size > limit:
                     raise AdapterInvalid(f"{record.adapter_id}: stored file is over {limit} bytes",
                                          code="config_mismatch", file=path.name)
-                return fh.read()
+                return read_file(fh, st.st_size, into)
         except OSError as e:
             raise AdapterInvalid(f"{record.adapter_id}: stored file unreadable ({e.strerror})", code="missing_file",
                                  file=path.name) from e

@@ -19,13 +19,15 @@ refusals) and the loaded pool against `safetensors.torch.load` of the same bytes
 """
 from __future__ import annotations
 
-from .files import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterBytes
+from .files import (ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterBytes, Into,
+                    ReadBuffer, read_file)
 from .header import MAX_HEADER_BYTES, HeaderError, SafetensorsHeader, TensorInfo, parse_header, read_header
 from .rules import (DEFAULT_TARGET_MODULES, FLOAT_DTYPES, AdapterConfig, AdapterRefused, LinearLayers, ModuleWeights,
                     ParsedAdapter, check_adapter, check_base_model, check_weights, parse_config, same_base_model)
 
 __all__ = [
-    "ADAPTER_FILES", "CONFIG_FILE", "MAX_CONFIG_BYTES", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "AdapterBytes",
+    "ADAPTER_FILES", "CONFIG_FILE", "MAX_CONFIG_BYTES", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "AdapterBytes", "Into",
+    "ReadBuffer", "read_file",
     "MAX_HEADER_BYTES", "HeaderError", "SafetensorsHeader", "TensorInfo", "parse_header", "read_header",
     "DEFAULT_TARGET_MODULES", "FLOAT_DTYPES", "AdapterConfig", "AdapterRefused", "LinearLayers", "ModuleWeights",
     "ParsedAdapter", "check_adapter", "check_base_model", "check_weights", "parse_config", "same_base_model",

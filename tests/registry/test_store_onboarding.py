@@ -149,3 +149,28 @@ def test_remove_version_and_tenant(store, base_spec, tiny_adapters):
     store.remove_tenant("acme")
     assert not (store.root / "acme").exists()
     store.remove_tenant("acme")  # idempotent
+
+
+def test_reads_reuse_one_buffer_and_return_each_files_bytes(registry, store, base_spec, config, tiny_adapters):
+    """The store reads every adapter's weights into one reused buffer (no fresh allocation, so no
+    page faults, per load): each read returns exactly its own file's bytes, the buffer grows to
+    the largest, and a file that shrinks while it is read is an error, not a short adapter."""
+    from loraplex_common.adapter_format import ReadBuffer, read_file
+
+    recs = [onboard(registry, store, base_spec, t, tiny_adapters[n], config) for t, n in (("ra", "a"), ("rb", "c"))]
+    sizes = []
+    for rec in recs * 2:
+        got = store.read(rec)
+        want = (store.path_for(rec) / "adapter_model.safetensors").read_bytes()
+        assert bytes(got.weights) == want and got.sha256 == hashlib.sha256(want).hexdigest()
+        sizes.append(len(want))
+    assert store._weights_buffer.nbytes == max(sizes)
+
+    buf = ReadBuffer()
+    first, second = buf(10), buf(4)
+    assert first.obj is second.obj  # the same memory handed out again
+    path = store.path_for(recs[0]) / "adapter_model.safetensors"
+    with open(path, "rb") as fh, pytest.raises(OSError, match="changed size"):
+        read_file(fh, path.stat().st_size + 1, buf)
+    with open(path, "rb") as fh, pytest.raises(OSError, match="changed size"):
+        read_file(fh, path.stat().st_size - 1)

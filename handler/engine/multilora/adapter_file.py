@@ -17,7 +17,8 @@ from typing import Sequence, Union
 
 from torch import nn
 
-from loraplex_common.adapter_format import AdapterBytes, AdapterRefused, LinearLayers, ParsedAdapter, check_adapter
+from loraplex_common.adapter_format import (AdapterBytes, AdapterRefused, Into, LinearLayers, ParsedAdapter,
+                                            check_adapter)
 
 from ..errors import AdapterFormatError, UnsupportedAdapter
 
@@ -26,12 +27,13 @@ AdapterSource = Union[str, os.PathLike, AdapterBytes]
 __all__ = ["AdapterSource", "ParsedAdapter", "adapter_bytes", "linear_layers", "read_adapter"]
 
 
-def adapter_bytes(source: AdapterSource) -> AdapterBytes:
-    """`source` itself, or the two files of the directory `source`, read once."""
+def adapter_bytes(source: AdapterSource, into: Into | None = None) -> AdapterBytes:
+    """`source` itself, or the two files of the directory `source`, read once (the weights into
+    `into` when given)."""
     if isinstance(source, AdapterBytes):
         return source
     try:
-        return AdapterBytes.read_dir(source)
+        return AdapterBytes.read_dir(source, into)
     except FileNotFoundError as exc:
         raise AdapterFormatError(f"{source}: no {Path(exc.filename or '?').name}") from None
     except OSError as exc:
@@ -49,9 +51,11 @@ def linear_layers(model: nn.Module, targets: Sequence[str]) -> LinearLayers:
     return LinearLayers.of(linears, tuple(targets))
 
 
-def read_adapter(source: AdapterSource, layers: LinearLayers, max_rank: int) -> ParsedAdapter:
-    """Check the adapter against the engine's layers and maximum rank; raise the engine's error types."""
-    adapter = adapter_bytes(source)
+def read_adapter(source: AdapterSource, layers: LinearLayers, max_rank: int,
+                 into: Into | None = None) -> ParsedAdapter:
+    """Check the adapter against the engine's layers and maximum rank; raise the engine's error types.
+    A directory's weights file is read into `into` when given."""
+    adapter = adapter_bytes(source, into)
     try:
         return check_adapter(adapter, layers, max_rank)
     except AdapterRefused as refusal:

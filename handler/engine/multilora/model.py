@@ -164,11 +164,13 @@ class MultiLoraModel(nn.Module):
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if not self._free:
             raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
-        parsed = read_adapter(source, self._linear_layers, self.max_rank)
+        host: list[torch.Tensor] = []  # the host buffer a directory's weights file is read into
+        parsed = read_adapter(source, self._linear_layers, self.max_rank,
+                              into=lambda nbytes: self._host_buffer(nbytes, host))
         lora_config = _to_lora_config(dict(parsed.config.raw))
         slot = self._free.pop()
         try:
-            self._fill_slot(slot, parsed)
+            self._fill_slot(slot, parsed, host[0] if host else None)
         except BaseException:
             self._clear_slot(slot)
             self._free.append(slot)
@@ -178,9 +180,23 @@ class MultiLoraModel(nn.Module):
         self._ctx.invalidate()
         return (time.perf_counter() - t0) * 1000.0
 
-    def _fill_slot(self, slot: int, parsed: ParsedAdapter) -> None:
+    def _host_buffer(self, nbytes: int, keep: list) -> memoryview:
+        """Where an adapter loaded from a directory has its weights file read: the host buffer the
+        slot copy reads from (pinned and reused on CUDA, fresh for one load on a CPU), so the file's
+        bytes are read once and never copied on the host (`_fill_slot`). Appends the tensor to `keep`."""
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and self._staging_read is not None:
+            self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
+        buf = slot_loader.ensure_bytes(self._staging if on_cuda else None, nbytes, pin=on_cuda)
+        if on_cuda:
+            self._staging = buf
+        keep.append(buf)
+        return memoryview(buf.numpy())
+
+    def _fill_slot(self, slot: int, parsed: ParsedAdapter, read_into: torch.Tensor | None = None) -> None:
         """Copy the adapter's tensors into the (zeroed) slot with one copy of the verified bytes'
-        data region into the host staging buffer and, on CUDA, one host-to-device copy; dtype
+        data region into the host staging buffer (none when the file was read straight into it:
+        `read_into`, see `_host_buffer`) and, on CUDA, one host-to-device copy; dtype
         conversion and B's transpose happen in the device-side copy into the slot (`slot_loader`
         says why). Called by `load_adapter` only (the owner thread).
 
@@ -195,15 +211,20 @@ class MultiLoraModel(nn.Module):
         # and a failed load clear the slot before it goes back to `_free`), which saves a
         # memset of the whole slot (r_max rows in every layer) on every load.
         on_cuda = self.device.type == "cuda"
-        if self._staging_read is not None:
+        if read_into is None and self._staging_read is not None:
             self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
         tensors = parsed.header.tensors
         n = parsed.header.data_len
-        host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
-        slot_loader.copy_data(parsed.source.weights, parsed.header, host)
-        data = host[:n]
+        if read_into is not None:  # the weights file was read into this buffer: its data region is a slice
+            start = parsed.header.data_start
+            data = read_into[start:start + n]
+        else:
+            host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
+            slot_loader.copy_data(parsed.source.weights, parsed.header, host)
+            data = host[:n]
+            if on_cuda:
+                self._staging = host
         if on_cuda:
-            self._staging = host
             self._staging_dev = slot_loader.ensure_bytes(self._staging_dev, n, device=self.device)
             self._staging_dev[:n].copy_(data, non_blocking=True)
             data = self._staging_dev[:n]

@@ -42,10 +42,11 @@ def copy_data(weights: bytes, header: SafetensorsHeader, out: torch.Tensor) -> N
 
 def tensor_view(data: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """Tensor `info` as a view of the byte buffer `data`, in the file's dtype. `view(dtype)` needs
-    the byte offset to be a multiple of the item size; safetensors does not promise that
-    (mixed dtypes), so a misaligned tensor gets its bytes copied to a fresh (aligned) tensor."""
+    the byte offset (in the buffer `data` is a view of) to be a multiple of the item size;
+    safetensors does not promise that (mixed dtypes, a header of odd length), so a misaligned
+    tensor gets its bytes copied to a fresh (aligned) tensor."""
     dtype = DTYPES[info.dtype]
     raw = data[info.begin: info.end]
-    if info.begin % dtype.itemsize:
+    if raw.storage_offset() % dtype.itemsize:  # where the tensor starts in memory, data's own offset included
         raw = raw.clone()
     return raw.view(dtype).view(info.shape)
