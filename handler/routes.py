@@ -56,15 +56,33 @@ class JsonExchange:
 
 
 @dataclass(frozen=True)
+class ModelsExchange:
+    """OpenAI's model list: the request names only the caller (tenant, key); the body is the list."""
+
+    request: InferenceRequest
+
+    def reply(self, body: Mapping[str, Any]) -> dict:
+        return dict(body)
+
+    @staticmethod
+    def error(exc: BaseException) -> dict:
+        return openai_api.error_body(exc)
+
+
+@dataclass(frozen=True)
 class Route:
     path: str
-    parse: Callable[[Any, Mapping[str, str]], Any]  # -> Exchange, or InferenceRequest when lists_models
+    parse: Callable[[Any, Mapping[str, str]], Exchange]
     error: Callable[[BaseException], dict]  # for a request that failed before it was parsed
-    lists_models: bool = False
+    lists_models: bool = False  # replies with the model list (no generation) once the checks pass
 
 
 def _json(body: Any, headers: Mapping[str, str]) -> JsonExchange:
     return JsonExchange(parse_request(body, headers))
+
+
+def _models(body: Any, headers: Mapping[str, str]) -> ModelsExchange:
+    return ModelsExchange(openai_api.models_request(body, headers))
 
 
 def _openai(endpoint: Endpoint) -> Callable[[Any, Mapping[str, str]], openai_api.OpenAIRequest]:
@@ -76,7 +94,7 @@ _ROUTES = {
     Endpoint.CHAT.value: Route(Endpoint.CHAT.value, _openai(Endpoint.CHAT), openai_api.error_body),
     Endpoint.COMPLETIONS.value: Route(Endpoint.COMPLETIONS.value, _openai(Endpoint.COMPLETIONS),
                                       openai_api.error_body),
-    Endpoint.MODELS.value: Route(Endpoint.MODELS.value, openai_api.models_request, openai_api.error_body,
+    Endpoint.MODELS.value: Route(Endpoint.MODELS.value, _models, openai_api.error_body,
                                  lists_models=True),
 }
 
@@ -92,7 +110,7 @@ def route_for(headers: Mapping[str, str]) -> Route:
         return route
     shown = path[:80]
 
-    def unknown(body: Any, headers: Mapping[str, str]) -> Any:
+    def unknown(body: Any, headers: Mapping[str, str]) -> Exchange:
         raise UnknownEndpoint(f"no endpoint {shown!r} here; this server answers /predictions/<model>[/<version>] "
                               f"and, under /predictions/<model>/<version>/, "
                               f"{', '.join(e.value for e in Endpoint)}")

@@ -138,12 +138,13 @@ class LoraplexService:
         for i, raw in enumerate(batch):
             route = route_for(raw.headers)
             try:
-                parsed = route.parse(raw.body, raw.headers)
+                exchange = route.parse(raw.body, raw.headers)
+                plan = replace(self._plan(exchange.request), exchange=exchange)
                 if route.lists_models:  # the same checks as a completion, then the list
-                    plan = self._plan(parsed)
-                    replies[i] = Reply(200, "OK", models_body(plan.record.tenant_id if plan.record else None))
+                    listed = models_body(plan.record.tenant_id if plan.record is not None else None)
+                    replies[i] = Reply(200, "OK", exchange.reply(listed))
                     continue
-                plans[i] = self._tokenize(replace(self._plan(parsed.request), exchange=parsed))
+                plans[i] = self._tokenize(plan)
             except Exception as exc:
                 replies[i] = self._failed(exc, route.error)
         self.residency.evict_idle()

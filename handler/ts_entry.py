@@ -19,7 +19,10 @@ What the frontend sends (TorchServe 0.12, observed on a real server):
   Every REST inference request (/predictions, /explanations and the KServe
   routes /v1/models/<m>:predict, /v2/models/<m>/infer) carries an `explain`
   header the frontend sets, overwriting a client's; /predictions also gets
-  `url_path`. A gRPC request passes no client headers (its input map becomes
+  `url_path`: "" for /predictions/<m> and /predictions/<m>/<v>, else what follows
+  /predictions/<m>/<v>/ (`v1/chat/completions`), which
+  overwrites a client's `url_path` (handler/routes.py dispatches on it;
+  tests/e2e/test_openai_client.py). A gRPC request passes no client headers (its input map becomes
   parameters). BaseHandler takes any batch whose first request carries
   `describe: True` for a describe, so a client could read the management view
   over the inference API and fail the rest of its batch; `is_management_describe`
