@@ -69,6 +69,7 @@ class LoraplexConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "loraplex"
     adapter_store: str = "var/adapters"
+    adapter_store_endpoint: str = ""    # S3-compatible endpoint for an s3:// adapter_store ("" = the client's default)
     base_model_dir: str = ""            # "" = the TorchServe model dir (tenantctl: <model_store>/<model_name>)
     base_model_name: str = ""           # identity adapters must name; "" = any name (shapes still checked)
     max_rank: int = 64
@@ -90,6 +91,10 @@ class LoraplexConfig:
     triton_pdl: bool = True                 # Triton kernels may use programmatic dependent launch (Hopper+)
     cpu_gather_workspace_mb: int = 512      # CPU: memory kept for gathering mixed batches' adapters (0 = none)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    host_tier_mb: int = 2048                # worker's host-memory adapter tier under the device slots (0 = none)
+    max_pinned_adapters: int = 4            # adapters `tenantctl pin` may keep resident per worker
+    prefetch_top_n: int = 0                 # at worker start, load the N most used adapters
+    prefetch_tenants: tuple[str, ...] = ()  # at worker start, load these tenants' current adapters
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
     registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
@@ -151,9 +156,10 @@ class LoraplexConfig:
         return cls.from_mapping(merged)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (target_modules as a list)."""
+        """JSON-friendly view (tuples as lists)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["target_modules"] = list(self.target_modules)
+        out["prefetch_tenants"] = list(self.prefetch_tenants)
         return out
 
 
@@ -309,6 +315,21 @@ def _modules(key: str, v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _names(key: str, v: Any) -> tuple[str, ...]:
+    """A list (or comma-separated string) of tenant ids; empty is allowed."""
+    if isinstance(v, str):
+        items = [p.strip() for p in v.split(",")]
+    elif isinstance(v, (list, tuple)):
+        items = [_str(key, p).strip() for p in v]
+    else:
+        raise ConfigError(f"config key {key!r} must be a list or a comma-separated string", key=key)
+    items = [p for p in items if p]
+    for p in items:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", p):
+            raise ConfigError(f"config key {key!r}: {p!r} is not a tenant id", key=key)
+    return tuple(dict.fromkeys(items))
+
+
 def _url(*schemes: str) -> Callable[[str, Any], str]:
     def parse(key: str, v: Any) -> str:
         s = _nonempty_str(key, v)
@@ -329,6 +350,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "redis_url": _url("redis", "rediss", "unix"),
     "redis_prefix": _prefix,
     "adapter_store": _nonempty_str,
+    "adapter_store_endpoint": _str,
     "base_model_dir": _str,
     "base_model_name": _str,
     "max_rank": _int(1),
@@ -350,6 +372,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "triton_pdl": _bool,
     "cpu_gather_workspace_mb": _int(0),
     "target_modules": _modules,
+    "host_tier_mb": _int(0),
+    "max_pinned_adapters": _int(0),
+    "prefetch_top_n": _int(0),
+    "prefetch_tenants": _names,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
     "registry_stale_s": _float(0.0),
