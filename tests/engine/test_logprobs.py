@@ -172,3 +172,34 @@ def test_graphs_logprobs_equal_peft_alone(tiny_model_dir, tokenizer, engine_adap
             assert out.token_logprobs is None
         if row.params.seed is not None or not row.params.do_sample:
             assert out.token_ids == ref.token_ids
+
+
+def test_static_loop_reads_a_replayed_steps_output_buffer_in_time(tiny_model_dir, tokenizer, engine_adapters,
+                                                                 oracle, monkeypatch):
+    """The CPU stand-in for ``graphs``: every step's logits land in ONE buffer that the next step
+    overwrites, as a replayed graph's static output does; the log-probabilities must be the same."""
+    from handler.engine.static_decode import StaticDecoder
+
+    eng = _engine("multilora", "static", tiny_model_dir, tokenizer, engine_adapters)
+    rows = [r for r in _rows(True) if r.params.seed is not None or not r.params.do_sample]
+    want = eng.generate(rows)
+    eager = StaticDecoder._stepper
+
+    def replay_like(self, st, slots, graphs):
+        step = eager(self, st, slots, graphs)
+        buf: list[torch.Tensor] = []
+
+        def replay():
+            out = step()
+            if not buf:
+                buf.append(torch.empty_like(out))
+            buf[0].copy_(out)
+            return buf[0]
+        return replay
+
+    monkeypatch.setattr(StaticDecoder, "_stepper", replay_like)
+    got = eng.generate(rows)
+    assert got == want
+    for row, out in zip(rows, got):
+        if row.params.logprobs:
+            check_against_oracle(oracle, row, out)
