@@ -60,7 +60,8 @@ def test_config_known_keys():
         "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
         "engine", "decode", "decode_graph_buckets", "lora_backend", "triton_pdl", "cpu_gather_workspace_mb",
         "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url", "model_name",
-        "model_store", "management_key_file"}
+        "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
+        "prefetch_top_n", "prefetch_tenants"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})
     assert ei.value.key == "require_tenant_keys" and "require_tenant_key" in str(ei.value)
