@@ -7,7 +7,9 @@ log_softmax of the step's raw logits in fp32, before temperature and top-p
 `from_step_logits` on transformers' ``output_logits`` (``generate``, the peft engine) and
 `Recorder` inside the static decoder's loop (``static``, and ``graphs`` on the replayed
 graph's logits output, outside the graph). Nothing here runs unless a row asked
-(``k >= 1``).
+(``k >= 1``). Cost when asked: ``generate`` keeps each step's raw fp32 [N, V] logits
+until the call returns (transformers' ``output_logits``); the static loop keeps only
+[N, steps, k] per call.
 
 Concurrency: plain functions and one per-call object; no shared state.
 """
