@@ -181,9 +181,9 @@ class StaticDecoder:
             done[N:] = True
             logits = out.logits[:, -1]
             nxt = pick(logits)
-            rec = Recorder(B, max_new, logprobs, logits.shape[-1], ids.device) if logprobs else None
+            rec = Recorder(N, max_new, logprobs, logits.shape[-1], ids.device) if logprobs else None  # no filler rows
             if rec is not None:
-                rec.record(0, logits, nxt)
+                rec.record(0, logits[:N], nxt[:N])
             del out, logits
             tokens[:, 0] = nxt
             done |= torch.isin(nxt, eos)
@@ -202,7 +202,7 @@ class StaticDecoder:
                     logits = step()
                     nxt = torch.where(done, pad_id, pick(logits))
                     if rec is not None:
-                        rec.record(steps, logits, nxt)
+                        rec.record(steps, logits[:N], nxt[:N])
                     tokens[:, steps] = nxt
                     done |= torch.isin(nxt, eos)
                     st.ids.copy_(nxt.view(B, 1))
