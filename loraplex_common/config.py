@@ -299,35 +299,28 @@ def _choice(*choices: str, pattern: str | None = None) -> Callable[[str, Any], s
     return parse
 
 
-def _modules(key: str, v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        items = [p.strip() for p in v.split(",")]
-    elif isinstance(v, (list, tuple)):
-        items = [_str(key, p).strip() for p in v]
-    else:
-        raise ConfigError(f"config key {key!r} must be a list or a comma-separated string", key=key)
-    items = [p for p in items if p]
-    if not items:
-        raise ConfigError(f"config key {key!r} must name at least one module", key=key)
-    for p in items:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", p):
-            raise ConfigError(f"config key {key!r}: bad module name {p!r}", key=key)
-    return tuple(dict.fromkeys(items))
+def _list_of(what: str, pattern: str, *, empty_ok: bool) -> Callable[[str, Any], tuple[str, ...]]:
+    """A list (or, from env, a comma-separated string) of names each matching `pattern`; duplicates
+    dropped, order kept."""
+    def parse(key: str, v: Any) -> tuple[str, ...]:
+        if isinstance(v, str):
+            items = [p.strip() for p in v.split(",")]
+        elif isinstance(v, (list, tuple)):
+            items = [_str(key, p).strip() for p in v]
+        else:
+            raise ConfigError(f"config key {key!r} must be a list or a comma-separated string", key=key)
+        items = [p for p in items if p]
+        if not items and not empty_ok:
+            raise ConfigError(f"config key {key!r} must name at least one {what}", key=key)
+        for p in items:
+            if not re.fullmatch(pattern, p):
+                raise ConfigError(f"config key {key!r}: {p!r} is not a valid {what}", key=key)
+        return tuple(dict.fromkeys(items))
+    return parse
 
 
-def _names(key: str, v: Any) -> tuple[str, ...]:
-    """A list (or comma-separated string) of tenant ids; empty is allowed."""
-    if isinstance(v, str):
-        items = [p.strip() for p in v.split(",")]
-    elif isinstance(v, (list, tuple)):
-        items = [_str(key, p).strip() for p in v]
-    else:
-        raise ConfigError(f"config key {key!r} must be a list or a comma-separated string", key=key)
-    items = [p for p in items if p]
-    for p in items:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", p):
-            raise ConfigError(f"config key {key!r}: {p!r} is not a tenant id", key=key)
-    return tuple(dict.fromkeys(items))
+_modules = _list_of("module name", r"[A-Za-z0-9_.]+", empty_ok=False)
+_tenant_ids = _list_of("tenant id", r"[a-z0-9][a-z0-9_-]{0,62}", empty_ok=True)
 
 
 def _url(*schemes: str) -> Callable[[str, Any], str]:
@@ -375,7 +368,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "host_tier_mb": _int(0),
     "max_pinned_adapters": _int(0),
     "prefetch_top_n": _int(0),
-    "prefetch_tenants": _names,
+    "prefetch_tenants": _tenant_ids,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
     "registry_stale_s": _float(0.0),
