@@ -374,3 +374,217 @@ class RedisProc(RedisServer):
     def cleanup(self) -> None:
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- several TorchServes behind nginx (make scaleout, bench/scaleout.py, tests/e2e/test_scaleout_short.py) --
+
+NGINX_TEMPLATE = ROOT / "scripts" / "nginx" / "loraplex-tenant-hash.conf"
+NGINX_INSTANCE_TEMPLATE = ROOT / "scripts" / "nginx" / "loraplex-instance.conf"
+HASH_BY_TENANT = "hash $http_x_tenant_id consistent;"
+ROUND_ROBIN = "# round robin (nginx's default balancing)"
+
+
+def _fill(template: str, fields: dict[str, str]) -> str:
+    for name, value in fields.items():
+        template = template.replace(f"@{name}@", value)
+    return template
+
+
+class Nginx:
+    """A private nginx (the Debian package's binary) on 127.0.0.1:`port` in front of `instances`,
+    rendered from scripts/nginx/loraplex-tenant-hash.conf. Its pid file, logs, temp dirs, config,
+    front key and the unix sockets of the per-instance blocks all live in `workdir` (mode 0700).
+    Clients send `Authorization: Bearer <front key>`; nginx sends each instance its own inference
+    token (TorchServe generates its keys at every start and reads none in). `balance` is
+    HASH_BY_TENANT (the shipped recipe) or ROUND_ROBIN (the benchmark's comparison)."""
+
+    def __init__(self, workdir: Path, port: int, instances: "list[TorchServe]", *,
+                 balance: str = HASH_BY_TENANT) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.port = port
+        self.instances = list(instances)
+        self.balance = balance
+        self.proc: subprocess.Popen | None = None
+        self._guard: Guard | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "nginx.pid"  # written by nginx itself (the `pid` directive): the master's pid
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "nginx.conf"
+
+    def socket_path(self, i: int) -> Path:
+        return self.workdir / "run" / f"ts{i}.sock"
+
+    def front_key(self) -> str:
+        return json.loads((self.workdir / "key_file.json").read_text())["inference"]["key"]
+
+    def _ensure_front_key(self) -> None:
+        path = self.workdir / "key_file.json"
+        if not path.exists():
+            import secrets
+
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"inference": {"key": secrets.token_urlsafe(24)}}, f)
+
+    def write_config(self) -> Path:
+        """Render the config with every instance's current inference token (mode 0600)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o700)
+        for sub in ("logs", "temp", "run"):
+            (self.workdir / sub).mkdir(exist_ok=True)
+        self._ensure_front_key()
+        for i in range(len(self.instances)):
+            if len(str(self.socket_path(i))) > _UNIX_PATH_MAX:
+                raise RuntimeError(f"nginx workdir {self.workdir} is too deep for its unix sockets")
+        fragment = NGINX_INSTANCE_TEMPLATE.read_text()
+        blocks = [_fill(fragment, {"I": str(i), "TS_PORT": str(ts.ports[0]), "TS_DIR": str(ts.workdir),
+                                   "SOCK": str(self.socket_path(i)), "TOKEN": ts.keys()["inference"]["key"]})
+                  for i, ts in enumerate(self.instances)]
+        # As root, nginx's workers would run as `nobody` and could not use the 0700 workdir.
+        user = f"user {_user_name()};" if os.geteuid() == 0 else "# workers run as the launching user"
+        text = _fill(NGINX_TEMPLATE.read_text(), {
+            "USER": user, "PREFIX": str(self.workdir), "PORT": str(self.port), "BALANCE": self.balance,
+            "FRONT_KEY": self.front_key(),
+            "UPSTREAM_SERVERS": "\n".join(f"        server unix:{self.socket_path(i)};"
+                                          for i in range(len(self.instances))),
+            "INSTANCE_SERVERS": "\n".join(blocks)})
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return self.config_path
+
+    def command(self) -> list[str]:
+        exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        if exe is None:
+            raise RuntimeError("nginx is not installed (apt-get install nginx; scripts/install.sh does it)")
+        return [exe, "-p", f"{self.workdir}/", "-c", str(self.config_path), "-g", "daemon off;"]
+
+    def start(self, detach: bool = False, timeout: float = 15) -> None:
+        """Render, start in its own process group, wait until it listens; on failure nothing is left."""
+        self.write_config()
+        cmd = self.command()
+        check = subprocess.run([*cmd[:-2], "-t", "-q"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx refused {self.config_path}: {check.stderr.strip()}")
+        with open(self.workdir / "nginx.out", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._guard = None if detach else Guard(self.proc.pid)
+            deadline = time.time() + timeout
+            while not wait_port(self.port, 0.2):
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"nginx did not start on 127.0.0.1:{self.port}:\n"
+                                       f"{_tail(self.workdir / 'logs' / 'error.log')}{_tail(self.workdir / 'nginx.out')}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def reload(self) -> None:
+        """Re-render (e.g. after an instance's token was renewed or it restarted) and reload."""
+        self.write_config()
+        pid = self.proc.pid if self.proc is not None else int(self.pid_file.read_text().strip())
+        import signal
+
+        os.kill(pid, signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                kill_group(self.proc.pid, timeout=10, leader=self.proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        else:
+            stop_pid_file(self.pid_file, timeout=10)
+        if self._guard is not None:
+            self._guard.release()
+        self.proc, self._guard = None, None
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+class ScaleOut:
+    """`n` private TorchServes of one archive on one Redis and one adapter store, with nginx on
+    127.0.0.1:`nginx_port` hashing tenants onto them (`fronts["hash"]`); `add_front` puts another
+    nginx (e.g. ROUND_ROBIN) in front of the same instances. The caller owns Redis and the store.
+    Instances start at once (threads; each `TorchServe.start` waits for its READY worker);
+    `start` leaves nothing running when any part fails; `stop` stops fronts, then instances."""
+
+    def __init__(self, workdir: Path, model_store: Path, n: int, *, env: dict[str, str],
+                 nginx_port: int | None = None, extra_config: dict[str, str] | None = None,
+                 ts_ports: "list[tuple[int, int, int]] | None" = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.instances = [TorchServe(self.workdir / f"ts{i}", model_store, env=env, extra_config=extra_config,
+                                     ports=ts_ports[i] if ts_ports else None) for i in range(n)]
+        self.nginx_port = nginx_port
+        self.fronts: dict[str, Nginx] = {}
+
+    def start(self, *, detach: bool = False, timeout: float = 300) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            with ThreadPoolExecutor(len(self.instances)) as pool:
+                for job in [pool.submit(ts.start, timeout, detach) for ts in self.instances]:
+                    job.result()
+            self.add_front("hash", HASH_BY_TENANT, self.nginx_port, detach=detach)
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_front(self, name: str, balance: str, port: int | None = None, *, detach: bool = False) -> Nginx:
+        front = Nginx(self.workdir / f"nginx-{name}", port or free_port(), self.instances, balance=balance)
+        front.start(detach=detach)
+        self.fronts[name] = front
+        return front
+
+    def stop(self) -> None:
+        for front in self.fronts.values():
+            front.stop()
+        for ts in self.instances:
+            ts.stop()
+
+
+# `make scaleout N=3`: the demo archive on the demo's Redis (6399) and store (var/adapters), so
+# the shipped model-config.yaml and tenantctl work unchanged; instance i on 8100+10i .. +2.
+SCALEOUT_NGINX_PORT = 8090
+SCALEOUT_TS_BASE_PORT = 8100
+
+
+def start_scaleout_demo(var: Path, n: int) -> ScaleOut:
+    """Detached: the demo's redis-server (unless it listens), `n` TorchServes, nginx on 8090."""
+    redis = RedisServer(DEMO_REDIS_PORT, var / "redis", persistent=True)
+    if not wait_port(DEMO_REDIS_PORT, 0.2):
+        redis.start(detach=True)
+        (var / "redis.pid").write_text(str(redis.proc.pid))
+    ports = [tuple(SCALEOUT_TS_BASE_PORT + 10 * i + k for k in range(3)) for i in range(n)]
+    busy = [p for trio in ports for p in trio if wait_port(p, 0.05)] + \
+        ([SCALEOUT_NGINX_PORT] if wait_port(SCALEOUT_NGINX_PORT, 0.05) else [])
+    if busy:
+        raise SystemExit(f"ports already in use: {busy} (a scale-out stack running? `make stop`)")
+    env = {"LORAPLEX_REDIS_URL": redis.url, "LORAPLEX_ADAPTER_STORE": str(var / "adapters")}
+    stack = ScaleOut(var / "scaleout", ROOT / "model_store", n, env=env, nginx_port=SCALEOUT_NGINX_PORT,
+                     extra_config={"token_expiration_min": str(DEMO_TOKEN_EXPIRATION_MIN)}, ts_ports=ports)
+    stack.start(detach=True)
+    return stack
+
+
+def stop_scaleout_demo(var: Path) -> None:
+    root = var / "scaleout"
+    if not root.exists():
+        return
+    for front in sorted(root.glob("nginx-*")):
+        stop_pid_file(front / "nginx.pid", timeout=10)
+    for ts in sorted(root.glob("ts*")):
+        stop_pid_file(ts / "torchserve.pid")
+    print("stopped the scale-out stack (nginx, torchserve instances)")
