@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import TenantRegistry
 from tenant_registry.schema import TenantRecord
-from tenant_registry.store import AdapterStore
+from tenant_registry.store import AdapterStore, open_store
 
 from .engine import EngineSettings, make_engine
 from .engine.api import Engine, GenerationRow, SamplingParams
@@ -117,7 +117,7 @@ class LoraplexService:
         engine = make_engine(config.engine, model, settings, eos_token_ids=eos_token_ids(model, tokenizer),
                              pad_token_id=int(tokenizer.pad_token_id))
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
-        store = AdapterStore(Path(config.adapter_store))
+        store = open_store(config.adapter_store, config.adapter_store_endpoint)
         service = cls(config, tokenizer, engine, registry, store)
         service.start()
         return service

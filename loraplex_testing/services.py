@@ -179,6 +179,74 @@ class RedisServer:
         self.proc, self._guard = None, None
 
 
+class S3Server:
+    """A private S3-compatible server for the `s3://` adapter store tests: moto's (`python -m
+    moto.server`, pip `moto[s3]` + flask), in memory, on 127.0.0.1. Why moto: it implements the S3 REST
+    API the real client (s3fs -> aiobotocore) speaks, signatures, multipart uploads and errors
+    included (NoSuchKey -> FileNotFoundError), and s3fs's own test suite runs against it; it needs
+    no binary outside PyPI. It is not a durability or consistency model of AWS (strongly consistent,
+    as S3 is since 2020). `env` gives a client's AWS_* variables (moto accepts any credentials)."""
+
+    ACCESS_KEY = "loraplex-test-key"
+    SECRET_KEY = "loraplex-test-secret"
+    REGION = "us-east-1"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen | None = None
+        self._guard: Guard | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_DEFAULT_REGION": self.REGION, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self) -> None:
+        """Start and wait until it answers; on any failure nothing is left running."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        with open(self.workdir / "moto.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._guard = Guard(self.proc.pid)
+            deadline = time.time() + 30
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto server exited with {self.proc.returncode} on port {self.port}:\n"
+                                       f"{_tail(self.workdir / 'moto.log')}")
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=1) as resp:
+                        if resp.status == 200:
+                            return
+                if time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start on port {self.port}; see {self.workdir}/moto.log")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def make_bucket(self, name: str) -> None:
+        import boto3  # moto's own dependency
+
+        boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.ACCESS_KEY,
+                     aws_secret_access_key=self.SECRET_KEY, region_name=self.REGION).create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                kill_group(self.proc.pid, timeout=10, leader=self.proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        if self._guard is not None:
+            self._guard.release()
+        self.proc, self._guard = None, None
+
+
 class TorchServe:
     """One private torchserve instance: its own config, model store, working dir, temp dir and ports
     (HTTP: given or free; gRPC, worker and distribution ports: free, picked at each start)."""

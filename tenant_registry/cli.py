@@ -4,6 +4,7 @@
     tenantctl [global options] list | show TENANT | disable TENANT | enable TENANT | remove TENANT
     tenantctl [global options] rollback TENANT [--to VERSION]
     tenantctl [global options] rotate-key TENANT
+    tenantctl [global options] pin TENANT | unpin TENANT
     tenantctl [global options] export [FILE|-]
     tenantctl [global options] import FILE [--replace]
     tenantctl [global options] status
@@ -11,6 +12,10 @@
 Tenant keys: the first `onboard` of a tenant (one without a key) issues its key and prints it once
 ("tenant_key" in --json output; null when no key was issued). Only a salted digest is stored, so the
 key cannot be shown again: `rotate-key` issues a new one (the old key stops working at once).
+
+Pinning: `pin` keeps the tenant's current adapter resident on every worker (device slots and host
+tier, loaded at worker start and whenever it is missing); at most `max_pinned_adapters` tenants may
+be pinned: `pin` beyond that is refused (exit 1) naming the pinned ones. `unpin` lets it be evicted.
 
 Backup: `export` writes every tenant's record, history, status, key digest and version counter as one
 JSON document (to FILE, or stdout for `-` or no FILE); `import` restores it, refusing tenants that
@@ -72,8 +77,8 @@ from .backup import BackupInvalid, export_registry, import_registry
 from .onboarding import ensure_key, onboard, rotate_key
 from .registry import TenantRegistry, rollback_version
 from .schema import TenantRecord
-from .store import AdapterStore
-from .validate import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from .store import AdapterStore, open_store
+from .validate import BaseModelSpec
 
 EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TS_UNREACHABLE = 0, 1, 2, 3, 4, 5, 6
 TS_TIMEOUT_S = 5.0
@@ -111,7 +116,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", metavar="PATH", default=s,
                    help="TorchServe model-config.yaml (default: env LORAPLEX_MODEL_CONFIG, else ./model-config.yaml)")
     p.add_argument("--redis-url", default=s, help="Redis URL (env LORAPLEX_REDIS_URL)")
-    p.add_argument("--store", metavar="DIR", default=s, help="adapter store root")
+    p.add_argument("--store", metavar="DIR", default=s, help="adapter store root: a directory or s3://bucket/prefix")
     p.add_argument("--base-model-dir", metavar="DIR", default=s, help="base model to validate adapters against")
     p.add_argument("--management-url", default=s, help="TorchServe management API URL")
     p.add_argument("--model-name", default=s, help="TorchServe model name")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("rollback", "make an older version current").add_argument("--to", type=int, dest="to_version",
                                                                    metavar="VERSION")
     add("rotate-key", "issue a new tenant key (printed once); the old key stops working")
+    add("pin", "keep the tenant's current adapter resident on every worker (at most max_pinned_adapters)")
+    add("unpin", "let the tenant's adapter be evicted again")
     add("export", "back up the whole registry as one JSON document", tenant=False).add_argument(
         "file", metavar="FILE", nargs="?", default="-", help="output file (default or '-': stdout)")
     imp = add("import", "restore a backup made by export", tenant=False)
@@ -195,6 +202,10 @@ def _registry(cfg: LoraplexConfig) -> TenantRegistry:
     return TenantRegistry(cfg.redis_url, cfg.redis_prefix)
 
 
+def _store(cfg: LoraplexConfig) -> AdapterStore:
+    return open_store(cfg.adapter_store, cfg.adapter_store_endpoint)
+
+
 def base_model_dir(cfg: LoraplexConfig) -> Path:
     """The base model adapters are validated against: `base_model_dir`, or, when it is empty (workers
     load the TorchServe model dir), the archive `<model_store>/<model_name>` the workers load."""
@@ -216,16 +227,15 @@ def check_store(reg: TenantRegistry, store: AdapterStore, *, anchored: bool) -> 
     it would land under whatever directory tenantctl runs in. And a store holding the files of none
     of the registered tenants' current versions is another directory than the one onboarding wrote to
     so far (the workers would answer those tenants with the base model: 'stored file unreadable')."""
-    root = store.root
     if not anchored:
-        raise ConfigError(f"adapter store {str(root)!r} is relative and no model config anchors it (no "
+        raise ConfigError(f"adapter store {str(store.root)!r} is relative and no model config anchors it (no "
                           "./model-config.yaml, LORAPLEX_MODEL_CONFIG or --model-config): run tenantctl in the "
                           "directory holding model-config.yaml, pass --model-config, or give an absolute --store",
                           key="adapter_store")
     current = reg.list()
     if current and not any(_store_has(store, r.to_dict()) for r in current):
         sample = current[0]
-        raise ConfigError(f"adapter store {str(root.resolve())!r} holds none of the {len(current)} registered "
+        raise ConfigError(f"adapter store {store.location!r} holds none of the {len(current)} registered "
                           f"tenants' adapters (e.g. {sample.adapter_id} at {sample.path}): it is not the store "
                           "the workers read; use the model config the workers use (--model-config) or its "
                           "adapter_store", key="adapter_store")
@@ -234,7 +244,7 @@ def check_store(reg: TenantRegistry, store: AdapterStore, *, anchored: bool) -> 
 def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     spec = BaseModelSpec.from_model_dir(base_model_dir(cfg), name=cfg.base_model_name or None)
     reg = _registry(cfg)
-    store = AdapterStore(cfg.adapter_store)
+    store = _store(cfg)
     check_store(reg, store, anchored=args.store_anchored)
     rec = onboard(reg, store, spec, args.tenant, args.adapter_dir, cfg)
     key = ensure_key(reg, rec.tenant_id)
@@ -290,7 +300,7 @@ def cmd_import(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
     except ValueError as e:
         raise BackupInvalid(f"backup {args.file!r} is not JSON: {e}") from e
     n = import_registry(_registry(cfg), data, replace=args.replace)
-    store = AdapterStore(cfg.adapter_store)
+    store = _store(cfg)
     missing = sorted({h["adapter_id"] for t in data["tenants"] for h in t["history"] if not _store_has(store, h)},
                      key=lambda a: (a.split("@")[0], int(a.split("@v")[1])))
     if missing:
@@ -300,11 +310,7 @@ def cmd_import(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
 
 
 def _store_has(store: AdapterStore, record: dict[str, Any]) -> bool:
-    try:
-        d = store.path_for(TenantRecord.from_dict(record))
-    except RegistryError:
-        return False
-    return (d / WEIGHTS_FILE).is_file() and (d / CONFIG_FILE).is_file()
+    return store.has(TenantRecord.from_dict(record))
 
 
 def cmd_list(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
@@ -336,7 +342,7 @@ def cmd_status_change(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) 
 
 def cmd_remove(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     removed = _registry(cfg).remove(args.tenant)  # registry first: workers stop resolving it at once
-    AdapterStore(cfg.adapter_store).remove_tenant(args.tenant)
+    _store(cfg).remove_tenant(args.tenant)
     out.result({"removed": args.tenant, "versions": [r.version for r in removed]},
                f"removed {args.tenant} ({', '.join(r.adapter_id for r in removed) or 'no versions'})")
 
@@ -346,9 +352,24 @@ def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> No
     cur = reg.get(args.tenant)
     hist = {h.version: h for h in reg.history(args.tenant)}
     target = rollback_version(args.tenant, cur.version, hist, args.to_version)
-    AdapterStore(cfg.adapter_store).verify(hist[target])  # never point workers at missing/altered files
+    _store(cfg).verify(hist[target])  # never point workers at missing/altered files
     rec = reg.rollback(args.tenant, to_version=target)
     out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")
+
+
+def cmd_pin(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    reg = _registry(cfg)
+    if args.command == "pin":
+        changed = reg.pin(args.tenant, cfg.max_pinned_adapters)
+        what = "pinned" if changed else "already pinned"
+    else:
+        changed = reg.unpin(args.tenant)
+        what = "unpinned" if changed else "was not pinned"
+    pinned = reg.pinned()
+    out.result({"tenant": args.tenant, "pinned": args.tenant in pinned, "changed": changed, "all_pinned": pinned,
+                "max_pinned_adapters": cfg.max_pinned_adapters},
+               f"{args.tenant}: {what} ({len(pinned)} of at most {cfg.max_pinned_adapters} pinned: "
+               f"{', '.join(pinned) or 'none'})")
 
 
 def _token(args: argparse.Namespace, cfg: LoraplexConfig) -> str | None:
@@ -459,7 +480,8 @@ def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
 
 COMMANDS = {"onboard": cmd_onboard, "list": cmd_list, "show": cmd_show, "disable": cmd_status_change,
             "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status,
-            "rotate-key": cmd_rotate_key, "export": cmd_export, "import": cmd_import}
+            "rotate-key": cmd_rotate_key, "export": cmd_export, "import": cmd_import, "pin": cmd_pin,
+            "unpin": cmd_pin}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -475,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "management_url": getattr(args, "management_url", None), "model_name": getattr(args, "model_name", None),
             "management_key_file": getattr(args, "key_file", None)})
         # A relative store is only trusted when a model config resolved it or the user named it.
-        args.store_anchored = (os.path.isabs(cfg.adapter_store) or model_config is not None
+        args.store_anchored = (os.path.isabs(cfg.adapter_store) or "://" in cfg.adapter_store
+                               or model_config is not None
                                or getattr(args, "store", None) is not None
                                or "adapter_store" in settings_from_env(os.environ))
         COMMANDS[args.command](args, cfg, out)

@@ -3,10 +3,13 @@
 Order and why:
   1. validate the tenant id and the adapter (reads only: a refusal writes nothing anywhere);
   2. reserve a version number in Redis (a counter; a failed onboarding leaves a harmless gap);
-  3. copy the two files into the store (staged + atomic rename, bytes re-hashed against step 1);
-  4. write the record + history + event in one Redis transaction.
-A failure after step 3 removes the copied version directory, so there is never a record without
-files nor files without a record.
+  3. copy the two files into the store, bytes re-hashed against step 1 (a local store: staged +
+     atomic rename; an s3:// store, which has no rename: both objects under the new version's key,
+     read back and re-hashed, `tenant_registry/s3_store.py`);
+  4. write the record + history + event in one Redis transaction: the commit point. Workers read only
+     versions a record names, so a version's files are invisible to them until this step.
+A failure after step 3 removes the copied version (directory or objects), so there is never a record
+without files nor files without a record.
 
 A tenant that is currently disabled stays disabled when a new version is onboarded (onboarding is
 not a way around a disable); `tenantctl enable` re-enables it.

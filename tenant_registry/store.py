@@ -1,4 +1,5 @@
-"""AdapterStore: the directory tree that workers load adapters from.
+"""AdapterStore: the directory tree that workers load adapters from (and `open_store`, which picks
+it or the object-store variant, `tenant_registry.s3_store.S3AdapterStore`, from `adapter_store`).
 
 Layout: `<root>/<tenant>/v<version>/{adapter_config.json,adapter_model.safetensors}`.
 A version directory is written once and never modified; a new version is a new
@@ -10,9 +11,12 @@ Who calls what:
   * `install`, `remove_version`, `remove_tenant` -- onboarding / CLI processes only.
   * `read` -- workers (any thread; it only reads): the adapter's bytes, read once, their sha256
     checked against the record; the engine loads from those same bytes (`AdapterBytes`).
-  * `path_for`, `verify` -- tools and the CLI (verify = read and discard).
+  * `path_for`, `verify`, `has` -- tools and the CLI (verify = read and discard).
 Callers never pass paths from requests; `path_for` takes a TenantRecord and
 refuses any location that resolves outside the root (symlinks included).
+
+A shared file system (NFS, CephFS, EFS, ...) mounted at the same path on every host is a local
+store here: staging lives inside the root, so the rename stays on that file system.
 """
 from __future__ import annotations
 
@@ -23,21 +27,38 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from loraplex_common.adapter_format import (ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, AdapterBytes,
                                             Into, ReadBuffer, read_file)
 
-from .errors import AdapterInvalid, RegistryError
+from .errors import AdapterInvalid, ConfigError, RegistryError
 from .ids import validate_tenant_id
 from .schema import TenantRecord
 from .validate import AdapterManifest
 
 STAGING = ".staging"
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
+S3_SCHEME = "s3://"
 
 
 class StoreError(RegistryError):
     """The store refused an operation (escape attempt, existing version, I/O error)."""
+
+
+def open_store(location: str | os.PathLike, endpoint: str = "") -> "AdapterStore":
+    """The store `adapter_store` names: `s3://bucket/prefix` (an S3 or S3-compatible object store at
+    `endpoint`, "" = the client's default; needs the `s3` extra) or a local / shared-file-system
+    directory. Another `scheme://` is a ConfigError naming the key."""
+    loc = os.fspath(location)
+    if loc.startswith(S3_SCHEME):
+        from .s3_store import S3AdapterStore  # s3fs is an optional extra: imported only for an s3:// store
+
+        return S3AdapterStore(loc, endpoint=endpoint)
+    if "://" in loc:
+        raise ConfigError(f"adapter_store {loc!r}: only a directory or an s3://bucket/prefix URI is supported",
+                          key="adapter_store")
+    return AdapterStore(loc)
 
 
 class AdapterStore:
@@ -50,6 +71,11 @@ class AdapterStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self._weights_buffer = ReadBuffer()
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages (the resolved root directory here)."""
+        return str(self.root.resolve())
 
     # ------------------------------------------------------------------ reading (workers)
     def relpath(self, tenant: str, version: int) -> str:
@@ -73,26 +99,23 @@ class AdapterStore:
         (code "missing_file", "sha256_mismatch" or "config_mismatch") naming the adapter and file,
         StoreError for a path outside the store.
         """
+        raw_cfg, weights = self._load(record)
+        return check_stored(record, raw_cfg, weights)
+
+    def has(self, record: TenantRecord) -> bool:
+        """Whether both files of `record`'s version are in the store (not checked: `verify` does that)."""
+        try:
+            d = self.path_for(record)
+        except RegistryError:
+            return False
+        return (d / WEIGHTS_FILE).is_file() and (d / CONFIG_FILE).is_file()
+
+    def _load(self, record: TenantRecord) -> tuple[bytes, bytes | memoryview]:
+        """(config bytes, weights bytes) of `record`'s version, the weights in the reused buffer."""
         d = self.path_for(record)
         weights = self._read_file(record, d / WEIGHTS_FILE, None, self._weights_buffer)
         raw_cfg = bytes(self._read_file(record, d / CONFIG_FILE, MAX_CONFIG_BYTES))
-        adapter = AdapterBytes.of(raw_cfg, weights, record.adapter_id)
-        if adapter.sha256 != record.sha256:
-            raise AdapterInvalid(f"{record.adapter_id}: sha256 mismatch (stored file altered)",
-                                 code="sha256_mismatch", file=WEIGHTS_FILE)
-        try:
-            cfg = json.loads(raw_cfg.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise AdapterInvalid(f"{record.adapter_id}: stored config is not valid JSON", code="config_mismatch",
-                                 file=CONFIG_FILE) from None
-        alpha = cfg.get("lora_alpha", 8) if isinstance(cfg, dict) else None
-        ok = (isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" and cfg.get("r") == record.rank
-              and type(alpha) in (int, float) and float(alpha) == record.alpha
-              and bool(cfg.get("use_rslora", False)) == record.use_rslora and not cfg.get("use_dora"))
-        if not ok:
-            raise AdapterInvalid(f"{record.adapter_id}: stored config no longer matches the record",
-                                 code="config_mismatch", file=CONFIG_FILE)
-        return adapter
+        return raw_cfg, weights
 
     def verify(self, record: TenantRecord) -> Path:
         """`read` for its checks only (the CLI, before pointing workers at a version); returns the directory."""
@@ -181,15 +204,46 @@ class AdapterStore:
         shutil.rmtree(resolved)
 
 
+def check_stored(record: TenantRecord, raw_cfg: bytes, weights: bytes | memoryview) -> AdapterBytes:
+    """The adapter of `record` from the bytes a store just read, checked (every store's one rule):
+    the sha256 of exactly these weights is the record's, and the config still says LORA with the
+    record's r / lora_alpha / use_rslora. Raises AdapterInvalid ("sha256_mismatch", "config_mismatch")."""
+    adapter = AdapterBytes.of(raw_cfg, weights, record.adapter_id)
+    if adapter.sha256 != record.sha256:
+        raise AdapterInvalid(f"{record.adapter_id}: sha256 mismatch (stored file altered)",
+                             code="sha256_mismatch", file=WEIGHTS_FILE)
+    try:
+        cfg = json.loads(raw_cfg.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise AdapterInvalid(f"{record.adapter_id}: stored config is not valid JSON", code="config_mismatch",
+                             file=CONFIG_FILE) from None
+    alpha = cfg.get("lora_alpha", 8) if isinstance(cfg, dict) else None
+    ok = (isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" and cfg.get("r") == record.rank
+          and type(alpha) in (int, float) and float(alpha) == record.alpha
+          and bool(cfg.get("use_rslora", False)) == record.use_rslora and not cfg.get("use_dora"))
+    if not ok:
+        raise AdapterInvalid(f"{record.adapter_id}: stored config no longer matches the record",
+                             code="config_mismatch", file=CONFIG_FILE)
+    return adapter
+
+
+def open_source(src: Path) -> BinaryIO:
+    """An onboarding source file opened for reading, not following symlinks; AdapterInvalid
+    ("not_regular_file") for anything but a regular file (a FIFO swapped in after validation)."""
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    fin = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+        fin.close()
+        raise AdapterInvalid("is not a regular file", code="not_regular_file", file=src.name)
+    return fin
+
+
 def _copy_file(src: Path, dst: Path) -> str:
     """Stream-copy src (not following symlinks) to a new file dst, fsync it, return the sha256 of the bytes."""
     h = hashlib.sha256()
-    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-            raise AdapterInvalid("is not a regular file", code="not_regular_file", file=src.name)
+    with open_source(src) as fin:
         with open(dst, "xb") as fout:
-            while chunk := fin.read(_CHUNK):
+            while chunk := fin.read(CHUNK):
                 h.update(chunk)
                 fout.write(chunk)
             fout.flush()
