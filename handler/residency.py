@@ -11,23 +11,48 @@ Idle adapters (unused for `idle_ttl_s`) are evicted at the start of each batch
 and on describe; there is no timer thread because only the worker thread may
 touch the engine.
 
+Beneath the slots, a host-memory tier (`host_tier.HostTier`) keeps the verified
+bytes of recently loaded adapters, so a load is: device slots (hit) → host tier
+(no store read, no hash: the bytes were checked when they entered) → the store
+(`read`, then a copy goes into the tier).
+
+Pinned tenants (`tenantctl pin`, the registry's pinned set, the first
+`max_pinned` of it) have their current adapter kept in both tiers: LRU and idle
+eviction skip it, and `sync` loads it back whenever it is not resident. The
+one exception: a wave that needs every slot for its own adapters evicts a
+pinned one (it stays in the host tier and `sync` reloads it before the next
+batch); a worker therefore keeps at most `max_resident − 1` pinned in its slots,
+so there is always a slot for other tenants. Registry events (pin/unpin,
+new versions, removals) reach the residency through `RegistryChanges` and are
+applied by `sync` at the start of each batch and on describe.
+
+Requests served per tenant are counted here and added to the registry's use
+counts (`record_uses`) at most every `uses_flush_s`, in one round trip; the
+`prefetch_top_n` most used are loaded at worker start (`prefetch`).
+
 Concurrency: every method is called from the TorchServe worker's request
-thread only (TorchServe calls `handle` sequentially).
+thread only (TorchServe calls `handle` sequentially), except
+`RegistryChanges.on_event`, called from the registry subscriber thread.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from loraplex_common.adapter_format import AdapterBytes
+from tenant_registry.ids import adapter_id as make_adapter_id
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
 from .errors import AdapterLoadFailed
+from .host_tier import HostTier
+
+USES_FLUSH_S = 5.0  # how often a worker adds its per-tenant request counts to the registry
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +64,9 @@ class ResidentAdapter:
     version: int
     loaded_at: float
     last_used: float
-    load_ms: float
+    load_ms: float  # the whole load: the read (store) or the held bytes (host tier), then the engine's copy
     nbytes: int
+    source: str = "store"  # where the load took the bytes from: "host" (the host tier) or "store"
     hits: int = 0  # requests served with it since it was loaded, the loading request included
 
 
@@ -52,7 +78,51 @@ class ResidencyCounters:
     quarantine_hits: int = 0
     evictions_lru: int = 0
     evictions_idle: int = 0
-    evictions_stale: int = 0
+    evictions_stale: int = 0  # a newer version, a rollback or the tenant's removal replaced it
+    evictions_pinned: int = 0  # a pinned adapter evicted because one wave needed every slot (reloaded by `sync`)
+
+
+@dataclass(frozen=True)
+class LastAcquire:
+    """How the latest request's adapter was found: already in a slot, or loaded from where."""
+
+    adapter: str
+    source: str  # "device", "host" or "store"
+    load_ms: float
+
+
+class RegistryChanges:
+    """Registry events the residency acts on, handed from the subscriber thread (`on_event`) to
+    the worker thread (`take`, from `AdapterResidency.sync`). A lock guards the two fields."""
+
+    _PIN_KINDS = ("pin", "unpin", "resync", "import", "onboard", "rollback", "remove", "enable", "disable")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pins_dirty = True  # the pinned set is fetched on the first sync
+        self._versions: dict[str, str | None] = {}  # tenant -> the adapter id it serves now (None: removed)
+
+    def on_event(self, event: dict) -> None:
+        kind, tenant, version = event.get("kind"), event.get("tenant"), event.get("version")
+        with self._lock:
+            if kind in self._PIN_KINDS:
+                self._pins_dirty = True  # a pinned tenant's current adapter may have changed too
+            if not isinstance(tenant, str):
+                return
+            if kind == "remove":
+                self._versions[tenant] = None
+            elif kind in ("onboard", "rollback", "import") and isinstance(version, int):
+                self._versions[tenant] = make_adapter_id(tenant, version)
+
+    def mark_pins_dirty(self) -> None:
+        with self._lock:
+            self._pins_dirty = True
+
+    def take(self) -> tuple[bool, dict[str, str | None]]:
+        with self._lock:
+            out = self._pins_dirty, self._versions
+            self._pins_dirty, self._versions = False, {}
+        return out
 
 
 @dataclass
@@ -76,9 +146,15 @@ class BatchLease:
 
 
 class AdapterResidency:
+    """`host_tier`: the tier beneath the slots (None or budget 0: none). `fetch_pinned`: the pinned
+    tenants' current records, first pinned first (the registry; may raise). `record_uses`: adds
+    {tenant: requests} to the registry's use counts (may raise)."""
+
     def __init__(self, engine: Engine, *, read: Callable[[TenantRecord], AdapterBytes], max_resident: int,
-                 idle_ttl_s: float, negative_cache_s: float, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 idle_ttl_s: float, negative_cache_s: float, host_tier: HostTier | None = None,
+                 fetch_pinned: Callable[[], Sequence[TenantRecord]] | None = None, max_pinned: int = 0,
+                 record_uses: Callable[[dict[str, int]], None] | None = None, uses_flush_s: float = USES_FLUSH_S,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if max_resident < 1:
             raise ValueError("max_resident_adapters must be at least 1")
         self._engine = engine
@@ -86,10 +162,20 @@ class AdapterResidency:
         self.max_resident = max_resident
         self.idle_ttl_s = idle_ttl_s
         self.negative_cache_s = negative_cache_s
+        self.host_tier = host_tier if host_tier is not None else HostTier(0, pin=False)
+        self._fetch_pinned = fetch_pinned
+        self.max_pinned = max(0, max_pinned)
+        self._record_uses = record_uses
+        self.uses_flush_s = uses_flush_s
         self._clock = clock
         self._wall = wall_clock
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self._quarantine: dict[str, _Quarantine] = {}
+        self._pinned: dict[str, TenantRecord] = {}  # adapter id -> record: kept in both tiers
+        self._uses: Counter[str] = Counter()  # requests per tenant not yet added to the registry
+        self._uses_flushed_at = clock()
+        self.changes = RegistryChanges()
+        self.last_acquire: LastAcquire | None = None
         self.counters = ResidencyCounters()
 
     @contextlib.contextmanager
@@ -104,20 +190,87 @@ class AdapterResidency:
     def resident_ids(self) -> set[str]:
         return set(self._resident)
 
+    def pinned_ids(self) -> set[str]:
+        return set(self._pinned)
+
     def evict_idle(self) -> list[str]:
-        """Drop adapters unused for longer than idle_ttl_s (never a pinned one: none are pinned between batches)."""
+        """Apply registry changes (`sync`), then drop adapters unused for longer than idle_ttl_s
+        (never a pinned tenant's; no batch holds a lease between batches)."""
+        self.sync()
         if self.idle_ttl_s <= 0:
             return []
         now = self._clock()
-        idle = [a.adapter_id for a in self._resident.values() if now - a.last_used > self.idle_ttl_s]
+        idle = [a.adapter_id for a in self._resident.values()
+                if now - a.last_used > self.idle_ttl_s and a.adapter_id not in self._pinned]
         for name in idle:
             self._evict(name)
             self.counters.evictions_idle += 1
         return idle
 
+    def sync(self) -> None:
+        """Between batches (worker thread): apply the registry's changes (a tenant's other versions
+        leave both tiers; a removed tenant's adapters leave both), refresh the pinned set when it
+        may have changed, load pinned adapters that are not resident, add the use counts."""
+        pins_dirty, versions = self.changes.take()
+        for tenant, current in versions.items():
+            self.host_tier.drop_tenant(tenant, keep=current)
+            for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant and a.adapter_id != current]:
+                self._evict(name)
+                self.counters.evictions_stale += 1
+        if pins_dirty and self._fetch_pinned is not None:
+            try:
+                records = list(self._fetch_pinned())
+            except Exception as exc:  # Redis away: keep the pins we know, try again next time
+                self.changes.mark_pins_dirty()
+                log.warning("could not read the pinned tenants (%s: %s); keeping %s",
+                            type(exc).__name__, exc, sorted(self._pinned) or "none")
+            else:
+                self._set_pins(records)
+        self._restore_pins()
+        self.flush_uses()
+
+    def flush_uses(self, force: bool = False) -> None:
+        """Add the requests counted since the last flush to the registry (at most every uses_flush_s)."""
+        now = self._clock()
+        if not self._uses or self._record_uses is None or (not force and now - self._uses_flushed_at < self.uses_flush_s):
+            return
+        self._uses_flushed_at = now
+        try:
+            self._record_uses(dict(self._uses))
+        except Exception as exc:  # kept and added next time: one entry per tenant at most
+            log.warning("could not add use counts to the registry: %s: %s", type(exc).__name__, exc)
+            return
+        self._uses.clear()
+
+    def prefetch(self, records: Iterable[TenantRecord]) -> list[str]:
+        """At worker start: load these adapters into the free slots (never evicting one), then
+        the rest into the host tier only. Failures are logged and quarantined like any load;
+        returns the adapter ids now held in a slot or the tier."""
+        done: list[str] = []
+        for record in dict((r.adapter_id, r) for r in records).values():
+            name = record.adapter_id
+            if name in self._resident or name in self.host_tier:
+                done.append(name)
+                continue
+            if not record.enabled or self._quarantined(name, self._clock()):
+                continue
+            try:
+                if len(self._resident) < self.max_resident:
+                    self._resident[name] = self._load(record, self._clock())
+                elif self.host_tier.enabled:
+                    self._read_into_tier(record)
+                else:
+                    continue
+            except AdapterLoadFailed:
+                continue  # logged and quarantined by _load / _read_into_tier
+            done.append(name)
+        log.info("prefetched %d adapter(s): %s", len(done), ", ".join(done) or "none")
+        return done
+
     def snapshot(self) -> dict:
         """Describe-API view; `last_used`/`loaded_at` are wall-clock epoch seconds."""
         now_mono, now_wall = self._clock(), self._wall()
+        last = self.last_acquire
         return {
             "max_resident": self.max_resident,
             "idle_ttl_s": self.idle_ttl_s,
@@ -125,12 +278,17 @@ class AdapterResidency:
                 {"adapter": a.adapter_id, "tenant": a.tenant, "version": a.version,
                  "loaded_at": round(now_wall - (now_mono - a.loaded_at), 3),
                  "last_used": round(now_wall - (now_mono - a.last_used), 3),
-                 "hits": a.hits, "load_ms": round(a.load_ms, 3), "bytes": a.nbytes}
+                 "hits": a.hits, "load_ms": round(a.load_ms, 3), "source": a.source, "bytes": a.nbytes,
+                 "pinned": a.adapter_id in self._pinned}
                 for a in reversed(self._resident.values())  # most recently used first
             ],
+            "pinned": list(self._pinned),
+            "host_tier": self.host_tier.snapshot(),
+            "last_acquire": None if last is None else {"adapter": last.adapter, "source": last.source,
+                                                       "load_ms": round(last.load_ms, 3)},
             "quarantined": {k: {"reason": q.reason, "seconds_left": round(q.until - now_mono, 1)}
                             for k, q in self._quarantine.items() if q.until > now_mono},
-            "counters": vars(self.counters).copy(),
+            "counters": {**vars(self.counters), **vars(self.host_tier.counters)},
         }
 
     # -- internals (worker thread) -------------------------------------------------
@@ -138,19 +296,19 @@ class AdapterResidency:
     def _ensure(self, record: TenantRecord, pinned: set[str]) -> str:
         name = record.adapter_id
         now = self._clock()
+        self._uses[record.tenant_id] += 1
         hit = self._resident.get(name)
         if hit is not None:
             self._resident.move_to_end(name)
             hit.last_used = now
             hit.hits += 1
             self.counters.hits += 1
+            self.last_acquire = LastAcquire(name, "device", 0.0)
             return name
-        quarantined = self._quarantine.get(name)
+        quarantined = self._quarantined(name, now)
         if quarantined is not None:
-            if quarantined.until > now:
-                self.counters.quarantine_hits += 1
-                raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
-            del self._quarantine[name]
+            self.counters.quarantine_hits += 1
+            raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
         self._drop_stale_versions(record, pinned)
         if len(pinned) >= self.max_resident:
             # The service's wave planning never pins more adapters than fit; a caller that did
@@ -161,42 +319,118 @@ class AdapterResidency:
         loaded.hits = 1  # the request that loaded it is its first use
         self.counters.hits += 1
         self._resident[name] = loaded
-        while len(self._resident) > self.max_resident:
-            victim = self._evictable(pinned | {name})
-            if victim is None:  # unreachable: fewer than max_resident are pinned (checked above)
-                break
-            self._evict(victim)
-            self.counters.evictions_lru += 1
+        self.last_acquire = LastAcquire(name, loaded.source, loaded.load_ms)
+        self._evict_over_capacity(pinned | {name})
         return name
 
+    def _evict_over_capacity(self, keep: set[str]) -> None:
+        while len(self._resident) > self.max_resident:
+            victim = self._evictable(keep)
+            if victim is None:  # unreachable: fewer than max_resident are held by the batch (checked by _ensure)
+                break
+            self._evict(victim)
+            if victim in self._pinned:
+                self.counters.evictions_pinned += 1
+                log.info("pinned adapter %s evicted: one wave needed every slot (it stays in the host tier)", victim)
+            else:
+                self.counters.evictions_lru += 1
+
+    def _quarantined(self, name: str, now: float) -> _Quarantine | None:
+        quarantined = self._quarantine.get(name)
+        if quarantined is not None and quarantined.until <= now:
+            del self._quarantine[name]
+            return None
+        return quarantined
+
     def _load(self, record: TenantRecord, now: float) -> ResidentAdapter:
+        """Into a free slot: the host tier's bytes when it holds them, else the store's (a copy
+        then enters the tier). Any failure quarantines the adapter."""
         name = record.adapter_id
+        t0 = time.perf_counter()
+        held = self.host_tier.get(name)
         try:
-            info = self._engine.load_adapter(self._read(record), name)
+            adapter = held if held is not None else self._read(record)
+            info = self._engine.load_adapter(adapter, name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
-            reason = f"{type(exc).__name__}: {exc}"
-            self._quarantine[name] = _Quarantine(reason, now + self.negative_cache_s)
-            self.counters.load_failures += 1
-            log.warning("adapter %s failed to load, quarantined for %ss: %s", name, self.negative_cache_s, reason)
-            raise AdapterLoadFailed(name, reason) from exc
+            raise self._quarantine_failure(name, now, exc) from exc
+        if held is None:
+            self._hold(record, adapter)  # after the engine accepted them: only loadable bytes enter the tier
+        ms = (time.perf_counter() - t0) * 1000.0
+        source = "host" if held is not None else "store"
         self.counters.loads += 1
-        log.info("adapter %s loaded in %.1f ms (%d bytes)", name, info.load_ms, info.nbytes)
-        return ResidentAdapter(name, record.tenant_id, record.version, now, now, info.load_ms, info.nbytes)
+        log.info("adapter %s loaded from the %s in %.1f ms (%d bytes)", name, source, ms, info.nbytes)
+        return ResidentAdapter(name, record.tenant_id, record.version, now, now, ms, info.nbytes, source)
+
+    def _read_into_tier(self, record: TenantRecord) -> None:
+        """The store's verified bytes into the host tier only (prefetch beyond the free slots)."""
+        try:
+            adapter = self._read(record)
+        except Exception as exc:
+            raise self._quarantine_failure(record.adapter_id, self._clock(), exc) from exc
+        self._hold(record, adapter)
+
+    def _hold(self, record: TenantRecord, adapter: AdapterBytes) -> None:
+        try:
+            self.host_tier.put(record.tenant_id, record.adapter_id, adapter)
+        except Exception:  # e.g. no pinned memory left: the adapter is served, only not kept
+            log.exception("host tier could not hold %s", record.adapter_id)
+
+    def _quarantine_failure(self, name: str, now: float, exc: Exception) -> AdapterLoadFailed:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._quarantine[name] = _Quarantine(reason, now + self.negative_cache_s)
+        self.counters.load_failures += 1
+        log.warning("adapter %s failed to load, quarantined for %ss: %s", name, self.negative_cache_s, reason)
+        return AdapterLoadFailed(name, reason)
+
+    def _set_pins(self, records: Sequence[TenantRecord]) -> None:
+        """The first `max_pinned` enabled pinned tenants' current adapters are kept (the registry
+        refuses more pins; a worker keeps no more whatever it finds there)."""
+        kept = [r for r in records if r.enabled][:self.max_pinned]
+        if len(kept) < len([r for r in records if r.enabled]):
+            log.warning("registry has more pinned tenants than max_pinned_adapters=%d; keeping %s",
+                        self.max_pinned, [r.tenant_id for r in kept])
+        self._pinned = {r.adapter_id: r for r in kept}
+        self.host_tier.protect(set(self._pinned))
+
+    def _restore_pins(self) -> None:
+        """Pinned adapters that are not resident are loaded (between batches, never evicting
+        another pinned one); at most max_resident − 1 are kept in the slots."""
+        now = self._clock()
+        in_slots = [n for n in self._pinned if n in self._resident]
+        for name, record in self._pinned.items():
+            if name in self._resident:
+                continue
+            if len(in_slots) >= self.max_resident - 1:
+                break
+            if self._quarantined(name, now) is not None:
+                continue
+            self._drop_stale_versions(record, set())
+            try:
+                self._resident[name] = self._load(record, now)
+            except AdapterLoadFailed:
+                continue
+            in_slots.append(name)
+            self._evict_over_capacity({name})
 
     def _drop_stale_versions(self, record: TenantRecord, pinned: set[str]) -> None:
-        """A newer (or rolled-back) version replaces the tenant's resident one."""
+        """A newer (or rolled-back) version replaces the tenant's resident one (not a pinned tenant's current one)."""
         stale = [a.adapter_id for a in self._resident.values()
                  if a.tenant == record.tenant_id and a.adapter_id != record.adapter_id
-                 and a.adapter_id not in pinned]
+                 and a.adapter_id not in pinned and a.adapter_id not in self._pinned]
         for name in stale:
             self._evict(name)
             self.counters.evictions_stale += 1
 
-    def _evictable(self, pinned: set[str]) -> str | None:
+    def _evictable(self, keep: set[str]) -> str | None:
+        """The least recently used adapter not held by the batch, a pinned tenant's last."""
+        fallback = None
         for name in self._resident:  # oldest first
-            if name not in pinned:
+            if name in keep:
+                continue
+            if name not in self._pinned:
                 return name
-        return None
+            fallback = fallback or name
+        return fallback
 
     def _evict(self, name: str) -> None:
         self._resident.pop(name, None)

@@ -45,6 +45,7 @@ from .model_loading import eos_token_ids, load_base_model
 from .prompts import encode_messages
 from .openai_api import models_body
 from .request import BASE, InferenceRequest
+from .host_tier import HostTier
 from .residency import AdapterResidency
 from .routes import Exchange, JsonExchange, route_for
 from .tenants import TenantResolver
@@ -93,10 +94,14 @@ class LoraplexService:
         self.store = store
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
                                        stale_s=config.registry_stale_s)
+        on_cuda = str(engine.get_model_status().get("device", "cpu")).startswith("cuda")
         self.residency = AdapterResidency(
             engine, read=store.read,
             max_resident=config.resident_adapters, idle_ttl_s=config.idle_ttl_s,
-            negative_cache_s=config.negative_cache_s)
+            negative_cache_s=config.negative_cache_s,
+            host_tier=HostTier(config.host_tier_mb << 20, pin=on_cuda),
+            fetch_pinned=lambda: registry.current_records(registry.pinned()),
+            max_pinned=config.max_pinned_adapters, record_uses=registry.add_uses)
         self.fallbacks: dict[str, int] = {}
         self.requests = 0
         self.batches = 0  # engine calls; fewer than requests when TorchServe batches
@@ -120,11 +125,41 @@ class LoraplexService:
         store = open_store(config.adapter_store, config.adapter_store_endpoint)
         service = cls(config, tokenizer, engine, registry, store)
         service.start()
+        service.prefetch()
         return service
 
     def start(self) -> None:
         """Follow registry change events on a daemon thread (reconnects by itself)."""
-        self._subscriber = self.registry.subscribe(self.resolver.on_event, self._stop)
+        self._subscriber = self.registry.subscribe(self._on_registry_event, self._stop)
+
+    def _on_registry_event(self, event: dict) -> None:
+        """Subscriber thread: the tenant cache and the residency's inbox (applied on the worker thread)."""
+        self.residency.changes.on_event(event)  # first: `resolver.events_seen` then counts it as seen by both
+        self.resolver.on_event(event)
+
+    def prefetch(self) -> list[str]:
+        """Before the first request: the pinned tenants' adapters, then `prefetch_tenants`' and the
+        `prefetch_top_n` most used tenants' current adapters, into the free slots and the host tier.
+        Never fatal: an unknown or disabled tenant is skipped, a failed load is quarantined, an
+        unreachable registry is logged (the worker starts and serves as usual)."""
+        self.residency.sync()  # the pinned set, loaded
+        try:
+            top = self.registry.most_used(self.config.prefetch_top_n)
+        except Exception as exc:
+            log.warning("prefetch: could not read the most used tenants: %s: %s", type(exc).__name__, exc)
+            top = []
+        records = []
+        for tenant in dict.fromkeys([*self.config.prefetch_tenants, *top]):
+            try:
+                record = self.resolver.resolve(tenant)
+            except Exception as exc:
+                log.warning("prefetch: tenant %r skipped: %s: %s", tenant, type(exc).__name__, exc)
+                continue
+            if record is None:
+                log.warning("prefetch: tenant %r is not registered; skipped", tenant)
+            elif record.enabled:
+                records.append(record)
+        return [*self.residency.pinned_ids(), *self.residency.prefetch(records)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -316,6 +351,9 @@ class LoraplexService:
             "max_resident": snap["max_resident"],
             "idle_ttl_s": snap["idle_ttl_s"],
             "quarantined": snap["quarantined"],
+            "pinned": snap["pinned"],
+            "host_tier": snap["host_tier"],
+            "last_acquire": snap["last_acquire"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
             "decode": {"mode": status.get("decode", "generate"), **(status.get("decoder") or {})},
             "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests, "engine_calls": self.batches,

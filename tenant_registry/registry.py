@@ -8,8 +8,13 @@ Redis layout (P = prefix, t = tenant id; ids are validated, so keys cannot colli
                               number (and adapter id "t@vN") is never reused for different weights
   P:key:<t>           string  KeyDigest JSON of the tenant's key (salted HMAC-SHA256; the key itself
                               is never stored); absent until a key is issued; deleted by `remove`
+  P:pinned            zset    tenants kept resident on every worker (`tenantctl pin`), score = when
+                              pinned (workers keep the first `max_pinned_adapters`); not a record
+                              field, so pinning never rewrites a record or its history
+  P:usage             zset    tenant -> requests served with its adapter (workers add their counts;
+                              `prefetch_top_n` loads the most used at worker start)
   P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k},
-                              k in onboard|disable|enable|remove|rollback|key|import
+                              k in onboard|disable|enable|remove|rollback|key|import|pin|unpin
                               ("key": the tenant's key digest was set or replaced; "import": the
                               tenant was written by `backup.import_registry`)
 
@@ -56,7 +61,7 @@ SUBSCRIBER_POLL_S = 0.5          # how often the subscriber thread checks its st
 SUBSCRIBER_HEALTH_CHECK_S = 5    # PING on an idle subscription so a dead connection is noticed
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
-EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback", "key", "import")
+EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback", "key", "import", "pin", "unpin")
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -112,6 +117,10 @@ def _redis_errors(what: str) -> Iterator[None]:
         raise RegistryUnavailable(f"Redis unavailable during {what}: {type(e).__name__}: {e}") from e
 
 
+class PinLimitReached(RegistryError):
+    """`pin` would pin more tenants than `max_pinned_adapters`."""
+
+
 class TenantRegistry:
     """Tenant records under `prefix` in the Redis at `redis_url`."""
 
@@ -150,6 +159,14 @@ class TenantRegistry:
     @property
     def _k_tenants(self) -> str:
         return f"{self.prefix}:tenants"
+
+    @property
+    def _k_pinned(self) -> str:
+        return f"{self.prefix}:pinned"
+
+    @property
+    def _k_usage(self) -> str:
+        return f"{self.prefix}:usage"
 
     def _event(self, tenant: str, version: int | None, kind: str) -> str:
         return json.dumps({"tenant": tenant, "version": version, "kind": kind})
@@ -327,10 +344,83 @@ class TenantRegistry:
             pipe.multi()
             pipe.delete(self._k_current(t), self._k_history(t), self._k_key(t))
             pipe.srem(self._k_tenants, t)
+            pipe.zrem(self._k_pinned, t)
+            pipe.zrem(self._k_usage, t)
             pipe.publish(self.channel, self._event(t, version, "remove"))
             return sorted((TenantRecord.from_json(v) for v in hist), key=lambda r: r.version)
 
         return self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_key(t))
+
+    # ------------------------------------------------------------------ pinning and use counts
+    def pin(self, tenant: str, max_pinned: int) -> bool:
+        """Keep the tenant's current adapter resident on every worker; publish "pin". True if it was
+        not pinned yet. Refuses (PinLimitReached) when `max_pinned` tenants are pinned already (the
+        workers' `max_pinned_adapters`: a worker keeps no more), TenantNotFound without a record."""
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            cur = pipe.get(self._k_current(t))
+            if cur is None:
+                raise TenantNotFound(t)
+            if pipe.zscore(self._k_pinned, t) is not None:
+                return False
+            pinned = [x.decode() for x in pipe.zrange(self._k_pinned, 0, -1)]
+            if len(pinned) >= max_pinned:
+                raise PinLimitReached(f"cannot pin {t!r}: {len(pinned)} tenant(s) are pinned already "
+                                      f"({', '.join(pinned) or 'none'}) and max_pinned_adapters is {max_pinned}; "
+                                      "unpin one first (tenantctl unpin TENANT) or raise max_pinned_adapters")
+            pipe.multi()
+            pipe.zadd(self._k_pinned, {t: time.time()})
+            pipe.publish(self.channel, self._event(t, TenantRecord.from_json(cur).version, "pin"))
+            return True
+
+        return self._transact("pin", tx, self._k_current(t), self._k_pinned)
+
+    def unpin(self, tenant: str) -> bool:
+        """Let the tenant's adapter be evicted again; publish "unpin". True if it was pinned."""
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            if pipe.zscore(self._k_pinned, t) is None:
+                return False
+            pipe.multi()
+            pipe.zrem(self._k_pinned, t)
+            pipe.publish(self.channel, self._event(t, None, "unpin"))
+            return True
+
+        return self._transact("unpin", tx, self._k_pinned)
+
+    def pinned(self) -> list[str]:
+        """Pinned tenant ids, first pinned first."""
+        with _redis_errors("pinned"):
+            return [x.decode() for x in self._r.zrange(self._k_pinned, 0, -1)]
+
+    def current_records(self, tenants: Iterable[str]) -> list[TenantRecord]:
+        """The current records of these tenants in one round trip, in their order; tenants without
+        a record are left out."""
+        ids = [validate_tenant_id(t) for t in tenants]
+        if not ids:
+            return []
+        with _redis_errors("current_records"):
+            raws = self._r.mget([self._k_current(t) for t in ids])
+        return [TenantRecord.from_json(raw) for raw in raws if raw is not None]
+
+    def add_uses(self, counts: dict[str, int]) -> None:
+        """Add requests served per tenant to the use counts (one pipelined round trip; workers)."""
+        if not counts:
+            return
+        with _redis_errors("add_uses"):
+            pipe = self._r.pipeline(transaction=False)
+            for t, n in counts.items():
+                pipe.zincrby(self._k_usage, int(n), validate_tenant_id(t))
+            pipe.execute()
+
+    def most_used(self, n: int) -> list[str]:
+        """The `n` tenants with the highest use counts, most used first."""
+        if n <= 0:
+            return []
+        with _redis_errors("most_used"):
+            return [x.decode() for x in self._r.zrevrange(self._k_usage, 0, n - 1)]
 
     # ------------------------------------------------------------------ backup / restore (control plane)
     def snapshot(self, tenant: str) -> TenantSnapshot | None:

@@ -1,0 +1,142 @@
+"""The host-memory adapter tier: verified adapter bytes kept in host memory beneath the device slots.
+
+Why: an adapter evicted from the engine's slots comes back often (Zipf-popular tenants on a
+worker with few slots). Reading it again from the store means a file (or object-store) read and a
+sha256 over every byte; from here it is one copy into the engine's staging and the engine's
+host-to-device copy. The bytes entered the tier only after the store checked their sha256 and the
+engine accepted them, and an adapter id (`<tenant>@v<N>`) names immutable weights, so a held copy
+is never stale: only the registry's removal (and a tenant moving to another version, like the
+device slots do) drops entries (`drop_tenant`).
+
+An LRU by bytes: `budget_bytes` (`host_tier_mb`; 0 = off, nothing is held) bounds the held
+weights; the least recently used unprotected entries are dropped to make room. Protected entries
+(`protect`: the current adapters of pinned tenants) are never dropped; an adapter that does not
+fit beside them is not held (it is served from the store as before).
+
+The copy is taken here because the store's read returns weights in a buffer its next read
+reuses (`ReadBuffer`). On a CUDA worker the copy lives in pinned (page-locked) host memory
+(`_host_bytes`, the one place it is allocated), so the engine's copy into its pinned staging
+buffer and the transfer to the device never touch pageable memory; on a CPU, plain memory.
+
+Concurrency: owned by the worker's request thread (the residency calls it); no locks.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from loraplex_common.adapter_format import AdapterBytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostTierCounters:
+    host_hits: int = 0  # loads served from the tier (no store read)
+    host_misses: int = 0  # loads the tier could not serve (read from the store)
+    host_evictions: int = 0  # entries dropped to make room (LRU by bytes)
+    host_bytes: int = 0  # weights bytes held now
+
+
+@dataclass
+class _Held:
+    tenant: str
+    adapter: AdapterBytes
+    buffer: torch.Tensor  # owns the memory `adapter.weights` views
+    nbytes: int
+
+
+def _host_bytes(nbytes: int, pin: bool) -> torch.Tensor:
+    """The tier's one allocation: `nbytes` of host memory, page-locked when `pin` (a CUDA worker)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+class HostTier:
+    def __init__(self, budget_bytes: int, *, pin: bool) -> None:
+        if budget_bytes < 0:
+            raise ValueError("host_tier_mb must be >= 0")
+        self.budget_bytes = int(budget_bytes)
+        self.pin = pin
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # least recently used first
+        self._protected: set[str] = set()
+        self.counters = HostTierCounters()
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._held
+
+    def get(self, adapter_id: str) -> AdapterBytes | None:
+        """The held bytes of `adapter_id` (now the most recently used), or None (counted as a miss)."""
+        if not self.enabled:
+            return None
+        held = self._held.get(adapter_id)
+        if held is None:
+            self.counters.host_misses += 1
+            return None
+        self._held.move_to_end(adapter_id)
+        self.counters.host_hits += 1
+        return held.adapter
+
+    def put(self, tenant: str, adapter_id: str, adapter: AdapterBytes) -> bool:
+        """Hold a copy of `adapter` (verified bytes: the store checked their sha256). Makes room by
+        dropping least recently used unprotected entries; True if it is held afterwards."""
+        if not self.enabled:
+            return False
+        if adapter_id in self._held:
+            self._held.move_to_end(adapter_id)
+            return True
+        n = len(adapter.weights)
+        if not self._make_room(n):
+            log.info("host tier: %s (%d bytes) does not fit in %d bytes beside the protected adapters; not held",
+                     adapter_id, n, self.budget_bytes)
+            return False
+        buf = _host_bytes(n, self.pin)
+        view = memoryview(buf.numpy())
+        view[:] = memoryview(adapter.weights).cast("B")
+        held = AdapterBytes.of(bytes(adapter.config), view.toreadonly(), adapter.name)
+        self._held[adapter_id] = _Held(tenant, held, buf, n)
+        self.counters.host_bytes += n
+        return True
+
+    def protect(self, adapter_ids: set[str]) -> None:
+        """These entries are never dropped to make room (the pinned tenants' current adapters)."""
+        self._protected = set(adapter_ids)
+
+    def drop_tenant(self, tenant: str, keep: str | None = None) -> list[str]:
+        """Forget the tenant's entries (all, or all but `keep`): it was removed, or serves another
+        version now. Returns the dropped ids."""
+        gone = [a for a, h in self._held.items() if h.tenant == tenant and a != keep]
+        for adapter_id in gone:
+            self._drop(adapter_id)
+        return gone
+
+    def snapshot(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "pinned_memory": self.pin,
+                "adapters": [{"adapter": a, "bytes": h.nbytes, "protected": a in self._protected}
+                             for a, h in reversed(self._held.items())]}  # most recently used first
+
+    # -- internals -----------------------------------------------------------------
+
+    def _make_room(self, n: int) -> bool:
+        if n > self.budget_bytes:
+            return False
+        protected = sum(h.nbytes for a, h in self._held.items() if a in self._protected)
+        if protected + n > self.budget_bytes:
+            return False
+        for adapter_id in list(self._held):  # oldest first
+            if self.counters.host_bytes + n <= self.budget_bytes:
+                break
+            if adapter_id not in self._protected:
+                self._drop(adapter_id)
+                self.counters.host_evictions += 1
+        return self.counters.host_bytes + n <= self.budget_bytes
+
+    def _drop(self, adapter_id: str) -> None:
+        held = self._held.pop(adapter_id)
+        self.counters.host_bytes -= held.nbytes

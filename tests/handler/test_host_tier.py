@@ -1,0 +1,231 @@
+"""The host-memory tier beneath the device slots, pinning and prefetch at worker start, through the
+worker's request path (LoraplexService over the tiny Llama, a real redis-server, the real store).
+PEFT is the oracle for every text; store reads are counted through a wrapper of the residency's read."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from handler.host_tier import HostTier
+from handler.service import LoraplexService
+from loraplex_common.adapter_format import WEIGHTS_FILE, AdapterBytes
+from tenant_registry.registry import PinLimitReached
+
+
+def _count_reads(svc: LoraplexService) -> list[str]:
+    """Every store read the residency makes from now on, by adapter id."""
+    reads: list[str] = []
+    inner = svc.residency._read
+
+    def read(record):
+        reads.append(record.adapter_id)
+        return inner(record)
+
+    svc.residency._read = read
+    return reads
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _seen(svc: LoraplexService, action):
+    """Run a registry change and wait until the worker's subscriber has handed its event on."""
+    n = svc.resolver.events_seen
+    out = action()
+    _wait_for(lambda: svc.resolver.events_seen > n, "the registry event")
+    return out
+
+
+def _weights(adapter_dir) -> bytes:
+    return (adapter_dir / WEIGHTS_FILE).read_bytes()
+
+
+# -- the tier alone ------------------------------------------------------------------
+
+def test_tier_is_an_lru_by_bytes_that_copies_and_protects():
+    tier = HostTier(250, pin=False)
+    buf = bytearray(b"x" * 100)
+    assert tier.put("a", "a@v1", AdapterBytes.of(b"{}", memoryview(buf), "a@v1"))
+    buf[:] = b"y" * 100  # the store's buffer is reused by its next read: the tier must hold a copy
+    assert bytes(tier.get("a@v1").weights) == b"x" * 100
+    assert tier.put("b", "b@v1", AdapterBytes.of(b"{}", b"b" * 100))
+    tier.get("a@v1")  # a is now the most recently used
+    assert tier.put("c", "c@v1", AdapterBytes.of(b"{}", b"c" * 100))  # 300 > 250: the LRU (b) goes
+    assert "b@v1" not in tier and "a@v1" in tier and "c@v1" in tier
+    assert tier.counters.host_evictions == 1 and tier.counters.host_bytes == 200
+    tier.protect({"a@v1", "c@v1"})
+    assert not tier.put("d", "d@v1", AdapterBytes.of(b"{}", b"d" * 100))  # only protected ones could go
+    assert "a@v1" in tier and "c@v1" in tier and "d@v1" not in tier
+    assert not tier.put("e", "e@v1", AdapterBytes.of(b"{}", b"e" * 251))  # bigger than the budget
+    assert tier.get("d@v1") is None and tier.counters.host_misses == 1 and tier.counters.host_hits == 2
+    assert tier.drop_tenant("a") == ["a@v1"] and tier.counters.host_bytes == 100
+    off = HostTier(0, pin=False)
+    assert not off.put("a", "a@v1", AdapterBytes.of(b"{}", b"x")) and off.get("a@v1") is None
+    assert off.counters.host_misses == 0
+
+
+# -- through the service -----------------------------------------------------------------
+
+def test_evicted_adapter_reloads_from_the_host_tier_without_a_store_read(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=3)  # one resident adapter: every switch evicts
+    for name in ("a", "b"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    expected = {n: tools.expected(svc, tiny_adapters[n]) for n in ("a", "b")}
+    reads = _count_reads(svc)
+    for name in ("a", "b", "a", "b", "a"):
+        reply = tools.ask(svc, f"t-{name}")
+        assert reply.status == 200 and reply.body["text"] == expected[name]
+    assert reads == ["t-a@v1", "t-b@v1"]  # the three reloads came from the tier
+    state = svc.describe()
+    c = state["counters"]
+    assert c["host_hits"] == 3 and c["host_misses"] == 2 and c["evictions_lru"] == 4 and c["loads"] == 5
+    assert state["resident"][0]["adapter"] == "t-a@v1" and state["resident"][0]["source"] == "host"
+    assert state["last_acquire"]["adapter"] == "t-a@v1" and state["last_acquire"]["source"] == "host"
+    assert {a["adapter"] for a in state["host_tier"]["adapters"]} == {"t-a@v1", "t-b@v1"}
+    assert state["host_tier"]["pinned_memory"] is False  # a CPU worker: plain memory
+    for name in ("a", "b"):  # the held bytes are the stored file's
+        held = svc.residency.host_tier.get(f"t-{name}@v1")
+        assert bytes(held.weights) == _weights(tiny_adapters[name])
+    assert c["host_bytes"] == sum(len(_weights(tiny_adapters[n])) for n in ("a", "b"))
+    again = tools.ask(svc, "t-a")
+    assert svc.describe()["last_acquire"]["source"] == "device" and again.body["text"] == expected["a"]
+
+
+def test_without_the_tier_every_reload_reads_the_store(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=3, host_tier_mb=0)
+    for name in ("a", "b"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    reads = _count_reads(svc)
+    for name in ("a", "b", "a"):
+        assert tools.ask(svc, f"t-{name}").status == 200
+    assert reads == ["t-a@v1", "t-b@v1", "t-a@v1"]
+    assert svc.describe()["counters"]["host_hits"] == 0
+
+
+def test_the_tier_budget_evicts_the_least_recently_used_by_bytes(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=3)
+    for name in ("a", "b", "c"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    size = {n: len(_weights(tiny_adapters[n])) for n in ("a", "b", "c")}
+    svc.residency.host_tier.budget_bytes = size["a"] + size["c"] + 1  # never all three; b (r=8, 2 modules) is smallest
+    assert size["b"] < size["a"] < size["c"]
+    reads = _count_reads(svc)
+    for name in ("a", "b", "c"):  # c evicts a (the LRU) from the tier: a + b + c do not fit
+        assert tools.ask(svc, f"t-{name}").status == 200
+    held = [a["adapter"] for a in svc.describe()["host_tier"]["adapters"]]
+    assert held == ["t-c@v1", "t-b@v1"] and svc.describe()["counters"]["host_evictions"] == 1
+    assert tools.ask(svc, "t-a").body["text"] == tools.expected(svc, tiny_adapters["a"])
+    assert reads == ["t-a@v1", "t-b@v1", "t-c@v1", "t-a@v1"]  # a came from the store again
+    assert svc.describe()["counters"]["host_bytes"] <= svc.residency.host_tier.budget_bytes
+
+
+def test_pinned_tenant_survives_eviction_pressure_in_both_tiers(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=4, max_pinned_adapters=1)  # two resident adapters
+    for name in ("a", "b", "c"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    size = {n: len(_weights(tiny_adapters[n])) for n in ("a", "b", "c")}
+    svc.residency.host_tier.budget_bytes = size["a"] + size["c"]  # a beside one other at most
+    assert _seen(svc, lambda: svc.registry.pin("t-a", svc.config.max_pinned_adapters))
+    state = svc.describe()  # loaded by the sync after the pin, before any request for it
+    assert [r["adapter"] for r in state["resident"] if r["pinned"]] == ["t-a@v1"]
+    reads = _count_reads(svc)
+    for name in ("b", "c", "b", "c", "b"):
+        assert tools.ask(svc, f"t-{name}").status == 200
+    state = svc.describe()
+    assert "t-a@v1" in {r["adapter"] for r in state["resident"]}
+    assert "t-a@v1" in {a["adapter"] for a in state["host_tier"]["adapters"]}
+    assert reads.count("t-a@v1") == 0 and state["counters"]["evictions_pinned"] == 0
+    assert tools.ask(svc, "t-a").body["text"] == tools.expected(svc, tiny_adapters["a"])
+    assert svc.describe()["last_acquire"]["source"] == "device"
+    # idle eviction skips it too
+    svc.residency.idle_ttl_s = 1e-6
+    time.sleep(0.01)
+    assert [r["adapter"] for r in svc.describe()["resident"]] == ["t-a@v1"]
+    # unpinned: an ordinary adapter again
+    assert _seen(svc, lambda: svc.registry.unpin("t-a"))
+    assert svc.describe()["resident"] == []
+
+
+def test_the_pin_bound_in_the_registry_and_in_each_worker(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=5, max_pinned_adapters=2)
+    for name in ("a", "b", "c"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    reg = svc.registry
+    assert reg.pin("t-a", 2) and reg.pin("t-b", 2) and not reg.pin("t-a", 2)
+    with pytest.raises(PinLimitReached, match="2 tenant.*t-a, t-b.*max_pinned_adapters is 2"):
+        reg.pin("t-c", 2)
+    assert reg.pinned() == ["t-a", "t-b"]
+    _seen(svc, lambda: reg.pin("t-c", 3))  # a tenantctl with a larger bound than this worker's
+    assert svc.describe()["pinned"] == ["t-a@v1", "t-b@v1"]  # the worker keeps its own bound, first pinned first
+    assert reg.remove("t-a") and reg.pinned() == ["t-b", "t-c"]  # removal unpins
+
+
+def test_prefetch_of_a_list_and_the_most_used_at_start(make_service, tools, tiny_adapters, tiny_model_dir, tmp_path):
+    svc = make_service(num_slots=4)  # two resident adapters
+    for name in ("a", "b", "c"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    tools.onboard(svc, "t-broken", tiny_adapters["a"])
+    weights = svc.store.path_for(svc.registry.get("t-broken")) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # altered in the store: refused, quarantined
+    svc.residency.uses_flush_s = 0
+    for name in ("c", "c", "b", "c", "b", "a"):
+        assert tools.ask(svc, f"t-{name}").status == 200
+    svc.describe()  # flushes the use counts
+    assert svc.registry.most_used(2) == ["t-c", "t-b"]
+    cfg = dataclasses.replace(svc.config, prefetch_tenants=("t-a", "nobody", "t-broken"), prefetch_top_n=2)
+    worker = LoraplexService.from_model_dir(tiny_model_dir, cfg)  # a second worker on the same registry/store
+    try:
+        state = worker.describe()
+        assert worker.requests == 0
+        assert [r["adapter"] for r in state["resident"]] == ["t-c@v1", "t-a@v1"]  # the list first, then top-N
+        assert {a["adapter"] for a in state["host_tier"]["adapters"]} == {"t-a@v1", "t-c@v1", "t-b@v1"}
+        assert "t-broken@v1" in state["quarantined"] and state["counters"]["load_failures"] == 1
+        reads = _count_reads(worker)
+        for name in ("a", "c", "b"):
+            reply = tools.ask(worker, f"t-{name}")
+            assert reply.status == 200 and reply.body["text"] == tools.expected(worker, tiny_adapters[name])
+        assert reads == []  # a and c were resident, b in the tier
+        assert worker.describe()["last_acquire"] == {"adapter": "t-b@v1", "source": "host",
+                                                     "load_ms": worker.describe()["last_acquire"]["load_ms"]}
+    finally:
+        worker.stop()
+
+
+def test_pinned_tenants_are_loaded_at_start(make_service, tools, tiny_adapters, tiny_model_dir):
+    svc = make_service(num_slots=4)
+    for name in ("a", "b"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    svc.registry.pin("t-b", 4)
+    worker = LoraplexService.from_model_dir(tiny_model_dir, svc.config)
+    try:
+        state = worker.describe()
+        assert state["pinned"] == ["t-b@v1"] and [r["adapter"] for r in state["resident"]] == ["t-b@v1"]
+    finally:
+        worker.stop()
+
+
+def test_removal_and_rollback_drop_stale_versions_from_the_tier(make_service, tools, tiny_adapters):
+    svc = make_service(num_slots=3)
+    tools.onboard(svc, "acme", tiny_adapters["a"])
+    tools.onboard(svc, "zeta", tiny_adapters["c"])
+    assert tools.ask(svc, "acme").body["adapter"] == "acme@v1"
+    _seen(svc, lambda: tools.onboard(svc, "acme", tiny_adapters["b"]))
+    assert tools.ask(svc, "acme").body["text"] == tools.expected(svc, tiny_adapters["b"])
+    held = lambda: {a["adapter"] for a in svc.describe()["host_tier"]["adapters"]}  # noqa: E731
+    assert held() == {"acme@v2"}  # v1 left both tiers when v2 became current
+    assert tools.ask(svc, "zeta").status == 200
+    _seen(svc, lambda: svc.registry.rollback("acme", to_version=1))
+    assert held() == {"zeta@v1"}
+    reads = _count_reads(svc)
+    assert tools.ask(svc, "acme").body["text"] == tools.expected(svc, tiny_adapters["a"])
+    assert reads == ["acme@v1"]
+    _seen(svc, lambda: svc.registry.remove("acme"))
+    state = svc.describe()
+    assert held() == {"zeta@v1"} and state["resident"] == []
