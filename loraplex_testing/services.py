@@ -610,6 +610,22 @@ class ScaleOut:
             self.stop()
             raise
 
+    def restart_instances(self, timeout: float = 300) -> None:
+        """Stop and start every instance (cold: empty device slots and host tier, new tokens), then
+        restart the fronts with the new tokens (a restart, not `reload`: when it returns, no old
+        nginx worker with the old tokens is left to answer). Test stacks only (not detached)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        for front in self.fronts.values():
+            front.stop()
+        for ts in self.instances:
+            ts.stop()
+        with ThreadPoolExecutor(len(self.instances)) as pool:
+            for job in [pool.submit(ts.start, timeout) for ts in self.instances]:
+                job.result()
+        for front in self.fronts.values():
+            front.start()
+
     def add_front(self, name: str, balance: str, port: int | None = None, *, detach: bool = False) -> Nginx:
         front = Nginx(self.workdir / f"nginx-{name}", port or free_port(), self.instances, balance=balance)
         front.start(detach=detach)
