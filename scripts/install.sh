@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what loraplex needs, only what is missing: Debian redis-server and a
+# Install what loraplex needs, only what is missing: Debian redis-server, nginx and a
 # Java 17 runtime (TorchServe's frontend), a virtualenv in .venv with torch
 # 2.13.0 (CPU wheel), transformers, peft, TorchServe 0.12, triton (its CPU interpreter runs
 # the kernel tests), s3fs (an s3:// adapter store) + moto (its tests' S3 server) and loraplex itself.
@@ -12,6 +12,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v java >/dev/null || apt_missing+=(openjdk-17-jre-headless)
+# nginx: the scale-out front (make scaleout, bench/scaleout.py); ~2 s to install from the Debian mirror
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${apt_missing[*]}"
   as_root apt-get update -qq
