@@ -5,7 +5,7 @@ CACHE ?= $(HOME)/.cache/loraplex
 BASE_MODEL := $(CACHE)/smollm2-135m-instruct
 ADAPTERS := $(CACHE)/demo-adapters
 
-.PHONY: install model archive adapters demo stop test test-fast clean
+.PHONY: install model archive adapters demo scaleout stop test test-fast clean
 
 install:
 	@bash scripts/install.sh
@@ -23,7 +23,14 @@ adapters: model
 demo: archive adapters
 	@$(PY) demo/run_demo.py --base-model $(BASE_MODEL) --adapters $(ADAPTERS)
 
+# N TorchServes of the demo archive on the demo's Redis and store, nginx on 127.0.0.1:8090 hashing
+# X-Tenant-ID onto them (README, "Scaling out"); `make stop` stops them too.
+N ?= 3
+scaleout: archive
+	@$(PY) scripts/nginx/scaleout.py start -n $(N)
+
 stop:
+	@$(PY) scripts/nginx/scaleout.py stop
 	@$(PY) scripts/localstack.py stop
 
 test: install
