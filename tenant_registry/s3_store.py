@@ -18,10 +18,12 @@ its own event-loop thread and blocks the caller); weights go into the one reused
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 from loraplex_common.adapter_format import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, Into, read_file
 
@@ -32,6 +34,7 @@ from .store import CHUNK, S3_SCHEME, AdapterStore, StoreError, open_source
 from .validate import AdapterManifest
 
 _VERSION_DIR = re.compile(r"v([0-9]{1,18})")
+S3_RETRIES = 3  # attempts per request, for botocore and for s3fs
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rule
 
 
@@ -53,9 +56,14 @@ class S3AdapterStore(AdapterStore):
         super().__init__(Path("."))  # the reused read buffer; `root` is not used by this store
         self.uri = f"{S3_SCHEME}{bucket_key}"
         self._base = bucket_key
-        # No listings cache: another process (tenantctl, another worker) changes the bucket.
+        # No listings cache: another process (tenantctl, another worker) changes the bucket. Retries
+        # bounded (botocore's standard mode, s3fs's own loop): a worker's read of a store that is down
+        # fails (the adapter is quarantined, the tenant falls back) in seconds, not tens of seconds.
         self._fs = s3fs.S3FileSystem(endpoint_url=endpoint or None, use_listings_cache=False,
-                                     skip_instance_cache=True)
+                                     skip_instance_cache=True,
+                                     config_kwargs={"connect_timeout": 5, "read_timeout": 60,
+                                                    "retries": {"mode": "standard", "max_attempts": S3_RETRIES}})
+        self._fs.retries = S3_RETRIES  # s3fs's class default is 5; this instance is private (no instance cache)
 
     @property
     def location(self) -> str:
@@ -79,11 +87,13 @@ class S3AdapterStore(AdapterStore):
         return f"{self._base}/{record.path}"
 
     def has(self, record: TenantRecord) -> bool:
+        """As `AdapterStore.has`; an unreachable store is a StoreError, not a False."""
         try:
             key = self.key_for(record)
-            return all(self._fs.exists(f"{key}/{name}") for name in ADAPTER_FILES)
-        except (StoreError, OSError):
+        except StoreError:
             return False
+        with self._client_errors("checking " + record.adapter_id):
+            return all(self._fs.exists(f"{key}/{name}") for name in ADAPTER_FILES)
 
     def verify(self, record: TenantRecord) -> str:  # type: ignore[override]
         """`read` for its checks only; returns the version's URI."""
@@ -135,7 +145,8 @@ class S3AdapterStore(AdapterStore):
                     raise StoreError(f"adapter store {self.uri} returned other bytes for {rel}/{name} than were "
                                      "written")
         except BaseException as e:
-            self._remove(prefix)
+            with contextlib.suppress(StoreError):  # the first failure is the one to report
+                self._remove(prefix)
             if isinstance(e, (AdapterInvalid, StoreError)) or not isinstance(e, Exception):
                 raise
             raise StoreError(f"adapter store {self.uri}: writing {rel} failed ({type(e).__name__}: {e})") from e
@@ -152,15 +163,28 @@ class S3AdapterStore(AdapterStore):
         return sorted(int(m.group(1)) for n in names if (m := _VERSION_DIR.fullmatch(n)))
 
     def _list(self, prefix: str) -> list[str]:
-        try:
-            return self._fs.ls(prefix, detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
+        with self._client_errors("listing " + prefix):
+            try:
+                return self._fs.ls(prefix, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
 
     def _remove(self, prefix: str) -> None:
         """Delete every object under `prefix/` (missing is fine)."""
         if self._list(prefix):
-            self._fs.rm(prefix, recursive=True)
+            with self._client_errors("deleting " + prefix):
+                self._fs.rm(prefix, recursive=True)
+
+    @contextlib.contextmanager
+    def _client_errors(self, what: str) -> Iterator[None]:
+        """The client's own exception types (network, auth, throttling: botocore's, not OSError) as a
+        StoreError naming the store, so `tenantctl` reports them like any store failure."""
+        try:
+            yield
+        except (StoreError, AdapterInvalid, FileNotFoundError):
+            raise
+        except Exception as e:
+            raise StoreError(f"adapter store {self.uri}: {what} failed ({type(e).__name__}: {e})") from e
 
     def _upload(self, src: Path, key: str) -> str:
         """Stream `src` (not following symlinks) to the object `key`; the sha256 of the bytes sent."""

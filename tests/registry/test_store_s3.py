@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,27 @@ def test_open_store_picks_the_store(tmp_path, s3, bucket):
         with pytest.raises(ConfigError) as ei:
             open_store(bad)
         assert ei.value.key == "adapter_store"
+
+
+
+def test_unreachable_store_is_a_store_error_not_a_crash(registry, base_spec, config, tiny_adapters, monkeypatch,
+                                                        raw_redis, prefix):
+    """An endpoint nobody answers: reads refuse the adapter (missing_file: the worker falls back),
+    onboarding and the CLI's checks raise StoreError (tenantctl's exit 1), no record is written."""
+    from loraplex_testing.services import free_port
+    from tenant_registry.schema import TenantRecord
+
+    for k, v in S3Server(Path("unused")).env.items():
+        monkeypatch.setenv(k, v)
+    store = open_store("s3://nobody-bucket/a", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StoreError, match="nobody-bucket"):
+        onboard(registry, store, base_spec, "acme", tiny_adapters["a"], config)
+    assert not raw_redis.exists(f"{prefix}:tenant:acme")
+    rec = TenantRecord(tenant_id="acme", adapter_id="acme@v1", version=1, path="acme/v1", sha256="0" * 64, rank=4,
+                       alpha=8.0, use_rslora=False, target_modules=("q_proj",), base_model="x", status="enabled",
+                       created_at=0.0, updated_at=0.0, nbytes=1)
+    with pytest.raises(StoreError, match="nobody-bucket"):
+        store.has(rec)
+    with pytest.raises(AdapterInvalid) as ei:
+        store.read(rec)
+    assert ei.value.code == "missing_file" and "unreadable" in str(ei.value)
