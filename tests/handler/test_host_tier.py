@@ -7,10 +7,12 @@ import dataclasses
 import time
 
 import pytest
+import torch
 
 from handler.host_tier import HostTier
 from handler.service import LoraplexService
 from loraplex_common.adapter_format import WEIGHTS_FILE, AdapterBytes
+from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import PinLimitReached
 
 
@@ -229,3 +231,24 @@ def test_removal_and_rollback_drop_stale_versions_from_the_tier(make_service, to
     _seen(svc, lambda: svc.registry.remove("acme"))
     state = svc.describe()
     assert held() == {"zeta@v1"} and state["resident"] == []
+
+
+def test_an_unreachable_registry_at_start_is_logged_not_fatal(tiny_model_dir, tmp_path, caplog):
+    cfg = LoraplexConfig.from_mapping({"redis_url": "redis://127.0.0.1:1/0", "adapter_store": str(tmp_path / "s"),
+                                       "num_slots": 4, "prefetch_tenants": "acme", "prefetch_top_n": 3})
+    worker = LoraplexService.from_model_dir(tiny_model_dir, cfg)
+    try:
+        assert worker.describe()["resident"] == [] and worker.describe()["pinned"] == []
+        text = caplog.text
+        assert "could not read the pinned tenants" in text and "could not read the most used" in text
+        assert "tenant 'acme' skipped" in text
+    finally:
+        worker.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_worker_holds_the_bytes_in_pinned_memory():
+    tier = HostTier(1 << 20, pin=True)
+    assert tier.put("a", "a@v1", AdapterBytes.of(b"{}", b"w" * 1000))
+    assert tier._held["a@v1"].buffer.is_pinned() and bytes(tier.get("a@v1").weights) == b"w" * 1000
