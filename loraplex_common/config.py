@@ -142,7 +142,8 @@ class LoraplexConfig:
             base = path.resolve().parent
             for k in PATH_KEYS:  # the file's relative paths (and the defaults) are relative to the file
                 v = section.get(k, getattr(cls, k))
-                if isinstance(v, (str, os.PathLike)) and os.fspath(v) and not os.path.isabs(v):
+                if (isinstance(v, (str, os.PathLike)) and os.fspath(v) and not os.path.isabs(v)
+                        and "://" not in os.fspath(v)):  # a URI (s3://bucket/prefix) is no relative path
                     section[k] = str(base / v)
             merged.update(section)
         if handler_section is not None:

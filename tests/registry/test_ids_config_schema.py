@@ -214,3 +214,10 @@ def test_record_json_garbage():
     for bad in ["", "[]", "{", b"\xff\xfe"]:
         with pytest.raises(RecordError):
             TenantRecord.from_json(bad)
+
+
+def test_a_store_uri_in_a_model_config_is_kept_as_given(tmp_path):
+    """Relative paths in a model-config file resolve against its directory; a URI is not a path."""
+    y = tmp_path / "model-config.yaml"
+    y.write_text("handler:\n  adapter_store: s3://bucket/prefix\n")
+    assert LoraplexConfig.load(y, env={}).adapter_store == "s3://bucket/prefix"
