@@ -252,7 +252,7 @@ def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, reques
     slots = instances * capacity
     n_tenants = 4 * slots
     setup: IsolationSetup = build_setup(workdir / "setup", tenants=n_tenants + capacity + 1, prompts=prompts,
-                                        max_new_tokens=max_new_tokens, seed=seed, prefix="s")
+                                        max_new_tokens=max_new_tokens, seed=seed, prefix="s", candidates=200)
     names = list(setup.adapters)
     # the workload's tenants; tenants that only evict in the reload measurement; one only it reloads
     tenants, evictors, reloaded = names[:n_tenants], names[n_tenants:-1], names[-1]
