@@ -95,6 +95,8 @@ class LoraplexConfig:
     max_pinned_adapters: int = 4            # adapters `tenantctl pin` may keep resident per worker
     prefetch_top_n: int = 0                 # at worker start, load the N most used adapters
     prefetch_tenants: tuple[str, ...] = ()  # at worker start, load these tenants' current adapters
+    metrics_max_adapters: int = 100         # adapters with their own metric labels per worker; later ones: "_other"
+    epp_metrics_address: str = ""           # host:port of the worker's own endpoint for the LoRA gauge ("" = off)
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
     registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
@@ -333,6 +335,13 @@ def _url(*schemes: str) -> Callable[[str, Any], str]:
     return parse
 
 
+def _host_port(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if s and not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}:[0-9]{1,5}", s):
+        raise ConfigError(f"config key {key!r} must be host:port (or empty), got {s!r}", key=key)
+    return s
+
+
 def _prefix(key: str, v: Any) -> str:
     s = _nonempty_str(key, v)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", s):
@@ -370,6 +379,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_pinned_adapters": _int(0),
     "prefetch_top_n": _int(0),
     "prefetch_tenants": _tenant_ids,
+    "metrics_max_adapters": _int(1),
+    "epp_metrics_address": _host_port,
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
     "registry_stale_s": _float(0.0),
