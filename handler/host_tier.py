@@ -68,6 +68,9 @@ class HostTier:
     def enabled(self) -> bool:
         return self.budget_bytes > 0
 
+    def __len__(self) -> int:
+        return len(self._held)
+
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self._held
 

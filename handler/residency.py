@@ -51,6 +51,7 @@ from tenant_registry.schema import TenantRecord
 from .engine.api import Engine
 from .errors import AdapterLoadFailed
 from .host_tier import HostTier
+from .metrics import WorkerMetrics
 
 USES_FLUSH_S = 5.0  # how often a worker adds its per-tenant request counts to the registry
 
@@ -154,6 +155,7 @@ class AdapterResidency:
                  idle_ttl_s: float, negative_cache_s: float, host_tier: HostTier | None = None,
                  fetch_pinned: Callable[[], Sequence[TenantRecord]] | None = None, max_pinned: int = 0,
                  record_uses: Callable[[dict[str, int]], None] | None = None, uses_flush_s: float = USES_FLUSH_S,
+                 metrics: WorkerMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if max_resident < 1:
             raise ValueError("max_resident_adapters must be at least 1")
@@ -177,6 +179,7 @@ class AdapterResidency:
         self.changes = RegistryChanges()
         self.last_acquire: LastAcquire | None = None
         self.counters = ResidencyCounters()
+        self.metrics = metrics if metrics is not None else WorkerMetrics()  # loads, evictions (worker thread)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[BatchLease]:
@@ -203,7 +206,7 @@ class AdapterResidency:
         idle = [a.adapter_id for a in self._resident.values()
                 if now - a.last_used > self.idle_ttl_s and a.adapter_id not in self._pinned]
         for name in idle:
-            self._evict(name)
+            self._evict(name, "idle")
             self.counters.evictions_idle += 1
         return idle
 
@@ -215,7 +218,7 @@ class AdapterResidency:
         for tenant, current in versions.items():
             self.host_tier.drop_tenant(tenant, keep=current)
             for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant and a.adapter_id != current]:
-                self._evict(name)
+                self._evict(name, "stale")
                 self.counters.evictions_stale += 1
         if pins_dirty and self._fetch_pinned is not None:
             try:
@@ -328,7 +331,7 @@ class AdapterResidency:
             victim = self._evictable(keep)
             if victim is None:  # unreachable: fewer than max_resident are held by the batch (checked by _ensure)
                 break
-            self._evict(victim)
+            self._evict(victim, "pinned" if victim in self._pinned else "lru")
             if victim in self._pinned:
                 self.counters.evictions_pinned += 1
                 log.info("pinned adapter %s evicted: one wave needed every slot (it stays in the host tier)", victim)
@@ -358,6 +361,7 @@ class AdapterResidency:
         ms = (time.perf_counter() - t0) * 1000.0
         source = "host" if held is not None else "store"
         self.counters.loads += 1
+        self.metrics.loaded(record.tenant_id, record.version, source, ms / 1000.0)
         log.info("adapter %s loaded from the %s in %.1f ms (%d bytes)", name, source, ms, info.nbytes)
         return ResidentAdapter(name, record.tenant_id, record.version, now, now, ms, info.nbytes, source)
 
@@ -418,7 +422,7 @@ class AdapterResidency:
                  if a.tenant == record.tenant_id and a.adapter_id != record.adapter_id
                  and a.adapter_id not in pinned and a.adapter_id not in self._pinned]
         for name in stale:
-            self._evict(name)
+            self._evict(name, "stale")
             self.counters.evictions_stale += 1
 
     def _evictable(self, keep: set[str]) -> str | None:
@@ -432,7 +436,9 @@ class AdapterResidency:
             fallback = fallback or name
         return fallback
 
-    def _evict(self, name: str) -> None:
-        self._resident.pop(name, None)
+    def _evict(self, name: str, reason: str) -> None:
+        gone = self._resident.pop(name, None)
         self._engine.delete_adapter(name)
+        if gone is not None:
+            self.metrics.evicted(gone.tenant, gone.version, reason)
         log.info("adapter %s evicted", name)

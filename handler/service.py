@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -46,6 +47,7 @@ from .prompts import encode_messages
 from .openai_api import models_body
 from .request import BASE, InferenceRequest
 from .host_tier import HostTier
+from .metrics import WorkerMetrics
 from .residency import AdapterResidency
 from .routes import Exchange, JsonExchange, route_for
 from .tenants import TenantResolver
@@ -94,6 +96,9 @@ class LoraplexService:
         self.store = store
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
                                        stale_s=config.registry_stale_s)
+        # Prometheus metrics (handler/metrics.py): ts_entry adds the sinks; recorded on the worker thread
+        self.metrics = WorkerMetrics(max_adapters=config.metrics_max_adapters, max_lora=config.resident_adapters)
+        self._batch_started = time.perf_counter()
         on_cuda = str(engine.get_model_status().get("device", "cpu")).startswith("cuda")
         self.residency = AdapterResidency(
             engine, read=store.read,
@@ -101,7 +106,7 @@ class LoraplexService:
             negative_cache_s=config.negative_cache_s,
             host_tier=HostTier(config.host_tier_mb << 20, pin=on_cuda),
             fetch_pinned=lambda: registry.current_records(registry.pinned()),
-            max_pinned=config.max_pinned_adapters, record_uses=registry.add_uses)
+            max_pinned=config.max_pinned_adapters, record_uses=registry.add_uses, metrics=self.metrics)
         self.fallbacks: dict[str, int] = {}
         self.requests = 0
         self.batches = 0  # engine calls; fewer than requests when TorchServe batches
@@ -168,6 +173,7 @@ class LoraplexService:
 
     def handle_batch(self, batch: Sequence[RawRequest]) -> list[Reply]:
         self.requests += len(batch)
+        self._batch_started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(batch)
         plans: dict[int, Plan] = {}
         for i, raw in enumerate(batch):
@@ -188,7 +194,11 @@ class LoraplexService:
             wave = self._next_wave(pending)
             for i in wave:
                 del pending[i]
+            self.metrics.wave(len(wave), len(pending), _tenants(plans, wave), _tenants(plans, pending))
             self._serve_wave({i: plans[i] for i in wave}, replies)
+        if plans:  # between batches: nothing runs; "running" adapters = the resident ones, ready to serve
+            self.metrics.wave(0, 0, sorted({a.split("@")[0] for a in self.residency.resident_ids()}), [])
+            self.metrics.tiers(len(self.residency.resident_ids()), len(self.residency.host_tier))
         return [r if r is not None else Reply.error(RuntimeError("request was not served")) for r in replies]
 
     def _next_wave(self, pending: dict[int, Plan]) -> list[int]:
@@ -219,6 +229,7 @@ class LoraplexService:
             if not rows:
                 return
             order = list(rows)
+            started = time.perf_counter()
             try:
                 outputs = self.engine.generate([rows[i] for i in order])
             except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
@@ -227,8 +238,17 @@ class LoraplexService:
                     replies[i] = self._failed(exc, plans[i].exchange.error)
                 return
             self.batches += 1
+            engine_s = time.perf_counter() - started
             for i, out in zip(order, outputs):
-                replies[i] = self._reply(plans[i], out.token_ids, out.finish_reason)
+                replies[i], tokens = self._reply(plans[i], out.token_ids, out.finish_reason)
+                self._record_served(plans[i], tokens, engine_s)
+
+    def _record_served(self, plan: Plan, tokens: int, engine_s: float) -> None:
+        """Per-adapter request, token and latency metrics of one answered row. No streaming yet: the
+        time to the first token is the time from the batch reaching the worker to the whole reply."""
+        record = plan.record
+        self.metrics.served(_metric_tenant(plan), record.version if record is not None else None, tokens,
+                            engine_s, time.perf_counter() - self._batch_started)
 
     def _plan(self, req: InferenceRequest) -> Plan:
         """Who may be served, then with what. Every request that names a tenant passes the same
@@ -303,7 +323,8 @@ class LoraplexService:
         return SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed)
 
-    def _reply(self, plan: Plan, token_ids: list[int], finish_reason: str) -> Reply:
+    def _reply(self, plan: Plan, token_ids: list[int], finish_reason: str) -> tuple[Reply, int]:
+        """The row's reply and its completion tokens (after a stop-string cut)."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in plan.request.stop if s in text), default=-1)
         if cut >= 0:
@@ -312,6 +333,7 @@ class LoraplexService:
         if plan.fallback:
             kind = plan.fallback.split(":")[0]
             self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
+            self.metrics.fallback(_metric_tenant(plan), None, kind)
         body = {
             "text": text,
             "tenant": plan.request.tenant,
@@ -320,7 +342,7 @@ class LoraplexService:
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
-        return Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body))
+        return Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body)), len(token_ids)
 
     def _tokens_covering(self, token_ids: Sequence[int], chars: int) -> int:
         """The fewest leading tokens whose text reaches `chars` characters: what a reply cut at a stop
@@ -370,3 +392,16 @@ def _config_dict(cfg: Any) -> dict:
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def _tenants(plans: Mapping[int, Plan], rows) -> list[str]:
+    """The tenants (a client's OpenAI `model`) whose adapters these rows need, in arrival order."""
+    return list(dict.fromkeys(plans[i].record.tenant_id for i in rows if plans[i].record is not None))
+
+
+def _metric_tenant(plan: Plan) -> str | None:
+    """The tenant label of a row: a registered tenant's id; None ("_none") for no tenant or an
+    unknown one (a name nobody registered never becomes a label)."""
+    if plan.record is not None:
+        return plan.record.tenant_id
+    return None if plan.fallback in ("no_tenant", "unknown_tenant") else plan.request.tenant

@@ -39,10 +39,12 @@ import logging
 import time
 from pathlib import Path
 
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from loraplex_common.config import LoraplexConfig
 
+from handler.metrics import TS_METRICS, EppEndpoint, MetricDef
 from handler.service import LoraplexService, RawRequest, Reply
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class LoraplexHandler(BaseHandler):
         config = LoraplexConfig.load(handler_section=section)
         start = time.monotonic()
         self.service = LoraplexService.from_model_dir(model_dir, config)
+        self.service.metrics.sinks.append(self.TorchServeMetrics(context.metrics))
+        if config.epp_metrics_address:
+            self.service.metrics.sinks.append(EppEndpoint(config.epp_metrics_address))
         self.context = context
         self.initialized = True
         log.info("loraplex worker ready in %.1fs (engine=%s, num_slots=%d, resident_adapters=%d)",
@@ -91,6 +96,30 @@ class LoraplexHandler(BaseHandler):
 
     def describe_handle(self):
         return json.dumps(self.service.describe())
+
+    class TorchServeMetrics:
+        """handler/metrics.py's values through TorchServe's metrics cache (worker thread; nested
+        because TorchServe refuses an entry module defining two classes): each update
+        is a `[METRICS]` log line that the frontend turns into a Prometheus series on its metrics
+        endpoint (`metrics_mode=prometheus`; the metric must be in the `metrics_config` yaml, where
+        handler/metrics.py's `metrics_yaml()` names them). A metric the yaml lacks is declared here
+        (the frontend then drops its lines: `ts_metrics.yaml` must be the file it reads)."""
+
+        def __init__(self, cache) -> None:
+            self._cache = cache
+            self._metrics = {}
+            for m in TS_METRICS:
+                kind = MetricTypes(m.kind)
+                try:
+                    self._metrics[m.name] = cache.get_metric(m.name, kind)
+                except Exception:
+                    log.warning("metric %s is not in TorchServe's metrics_config; its series will not show", m.name)
+                    self._metrics[m.name] = cache.add_metric_to_cache(m.name, m.unit, list(m.labels), kind)
+
+        def record(self, metric: MetricDef, value: float, labels) -> None:
+            handle = self._metrics.get(metric.name)
+            if handle is not None:
+                handle.add_or_update(value, list(labels))
 
 
 def is_management_describe(data, context) -> bool:

@@ -304,7 +304,8 @@ class TorchServe:
         own = {"inference_address": f"http://127.0.0.1:{inf}", "management_address": f"http://127.0.0.1:{mgmt}",
                "metrics_address": f"http://127.0.0.1:{metrics}", "grpc_inference_address": "127.0.0.1",
                "grpc_management_address": "127.0.0.1", "model_store": str(self.model_store),
-               "load_models": self.model_name, **{k: str(v) for k, v in self.private_ports.items()},
+               "load_models": self.model_name, "metrics_config": str(ROOT / "ts_metrics.yaml"),
+               **{k: str(v) for k, v in self.private_ports.items()},
                **self.extra_config}
         lines = [line for line in (ROOT / "config.properties").read_text().splitlines()
                  if line.split("=", 1)[0].strip() not in own]

@@ -20,7 +20,7 @@ import yaml
 
 from loraplex_testing.archive import build_archive
 from loraplex_testing.oracle import reference_generate
-from loraplex_testing.services import TorchServe
+from loraplex_testing.services import TorchServe, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,8 @@ def stack(tiny_model_dir, redis_url, tmp_path_factory) -> E2EStack:
     build_archive(tiny_model_dir, tmp / "model_store", config_file=tmp / "model-config.yaml")
     prefix = "e2e"
     env = {"LORAPLEX_REDIS_URL": redis_url, "LORAPLEX_ADAPTER_STORE": str(tmp / "adapters"),
-           "LORAPLEX_REDIS_PREFIX": prefix}
+           "LORAPLEX_REDIS_PREFIX": prefix,
+           "LORAPLEX_EPP_METRICS_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}  # the LoRA gauge (test_metrics.py)
     ts = TorchServe(tmp / "ts", tmp / "model_store", env=env)
     try:
         ts.start(timeout=240)

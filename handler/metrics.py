@@ -1,0 +1,204 @@
+"""The worker's Prometheus metrics: names, label sets, the cardinality cap, in one place.
+
+Two ways out (README "Metrics"):
+- TorchServe's metrics endpoint (`metrics_address`, `metrics_mode=prometheus`): every metric below
+  but the LoRA gauge. The worker logs `[METRICS]` lines through TorchServe's metrics cache and the
+  frontend turns them into Prometheus series; a metric must be declared in the `metrics_config`
+  yaml the frontend reads at start (`metrics_yaml()` writes that file's model part; the shipped
+  `ts_metrics.yaml` is checked against it by a test).
+- the worker's own endpoint (`epp_metrics_address`, off by default): the endpoint picker's set,
+  LORA_INFO with RUNNING, WAITING and KV_CACHE beside it so the picker scrapes one port.
+  LORA_INFO cannot pass through TorchServe 0.12: its frontend splits a metric line's labels on
+  "," and each label on ":" and silently drops a piece that does not split in two, so a
+  comma-separated adapter list loses all but its first name (and the update then fails for a
+  missing label).
+
+Label values through TorchServe must not contain "," ":" "|" and must not be empty (dropped the
+same way): tenant ids (`^[a-z0-9][a-z0-9_-]{0,62}$`) and `v<N>` qualify, and the stand-ins below
+("_none", "_base", "_other", "none") were chosen to.
+
+Cardinality: the first `metrics_max_adapters` distinct (tenant, version) pairs a worker records
+keep their own labels; every later pair is recorded as tenant=version="_other" (TorchServe never
+removes a series, so the cap bounds the endpoint for the worker's lifetime).
+
+Concurrency: every `record_*` call runs on the worker thread (TorchServe's `handle` →
+`LoraplexService.handle_batch` → the residency), one at a time. The own endpoint's HTTP thread
+(prometheus_client) only reads its registry.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+log = logging.getLogger(__name__)
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+ADAPTER_LABELS = ("tenant", "task", "version")
+NO_TENANT, BASE_VERSION, OTHER, NO_TASK = "_none", "_base", "_other", "none"
+EMPTY_LIST = " "  # an empty adapter list: TorchServe drops an empty label; the picker trims it to nothing
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: str  # COUNTER | GAUGE | HISTOGRAM
+    unit: str
+    labels: tuple[str, ...]
+    help: str
+
+
+REQUESTS = MetricDef("loraplex_adapter_requests_total", COUNTER, "count", ADAPTER_LABELS,
+                     "requests answered with 200, per adapter (base-model rows: version _base)")
+GENERATED_TOKENS = MetricDef("loraplex_adapter_generated_tokens_total", COUNTER, "count", ADAPTER_LABELS,
+                             "completion tokens returned, per adapter")
+LOADS = MetricDef("loraplex_adapter_loads_total", COUNTER, "count", ADAPTER_LABELS + ("source",),
+                  "adapter loads into a device slot, by source (store | host)")
+LOAD_SECONDS = MetricDef("loraplex_adapter_load_seconds", HISTOGRAM, "seconds", ADAPTER_LABELS,
+                         "time of one adapter load (read or host copy, then the engine's copy)")
+EVICTIONS = MetricDef("loraplex_adapter_evictions_total", COUNTER, "count", ADAPTER_LABELS + ("reason",),
+                      "adapters dropped from a device slot, by reason (lru | idle | stale | pinned)")
+FALLBACKS = MetricDef("loraplex_adapter_fallbacks_total", COUNTER, "count", ADAPTER_LABELS + ("reason",),
+                      "tenant requests served by the base model, by reason")
+TTFT_SECONDS = MetricDef("loraplex_adapter_time_to_first_token_seconds", HISTOGRAM, "seconds", ADAPTER_LABELS,
+                         "batch to completion, no streaming: the time to the whole reply")
+ITL_SECONDS = MetricDef("loraplex_adapter_inter_token_latency_seconds", HISTOGRAM, "seconds", ADAPTER_LABELS,
+                        "the engine call's time / the row's generated tokens")
+RUNNING = MetricDef("loraplex_num_requests_running", GAUGE, "count", (),
+                    "rows of the engine call being served (the last one, between batches)")
+WAITING = MetricDef("loraplex_num_requests_waiting", GAUGE, "count", (),
+                    "rows of the current batch waiting for a later wave (not TorchServe's queue)")
+KV_CACHE = MetricDef("loraplex_kv_cache_usage_perc", GAUGE, "percent", (),
+                     "always 0: the KV cache is allocated per engine call and free between calls")
+RESIDENT = MetricDef("loraplex_resident_adapters", GAUGE, "count", (), "adapters in the device slots")
+HOST_TIER = MetricDef("loraplex_host_tier_adapters", GAUGE, "count", (), "adapters held in the host-memory tier")
+LORA_INFO = MetricDef("loraplex_lora_requests_info", GAUGE, "timestamp",
+                      ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
+                      "the endpoint picker's LoRA gauge (vllm:lora_requests_info's form); value: Unix time")
+
+TS_METRICS: tuple[MetricDef, ...] = (REQUESTS, GENERATED_TOKENS, LOADS, LOAD_SECONDS, EVICTIONS, FALLBACKS,
+                                     TTFT_SECONDS, ITL_SECONDS, RUNNING, WAITING, KV_CACHE, RESIDENT, HOST_TIER)
+EPP_METRICS: tuple[MetricDef, ...] = (LORA_INFO, RUNNING, WAITING, KV_CACHE)
+
+
+class MetricsSink(Protocol):
+    """Where a recorded value goes (ts_entry's TorchServe sink, the own endpoint, a test's list)."""
+
+    def record(self, metric: MetricDef, value: float, labels: Sequence[str]) -> None: ...
+
+
+class NullSink:
+    def record(self, metric: MetricDef, value: float, labels: Sequence[str]) -> None:
+        pass
+
+
+def metrics_yaml() -> dict:
+    """The `model_metrics` section TorchServe's frontend must know (yaml: metrics_config)."""
+    out: dict[str, list] = {}
+    for m in TS_METRICS:
+        out.setdefault(m.kind, []).append({"name": m.name, "unit": m.unit, "dimensions": list(m.labels)})
+    return out
+
+
+class WorkerMetrics:
+    """What the service and the residency record (worker thread only, see the module doc)."""
+
+    def __init__(self, sinks: Sequence[MetricsSink] = (), *, max_adapters: int = 100, max_lora: int = 1,
+                 wall_clock=time.time) -> None:
+        self.sinks = list(sinks)
+        self.max_adapters = max(1, max_adapters)
+        self.max_lora = max_lora
+        self._labelled: set[tuple[str, str]] = set()
+        self._wall = wall_clock
+
+    def adapter_labels(self, tenant: str | None, version: int | None) -> tuple[str, str, str]:
+        """(tenant, task, version) under the cap; loraplex records have no task (always "none")."""
+        key = (tenant or NO_TENANT, f"v{version}" if version is not None else BASE_VERSION)
+        if key not in self._labelled:
+            if len(self._labelled) >= self.max_adapters:
+                return OTHER, NO_TASK, OTHER
+            self._labelled.add(key)
+        return key[0], NO_TASK, key[1]
+
+    def _emit(self, metric: MetricDef, value: float, labels: Sequence[str] = ()) -> None:
+        for sink in self.sinks:
+            try:
+                sink.record(metric, value, labels)
+            except Exception:  # a metric never fails a request
+                log.exception("metric %s not recorded", metric.name)
+
+    # -- per adapter ---------------------------------------------------------------
+
+    def served(self, tenant: str | None, version: int | None, tokens: int, engine_s: float, reply_s: float) -> None:
+        labels = self.adapter_labels(tenant, version)
+        self._emit(REQUESTS, 1, labels)
+        self._emit(GENERATED_TOKENS, tokens, labels)
+        self._emit(TTFT_SECONDS, reply_s, labels)
+        if tokens > 0:
+            self._emit(ITL_SECONDS, engine_s / tokens, labels)
+
+    def fallback(self, tenant: str | None, version: int | None, reason: str) -> None:
+        self._emit(FALLBACKS, 1, (*self.adapter_labels(tenant, version), reason))
+
+    def loaded(self, tenant: str, version: int, source: str, seconds: float) -> None:
+        labels = self.adapter_labels(tenant, version)
+        self._emit(LOADS, 1, (*labels, source))
+        self._emit(LOAD_SECONDS, seconds, labels)
+
+    def evicted(self, tenant: str, version: int, reason: str) -> None:
+        self._emit(EVICTIONS, 1, (*self.adapter_labels(tenant, version), reason))
+
+    # -- per worker ----------------------------------------------------------------
+
+    def wave(self, running_rows: int, waiting_rows: int, running: Sequence[str], waiting: Sequence[str]) -> None:
+        """At the start of each engine call: its rows and adapter names, and what waits after it."""
+        self._emit(RUNNING, running_rows)
+        self._emit(WAITING, waiting_rows)
+        self._emit(KV_CACHE, 0.0)
+        self._emit(LORA_INFO, self._wall(), (str(self.max_lora), _names(running), _names(waiting)))
+
+    def tiers(self, resident: int, host_tier: int) -> None:
+        self._emit(RESIDENT, resident)
+        self._emit(HOST_TIER, host_tier)
+
+
+def _names(names: Sequence[str]) -> str:
+    return ",".join(dict.fromkeys(names)) or EMPTY_LIST
+
+
+class EppEndpoint:
+    """The worker's own Prometheus endpoint for EPP_METRICS (prometheus_client, its own HTTP
+    thread). Like vLLM's gauge, each (max_lora, running, waiting) combination is a series whose
+    value is the time it was last set; the picker reads the series with the largest value. Only
+    the newest LORA_INFO_SERIES combinations are kept (vLLM keeps every one)."""
+
+    LORA_INFO_SERIES = 16
+
+    def __init__(self, address: str) -> None:
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        host, _, port = address.rpartition(":")
+        self.registry = CollectorRegistry()
+        self._gauges = {m.name: Gauge(m.name, m.help, list(m.labels), registry=self.registry) for m in EPP_METRICS}
+        self._lora_series: list[tuple[str, ...]] = []  # oldest first
+        self.server, self.thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0",
+                                                     registry=self.registry)
+
+    def record(self, metric: MetricDef, value: float, labels: Sequence[str]) -> None:
+        gauge = self._gauges.get(metric.name)
+        if gauge is None:
+            return
+        if metric is not LORA_INFO:
+            gauge.set(value)
+            return
+        key = tuple("" if v == EMPTY_LIST else v for v in labels)
+        if key in self._lora_series:
+            self._lora_series.remove(key)
+        self._lora_series.append(key)
+        gauge.labels(*key).set(value)
+        while len(self._lora_series) > self.LORA_INFO_SERIES:
+            gauge.remove(*self._lora_series.pop(0))
+
+    def close(self) -> None:
+        self.server.shutdown()
