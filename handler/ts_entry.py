@@ -66,7 +66,11 @@ class LoraplexHandler(BaseHandler):
         self.service = LoraplexService.from_model_dir(model_dir, config)
         self.service.metrics.sinks.append(self.TorchServeMetrics(context.metrics))
         if config.epp_metrics_address:
-            self.service.metrics.sinks.append(EppEndpoint(config.epp_metrics_address))
+            try:
+                self.service.metrics.sinks.append(EppEndpoint(config.epp_metrics_address))
+            except OSError as exc:  # e.g. a second worker of this model: the first one holds the port
+                log.error("epp_metrics_address %s: %s; this worker serves without the LoRA gauge",
+                          config.epp_metrics_address, exc)
         self.context = context
         self.initialized = True
         log.info("loraplex worker ready in %.1fs (engine=%s, num_slots=%d, resident_adapters=%d)",
