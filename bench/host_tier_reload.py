@@ -24,16 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handler.engine import EngineSettings, make_engine  # noqa: E402
-from handler.host_tier import HostTier  # noqa: E402
-from handler.model_loading import eos_token_ids, load_base_model  # noqa: E402
-from handler.residency import AdapterResidency  # noqa: E402
-from loraplex_common.adapter_format import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
-from loraplex_testing.models import make_random_lora, make_tiny_llama  # noqa: E402
-from tenant_registry.schema import TenantRecord  # noqa: E402
-from tenant_registry.store import AdapterStore  # noqa: E402
+from handler.engine import EngineSettings, make_engine
+from handler.host_tier import HostTier
+from handler.model_loading import eos_token_ids, load_base_model
+from handler.residency import AdapterResidency
+from loraplex_common.adapter_format import CONFIG_FILE, WEIGHTS_FILE
+from loraplex_testing.models import make_random_lora, make_tiny_llama
+from tenant_registry.schema import TenantRecord
+from tenant_registry.store import AdapterStore
 
 
 def _record(store_root: Path, tenant: str, adapter_dir: Path, rank: int, alpha: int) -> TenantRecord:
