@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from loraplex_common.adapter_format import DEFAULT_TARGET_MODULES as TARGETS  # adapters on all seven
 
 # Llama-shaped configurations (random weights): smollm2-135m is the demo model's shape, 1b / 8b Llama 3.2 1B /
 # Llama 3.1 8B's; tiny is for smoke tests.

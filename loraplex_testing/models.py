@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from loraplex_common.adapter_format import DEFAULT_TARGET_MODULES as ALL_TARGETS  # every target linear
 
 _CORPUS = [
     "hello world, how are you today?",

@@ -96,8 +96,8 @@ class PeftGroupedEngine:
             self._active = None  # PEFT would silently activate another tenant's adapter
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Not part of `Engine` (rows name their adapter); kept while tests/engine/test_refusals.py
-        calls it on both engines. Sets `active_adapter` (reported by describe)."""
+        """PEFT's name, for users of the engine on its own: sets `active_adapter` (reported by
+        describe). Not part of `Engine`: rows name their adapter, so serving never switches."""
         self._check(adapter_name)
         self.peft_model.set_adapter(adapter_name)
         self._active = adapter_name

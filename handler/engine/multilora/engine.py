@@ -67,8 +67,9 @@ class MultiLoraEngine:
         self.model.delete_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Not part of `Engine` (rows name their adapter): kept only while tests/engine/test_refusals.py
-        still calls it on both engines; use `self.model.set_adapter`."""
+        """PEFT's name, for users of the engine on its own: the adapter `active_adapter` reports and
+        facade calls without `adapter_names` use. Not part of `Engine`: rows name their adapter, so
+        serving never switches."""
         self.model.set_adapter(adapter_name)
 
     @property
