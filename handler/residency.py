@@ -158,7 +158,7 @@ class AdapterResidency:
                  metrics: WorkerMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if max_resident < 1:
-            raise ValueError("max_resident_adapters must be at least 1")
+            raise ValueError("max_resident must be at least 1 (num_slots - 2 resident adapters)")
         self._engine = engine
         self._read = read  # the record's adapter bytes, sha256-checked (AdapterStore.read); loaded as they are
         self.max_resident = max_resident
