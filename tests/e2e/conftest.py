@@ -78,7 +78,7 @@ def stack(tiny_model_dir, redis_url, tmp_path_factory) -> E2EStack:
     prefix = "e2e"
     env = {"LORAPLEX_REDIS_URL": redis_url, "LORAPLEX_ADAPTER_STORE": str(tmp / "adapters"),
            "LORAPLEX_REDIS_PREFIX": prefix,
-           "LORAPLEX_EPP_METRICS_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}  # the LoRA gauge (test_metrics.py)
+           "LORAPLEX_EPP_METRICS_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}  # the LoRA gauge (test_metrics_endpoint.py)
     ts = TorchServe(tmp / "ts", tmp / "model_store", env=env)
     try:
         ts.start(timeout=240)
