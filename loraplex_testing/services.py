@@ -158,9 +158,14 @@ class RedisServer:
         """The pid of the redis-server answering on our port once it has loaded its data (another
         server there is not ours; INFO answers while an append-only file is still loading, PING not)."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         with contextlib.suppress(redis.RedisError, OSError, KeyError, ValueError):
-            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            # One try: redis-py's default retries with backoff turn a squatter that never answers
+            # into ~10 s per probe, longer than the start deadline.
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                 retry=Retry(NoBackoff(), 0))
             try:
                 info = client.info()
                 return int(info["process_id"]) if int(info["loading"]) == 0 else None
