@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from tenant_registry.ids import validate_tenant_id
 from tenant_registry.keys import MAX_KEY_CHARS
 
+from .engine.api import MAX_LOGPROBS
 from .errors import InvalidRequest, TenantConflict
 
 TENANT_HEADER = "x-tenant-id"
@@ -25,7 +26,7 @@ KEY_HEADER = "x-tenant-key"
 BASE = "base"
 
 _ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p",
-                             "do_sample", "seed", "stop", "adapter"})
+                             "do_sample", "seed", "stop", "adapter", "logprobs"})
 _ROLES = frozenset({"system", "user", "assistant"})
 MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenising; the token limit is checked later
 MAX_MESSAGES = 256
@@ -50,6 +51,7 @@ class InferenceRequest:
     seed: int | None
     stop: tuple[str, ...]
     adapter: str | None
+    logprobs: int = 0  # 0 = none; k >= 1 = each returned token's log-probability and its top k
     key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
 
     def __repr__(self) -> str:  # never print the key
@@ -76,9 +78,16 @@ def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
     if max_new is not None:
         max_new = _int(data, "max_new_tokens", low=1, high=1_000_000)
     seed = _int(data, "seed", low=0, high=MAX_SEED) if data.get("seed") is not None else None
+    logprobs = logprobs_count(data, "logprobs") if "logprobs" in data else 0
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
-                            stop=_stops(data), adapter=_adapter(data), key=_key(headers))
+                            stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers))
+
+
+def logprobs_count(data: Mapping[str, Any], name: str) -> int:
+    """The one rule for how many log-probability alternatives a request may ask for per token:
+    an integer 0..MAX_LOGPROBS (the OpenAI API's `top_logprobs` / `logprobs` use it too)."""
+    return _int(dict(data), name, low=0, high=MAX_LOGPROBS)
 
 
 def refuse_unknown_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:

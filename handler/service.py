@@ -29,7 +29,7 @@ from tenant_registry.schema import TenantRecord
 from tenant_registry.store import AdapterStore, open_store
 
 from .engine import EngineSettings, make_engine
-from .engine.api import Engine, GenerationRow, SamplingParams
+from .engine.api import Engine, GenerationOutput, GenerationRow, SamplingParams
 from .errors import (
     AdapterLoadFailed,
     AdapterNotAllowed,
@@ -240,7 +240,7 @@ class LoraplexService:
             self.batches += 1
             engine_s = time.perf_counter() - started
             for i, out in zip(order, outputs):
-                replies[i], tokens = self._reply(plans[i], out.token_ids, out.finish_reason)
+                replies[i], tokens = self._reply(plans[i], out)
                 self._record_served(plans[i], tokens, engine_s)
 
     def _record_served(self, plan: Plan, tokens: int, engine_s: float) -> None:
@@ -319,12 +319,13 @@ class LoraplexService:
     def _sampling(self, req: InferenceRequest) -> SamplingParams:
         max_new = req.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens_cap)
         if not req.do_sample:
-            return SamplingParams(max_new_tokens=max_new)
+            return SamplingParams(max_new_tokens=max_new, logprobs=req.logprobs)
         return SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed)
+                              top_p=req.top_p, seed=req.seed, logprobs=req.logprobs)
 
-    def _reply(self, plan: Plan, token_ids: list[int], finish_reason: str) -> tuple[Reply, int]:
+    def _reply(self, plan: Plan, out: GenerationOutput) -> tuple[Reply, int]:
         """The row's reply and its completion tokens (after a stop-string cut)."""
+        token_ids, finish_reason = out.token_ids, out.finish_reason
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in plan.request.stop if s in text), default=-1)
         if cut >= 0:
@@ -342,7 +343,22 @@ class LoraplexService:
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
+        if plan.request.logprobs and out.token_logprobs is not None and out.top_logprobs is not None:
+            body["logprobs"] = self._logprobs(out, len(token_ids))
         return Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body)), len(token_ids)
+
+    def _logprobs(self, out: GenerationOutput, kept: int) -> dict:
+        """Our reply's `logprobs` for the first `kept` tokens (those a stop-string cut left). Each token
+        is decoded on its own, special tokens shown, so an alternative such as EOS is named."""
+        def token(i: int) -> str:
+            return self.tokenizer.decode([i], skip_special_tokens=False)
+
+        return {
+            "tokens": [token(i) for i in out.token_ids[:kept]],
+            "token_logprobs": [float(lp) for lp in out.token_logprobs[:kept]],
+            "top_logprobs": [[{"token": token(i), "logprob": float(lp)} for i, lp in step]
+                             for step in out.top_logprobs[:kept]],
+        }
 
     def _tokens_covering(self, token_ids: Sequence[int], chars: int) -> int:
         """The fewest leading tokens whose text reaches `chars` characters: what a reply cut at a stop
