@@ -12,8 +12,13 @@ X-Tenant-ID and is checked as for any request). A tenant named in `model` must a
 X-Tenant-ID, as our `tenant` field must.
 
 Sampling follows OpenAI: `temperature: 0` is greedy; any other temperature, or none (OpenAI's
-default is 1), samples. Streaming and log-probabilities come with the per-step scheduler: until
-then `stream: true`, `logprobs` and `top_logprobs` are 400 saying so.
+default is 1), samples. Streaming comes with the per-step scheduler: until then `stream: true`
+is 400 saying so.
+
+Log-probabilities: chat `logprobs: true` (+ `top_logprobs: 0..20`), completions `logprobs: k`
+(OpenAI's legacy cap is 5; we accept up to MAX_LOGPROBS) become our `logprobs` field (at least 1:
+the engine returns a token's own log-probability only with its top alternatives); the reply trims
+the alternatives back to what was asked and reshapes our `logprobs` into OpenAI's objects.
 
 Pure functions of their inputs (plus the clock for `created` and a random `id`): any thread.
 """
@@ -33,6 +38,7 @@ from .request import (
     caller,
     decode_body,
     json_type,
+    logprobs_count,
     refuse_unknown_fields,
     request_from_fields,
 )
@@ -72,6 +78,7 @@ class OpenAIRequest:
     endpoint: Endpoint
     model: str
     request: InferenceRequest
+    logprobs: int | None = None  # alternatives per token the reply shows (None: no logprobs asked)
 
     def reply(self, body: Mapping[str, Any], *, created: int | None = None) -> dict:
         return completion_body(self, body, created=created)
@@ -114,7 +121,10 @@ def parse(endpoint: Endpoint, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     for name in ("top_p", "seed", "stop"):
         if name in data:
             fields[name] = data[name]
-    return OpenAIRequest(endpoint, model, request_from_fields(fields, headers))
+    logprobs = _logprobs_asked(endpoint, data)
+    if logprobs is not None:
+        fields["logprobs"] = max(logprobs, 1)
+    return OpenAIRequest(endpoint, model, request_from_fields(fields, headers), logprobs)
 
 
 def models_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
@@ -144,7 +154,11 @@ def completion_body(req: OpenAIRequest, body: Mapping[str, Any], *, created: int
     else:
         kind, prefix = "text_completion", "cmpl-"
         choice["text"] = body["text"]
-    choice.update(logprobs=None, finish_reason=body["finish_reason"])
+    logprobs = None
+    if req.logprobs is not None and "logprobs" in body:
+        shape = _chat_logprobs if req.endpoint is Endpoint.CHAT else _completion_logprobs
+        logprobs = shape(body["logprobs"], req.logprobs)
+    choice.update(logprobs=logprobs, finish_reason=body["finish_reason"])
     usage = body["usage"]
     return {
         "id": prefix + secrets.token_hex(12),
@@ -175,11 +189,54 @@ def _refuse_not_available(data: Mapping[str, Any]) -> None:
         raise InvalidRequest(f"'stream' must be true or false, got {json_type(stream)}")
     if stream:
         raise InvalidRequest("streaming is not available yet on this server; send 'stream': false")
-    if data.get("logprobs", False) is not False or "top_logprobs" in data:
-        raise InvalidRequest("'logprobs' and 'top_logprobs' are not available yet on this server")
     n = data.get("n", 1)
     if isinstance(n, bool) or n != 1:
         raise InvalidRequest("'n' must be 1 on this server (one choice per request)")
+
+
+def _logprobs_asked(endpoint: Endpoint, data: Mapping[str, Any]) -> int | None:
+    """How many alternatives per token the caller asked to see; None when it asked for no logprobs.
+    Chat: `logprobs: true` and `top_logprobs` (default 0); completions: `logprobs: k`."""
+    if endpoint is Endpoint.COMPLETIONS:
+        return logprobs_count(data, "logprobs") if "logprobs" in data else None
+    wanted = data.get("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise InvalidRequest(f"'logprobs' must be true or false, got {json_type(wanted)}")
+    top = logprobs_count(data, "top_logprobs") if "top_logprobs" in data else 0
+    if not wanted:
+        if "top_logprobs" in data:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
+        return None
+    return top
+
+
+def _chat_logprobs(ours: Mapping[str, Any], k: int) -> dict:
+    """Our `logprobs` -> OpenAI chat's `choices[0].logprobs` (ChatCompletionTokenLogprob entries)."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    content = [{**entry(token, logprob), "top_logprobs": [entry(a["token"], a["logprob"]) for a in top[:k]]}
+               for token, logprob, top in zip(ours["tokens"], ours["token_logprobs"], ours["top_logprobs"])]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(ours: Mapping[str, Any], k: int) -> dict:
+    """Our `logprobs` -> OpenAI's legacy completions `choices[0].logprobs`. As OpenAI documents, each
+    step's `top_logprobs` holds the k most likely tokens and the chosen one (up to k + 1 entries);
+    `text_offset` is each token's offset in the returned text (the tokens' strings laid end to end).
+    Two alternatives that read alike (byte pieces of one character both read "\ufffd") keep the
+    more likely one's value."""
+    tops, offsets, at = [], [], 0
+    for token, logprob, top in zip(ours["tokens"], ours["token_logprobs"], ours["top_logprobs"]):
+        step: dict[str, float] = {}
+        for alt in top[:k]:
+            step.setdefault(alt["token"], alt["logprob"])
+        step.setdefault(token, logprob)
+        tops.append(step)
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": list(ours["tokens"]), "token_logprobs": list(ours["token_logprobs"]),
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def _tenant_fields(model: str) -> dict[str, Any]:

@@ -79,6 +79,38 @@ def test_completions_and_chat_greedy_equal_our_json_api_and_peft(stack, tenants,
     assert chat.usage.prompt_tokens == ours["usage"]["prompt_tokens"]
 
 
+def test_logprobs_parse_into_the_clients_types_and_equal_our_json_api(stack, tenants):
+    """chat `logprobs`/`top_logprobs` and completions `logprobs` through TorchServe, parsed by the
+    client into ChatCompletionTokenLogprob / Logprobs; the numbers are our JSON API's (whose values
+    the service tests hold to PEFT teacher-forced)."""
+    from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
+    from openai.types.completion_choice import Logprobs
+
+    client = _client(stack)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model="oai-a", messages=messages, max_tokens=stack.new_tokens,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    ours = stack.ask("oai-a", {"messages": messages, "max_new_tokens": stack.new_tokens, "logprobs": 3}).json()
+    content = chat.choices[0].logprobs.content
+    assert content and all(isinstance(c, ChatCompletionTokenLogprob) for c in content)
+    assert len(content) == chat.usage.completion_tokens == ours["usage"]["completion_tokens"]
+    assert [c.token for c in content] == ours["logprobs"]["tokens"]
+    assert [c.logprob for c in content] == pytest.approx(ours["logprobs"]["token_logprobs"], abs=1e-4)
+    for c in content:
+        assert len(c.top_logprobs) == 3 and all(isinstance(a, TopLogprob) for a in c.top_logprobs)
+        assert c.top_logprobs[0].token == c.token and c.bytes == list(c.token.encode())  # greedy: top-1
+
+    out = client.completions.create(model="oai-a", prompt=PROMPT, max_tokens=stack.new_tokens, temperature=0,
+                                    logprobs=2)
+    ours = stack.ask("oai-a", {"prompt": PROMPT, "max_new_tokens": stack.new_tokens, "logprobs": 2}).json()
+    lp = out.choices[0].logprobs
+    assert isinstance(lp, Logprobs) and lp.tokens == ours["logprobs"]["tokens"]
+    assert lp.token_logprobs == pytest.approx(ours["logprobs"]["token_logprobs"], abs=1e-4)
+    assert len(lp.top_logprobs) == len(lp.text_offset) == out.usage.completion_tokens
+    assert all(token in top and len(top) <= 3 for token, top in zip(lp.tokens, lp.top_logprobs))
+    assert "logprobs" not in stack.ask("oai-a", {"prompt": PROMPT, "max_new_tokens": 2}).json()
+
+
 def test_base_pinned_version_and_seeded_sampling(stack, tenants, tiny_adapters):
     client = _client(stack)
     args = {"prompt": PROMPT, "max_tokens": stack.new_tokens, "temperature": 0}

@@ -81,8 +81,11 @@ def test_model_is_a_valid_tenant_id(model):
 @pytest.mark.parametrize("fields, words", [
     ({"stream": True}, "streaming is not available yet"),
     ({"stream": "yes"}, "'stream' must be true or false"),
-    ({"logprobs": True}, "not available yet"),
-    ({"top_logprobs": 2}, "not available yet"),
+    ({"logprobs": 1}, "'logprobs' must be true or false"),
+    ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
+    ({"logprobs": True, "top_logprobs": True}, "'top_logprobs' must be an integer"),
+    ({"logprobs": True, "top_logprobs": 1.5}, "'top_logprobs' must be an integer"),
     ({"n": 2}, "'n' must be 1"),
     ({"n": True}, "'n' must be 1"),
     ({"max_tokens": 3, "max_completion_tokens": 3}, "one of 'max_tokens' or 'max_completion_tokens'"),
@@ -111,7 +114,10 @@ def test_bad_chat_requests_are_400_naming_the_problem(fields, words):
 def test_completions_fields():
     assert comp(max_tokens=3).request.max_new_tokens == 3
     for fields, words in (({"messages": MSGS}, "unknown field(s): 'messages'"),
-                          ({"logprobs": 1}, "not available yet"),
+                          ({"logprobs": True}, "'logprobs' must be an integer"),
+                          ({"logprobs": -1}, "'logprobs' must be between 0 and 20"),
+                          ({"logprobs": 21}, "'logprobs' must be between 0 and 20"),
+                          ({"logprobs": 2.0}, "'logprobs' must be an integer"),
                           ({"top_logprobs": 1}, "unknown field(s): 'top_logprobs'"),
                           ({"max_completion_tokens": 3}, "unknown field(s)"),
                           ({"prompt": ["a", "b"]}, "'prompt' must be a string"),
@@ -155,6 +161,60 @@ def test_completion_reply_shape():
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "base"
     assert body["choices"] == [{"index": 0, "text": "Paris", "logprobs": None, "finish_reason": "length"}]
     assert body["loraplex"]["fallback"] == "no_tenant"
+
+
+# Our reply's `logprobs` for two tokens asked with `logprobs: 3`; "é" shows `bytes` is UTF-8.
+OURS_LP = {**OURS, "text": "Paé", "logprobs": {
+    "tokens": ["Pa", "é"], "token_logprobs": [-0.5, -1.25],
+    "top_logprobs": [[{"token": "Pa", "logprob": -0.5}, {"token": "Lo", "logprob": -1.0}, {"token": "x", "logprob": -3.0}],
+                     [{"token": "ris", "logprob": -0.75}, {"token": "é", "logprob": -1.25}, {"token": "y", "logprob": -4.0}]]}}
+
+
+@pytest.mark.parametrize("fields, asked, shown", [
+    ({}, 0, None), ({"logprobs": False}, 0, None), ({"logprobs": True}, 1, 0),
+    ({"logprobs": True, "top_logprobs": 0}, 1, 0), ({"logprobs": True, "top_logprobs": 2}, 2, 2),
+    ({"logprobs": True, "top_logprobs": 20}, 20, 20),
+])
+def test_chat_logprobs_fields(fields, asked, shown):
+    req = chat(temperature=0, **fields)
+    assert (req.request.logprobs, req.logprobs) == (asked, shown)
+    if asked:  # the same request as our JSON API's `logprobs` field
+        assert req.request == parse_request({"tenant": "acme", "messages": MSGS, "logprobs": asked}, {})
+
+
+@pytest.mark.parametrize("fields, asked, shown", [
+    ({}, 0, None), ({"logprobs": 0}, 1, 0), ({"logprobs": 5}, 5, 5), ({"logprobs": 20}, 20, 20)])
+def test_completions_logprobs_fields(fields, asked, shown):
+    req = comp(**fields)
+    assert (req.request.logprobs, req.logprobs) == (asked, shown)
+
+
+def test_chat_logprobs_reply_shape():
+    body = chat(logprobs=True, top_logprobs=2).reply(OURS_LP)
+    assert body["choices"][0]["logprobs"] == {"refusal": None, "content": [
+        {"token": "Pa", "logprob": -0.5, "bytes": [80, 97], "top_logprobs": [
+            {"token": "Pa", "logprob": -0.5, "bytes": [80, 97]}, {"token": "Lo", "logprob": -1.0, "bytes": [76, 111]}]},
+        {"token": "é", "logprob": -1.25, "bytes": [0xC3, 0xA9], "top_logprobs": [
+            {"token": "ris", "logprob": -0.75, "bytes": [114, 105, 115]},
+            {"token": "é", "logprob": -1.25, "bytes": [0xC3, 0xA9]}]}]}
+    assert chat(logprobs=True).reply(OURS_LP)["choices"][0]["logprobs"]["content"][1]["top_logprobs"] == []
+    assert chat().reply(OURS_LP)["choices"][0]["logprobs"] is None  # not asked: not shown
+    assert "logprobs" not in body["loraplex"]
+
+
+def test_completion_logprobs_reply_shape():
+    body = comp(logprobs=1).reply(OURS_LP)
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["Pa", "é"], "token_logprobs": [-0.5, -1.25],
+        "top_logprobs": [{"Pa": -0.5}, {"ris": -0.75, "é": -1.25}],  # the k most likely and the chosen one
+        "text_offset": [0, 2]}
+    assert comp(logprobs=0).reply(OURS_LP)["choices"][0]["logprobs"]["top_logprobs"] == [{"Pa": -0.5}, {"é": -1.25}]
+    assert comp(logprobs=5).reply(OURS_LP)["choices"][0]["logprobs"]["top_logprobs"][1] == {
+        "ris": -0.75, "é": -1.25, "y": -4.0}
+    assert comp().reply(OURS_LP)["choices"][0]["logprobs"] is None
+    alike = {**OURS_LP, "logprobs": {"tokens": ["\ufffd"], "token_logprobs": [-2.0], "top_logprobs": [[
+        {"token": "\ufffd", "logprob": -1.0}, {"token": "\ufffd", "logprob": -2.0}]]}}  # two byte pieces
+    assert comp(logprobs=2).reply(alike)["choices"][0]["logprobs"]["top_logprobs"] == [{"\ufffd": -1.0}]
 
 
 @pytest.mark.parametrize("exc, status, kind", [

@@ -145,7 +145,7 @@ def test_bad_requests_fail_alone_in_their_batch(make_service, tools, tiny_adapte
     tools.onboard(svc, "acme", tiny_adapters["a"])
     batch = [
         RawRequest(_chat("acme", stream=True), CHAT),
-        RawRequest(_chat("acme", logprobs=True, top_logprobs=2), CHAT),
+        RawRequest(_chat("acme", logprobs=True, top_logprobs=21), CHAT),
         RawRequest(_chat("acme", n=3), CHAT),
         RawRequest(_chat("acme", max_tokens=10_000), CHAT),
         RawRequest(b"{not json", COMP),
@@ -159,7 +159,7 @@ def test_bad_requests_fail_alone_in_their_batch(make_service, tools, tiny_adapte
     ]
     *bad, comp, ours = svc.handle_batch(batch)
     assert "streaming is not available yet" in _openai_error(bad[0], 400, "InvalidRequest")
-    assert "not available yet" in _openai_error(bad[1], 400, "InvalidRequest")
+    assert "'top_logprobs' must be between 0 and 20" in _openai_error(bad[1], 400, "InvalidRequest")
     assert "'n' must be 1" in _openai_error(bad[2], 400, "InvalidRequest")
     assert "'max_tokens' is 10000; this server allows at most 32" in _openai_error(bad[3], 400, "InvalidRequest")
     assert "not valid JSON" in _openai_error(bad[4], 400, "InvalidRequest")
