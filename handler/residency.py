@@ -207,7 +207,6 @@ class AdapterResidency:
                 if now - a.last_used > self.idle_ttl_s and a.adapter_id not in self._pinned]
         for name in idle:
             self._evict(name, "idle")
-            self.counters.evictions_idle += 1
         return idle
 
     def sync(self) -> None:
@@ -219,7 +218,6 @@ class AdapterResidency:
             self.host_tier.drop_tenant(tenant, keep=current)
             for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant and a.adapter_id != current]:
                 self._evict(name, "stale")
-                self.counters.evictions_stale += 1
         if pins_dirty and self._fetch_pinned is not None:
             try:
                 records = list(self._fetch_pinned())
@@ -333,10 +331,7 @@ class AdapterResidency:
                 break
             self._evict(victim, "pinned" if victim in self._pinned else "lru")
             if victim in self._pinned:
-                self.counters.evictions_pinned += 1
                 log.info("pinned adapter %s evicted: one wave needed every slot (it stays in the host tier)", victim)
-            else:
-                self.counters.evictions_lru += 1
 
     def _quarantined(self, name: str, now: float) -> _Quarantine | None:
         quarantined = self._quarantine.get(name)
@@ -423,7 +418,6 @@ class AdapterResidency:
                  and a.adapter_id not in pinned and a.adapter_id not in self._pinned]
         for name in stale:
             self._evict(name, "stale")
-            self.counters.evictions_stale += 1
 
     def _evictable(self, keep: set[str]) -> str | None:
         """The least recently used adapter not held by the batch, a pinned tenant's last."""
@@ -437,6 +431,9 @@ class AdapterResidency:
         return fallback
 
     def _evict(self, name: str, reason: str) -> None:
+        """Out of its slot, counted under `evictions_<reason>` (lru | idle | stale | pinned)."""
+        counter = f"evictions_{reason}"
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         gone = self._resident.pop(name, None)
         self._engine.delete_adapter(name)
         if gone is not None:
