@@ -97,6 +97,15 @@ class LoraplexConfig:
     prefetch_tenants: tuple[str, ...] = ()  # at worker start, load these tenants' current adapters
     metrics_max_adapters: int = 100         # adapters with their own metric labels per worker; later ones: "_other"
     epp_metrics_address: str = ""           # host:port of the worker's own endpoint for the LoRA gauge ("" = off)
+    scheduler: str = "continuous"           # continuous (per-step, handler/scheduler.py) | static (batch to completion)
+    kv_rows: int = 16                       # continuous: KV cache rows = requests running at once
+    kv_max_len: int = 0                     # continuous: tokens one row holds (0 = max_prompt_tokens + max_new_tokens_cap)
+    prefill_chunk: int = 512                # continuous: most prompt tokens prefilled in one step
+    graph_batch_sizes: tuple[int, ...] = () # continuous on a GPU: decode batch sizes captured at start (() = 1, 2, 4, ... kv_rows)
+    max_waiting: int = 64                   # continuous: requests that may wait beyond the kv_rows running (then 503)
+    retry_after_s: int = 1                  # the Retry-After of that 503
+    tenant_max_running: int = 0             # continuous: most rows one tenant runs at once (0 = no cap)
+    request_timeout_s: float = 300.0        # continuous: a request not finished this long after arrival gets 504 (0 = none)
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
     registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
@@ -104,6 +113,12 @@ class LoraplexConfig:
     model_name: str = "loraplex"
     model_store: str = "model_store"        # TorchServe's model store (tenantctl finds the workers' base model there)
     management_key_file: str = "var/torchserve/key_file.json"  # TorchServe's key file (tenantctl status)
+
+    @property
+    def kv_row_tokens(self) -> int:
+        """Tokens one KV row holds (prompt + new tokens): `kv_max_len`, or when 0 the longest request
+        the limits allow (max_prompt_tokens + max_new_tokens_cap)."""
+        return self.kv_max_len or self.max_prompt_tokens + self.max_new_tokens_cap
 
     @property
     def resident_adapters(self) -> int:
@@ -163,6 +178,7 @@ class LoraplexConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["target_modules"] = list(self.target_modules)
         out["prefetch_tenants"] = list(self.prefetch_tenants)
+        out["graph_batch_sizes"] = list(self.graph_batch_sizes)
         return out
 
 
@@ -322,6 +338,21 @@ def _list_of(what: str, pattern: str, *, empty_ok: bool) -> Callable[[str, Any],
     return parse
 
 
+def _int_list(minimum: int) -> Callable[[str, Any], tuple[int, ...]]:
+    """A list of integers (or, from env, a comma-separated string), each >= minimum; sorted, duplicates dropped."""
+    item = _int(minimum)
+
+    def parse(key: str, v: Any) -> tuple[int, ...]:
+        if isinstance(v, str):
+            items = [p.strip() for p in v.split(",") if p.strip()]
+        elif isinstance(v, (list, tuple)):
+            items = list(v)
+        else:
+            raise ConfigError(f"config key {key!r} must be a list of integers or a comma-separated string", key=key)
+        return tuple(sorted({item(key, p) for p in items}))
+    return parse
+
+
 _modules = _list_of("module name", r"[A-Za-z0-9_.]+", empty_ok=False)
 _tenant_ids = _list_of("tenant id", r"[a-z0-9][a-z0-9_-]{0,62}", empty_ok=True)
 
@@ -381,6 +412,15 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "prefetch_tenants": _tenant_ids,
     "metrics_max_adapters": _int(1),
     "epp_metrics_address": _host_port,
+    "scheduler": _choice("continuous", "static"),
+    "kv_rows": _int(1),
+    "kv_max_len": _int(0),
+    "prefill_chunk": _int(1),
+    "graph_batch_sizes": _int_list(1),
+    "max_waiting": _int(0),
+    "retry_after_s": _int(0),
+    "tenant_max_running": _int(0),
+    "request_timeout_s": _float(0.0),
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
     "registry_stale_s": _float(0.0),

@@ -61,7 +61,9 @@ def test_config_known_keys():
         "engine", "decode", "decode_graph_buckets", "lora_backend", "triton_pdl", "cpu_gather_workspace_mb",
         "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url", "model_name",
         "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
-        "prefetch_top_n", "prefetch_tenants", "metrics_max_adapters", "epp_metrics_address"}
+        "prefetch_top_n", "prefetch_tenants", "metrics_max_adapters", "epp_metrics_address",
+        "scheduler", "kv_rows", "kv_max_len", "prefill_chunk", "graph_batch_sizes", "max_waiting", "retry_after_s",
+        "tenant_max_running", "request_timeout_s"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})
     assert ei.value.key == "require_tenant_keys" and "require_tenant_key" in str(ei.value)
