@@ -51,6 +51,27 @@ class UnknownEndpoint(RequestError):
     """The path after /predictions/<model>/<version>/ names no endpoint of this server."""
 
 
+class RequestTooLarge(RequestError):
+    """Prompt + max_new_tokens can never fit in one KV row (`kv_max_len`): no wait would help."""
+
+
+class QueueFull(Exception):
+    """Continuous scheduling: `kv_rows` requests run and `max_waiting` wait; the client retries
+    after `retry_after_s` (the reply's Retry-After header)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimedOut(Exception):
+    """The request did not finish within `request_timeout_s` of its arrival (its KV row is freed)."""
+
+
+class RequestCancelled(Exception):
+    """The client went away or cancelled (`Ticket.cancel`); nobody reads the reply."""
+
+
 class AdapterLoadFailed(Exception):
     """The tenant's adapter could not be made resident (verify or load failed, or quarantined)."""
 
@@ -63,6 +84,7 @@ class AdapterLoadFailed(Exception):
 # Ordered most specific first; the first isinstance match wins.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (PromptTooLong, 413, "Prompt Too Long"),
+    (RequestTooLarge, 413, "Request Too Large"),
     (TenantRequired, 400, "Tenant Required"),
     (TenantConflict, 400, "Tenant Conflict"),
     (TenantUnauthorized, 401, "Unauthorized"),
@@ -75,6 +97,9 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (RegistryUnavailable, 503, "Registry Unavailable"),
     (AdapterLoadFailed, 503, "Adapter Unavailable"),
     (AdapterInvalid, 503, "Adapter Unavailable"),
+    (QueueFull, 503, "Queue Full"),
+    (RequestTimedOut, 504, "Request Timed Out"),
+    (RequestCancelled, 499, "Client Closed Request"),
     (RegistryError, 500, "Registry Error"),
     (EngineError, 500, "Engine Error"),
 ]
@@ -102,4 +127,6 @@ def public_message(exc: BaseException) -> str:
         return f"adapter {exc.adapter_id} cannot be served right now; try again later"
     if isinstance(exc, RegistryUnavailable):
         return "the tenant registry is unavailable; try again later"
+    if isinstance(exc, (QueueFull, RequestTimedOut)):
+        return str(exc)  # our own sentence, no addresses or paths
     return "internal error; see the worker log"

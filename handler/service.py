@@ -50,6 +50,7 @@ from .host_tier import HostTier
 from .metrics import WorkerMetrics
 from .residency import AdapterResidency
 from .routes import Exchange, JsonExchange, route_for
+from .text_stream import covering, logprobs_body, stop_cut
 from .tenants import TenantResolver
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,15 @@ class Reply:
     def error(cls, exc: BaseException) -> "Reply":
         code, phrase = http_status(exc)
         return cls(code, phrase, error_body(exc))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A served row: its reply, the reply's text and completion tokens (after a stop-string cut)."""
+
+    reply: Reply
+    text: str
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -325,12 +335,18 @@ class LoraplexService:
 
     def _reply(self, plan: Plan, out: GenerationOutput) -> tuple[Reply, int]:
         """The row's reply and its completion tokens (after a stop-string cut)."""
+        answer = self._answer(plan, out)
+        return answer.reply, answer.tokens
+
+    def _answer(self, plan: Plan, out: GenerationOutput) -> "Answer":
+        """The row's reply, its text and its completion tokens (after a stop-string cut): the one
+        place a reply body is built, for both schedulers."""
         token_ids, finish_reason = out.token_ids, out.finish_reason
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in plan.request.stop if s in text), default=-1)
+        text = self._decode(token_ids)
+        cut = stop_cut(text, plan.request.stop)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
-            token_ids = token_ids[:self._tokens_covering(token_ids, cut)]
+            token_ids = token_ids[:covering(lambda n: len(self._decode(out.token_ids[:n])), len(token_ids), cut)]
         if plan.fallback:
             kind = plan.fallback.split(":")[0]
             self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
@@ -344,29 +360,19 @@ class LoraplexService:
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
         if plan.request.logprobs and out.token_logprobs is not None and out.top_logprobs is not None:
-            body["logprobs"] = self._logprobs(out, len(token_ids))
-        return Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body)), len(token_ids)
+            kept = len(token_ids)
+            body["logprobs"] = logprobs_body(self._token_text, out.token_ids[:kept], out.token_logprobs[:kept],
+                                             out.top_logprobs[:kept])
+        reply = Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body))
+        return Answer(reply, text, len(token_ids))
 
-    def _logprobs(self, out: GenerationOutput, kept: int) -> dict:
-        """Our reply's `logprobs` for the first `kept` tokens (those a stop-string cut left). Each token
-        is decoded on its own, special tokens shown, so an alternative such as EOS is named."""
-        def token(i: int) -> str:
-            return self.tokenizer.decode([i], skip_special_tokens=False)
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        """A reply's text (special tokens skipped)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-        return {
-            "tokens": [token(i) for i in out.token_ids[:kept]],
-            "token_logprobs": [float(lp) for lp in out.token_logprobs[:kept]],
-            "top_logprobs": [[{"token": token(i), "logprob": float(lp)} for i, lp in step]
-                             for step in out.top_logprobs[:kept]],
-        }
-
-    def _tokens_covering(self, token_ids: Sequence[int], chars: int) -> int:
-        """The fewest leading tokens whose text reaches `chars` characters: what a reply cut at a stop
-        string really used (the token holding the cut counts, tokens past it do not)."""
-        for n in range(len(token_ids) + 1):
-            if len(self.tokenizer.decode(token_ids[:n], skip_special_tokens=True)) >= chars:
-                return n
-        return len(token_ids)
+    def _token_text(self, token_id: int) -> str:
+        """One token on its own, special tokens shown (the logprobs' `tokens`)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _failed(self, exc: BaseException, render: Callable[[BaseException], dict] = error_body) -> Reply:
         code, phrase = http_status(exc)
