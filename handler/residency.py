@@ -2,7 +2,13 @@
 
 Model: Ray Serve's multiplex LRU (an OrderedDict, hit = move to end, evict =
 pop the oldest) with three additions a multi-tenant server needs:
-- adapters used by the batch being served are pinned and never evicted;
+- adapters held by rows being served are never evicted: each row holds its
+  adapter (`hold`/`release`, a count per adapter) from before its first step to
+  after its last. The static path holds a batch's adapters for one engine call
+  (`batch()`); the per-step scheduler holds each row's while it runs, so a row
+  keeps the version it started with when a newer one is published (the old one
+  leaves its slot when its last row releases it). When every slot is held, a
+  load raises `AllSlotsHeld` and the scheduler keeps the row waiting;
 - a failed verify/load is quarantined for `negative_cache_s` so a broken
   adapter is not re-read on every request;
 - the new adapter is loaded *before* an old one is evicted (the engine is
@@ -30,8 +36,9 @@ Requests served per tenant are counted here and added to the registry's use
 counts (`record_uses`) at most every `uses_flush_s`, in one round trip; the
 `prefetch_top_n` most used are loaded at worker start (`prefetch`).
 
-Concurrency: every method is called from the TorchServe worker's request
-thread only (TorchServe calls `handle` sequentially), except
+Concurrency: every method is called from the one thread that owns the engine
+(static: the TorchServe worker's request thread, which TorchServe calls
+sequentially; continuous: the scheduler thread), except
 `RegistryChanges.on_event`, called from the registry subscriber thread.
 """
 from __future__ import annotations
@@ -56,6 +63,10 @@ from .metrics import WorkerMetrics
 USES_FLUSH_S = 5.0  # how often a worker adds its per-tenant request counts to the registry
 
 log = logging.getLogger(__name__)
+
+
+class AllSlotsHeld(RuntimeError):
+    """Every resident slot is held by rows being served: nothing can be evicted for another adapter now."""
 
 
 @dataclass
@@ -134,15 +145,15 @@ class _Quarantine:
 
 @dataclass
 class BatchLease:
-    """Adapters pinned for the batch in flight."""
+    """Adapters held for the batch in flight (one hold per row; all released when it ends)."""
 
     residency: "AdapterResidency"
-    pinned: set[str] = field(default_factory=set)
+    held: list[str] = field(default_factory=list)
 
     def acquire(self, record: TenantRecord) -> str:
-        """Make the record's adapter resident and pin it; returns the engine adapter name."""
-        name = self.residency._ensure(record, self.pinned)
-        self.pinned.add(name)
+        """Make the record's adapter resident and hold it; returns the engine adapter name."""
+        name = self.residency.hold(record)
+        self.held.append(name)
         return name
 
 
@@ -176,6 +187,8 @@ class AdapterResidency:
         self._pinned: dict[str, TenantRecord] = {}  # adapter id -> record: kept in both tiers
         self._uses: Counter[str] = Counter()  # requests per tenant not yet added to the registry
         self._uses_flushed_at = clock()
+        self._holds: Counter[str] = Counter()  # adapter id -> rows holding it (never evicted while > 0)
+        self._stale_held: set[str] = set()  # replaced while held: evicted when the last hold goes
         self.changes = RegistryChanges()
         self.last_acquire: LastAcquire | None = None
         self.counters = ResidencyCounters()
@@ -183,12 +196,36 @@ class AdapterResidency:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[BatchLease]:
-        """Pin adapters for one batch; they become evictable again when it ends."""
+        """Hold adapters for one batch; they become evictable again when it ends."""
         lease = BatchLease(self)
         try:
             yield lease
         finally:
-            lease.pinned.clear()
+            for name in lease.held:
+                self.release(name)
+            lease.held.clear()
+
+    def hold(self, record: TenantRecord) -> str:
+        """Make the record's adapter resident (loading it, evicting an unheld one) and hold it for
+        one row; returns the engine adapter name. AdapterLoadFailed (quarantined, or the load
+        failed), AllSlotsHeld (every slot is held by other rows: try again after a release)."""
+        name = self._ensure(record)
+        self._holds[name] += 1
+        return name
+
+    def release(self, name: str) -> None:
+        """One row is done with `name`. The last release of a replaced version evicts it."""
+        if self._holds[name] <= 1:
+            self._holds.pop(name, None)
+            if name in self._stale_held:
+                self._stale_held.discard(name)
+                self._evict(name, "stale")
+        else:
+            self._holds[name] -= 1
+
+    def held_ids(self) -> dict[str, int]:
+        """Adapter id -> rows holding it."""
+        return dict(self._holds)
 
     def resident_ids(self) -> set[str]:
         return set(self._resident)
@@ -198,26 +235,29 @@ class AdapterResidency:
 
     def evict_idle(self) -> list[str]:
         """Apply registry changes (`sync`), then drop adapters unused for longer than idle_ttl_s
-        (never a pinned tenant's; no batch holds a lease between batches)."""
+        (never a pinned tenant's, never one a row holds)."""
         self.sync()
         if self.idle_ttl_s <= 0:
             return []
         now = self._clock()
         idle = [a.adapter_id for a in self._resident.values()
-                if now - a.last_used > self.idle_ttl_s and a.adapter_id not in self._pinned]
+                if now - a.last_used > self.idle_ttl_s and a.adapter_id not in self._pinned
+                and a.adapter_id not in self._holds]
         for name in idle:
             self._evict(name, "idle")
         return idle
 
     def sync(self) -> None:
-        """Between batches (worker thread): apply the registry's changes (a tenant's other versions
-        leave both tiers; a removed tenant's adapters leave both), refresh the pinned set when it
-        may have changed, load pinned adapters that are not resident, add the use counts."""
+        """Between batches or steps (engine thread): apply the registry's changes (a tenant's other
+        versions leave both tiers, a removed tenant's adapters leave both; one a row holds leaves
+        its slot at its last release), refresh the pinned set when it may have changed, load
+        pinned adapters that are not resident, add the use counts."""
         pins_dirty, versions = self.changes.take()
         for tenant, current in versions.items():
             self.host_tier.drop_tenant(tenant, keep=current)
+            self._stale_held.discard(current)
             for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant and a.adapter_id != current]:
-                self._evict(name, "stale")
+                self._retire(name)
         if pins_dirty and self._fetch_pinned is not None:
             try:
                 records = list(self._fetch_pinned())
@@ -284,6 +324,7 @@ class AdapterResidency:
                 for a in reversed(self._resident.values())  # most recently used first
             ],
             "pinned": list(self._pinned),
+            "held": dict(self._holds),
             "host_tier": self.host_tier.snapshot(),
             "last_acquire": None if last is None else {"adapter": last.adapter, "source": last.source,
                                                        "load_ms": round(last.load_ms, 3)},
@@ -294,11 +335,18 @@ class AdapterResidency:
 
     # -- internals (worker thread) -------------------------------------------------
 
-    def _ensure(self, record: TenantRecord, pinned: set[str]) -> str:
+    def _ensure(self, record: TenantRecord) -> str:
         name = record.adapter_id
         now = self._clock()
-        self._uses[record.tenant_id] += 1
+        held = set(self._holds)
         hit = self._resident.get(name)
+        if hit is None and name not in held and len(held) >= self.max_resident:
+            # Static: the wave planning never holds more adapters than fit. Continuous: the
+            # scheduler keeps the row waiting until a running row releases a slot.
+            raise AllSlotsHeld(f"{len(held)} adapters are held by running rows and {name} is not resident; "
+                               f"at most {self.max_resident} can be resident")
+        self._uses[record.tenant_id] += 1
+        self._stale_held.discard(name)
         if hit is not None:
             self._resident.move_to_end(name)
             hit.last_used = now
@@ -310,24 +358,20 @@ class AdapterResidency:
         if quarantined is not None:
             self.counters.quarantine_hits += 1
             raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
-        self._drop_stale_versions(record, pinned)
-        if len(pinned) >= self.max_resident:
-            # The service's wave planning never pins more adapters than fit; a caller that did
-            # would have every slot in use by its own batch.
-            raise RuntimeError(f"a batch pinned {len(pinned)} adapters and asked for {name}; "
-                               f"at most {self.max_resident} can be resident")
+        self._drop_stale_versions(record)
         loaded = self._load(record, now)  # into the spare slot: a failed load costs no resident adapter
         loaded.hits = 1  # the request that loaded it is its first use
         self.counters.hits += 1
         self._resident[name] = loaded
         self.last_acquire = LastAcquire(name, loaded.source, loaded.load_ms)
-        self._evict_over_capacity(pinned | {name})
+        self._evict_over_capacity({name})
         return name
 
     def _evict_over_capacity(self, keep: set[str]) -> None:
+        keep = keep | set(self._holds)
         while len(self._resident) > self.max_resident:
             victim = self._evictable(keep)
-            if victim is None:  # unreachable: fewer than max_resident are held by the batch (checked by _ensure)
+            if victim is None:  # unreachable: fewer than max_resident are held (checked by _ensure, _restore_pins)
                 break
             self._evict(victim, "pinned" if victim in self._pinned else "lru")
             if victim in self._pinned:
@@ -403,7 +447,9 @@ class AdapterResidency:
                 break
             if self._quarantined(name, now) is not None:
                 continue
-            self._drop_stale_versions(record, set())
+            if len(self._resident) >= self.max_resident and self._evictable({name, *self._holds}) is None:
+                break  # every other slot is held by running rows: loaded after they release
+            self._drop_stale_versions(record)
             try:
                 self._resident[name] = self._load(record, now)
             except AdapterLoadFailed:
@@ -411,12 +457,20 @@ class AdapterResidency:
             in_slots.append(name)
             self._evict_over_capacity({name})
 
-    def _drop_stale_versions(self, record: TenantRecord, pinned: set[str]) -> None:
-        """A newer (or rolled-back) version replaces the tenant's resident one (not a pinned tenant's current one)."""
+    def _drop_stale_versions(self, record: TenantRecord) -> None:
+        """A newer (or rolled-back) version replaces the tenant's resident one (not a pinned tenant's
+        current one; one a row holds leaves at its last release)."""
         stale = [a.adapter_id for a in self._resident.values()
                  if a.tenant == record.tenant_id and a.adapter_id != record.adapter_id
-                 and a.adapter_id not in pinned and a.adapter_id not in self._pinned]
+                 and a.adapter_id not in self._pinned]
         for name in stale:
+            self._retire(name)
+
+    def _retire(self, name: str) -> None:
+        """A replaced version leaves its slot now, or at its last release when a row holds it."""
+        if name in self._holds:
+            self._stale_held.add(name)
+        else:
             self._evict(name, "stale")
 
     def _evictable(self, keep: set[str]) -> str | None:
