@@ -10,9 +10,10 @@ from typing import Sequence
 
 from torch import nn
 
-from .api import Engine, GenerationOutput, GenerationRow, LoadedAdapter, SamplingParams
-from .errors import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, BatchShapeError, EngineError,
-                     NoFreeSlot, UnsupportedAdapter)
+from .api import (Engine, GenerationOutput, GenerationRow, LoadedAdapter, RowEvent, RowStepper, SamplingParams,
+                  StepLimits)
+from .errors import (AdapterAlreadyLoaded, AdapterFormatError, AdapterNotLoaded, BatchShapeError, CacheFull,
+                     EngineError, NoFreeSlot, RowTooLong, UnsupportedAdapter)
 from .settings import EngineSettings
 
 ENGINE_KINDS = ("multilora", "peft")
@@ -42,4 +43,5 @@ def make_engine(kind: str, model: nn.Module, settings: EngineSettings, *, eos_to
 
 __all__ = ["make_engine", "ENGINE_KINDS", "EngineSettings", "Engine", "GenerationOutput", "GenerationRow", "LoadedAdapter",
            "SamplingParams", "EngineError", "AdapterFormatError", "UnsupportedAdapter", "NoFreeSlot",
-           "AdapterAlreadyLoaded", "AdapterNotLoaded", "BatchShapeError"]
+           "AdapterAlreadyLoaded", "AdapterNotLoaded", "BatchShapeError", "StepLimits", "RowEvent", "RowStepper",
+           "CacheFull", "RowTooLong"]

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from loraplex_common.adapter_format import AdapterBytes
 
+from .errors import CacheFull, EngineError, RowTooLong  # noqa: F401  (the stepper's errors, re-exported)
+
 
 MAX_LOGPROBS = 20  # the most alternatives a row may ask for per token (OpenAI's `top_logprobs` cap)
 
@@ -76,6 +78,85 @@ class LoadedAdapter:
     load_ms: float
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """What a `RowStepper` is sized with (its KV cache is ``max_rows x max_len`` tokens per layer)."""
+
+    max_rows: int = 16          # KV rows = rows that can run at once
+    max_len: int = 2304         # tokens one row may hold: prompt + new tokens
+    prefill_chunk: int = 512    # most prompt tokens prefilled in one step, all joining rows together (>= 1 chunk of one row per step)
+    graph_batch_sizes: tuple[int, ...] = ()   # GPU graphs: decode batch buckets captured at warmup; () = 1,2,4,... up to max_rows
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1:
+            raise EngineError(f"bad step limits: max_rows {self.max_rows} (>= 1), max_len {self.max_len} (>= 2), "
+                              f"prefill_chunk {self.prefill_chunk} (>= 1)")
+        sizes = tuple(int(b) for b in self.graph_batch_sizes)
+        if any(not 1 <= b <= self.max_rows for b in sizes):
+            raise EngineError(f"graph_batch_sizes {list(sizes)} must lie in 1..max_rows ({self.max_rows})")
+        object.__setattr__(self, "graph_batch_sizes", sizes)
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """What one `RowStepper.step` produced for one row."""
+
+    row_id: int
+    token_id: int | None        # the new token; None only with finished="stop" (EOS is not a returned token, as in GenerationOutput)
+    finished: str | None        # None = row continues; "stop" = EOS; "length" = max_new_tokens reached (event carries that last token)
+    logprob: float | None = None                                  # with params.logprobs >= 1 (same definition as SamplingParams says)
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+class RowStepper(Protocol):
+    """Rows that join and leave between any two steps (continuous batching), each with its own
+    adapter, sampling params and stop condition; `handler.engine.stepping.Stepper` implements it.
+
+    A row's tokens and log-probabilities are what `Engine.generate([row])` gives it alone.
+    Concurrency: owned by ONE thread (the scheduler's); nothing is thread-safe.
+    """
+
+    limits: StepLimits
+
+    def add(self, row_id: int, row: GenerationRow) -> None:
+        """Admit a row: `CacheFull` (no KV row free now), `RowTooLong` (can never fit), `EngineError`
+        (bad params, unknown adapter, row id in use). The slot of ``row.adapter`` is resolved NOW and
+        kept for the row's life."""
+        ...
+
+    def cancel(self, row_id: int) -> None:
+        """Free the row's KV row at once; an unknown id is a no-op."""
+        ...
+
+    def step(self) -> list[RowEvent]:
+        """Prefill at most ``prefill_chunk`` prompt tokens of joining rows (a row whose prompt completes
+        gets its first token in this step's events), then ONE decode forward for every row that was
+        decoding when the step began. [] when idle. A finished row's KV row is free when step returns."""
+        ...
+
+    def rows(self) -> int:
+        """Rows added and not finished or cancelled."""
+        ...
+
+    def free_rows(self) -> int: ...
+
+    def uses(self, adapter_name: str) -> int:
+        """Rows (prefilling or decoding) on this adapter."""
+        ...
+
+    def kv_utilisation(self) -> float:
+        """Tokens held / (max_rows * max_len)."""
+        ...
+
+    def warmup(self) -> None:
+        """GPU graphs: capture every decode bucket now (while no row runs); otherwise a no-op."""
+        ...
+
+    def describe(self) -> dict:
+        """{"captures", "captures_after_warmup", "buckets", "rows", "max_rows", "max_len", "kv_utilisation", "steps", ...}"""
+        ...
+
+
 class Engine(Protocol):
     """What serving needs of an engine (handler/service.py, handler/residency.py), in PEFT's names
     and meanings, plus one batched `generate`. Nothing else: switching a default adapter or
@@ -100,4 +181,8 @@ class Engine(Protocol):
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[GenerationOutput]:
         """Serve every row; a row's output depends only on its own prompt, adapter and params."""
+        ...
+
+    def stepper(self, limits: StepLimits) -> RowStepper:
+        """The engine's row stepper for continuous scheduling (`EngineError` where the engine has none)."""
         ...

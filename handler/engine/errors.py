@@ -40,3 +40,13 @@ class AdapterNotLoaded(EngineError, KeyError):
 
 class BatchShapeError(EngineError):
     """The per-row adapter list does not match the batch (e.g. beams multiplied the rows)."""
+
+
+class CacheFull(EngineError):
+    """No free KV row now (`api.RowStepper.add`): the row can run once another finishes or is
+    cancelled, so the caller keeps it waiting."""
+
+
+class RowTooLong(EngineError):
+    """``len(prompt) + max_new_tokens`` exceeds the stepper's ``max_len``: the row can never fit in a
+    KV row, however long it waits."""

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .api import GenerationOutput, GenerationRow, LoadedAdapter
+from .api import GenerationOutput, GenerationRow, LoadedAdapter, RowStepper, StepLimits
 from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
 from .generation import GroupOutput, hf_generate, run_rows
 from .logprobs import StepLogprobs
@@ -113,6 +113,10 @@ class PeftGroupedEngine:
     @property
     def peft_config(self) -> Mapping[str, Any]:
         return dict(self.peft_model.peft_config) if self.peft_model is not None else {}
+
+    def stepper(self, limits: StepLimits) -> RowStepper:
+        """None here: PEFT's forward splits a batch per adapter, so there is no one-forward decode step."""
+        raise EngineError("continuous scheduling needs engine: multilora")
 
     def get_model_status(self) -> Mapping[str, Any]:
         return {

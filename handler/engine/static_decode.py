@@ -159,7 +159,7 @@ class StaticDecoder:
         T = _round_up(L + max_new, self.len_bucket)
         st = self._bucket_for(B, T, rank if graphs else 0, input_ids.device)
         ids, pm = _pad_rows(input_ids, attention_mask, B, pad_id)
-        pick = _picker(kw)
+        pick = picker(kw)
 
         # -- prefill (eager) --------------------------------------------------
         _reset_cache(st.cache)
@@ -348,9 +348,10 @@ def _pad_rows(ids: torch.Tensor, mask: torch.Tensor, B: int, pad_id: int) -> tup
     return torch.cat([ids, fill_ids]), torch.cat([mask, fill_mask])
 
 
-def _picker(kw: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+def picker(kw: dict[str, Any], generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The next-token rule `generate` applies for these kwargs: argmax, or fp32 logits
-    through transformers' temperature and top-p warpers, softmax, one multinomial draw."""
+    through transformers' temperature and top-p warpers, softmax, one multinomial draw
+    (from `generator`, else the global RNG; `stepping` gives each sampled row its own)."""
     if not kw.get("do_sample"):
         return lambda logits: logits.argmax(-1)
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -364,6 +365,6 @@ def _picker(kw: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         scores = logits.to(torch.float32)
         for w in warpers:
             scores = w(None, scores)
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
 
     return sample

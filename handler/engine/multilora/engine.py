@@ -29,11 +29,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..api import GenerationOutput, GenerationRow, LoadedAdapter
+from ..api import GenerationOutput, GenerationRow, LoadedAdapter, StepLimits
 from ..errors import EngineError
 from ..generation import GroupOutput, hf_generate, run_rows
 from ..settings import EngineSettings
+from ..kernels.triton_lora import MAX_RANK as KERNEL_MAX_RANK  # plain Python: needs neither triton nor CUDA
 from ..static_decode import NotCapturable, StaticDecoder
+from ..stepping import Stepper
 from .adapter_file import AdapterSource
 from .model import MultiLoraModel
 
@@ -58,13 +60,36 @@ class MultiLoraEngine:
             decode_graph_buckets=settings.decode_graph_buckets)
         self.fallbacks = 0  # groups served by `generate` because the decoder could not capture them
         self.last_fallback = ""
+        self._stepper: Stepper | None = None
 
     def load_adapter(self, source: AdapterSource, adapter_name: str) -> LoadedAdapter:
         ms = self.model.load_adapter(source, adapter_name)
         return LoadedAdapter(name=adapter_name, nbytes=self.model.adapter_nbytes(adapter_name), load_ms=ms)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Refused while a stepper row runs on it (a safety net: the scheduler pins adapters in use)."""
+        if self._stepper is not None and self._stepper.uses(adapter_name):
+            raise EngineError(f"adapter {adapter_name!r} is in use by {self._stepper.uses(adapter_name)} running "
+                              f"row(s); delete it when they finish")
         self.model.delete_adapter(adapter_name)
+
+    def stepper(self, limits: StepLimits) -> Stepper:
+        """The engine's one `stepping.Stepper` (built on the first call, and again for other limits
+        while it is idle). Decode steps replay CUDA graphs in decode mode ``graphs`` when the LoRA
+        kernels can serve the pool's largest rank; otherwise they run eagerly."""
+        if self._stepper is not None:
+            if self._stepper.limits == limits:
+                return self._stepper
+            if self._stepper.rows():
+                raise EngineError("the stepper has rows running; it cannot be rebuilt with other limits")
+            self._stepper = None  # its KV cache goes before the new one is allocated
+        graph_rank = None
+        if (self.decode == "graphs" and self.model.lora_backend.usable
+                and self.model.max_rank <= KERNEL_MAX_RANK):
+            graph_rank = self.model.max_rank
+        self._stepper = Stepper(self.model.model, limits, lora=self.model, eos_token_ids=self.eos_token_ids,
+                                pad_token_id=self.pad_token_id, graph_rank=graph_rank)
+        return self._stepper
 
     def set_adapter(self, adapter_name: str) -> None:
         """PEFT's name, for users of the engine on its own: the adapter `active_adapter` reports and
@@ -86,6 +111,8 @@ class MultiLoraEngine:
         if self.decoder is not None:
             status["decoder"] = {**self.decoder.describe(), "fallbacks": self.fallbacks,
                                  "last_fallback": self.last_fallback}
+        if self._stepper is not None:
+            status["stepper"] = self._stepper.describe()
         return status
 
     def _generate_group(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list, kw: dict,

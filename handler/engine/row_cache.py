@@ -1,0 +1,115 @@
+"""`RowCache`: a KV cache of fixed rows that requests take and give back (continuous batching).
+
+What: per layer one key and one value tensor ``[max_rows, kv_heads, max_len, head_dim]``,
+allocated on the first forward and never moved (captured CUDA graphs read and write them
+at fixed addresses). A request owns one KV row for its life; its token at position p lives
+at index p of that row, with no left padding.
+
+Before each forward the caller says which rows the forward covers and where it writes
+(`for_decode` / `for_prefill`); the attention layers' `update(key, value, layer_idx)` then
+writes the new keys/values there and returns the slice of rows and key length the forward
+attends over. The caller passes a 4D attention mask and explicit position ids, so the model
+never asks the cache for lengths or offsets (transformers' `create_causal_mask` returns a
+4D mask as given).
+
+- decode: rows ``[0, B)`` (the lowest KV rows: `stepping` hands out the lowest free one),
+  one new token per row written at the row's own position ``pos[b]`` (an ``index_put`` with
+  a device tensor: the same kernel, whatever the positions, so it can be captured);
+- prefill: one row ``r``, tokens ``[start, start + n)``, a plain slice copy.
+
+Concurrency: owned by the stepper's thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class _View:
+    """Where the next forward writes and what it reads back."""
+
+    rows: int  # the forward covers KV rows [first, first + rows)
+    length: int  # keys returned: [0, length)
+    first: int = 0
+    start: int = 0  # prefill: first position written
+    pos: torch.Tensor | None = None  # decode: [rows] long, position written per row
+    arange: torch.Tensor | None = None  # decode: [rows] long, 0..rows-1
+
+
+class _RowLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "RowCache") -> None:
+        super().__init__()
+        self._owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        o = self._owner
+        self.dtype, self.device = key_states.dtype, key_states.device
+        shape = (o.max_rows, key_states.shape[1], o.max_len)
+        self.keys = torch.zeros(*shape, key_states.shape[-1], dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(*shape, value_states.shape[-1], dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        v = self._owner.view
+        if v is None:
+            raise RuntimeError("RowCache used without for_decode/for_prefill")
+        return _write(self.keys, key_states, v), _write(self.values, value_states, v)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        v = self._owner.view
+        return (v.length if v is not None else self._owner.max_len), 0
+
+    def get_seq_length(self) -> int:
+        return 0  # rows differ; callers pass position ids and a 4D mask
+
+    def get_max_length(self) -> int:
+        return self._owner.max_len
+
+
+def _write(store: torch.Tensor, new: torch.Tensor, v: _View) -> torch.Tensor:
+    rows = store[v.first: v.first + v.rows]
+    if v.pos is not None:  # decode: new is [rows, heads, 1, dim]
+        rows[v.arange, :, v.pos] = new[:, :, 0]
+    else:
+        rows[:, :, v.start: v.start + new.shape[2]] = new
+    return rows[:, :, : v.length]
+
+
+class RowCache(Cache):
+    """``max_rows`` KV rows of ``max_len`` tokens each, for every layer of the model."""
+
+    def __init__(self, num_layers: int, max_rows: int, max_len: int) -> None:
+        self.max_rows = int(max_rows)
+        self.max_len = int(max_len)
+        self.view: _View | None = None
+        self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+        super().__init__(layers=[_RowLayer(self) for _ in range(int(num_layers))])
+
+    def for_decode(self, pos: torch.Tensor, length: int) -> None:
+        """The next forward covers rows ``[0, len(pos))``, writes row b's token at ``pos[b]``,
+        and attends over keys ``[0, length)``. `pos` is read when the forward *runs* (a
+        captured graph keeps reading the same tensor)."""
+        b = int(pos.shape[0])
+        key = (b, pos.device)
+        ar = self._aranges.get(key)
+        if ar is None:
+            ar = self._aranges[key] = torch.arange(b, device=pos.device)
+        self.view = _View(rows=b, length=int(length), pos=pos, arange=ar)
+
+    def for_prefill(self, row: int, start: int, length: int) -> None:
+        """The next forward covers row `row` alone, writes its tokens from position `start`, and
+        attends over keys ``[0, length)``."""
+        self.view = _View(rows=1, length=int(length), first=int(row), start=int(start))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lay in self.layers if lay.is_initialized
+                   for t in (lay.keys, lay.values))

@@ -1,0 +1,462 @@
+"""`Stepper`: continuous batching over a per-row KV cache (`api.RowStepper`).
+
+Rows join and leave between any two steps. Each step (`Stepper.step`):
+
+1. prefill: at most ``prefill_chunk`` prompt tokens of joining rows, in the order they were
+   added, one eager forward per row chunk (a long prompt takes several steps, so it never
+   stalls the running rows for more than one chunk); the chunk that completes a prompt
+   gives that row its first token in this step's events;
+2. decode: ONE forward ``[B, 1]`` for every row that was decoding when the step began, each
+   row at its own position, with its own LoRA slot, sampling rule and stop condition.
+
+KV rows (`row_cache.RowCache`): a row takes the LOWEST free KV row, so the decode batch is
+the contiguous slice ``[0, B)`` of the cache (B = highest decoding row + 1): nothing is
+gathered or copied per step. A hole in that slice (a free row, or one still prefilling)
+runs as a dummy base-model row fed the pad token, writing only where its own row is free
+or will be overwritten (its next write position), output dropped.
+
+Masks and positions: a row's token at position p lives at index p of its KV row (no padding),
+position ids are the row's positions, and a query at position p sees keys ``0..p``. Eagerly
+the key length is the longest row in the batch rounded up to 64 (less attention work);
+with graphs it is one of a few length buckets.
+
+GPU (``graph_rank`` given): the decode step of each (batch bucket, key-length bucket) is
+captured once as a CUDA graph that reads the rows' LoRA slots, token ids and positions from
+one fixed device tensor (one host-to-device copy per step) and builds its own mask; the
+LoRA kernels run at the pool's largest rank (``graph_rank``), which serves every smaller
+one, so one graph per bucket serves any mix of adapters. `warmup` captures every bucket
+before serving, so a serving run makes no capture (`describe`: ``captures_after_warmup``).
+Prefill stays eager. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
+
+Sampling per row: greedy = argmax; sampled rows go through `static_decode.picker` (the
+warpers ``generate`` uses) with their own ``torch.Generator`` seeded by ``params.seed``
+(a random seed when None), so a seeded row's tokens do not depend on its batch mates.
+Log-probabilities per row as `api.SamplingParams` defines them (`logprobs.step` on the
+raw logits), only for rows that ask.
+
+Why not transformers' own continuous batching (`transformers.generation.continuous_batching`,
+5.23, looked at for issue 13):
+
+- It flattens every request's tokens into one ``[1, total_tokens]`` sequence (varlen /
+  paged attention). Our LoRA layers (`multilora.layer`) take one slot per *batch row* from
+  `multilora.context.BatchContext`; on a flattened batch every token would get row 0's slot.
+  Serving them would need a per-token slot tensor built from the request->token layout,
+  which only `ContinuousBatchingIOs.prepare_batch_tensors` knows: there is no hook there to
+  attach per-request data to the forward (``add_request`` takes only logits-processor kwargs)
+  and nothing in ``batch_data`` we could derive slots from without subclassing private classes.
+- Its CUDA graphs are captured inside `ModelRunner.compute_batch` around ``model(**batch_data)``
+  *plus* its sampler, with no way to run the capture inside our ``static_batch`` context
+  (the slot tensor the LoRA kernels read at replay), and its padding intervals decide the
+  shapes, not our batch buckets.
+- Sampling is per manager, not per request: ``do_sample`` and the seed are global
+  (`ModelRunner.do_sample`, one TP seed, ``torch.multinomial`` on the default generator), so
+  a seeded row's tokens would depend on its batch mates; temperature/top-p per request only
+  through ``per_request_processors``.
+- Log-probs: only the chosen token's, taken *after* the logits processors (temperature,
+  top-p), and no top-k alternatives; our API defines them on the raw logits with top-k.
+- It runs its own background thread with queues (``ContinuousBatchingManager``); our
+  scheduler thread owns the engine and wants one synchronous step at a time.
+
+Concurrency: owned by one thread (the scheduler's), like the engine; nothing is thread-safe.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from . import logprobs as lp
+from .api import GenerationRow, RowEvent, SamplingParams, StepLimits
+from .errors import CacheFull, EngineError, RowTooLong
+from .generation import generation_kwargs, validate_rows
+from .row_cache import RowCache
+from .static_decode import SUPPORTED_ATTENTION, LoraRows, picker
+
+EAGER_LEN = 64  # eager decode/prefill: key length rounded up to a multiple of this
+GRAPH_MIN_LEN = 256  # graphs: key-length buckets 256, 512, 1024, ... and max_len
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-int(n) // to) * to
+
+
+def batch_buckets(limits: StepLimits) -> list[int]:
+    """Decode batch sizes captured as graphs: `graph_batch_sizes` (or 1, 2, 4, ...), always with
+    ``max_rows``, so every batch has a bucket."""
+    sizes = set(limits.graph_batch_sizes)
+    if not sizes:
+        b = 1
+        while b < limits.max_rows:
+            sizes.add(b)
+            b *= 2
+    sizes.add(limits.max_rows)
+    return sorted(sizes)
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """Key lengths captured as graphs: 256, 512, 1024, ... below `max_len`, then `max_len`."""
+    out, t = [], GRAPH_MIN_LEN
+    while t < max_len:
+        out.append(t)
+        t *= 2
+    return out + [max_len]
+
+
+def _first_at_least(buckets: Sequence[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@dataclass(eq=False)
+class _Row:
+    row_id: int
+    kv: int  # KV row index
+    prompt: list[int]
+    adapter: str | None
+    slot: int  # LoRA slot resolved at `add`, kept for the row's life
+    params: SamplingParams
+    pick: Callable[[torch.Tensor], torch.Tensor] | None  # None = greedy (batched argmax)
+    filled: int = 0  # prompt tokens in the cache
+    generated: int = 0  # new tokens produced (EOS excluded)
+    last: int = 0  # the last new token: the next decode step's input
+
+    @property
+    def decoding(self) -> bool:
+        return self.generated > 0
+
+    @property
+    def held(self) -> int:
+        """Tokens in the cache = the position the row writes next."""
+        return self.filled + max(self.generated - 1, 0)
+
+
+@dataclass(eq=False)
+class _Graph:
+    """One captured decode step: everything it reads or writes, at fixed addresses."""
+
+    batch: int
+    length: int
+    inputs: torch.Tensor  # [3, B] long: token id, position, LoRA slot per row (one H2D copy per step)
+    graph: Any = None
+    logits: torch.Tensor | None = None
+    replays: int = 0
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.inputs[0].view(self.batch, 1)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.inputs[1].view(self.batch, 1)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.inputs[2]
+
+
+class Stepper:
+    """`api.RowStepper` for one causal LM (sdpa or eager attention).
+
+    `lora`: the LoRA facade setting rows' adapters (`multilora.MultiLoraModel`); None = a model
+    without LoRA layers (every row must then be a base row). `graph_rank`: capture decode steps
+    as CUDA graphs with the LoRA kernels at this rank (None = eager; only on CUDA).
+    """
+
+    def __init__(self, model: nn.Module, limits: StepLimits, *, lora: LoraRows | None, eos_token_ids: Sequence[int],
+                 pad_token_id: int, graph_rank: int | None = None) -> None:
+        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attn not in SUPPORTED_ATTENTION:
+            raise EngineError(f"continuous batching supports attention {SUPPORTED_ATTENTION}, model uses {attn!r}")
+        self.model = model
+        self.limits = limits
+        self.lora = lora
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.eos_token_ids = sorted(self.eos)
+        self.pad_token_id = int(pad_token_id)
+        self.device = next(model.parameters()).device
+        self.vocab = int(model.get_input_embeddings().num_embeddings)
+        self.graphs = graph_rank is not None and self.device.type == "cuda"
+        self.graph_rank = int(graph_rank or 0)
+        self.float_mask = attn == "eager"
+        self.mask_dtype = next(model.parameters()).dtype
+        self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len)
+        self._arange = torch.arange(limits.max_len, device=self.device)
+        self._rows: dict[int, _Row] = {}  # add order = prefill order
+        self._by_kv: list[_Row | None] = [None] * limits.max_rows
+        self._free = list(range(limits.max_rows))  # a heap: the lowest free KV row first
+        self._uses: Counter[str] = Counter()
+        self._batch_buckets = batch_buckets(limits)
+        self._len_buckets = length_buckets(limits.max_len)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None  # one CUDA graph memory pool for every bucket (replays never overlap)
+        self.captures = 0
+        self.captures_after_warmup = 0
+        self.warmed_up = False
+        self.steps = 0
+        self.decode_steps = 0
+        self.prefill_forwards = 0
+
+    # -- rows -----------------------------------------------------------------
+    def add(self, row_id: int, row: GenerationRow) -> None:
+        if row_id in self._rows:
+            raise EngineError(f"row {row_id} is already running")
+        try:
+            validate_rows([row])
+        except EngineError as exc:
+            raise type(exc)(str(exc).replace("row 0:", f"row {row_id}:", 1)) from None
+        p = row.params
+        kw = generation_kwargs(p, p.max_new_tokens, self.eos_token_ids, self.pad_token_id)  # refuses temperature <= 0
+        prompt = [int(t) for t in row.input_ids]
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise EngineError(f"row {row_id}: token ids must lie in 0..{self.vocab - 1}")
+        if len(prompt) + p.max_new_tokens > self.limits.max_len:
+            raise RowTooLong(f"row {row_id}: prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} "
+                             f"exceeds the {self.limits.max_len} tokens a KV row holds")
+        slot = self._resolve([row.adapter])[0]
+        if not self._free:
+            raise CacheFull(f"all {self.limits.max_rows} KV rows are in use")
+        pick = None
+        if p.do_sample:
+            seed = p.seed if p.seed is not None else secrets.randbits(63)
+            pick = picker(kw, torch.Generator(device=self.device).manual_seed(int(seed)))
+        kv = heapq.heappop(self._free)
+        r = _Row(row_id, kv, prompt, row.adapter, slot, p, pick)
+        self._rows[row_id] = r
+        self._by_kv[kv] = r
+        if row.adapter is not None:
+            self._uses[row.adapter] += 1
+
+    def cancel(self, row_id: int) -> None:
+        r = self._rows.get(row_id)
+        if r is not None:
+            self._release(r)
+
+    def _release(self, r: _Row) -> None:
+        del self._rows[r.row_id]
+        self._by_kv[r.kv] = None
+        heapq.heappush(self._free, r.kv)
+        if r.adapter is not None:
+            self._uses[r.adapter] -= 1
+            if not self._uses[r.adapter]:
+                del self._uses[r.adapter]
+
+    def rows(self) -> int:
+        return len(self._rows)
+
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def uses(self, adapter_name: str) -> int:
+        return self._uses.get(adapter_name, 0)
+
+    def kv_utilisation(self) -> float:
+        return sum(r.held for r in self._rows.values()) / (self.limits.max_rows * self.limits.max_len)
+
+    # -- the step -------------------------------------------------------------
+    def step(self) -> list[RowEvent]:
+        if not self._rows:
+            return []
+        with torch.inference_mode():
+            decoding = [r for r in self._by_kv if r is not None and r.decoding]
+            events = self._prefill()
+            if decoding:
+                events += self._decode(decoding)
+        self.steps += 1
+        return events
+
+    def _prefill(self) -> list[RowEvent]:
+        budget = self.limits.prefill_chunk
+        events: list[RowEvent] = []
+        for r in list(self._rows.values()):
+            if budget <= 0:
+                break
+            if r.filled == len(r.prompt):
+                continue
+            n = min(len(r.prompt) - r.filled, budget)
+            budget -= n
+            logits = self._prefill_forward(r, n)
+            if r.filled == len(r.prompt):
+                events += self._emit([r], logits)
+        return events
+
+    def _prefill_forward(self, r: _Row, n: int) -> torch.Tensor:
+        s = r.filled
+        ids = torch.tensor([r.prompt[s: s + n]], dtype=torch.long, device=self.device)
+        pos = self._arange[s: s + n].view(1, n)
+        length = min(_round_up(s + n, EAGER_LEN), self.limits.max_len)
+        mask = (self._arange[:length].view(1, length) <= pos.view(n, 1)).view(1, 1, n, length)
+        self.cache.for_prefill(r.kv, s, length)
+        with self._eager([r]):
+            out = self.model(input_ids=ids, attention_mask=self._as_mask(mask), position_ids=pos,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        r.filled += n
+        self.prefill_forwards += 1
+        return out.logits[:, -1]
+
+    def _decode(self, decoding: list[_Row]) -> list[RowEvent]:
+        """One forward over KV rows [0, B); rows not in `decoding` are dummies that write at their
+        own next position (a free row anywhere), so no live row's cache changes."""
+        n = max(r.kv for r in decoding) + 1
+        B = _first_at_least(self._batch_buckets, n) if self.graphs else n
+        feed = {r.kv for r in decoding}
+        rows = [r if r is not None and r.kv in feed else None for r in self._by_kv[:B]]
+        ids = [r.last if r is not None else self.pad_token_id for r in rows]
+        slots = [r.slot if r is not None else 0 for r in rows]
+        pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
+        need = max(pos) + 1
+        if self.graphs:
+            self._check(rows)
+            logits = self._replay(B, _first_at_least(self._len_buckets, need), ids, pos, slots)
+        else:
+            inputs = torch.tensor([ids, pos], dtype=torch.long).to(self.device)
+            with self._eager(rows):
+                logits = self._decode_forward(inputs[0].view(B, 1), inputs[1].view(B, 1),
+                                              min(_round_up(need, EAGER_LEN), self.limits.max_len))
+        self.decode_steps += 1
+        index = torch.tensor([r.kv for r in decoding], device=logits.device)
+        return self._emit(decoding, logits.index_select(0, index))
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, 1] ids at positions [B, 1] -> [B, V] logits; what a graph captures (mask built inside)."""
+        B = ids.shape[0]
+        mask = (self._arange[:length].view(1, length) <= pos).view(B, 1, 1, length)
+        self.cache.for_decode(pos.view(B), length)
+        out = self.model(input_ids=ids, attention_mask=self._as_mask(mask), position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> list[RowEvent]:
+        """Pick each row's next token from its raw logits [N, V]; events; free finished rows."""
+        greedy = [i for i, r in enumerate(rows) if r.pick is None]
+        if len(greedy) == len(rows):
+            chosen = logits.argmax(-1)
+        else:
+            chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            if greedy:
+                g = torch.tensor(greedy, device=logits.device)
+                chosen[g] = logits.index_select(0, g).argmax(-1)
+            for i, r in enumerate(rows):
+                if r.pick is not None:
+                    chosen[i] = r.pick(logits[i: i + 1])[0]
+        ask = [i for i, r in enumerate(rows) if r.params.logprobs]
+        lps: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+        if ask:
+            k = max(rows[i].params.logprobs for i in ask)
+            a = torch.tensor(ask, device=logits.device)
+            c, ti, tv = lp.step(logits.index_select(0, a), chosen.index_select(0, a), k)
+            for i, cv, ids, vals in zip(ask, c.tolist(), ti.tolist(), tv.tolist()):
+                kk = rows[i].params.logprobs
+                lps[i] = (cv, tuple(zip(ids[:kk], vals[:kk])))
+        events = []
+        for i, (r, t) in enumerate(zip(rows, chosen.tolist())):
+            if t in self.eos:
+                events.append(RowEvent(r.row_id, None, "stop"))
+                self._release(r)
+                continue
+            r.generated += 1
+            r.last = t
+            done = "length" if r.generated >= r.params.max_new_tokens else None
+            lpv, top = lps.get(i, (None, None))
+            events.append(RowEvent(r.row_id, t, done, lpv, top))
+            if done:
+                self._release(r)
+        return events
+
+    # -- LoRA -----------------------------------------------------------------
+    def _resolve(self, names: Sequence[str | None]) -> list[int]:
+        if self.lora is None:
+            if any(n is not None for n in names):
+                raise EngineError("this model has no LoRA layers: rows must use the base model")
+            return [0] * len(names)
+        return self.lora.resolve_slots(list(names), len(names))
+
+    def _eager(self, rows: Sequence[_Row | None]) -> ContextManager[None]:
+        """The eager LoRA batch for these rows (None = a dummy base row). Adapters are named, so
+        the names must still map to the slots resolved at `add` (the engine refuses to delete
+        an adapter in use; this catches a facade used behind its back)."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.batch(self._check(rows), len(rows))
+
+    def _check(self, rows: Sequence[_Row | None]) -> list[str | None]:
+        names = [r.adapter if r is not None else None for r in rows]
+        if self._resolve(names) != [r.slot if r is not None else 0 for r in rows]:
+            raise EngineError("a running row's adapter moved to another slot (deleted while in use?)")
+        return names
+
+    def _static(self, g: _Graph) -> ContextManager[None]:
+        if self.lora is None or not self.graph_rank:
+            return contextlib.nullcontext()
+        return self.lora.static_batch(g.slots, self.graph_rank)
+
+    def _as_mask(self, m: torch.Tensor) -> torch.Tensor:
+        if not self.float_mask:
+            return m
+        return (~m).to(self.mask_dtype) * torch.finfo(self.mask_dtype).min
+
+    # -- graphs ---------------------------------------------------------------
+    def _replay(self, B: int, length: int, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+        g = self._graph(B, length)
+        g.inputs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long), non_blocking=False)
+        if g.graph is None:
+            self._capture(g)
+            self.captures_after_warmup += 1
+        g.graph.replay()
+        g.replays += 1
+        return g.logits
+
+    def _graph(self, B: int, length: int) -> _Graph:
+        g = self._graphs.get((B, length))
+        if g is None:
+            g = self._graphs[(B, length)] = _Graph(B, length, torch.zeros(3, B, dtype=torch.long, device=self.device))
+        return g
+
+    def _capture(self, g: _Graph) -> None:
+        """Run the step once on a side stream (kernel JIT, workspaces), then capture it. The run
+        writes the same keys/values the captured step writes (same inputs), so it is harmless."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), self._static(g):
+            self._decode_forward(g.ids, g.pos, g.length)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with self._static(g), torch.cuda.graph(graph, pool=self._pool):
+            g.logits = self._decode_forward(g.ids, g.pos, g.length)
+        g.graph = graph
+        self.captures += 1
+
+    def warmup(self) -> None:
+        """Capture every (batch bucket, key-length bucket) decode step now. Needs no row running:
+        the captures write dummy keys at position 0 of rows [0, B)."""
+        if not self.graphs:
+            self.warmed_up = True
+            return
+        if self._rows:
+            raise EngineError("warmup needs an idle stepper (the captures write into KV rows)")
+        with torch.inference_mode():
+            for B in self._batch_buckets:
+                for length in self._len_buckets:
+                    g = self._graph(B, length)
+                    if g.graph is None:
+                        g.inputs.zero_()
+                        g.inputs[0].fill_(self.pad_token_id)
+                        self._capture(g)
+        self.warmed_up = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"graphs": self.graphs, "graph_rank": self.graph_rank if self.graphs else None,
+                "captures": self.captures, "captures_after_warmup": self.captures_after_warmup,
+                "warmed_up": self.warmed_up,
+                "buckets": [{"batch": g.batch, "kv_len": g.length, "captured": g.graph is not None,
+                             "replays": g.replays} for g in self._graphs.values()],
+                "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
+                "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
+                "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
+                "prefill_forwards": self.prefill_forwards}
