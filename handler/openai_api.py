@@ -12,8 +12,10 @@ X-Tenant-ID and is checked as for any request). A tenant named in `model` must a
 X-Tenant-ID, as our `tenant` field must.
 
 Sampling follows OpenAI: `temperature: 0` is greedy; any other temperature, or none (OpenAI's
-default is 1), samples. Streaming comes with the per-step scheduler: until then `stream: true`
-is 400 saying so.
+default is 1), samples. `stream: true` becomes our `stream` field; the chunks
+(chat.completion.chunk / text_completion objects) are shaped here by `chunk_body` and
+`final_chunk_body`, and framed as server-sent events by stream_format.py. The last chunk always
+carries `usage` (as with OpenAI's `stream_options: {"include_usage": true}`, which is accepted).
 
 Log-probabilities: chat `logprobs: true` (+ `top_logprobs: 0..20`), completions `logprobs: k`
 (OpenAI's legacy cap is 5; we accept up to MAX_LOGPROBS) become our `logprobs` field (at least 1:
@@ -54,7 +56,8 @@ class Endpoint(enum.Enum):
     MODELS = "v1/models"
 
 
-_SHARED = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "logprobs"})
+_SHARED = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
+                     "logprobs"})
 _FIELDS = {
     Endpoint.CHAT: _SHARED | {"messages", "max_completion_tokens", "top_logprobs"},
     Endpoint.COMPLETIONS: _SHARED | {"prompt"},
@@ -118,7 +121,7 @@ def parse(endpoint: Endpoint, body: Any, headers: Mapping[str, str]) -> OpenAIRe
         fields["do_sample"] = True
         if temperature is not None:
             fields["temperature"] = temperature
-    for name in ("top_p", "seed", "stop"):
+    for name in ("top_p", "seed", "stop", "stream"):
         if name in data:
             fields[name] = data[name]
     logprobs = _logprobs_asked(endpoint, data)
@@ -172,6 +175,60 @@ def completion_body(req: OpenAIRequest, body: Mapping[str, Any], *, created: int
     }
 
 
+def new_stream_id(req: OpenAIRequest) -> str:
+    """The id every chunk of one stream shares (OpenAI's prefixes, as `completion_body`)."""
+    return ("chatcmpl-" if req.endpoint is Endpoint.CHAT else "cmpl-") + secrets.token_hex(12)
+
+
+def chunk_body(req: OpenAIRequest, text: str, logprobs: dict | None, *, stream_id: str, created: int,
+               first: bool) -> dict:
+    """One streamed piece of text: a chat.completion.chunk (`delta`; the stream's first chunk also
+    names the role) or a text_completion chunk. `logprobs` is already in OpenAI's shape for this
+    endpoint (`delta_logprobs`), or None."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.endpoint is Endpoint.CHAT:
+        choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=logprobs, finish_reason=None)
+    return _chunk(req, choice, stream_id=stream_id, created=created)
+
+
+def final_chunk_body(req: OpenAIRequest, body: Mapping[str, Any], *, stream_id: str, created: int) -> dict:
+    """The stream's last chunk, from the whole reply (`completion_body`'s object): no text,
+    `finish_reason`, `usage` and our `loraplex` fields."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.endpoint is Endpoint.CHAT:
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    choice.update(logprobs=None, finish_reason=body["choices"][0]["finish_reason"])
+    return {**_chunk(req, choice, stream_id=stream_id, created=created), "usage": dict(body["usage"]),
+            "loraplex": dict(body["loraplex"])}
+
+
+def reply_text(req: OpenAIRequest, body: Mapping[str, Any]) -> tuple[str, dict | None]:
+    """The text and OpenAI-shaped logprobs of a whole reply (`completion_body`'s object)."""
+    choice = body["choices"][0]
+    text = choice["message"]["content"] if req.endpoint is Endpoint.CHAT else choice["text"]
+    return text, choice.get("logprobs")
+
+
+def delta_logprobs(req: OpenAIRequest, ours: Mapping[str, Any] | None, text_offset: int) -> dict | None:
+    """Our `logprobs` for the tokens of one streamed piece -> OpenAI's shape (None when the caller
+    asked for none). `text_offset`: where the piece starts in the returned text (completions)."""
+    if req.logprobs is None or ours is None:
+        return None
+    if req.endpoint is Endpoint.CHAT:
+        return _chat_logprobs(ours, req.logprobs)
+    return _completion_logprobs(ours, req.logprobs, start=text_offset)
+
+
+def _chunk(req: OpenAIRequest, choice: dict, *, stream_id: str, created: int) -> dict:
+    kind = "chat.completion.chunk" if req.endpoint is Endpoint.CHAT else "text_completion"
+    return {"id": stream_id, "object": kind, "created": created, "model": req.model, "choices": [choice]}
+
+
 def error_body(exc: BaseException) -> dict:
     """OpenAI's error shape; the status, the message and the 5xx wording are errors.py's."""
     ours = errors.error_body(exc)
@@ -184,11 +241,11 @@ def error_body(exc: BaseException) -> dict:
 
 
 def _refuse_not_available(data: Mapping[str, Any]) -> None:
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest(f"'stream' must be true or false, got {json_type(stream)}")
-    if stream:
-        raise InvalidRequest("streaming is not available yet on this server; send 'stream': false")
+    options = data.get("stream_options", {})
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"} \
+            or not isinstance(options.get("include_usage", True), bool):
+        raise InvalidRequest("'stream_options' may only be {\"include_usage\": true|false} "
+                             "(the last chunk carries usage either way)")
     n = data.get("n", 1)
     if isinstance(n, bool) or n != 1:
         raise InvalidRequest("'n' must be 1 on this server (one choice per request)")
@@ -220,13 +277,14 @@ def _chat_logprobs(ours: Mapping[str, Any], k: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(ours: Mapping[str, Any], k: int) -> dict:
+def _completion_logprobs(ours: Mapping[str, Any], k: int, start: int = 0) -> dict:
     """Our `logprobs` -> OpenAI's legacy completions `choices[0].logprobs`. As OpenAI documents, each
     step's `top_logprobs` holds the k most likely tokens and the chosen one (up to k + 1 entries);
-    `text_offset` is each token's offset in the returned text (the tokens' strings laid end to end).
+    `text_offset` is each token's offset in the returned text (the tokens' strings laid end to end,
+    from `start`: where a streamed piece begins).
     Two alternatives that read alike (byte pieces of one character both read "\ufffd") keep the
     more likely one's value."""
-    tops, offsets, at = [], [], 0
+    tops, offsets, at = [], [], start
     for token, logprob, top in zip(ours["tokens"], ours["token_logprobs"], ours["top_logprobs"]):
         step: dict[str, float] = {}
         for alt in top[:k]:

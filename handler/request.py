@@ -26,7 +26,7 @@ KEY_HEADER = "x-tenant-key"
 BASE = "base"
 
 _ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p",
-                             "do_sample", "seed", "stop", "adapter", "logprobs"})
+                             "do_sample", "seed", "stop", "adapter", "logprobs", "stream"})
 _ROLES = frozenset({"system", "user", "assistant"})
 MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenising; the token limit is checked later
 MAX_MESSAGES = 256
@@ -53,6 +53,7 @@ class InferenceRequest:
     adapter: str | None
     logprobs: int = 0  # 0 = none; k >= 1 = each returned token's log-probability and its top k
     key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
+    stream: bool = False  # send the text as it is produced (ts_entry/stream_format.py write the chunks)
 
     def __repr__(self) -> str:  # never print the key
         return f"InferenceRequest(tenant={self.tenant!r}, adapter={self.adapter!r}, key={'***' if self.key else None})"
@@ -81,7 +82,8 @@ def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
     logprobs = logprobs_count(data, "logprobs") if "logprobs" in data else 0
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
-                            stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers))
+                            stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers),
+                            stream=_bool(data, "stream", False))
 
 
 def logprobs_count(data: Mapping[str, Any], name: str) -> int:

@@ -133,9 +133,9 @@ def test_errors_in_openai_shape_with_our_status(stack, tenants):
     with pytest.raises(openai.PermissionDeniedError) as e:
         client.chat.completions.create(model="oai-off", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert e.value.status_code == 403 and "disabled" in e.value.message and e.value.code == "TenantDisabled"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="oai-a", messages=[{"role": "user", "content": "x"}], stream=True)
-    assert "streaming is not available yet" in e.value.message
+    with pytest.raises(openai.PermissionDeniedError) as e:  # a stream that fails before its first chunk
+        client.chat.completions.create(model="oai-off", messages=[{"role": "user", "content": "x"}], stream=True)
+    assert e.value.status_code == 403 and e.value.code == "TenantDisabled"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="oai-a", prompt="x", max_tokens=10_000)
     assert "'max_tokens' is 10000" in e.value.message

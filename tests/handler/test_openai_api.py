@@ -79,7 +79,8 @@ def test_model_is_a_valid_tenant_id(model):
 
 
 @pytest.mark.parametrize("fields, words", [
-    ({"stream": True}, "streaming is not available yet"),
+    ({"stream_options": {"include_usage": 1}}, "'stream_options' may only be"),
+    ({"stream_options": {"other": True}}, "'stream_options' may only be"),
     ({"stream": "yes"}, "'stream' must be true or false"),
     ({"logprobs": 1}, "'logprobs' must be true or false"),
     ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),

@@ -144,7 +144,7 @@ def test_bad_requests_fail_alone_in_their_batch(make_service, tools, tiny_adapte
     svc = make_service()
     tools.onboard(svc, "acme", tiny_adapters["a"])
     batch = [
-        RawRequest(_chat("acme", stream=True), CHAT),
+        RawRequest(_chat("acme", stream="yes"), CHAT),
         RawRequest(_chat("acme", logprobs=True, top_logprobs=21), CHAT),
         RawRequest(_chat("acme", n=3), CHAT),
         RawRequest(_chat("acme", max_tokens=10_000), CHAT),
@@ -158,7 +158,7 @@ def test_bad_requests_fail_alone_in_their_batch(make_service, tools, tiny_adapte
         RawRequest({"prompt": "hello world", "max_new_tokens": 4}, {"X-Tenant-ID": "acme", "url_path": ""}),
     ]
     *bad, comp, ours = svc.handle_batch(batch)
-    assert "streaming is not available yet" in _openai_error(bad[0], 400, "InvalidRequest")
+    assert "'stream' must be true or false" in _openai_error(bad[0], 400, "InvalidRequest")
     assert "'top_logprobs' must be between 0 and 20" in _openai_error(bad[1], 400, "InvalidRequest")
     assert "'n' must be 1" in _openai_error(bad[2], 400, "InvalidRequest")
     assert "'max_tokens' is 10000; this server allows at most 32" in _openai_error(bad[3], 400, "InvalidRequest")
