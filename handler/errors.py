@@ -68,6 +68,10 @@ class RequestTimedOut(Exception):
     """The request did not finish within `request_timeout_s` of its arrival (its KV row is freed)."""
 
 
+class WorkerStopping(Exception):
+    """The worker is shutting down; the request was not (fully) served. Retry elsewhere."""
+
+
 class RequestCancelled(Exception):
     """The client went away or cancelled (`Ticket.cancel`); nobody reads the reply."""
 
@@ -98,6 +102,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdapterLoadFailed, 503, "Adapter Unavailable"),
     (AdapterInvalid, 503, "Adapter Unavailable"),
     (QueueFull, 503, "Queue Full"),
+    (WorkerStopping, 503, "Worker Stopping"),
     (RequestTimedOut, 504, "Request Timed Out"),
     (RequestCancelled, 499, "Client Closed Request"),
     (RegistryError, 500, "Registry Error"),
@@ -127,6 +132,6 @@ def public_message(exc: BaseException) -> str:
         return f"adapter {exc.adapter_id} cannot be served right now; try again later"
     if isinstance(exc, RegistryUnavailable):
         return "the tenant registry is unavailable; try again later"
-    if isinstance(exc, (QueueFull, RequestTimedOut)):
+    if isinstance(exc, (QueueFull, RequestTimedOut, WorkerStopping)):
         return str(exc)  # our own sentence, no addresses or paths
     return "internal error; see the worker log"

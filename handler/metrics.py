@@ -21,9 +21,14 @@ Cardinality: the first `metrics_max_adapters` distinct (tenant, version) pairs a
 keep their own labels; every later pair is recorded as tenant=version="_other" (TorchServe never
 removes a series, so the cap bounds the endpoint for the worker's lifetime).
 
-Concurrency: every `record_*` call runs on the worker thread (TorchServe's `handle` →
-`LoraplexService.handle_batch` → the residency), one at a time. The own endpoint's HTTP thread
-(prometheus_client) only reads its registry.
+Concurrency: every recording call runs on the thread that owns the engine, one at a time
+(static: the worker thread, TorchServe's `handle` → `LoraplexService.handle_batch` → the residency;
+continuous: the scheduler thread). The own endpoint's HTTP thread (prometheus_client) only reads
+its registry.
+
+Rate: each update through TorchServe is a log line, so the continuous scheduler's per-step gauges
+(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and at once when the worker goes idle;
+the per-row histograms are one value per row (TTFT, mean inter-token latency), not one per token.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 ADAPTER_LABELS = ("tenant", "task", "version")
 NO_TENANT, BASE_VERSION, OTHER, NO_TASK = "_none", "_base", "_other", "none"
 EMPTY_LIST = " "  # an empty adapter list: TorchServe drops an empty label; the picker trims it to nothing
+GAUGE_INTERVAL_S = 1.0  # the most often the continuous scheduler's gauges are sent
 
 
 @dataclass(frozen=True)
@@ -62,15 +68,15 @@ EVICTIONS = MetricDef("loraplex_adapter_evictions_total", COUNTER, "count", ADAP
 FALLBACKS = MetricDef("loraplex_adapter_fallbacks_total", COUNTER, "count", ADAPTER_LABELS + ("reason",),
                       "tenant requests served by the base model, by reason")
 TTFT_SECONDS = MetricDef("loraplex_adapter_time_to_first_token_seconds", HISTOGRAM, "seconds", ADAPTER_LABELS,
-                         "batch to completion, no streaming: the time to the whole reply")
+                         "continuous: arrival to the first token; static (no streaming): the time to the whole reply")
 ITL_SECONDS = MetricDef("loraplex_adapter_inter_token_latency_seconds", HISTOGRAM, "seconds", ADAPTER_LABELS,
-                        "the engine call's time / the row's generated tokens")
+                        "continuous: a row's mean time between tokens; static: the engine call's time / its tokens")
 RUNNING = MetricDef("loraplex_num_requests_running", GAUGE, "count", (),
-                    "rows of the engine call being served (the last one, between batches)")
+                    "continuous: rows in the engine's KV rows; static: rows of the engine call being served")
 WAITING = MetricDef("loraplex_num_requests_waiting", GAUGE, "count", (),
-                    "rows of the current batch waiting for a later wave (not TorchServe's queue)")
+                    "continuous: requests waiting for a KV row; static: rows of the batch waiting for a later wave")
 KV_CACHE = MetricDef("loraplex_kv_cache_usage_perc", GAUGE, "percent", (),
-                     "always 0: the KV cache is allocated per engine call and free between calls")
+                     "continuous: the fraction of KV cache tokens held (0..1); static: always 0 (allocated per call)")
 RESIDENT = MetricDef("loraplex_resident_adapters", GAUGE, "count", (), "adapters in the device slots")
 HOST_TIER = MetricDef("loraplex_host_tier_adapters", GAUGE, "count", (), "adapters held in the host-memory tier")
 LORA_INFO = MetricDef("loraplex_lora_requests_info", GAUGE, "timestamp",
@@ -111,6 +117,8 @@ class WorkerMetrics:
         self.max_lora = max_lora
         self._labelled: set[tuple[str, str]] = set()
         self._wall = wall_clock
+        self._gauges_at = float("-inf")  # monotonic time of the last scheduler_step sent
+        self._gauges_last: tuple | None = None
 
     def adapter_labels(self, tenant: str | None, version: int | None) -> tuple[str, str, str]:
         """(tenant, task, version) under the cap; loraplex records have no task (always "none")."""
@@ -138,6 +146,16 @@ class WorkerMetrics:
         if tokens > 0:
             self._emit(ITL_SECONDS, engine_s / tokens, labels)
 
+    def streamed(self, tenant: str | None, version: int | None, tokens: int, ttft_s: float,
+                 itl_s: float | None) -> None:
+        """Continuous: one row answered; arrival to first token, and its mean inter-token time."""
+        labels = self.adapter_labels(tenant, version)
+        self._emit(REQUESTS, 1, labels)
+        self._emit(GENERATED_TOKENS, tokens, labels)
+        self._emit(TTFT_SECONDS, ttft_s, labels)
+        if itl_s is not None:
+            self._emit(ITL_SECONDS, itl_s, labels)
+
     def fallback(self, tenant: str | None, version: int | None, reason: str) -> None:
         self._emit(FALLBACKS, 1, (*self.adapter_labels(tenant, version), reason))
 
@@ -157,6 +175,23 @@ class WorkerMetrics:
         self._emit(WAITING, waiting_rows)
         self._emit(KV_CACHE, 0.0)
         self._emit(LORA_INFO, self._wall(), (str(self.max_lora), _names(running), _names(waiting)))
+
+    def scheduler_step(self, running_rows: int, waiting_rows: int, kv_utilisation: float,
+                       running: Sequence[str], waiting: Sequence[str], now: float | None = None) -> bool:
+        """Continuous, after each step: rows running and waiting, KV use, their tenants. Sent at
+        most every GAUGE_INTERVAL_S, and at once when the rows drop to none; True when sent."""
+        now = time.monotonic() if now is None else now
+        values = (running_rows, waiting_rows, round(kv_utilisation, 4), tuple(dict.fromkeys(running)),
+                  tuple(dict.fromkeys(waiting)))
+        idle_now = running_rows == 0 and waiting_rows == 0
+        if values == self._gauges_last or (now - self._gauges_at < GAUGE_INTERVAL_S and not idle_now):
+            return False
+        self._gauges_at, self._gauges_last = now, values
+        self._emit(RUNNING, running_rows)
+        self._emit(WAITING, waiting_rows)
+        self._emit(KV_CACHE, kv_utilisation)
+        self._emit(LORA_INFO, self._wall(), (str(self.max_lora), _names(running), _names(waiting)))
+        return True
 
     def tiers(self, resident: int, host_tier: int) -> None:
         self._emit(RESIDENT, resident)

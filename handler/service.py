@@ -1,25 +1,38 @@
 """The request path of one worker, top to bottom, free of TorchServe.
 
     raw requests ─► parse_request ─► plan (tenant → record | base + reason)
-                 ─► tokenize (prompt limit) ─► residency (load / pin / evict)
-                 ─► engine.generate (one call for the whole batch)
+                 ─► tokenize (prompt limit) ─► residency (load / hold / evict)
+                 ─► static: engine.generate (one call for the whole batch)
+                    continuous: scheduler.py (rows join and leave between steps)
                  ─► decode, stop strings ─► replies (200 or the request's own 4xx/5xx)
 
 Why no TorchServe here: the service can sit behind another server later, and
 tests drive it directly. `ts_entry.py` is the only TorchServe-aware module.
 
-Concurrency: `handle_batch` and `describe` run on the worker's request thread,
-one call at a time (TorchServe serialises `handle`). The registry subscriber
-thread only touches the tenant cache (see tenants.py).
+Two schedulers (`scheduler` config; `scheduler_kind` is the effective one):
+- static: `handle_batch` serves a batch to completion on the caller's thread.
+- continuous: `submit` plans and tokenizes on the caller's thread (the same checks
+  in the same order), then hands the request to the scheduler thread, which alone
+  runs the engine and the residency; `handle_batch` submits each request and waits.
+Both build every reply with `answer`, so a request gets the same body either way.
+
+Concurrency: static: `handle_batch` and `describe` run on the worker's request
+thread, one call at a time (TorchServe serialises `handle`). Continuous: `submit`,
+`handle_batch`, `describe` and `stop` may be called from any thread; only the
+scheduler thread touches the engine and the residency (`describe` runs its
+engine part there, between steps). `_plan`/`_tokenize` read the tenant cache,
+which is locked (tenants.py), and the tokenizer. The registry subscriber thread
+only touches the tenant cache and the residency's change inbox.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,12 +42,15 @@ from tenant_registry.schema import TenantRecord
 from tenant_registry.store import AdapterStore, open_store
 
 from .engine import EngineSettings, make_engine
-from .engine.api import Engine, GenerationOutput, GenerationRow, SamplingParams
+from .engine.api import Engine, GenerationOutput, GenerationRow, SamplingParams, StepLimits
+from .engine.errors import EngineError
 from .errors import (
     AdapterLoadFailed,
     AdapterNotAllowed,
     InvalidRequest,
     PromptTooLong,
+    QueueFull,
+    RequestTooLarge,
     TenantRequired,
     TenantUnauthorized,
     error_body,
@@ -49,6 +65,7 @@ from .request import BASE, InferenceRequest
 from .host_tier import HostTier
 from .metrics import WorkerMetrics
 from .residency import AdapterResidency
+from .scheduler import Finished, Scheduler, Ticket
 from .routes import Exchange, JsonExchange, route_for
 from .text_stream import covering, logprobs_body, stop_cut
 from .tenants import TenantResolver
@@ -69,6 +86,7 @@ class Reply:
     status: int
     phrase: str
     body: dict
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Retry-After of a 503 QueueFull
 
     @classmethod
     def error(cls, exc: BaseException) -> "Reply":
@@ -122,6 +140,27 @@ class LoraplexService:
         self.batches = 0  # engine calls; fewer than requests when TorchServe batches
         self._stop = threading.Event()
         self._subscriber: threading.Thread | None = None
+        self._count_lock = threading.Lock()
+        self.hold_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.scheduler: Scheduler | None = None
+        if config.scheduler == "continuous":
+            limits = StepLimits(max_rows=config.kv_rows, max_len=config.kv_row_tokens,
+                                prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes)
+            try:
+                stepper = engine.stepper(limits)
+            except EngineError as exc:
+                log.warning("scheduler: continuous asked for, serving static batches instead: %s", exc)
+            else:
+                self.scheduler = Scheduler(self, stepper, max_waiting=config.max_waiting,
+                                           retry_after_s=config.retry_after_s,
+                                           tenant_max_running=config.tenant_max_running,
+                                           request_timeout_s=config.request_timeout_s)
+        log.info("scheduler: %s", self.scheduler_kind)
+
+    @property
+    def scheduler_kind(self) -> str:
+        """The effective scheduler: "continuous", or "static" (asked for, or the engine has no stepper)."""
+        return "continuous" if self.scheduler is not None else "static"
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: LoraplexConfig) -> "LoraplexService":
@@ -140,7 +179,10 @@ class LoraplexService:
         store = open_store(config.adapter_store, config.adapter_store_endpoint)
         service = cls(config, tokenizer, engine, registry, store)
         service.start()
-        service.prefetch()
+        if service.scheduler is not None:  # on its thread: it owns the engine; returns once both are done
+            service.scheduler.start(setup=lambda: (service.scheduler.stepper.warmup(), service.prefetch()))
+        else:
+            service.prefetch()
         return service
 
     def start(self) -> None:
@@ -177,11 +219,37 @@ class LoraplexService:
         return [*self.residency.pinned_ids(), *self.residency.prefetch(records)]
 
     def stop(self) -> None:
+        """Stop following the registry and, in continuous mode, the scheduler thread (requests still
+        in it get 503)."""
         self._stop.set()
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     # -- the request path ----------------------------------------------------------
 
+    def submit(self, raw: RawRequest, loop: asyncio.AbstractEventLoop | None = None) -> Reply | Ticket:
+        """Continuous mode, any thread: the request's checks on this thread, then a Ticket whose events
+        (`scheduler.TextDelta`s, one `scheduler.Finished`) come from the scheduler thread; with `loop`,
+        delivered through it (`await ticket.next()`). An immediate Reply for every error, the model
+        list, 413 (can never fit in a KV row) and 503 (queue full, with Retry-After)."""
+        if self.scheduler is None:
+            raise RuntimeError("submit needs scheduler: continuous; this worker serves static batches (handle_batch)")
+        with self._count_lock:
+            self.requests += 1
+        route = route_for(raw.headers)
+        try:
+            prepared = self._prepare(route, raw)
+            if isinstance(prepared, Reply):
+                return prepared
+            self._check_fits(prepared)
+            return self.scheduler.submit(prepared, loop)
+        except Exception as exc:
+            return self.failed(exc, route.error)
+
     def handle_batch(self, batch: Sequence[RawRequest]) -> list[Reply]:
+        """One reply per request. Continuous: each request submitted, then waited for."""
+        if self.scheduler is not None:
+            return [_wait(r) if isinstance(r, Ticket) else r for r in [self.submit(raw) for raw in batch]]
         self.requests += len(batch)
         self._batch_started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(batch)
@@ -189,15 +257,14 @@ class LoraplexService:
         for i, raw in enumerate(batch):
             route = route_for(raw.headers)
             try:
-                exchange = route.parse(raw.body, raw.headers)
-                plan = replace(self._plan(exchange.request), exchange=exchange)
-                if route.lists_models:  # the same checks as a completion, then the list
-                    listed = models_body(plan.record.tenant_id if plan.record is not None else None)
-                    replies[i] = Reply(200, "OK", exchange.reply(listed))
-                    continue
-                plans[i] = self._tokenize(plan)
+                prepared = self._prepare(route, raw)
             except Exception as exc:
-                replies[i] = self._failed(exc, route.error)
+                replies[i] = self.failed(exc, route.error)
+                continue
+            if isinstance(prepared, Reply):
+                replies[i] = prepared
+            else:
+                plans[i] = prepared
         self.residency.evict_idle()
         pending = dict(plans)
         while pending:
@@ -210,6 +277,22 @@ class LoraplexService:
             self.metrics.wave(0, 0, sorted({a.split("@")[0] for a in self.residency.resident_ids()}), [])
             self.metrics.tiers(len(self.residency.resident_ids()), len(self.residency.host_tier))
         return [r if r is not None else Reply.error(RuntimeError("request was not served")) for r in replies]
+
+    def _prepare(self, route, raw: RawRequest) -> "Plan | Reply":
+        """Parse, plan and tokenize one request (both schedulers); the model list is answered here."""
+        exchange = route.parse(raw.body, raw.headers)
+        plan = replace(self._plan(exchange.request), exchange=exchange)
+        if route.lists_models:  # the same checks as a completion, then the list
+            listed = models_body(plan.record.tenant_id if plan.record is not None else None)
+            return Reply(200, "OK", exchange.reply(listed))
+        return self._tokenize(plan)
+
+    def _check_fits(self, plan: Plan) -> None:
+        """Continuous: 413 for a request that can never fit in one KV row (waiting would not help)."""
+        prompt, new, room = len(plan.input_ids), self.sampling(plan.request).max_new_tokens, self.config.kv_row_tokens
+        if prompt + new > room:
+            raise RequestTooLarge(f"prompt of {prompt} tokens + max_new_tokens {new} = {prompt + new} tokens; "
+                                  f"one request may hold at most {room} (kv_max_len)")
 
     def _next_wave(self, pending: dict[int, Plan]) -> list[int]:
         """Rows that fit in the resident set together: all base rows and rows of at most
@@ -228,14 +311,11 @@ class LoraplexService:
             rows: dict[int, GenerationRow] = {}
             for i, plan in plans.items():
                 try:
-                    adapter = lease.acquire(plan.record) if plan.record is not None else None
+                    plans[i], adapter = self.adapter_for(plan, lease.acquire)
                 except AdapterLoadFailed as exc:
-                    if self.config.load_failure_policy != "base":
-                        replies[i] = self._failed(exc, plan.exchange.error)
-                        continue
-                    plans[i] = plan = replace(plan, record=None, fallback=f"adapter_load_failed: {exc.adapter_id}")
-                    adapter = None
-                rows[i] = GenerationRow(plan.input_ids, adapter, self._sampling(plan.request))
+                    replies[i] = self.failed(exc, plan.exchange.error)
+                    continue
+                rows[i] = GenerationRow(plans[i].input_ids, adapter, self.sampling(plans[i].request))
             if not rows:
                 return
             order = list(rows)
@@ -245,13 +325,34 @@ class LoraplexService:
             except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
                 log.exception("engine.generate failed for a batch of %d rows", len(order))
                 for i in order:
-                    replies[i] = self._failed(exc, plans[i].exchange.error)
+                    replies[i] = self.failed(exc, plans[i].exchange.error)
                 return
             self.batches += 1
             engine_s = time.perf_counter() - started
             for i, out in zip(order, outputs):
-                replies[i], tokens = self._reply(plans[i], out)
-                self._record_served(plans[i], tokens, engine_s)
+                answer = self.answer(plans[i], out)
+                replies[i] = answer.reply
+                self._record_served(plans[i], answer.tokens, engine_s)
+
+    def adapter_for(self, plan: Plan, acquire: Callable[[TenantRecord], str]) -> tuple[Plan, str | None]:
+        """The engine adapter of a planned row, made resident by `acquire` (a hold); None = base.
+        A failed load: AdapterLoadFailed under `load_failure_policy: error`, else the row runs on the
+        base model, flagged `adapter_load_failed: <id>` (both schedulers)."""
+        if plan.record is None:
+            return plan, None
+        try:
+            return plan, acquire(plan.record)
+        except AdapterLoadFailed as exc:
+            if self.config.load_failure_policy != "base":
+                raise
+            return replace(plan, record=None, fallback=f"adapter_load_failed: {exc.adapter_id}"), None
+
+    def record_streamed(self, plan: Plan, tokens: int, ttft_s: float, itl_s: float | None) -> None:
+        """Continuous (scheduler thread): per-adapter request, token and latency metrics of one row:
+        arrival to first token, and the mean time between its tokens."""
+        record = plan.record
+        self.metrics.streamed(_metric_tenant(plan), record.version if record is not None else None, tokens,
+                              ttft_s, itl_s)
 
     def _record_served(self, plan: Plan, tokens: int, engine_s: float) -> None:
         """Per-adapter request, token and latency metrics of one answered row. No streaming yet: the
@@ -326,27 +427,22 @@ class LoraplexService:
                                 f"{self.config.max_prompt_tokens}")
         return replace(plan, input_ids=tuple(ids))
 
-    def _sampling(self, req: InferenceRequest) -> SamplingParams:
+    def sampling(self, req: InferenceRequest) -> SamplingParams:
         max_new = req.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens_cap)
         if not req.do_sample:
             return SamplingParams(max_new_tokens=max_new, logprobs=req.logprobs)
         return SamplingParams(max_new_tokens=max_new, do_sample=True, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, logprobs=req.logprobs)
 
-    def _reply(self, plan: Plan, out: GenerationOutput) -> tuple[Reply, int]:
-        """The row's reply and its completion tokens (after a stop-string cut)."""
-        answer = self._answer(plan, out)
-        return answer.reply, answer.tokens
-
-    def _answer(self, plan: Plan, out: GenerationOutput) -> "Answer":
+    def answer(self, plan: Plan, out: GenerationOutput) -> "Answer":
         """The row's reply, its text and its completion tokens (after a stop-string cut): the one
         place a reply body is built, for both schedulers."""
         token_ids, finish_reason = out.token_ids, out.finish_reason
-        text = self._decode(token_ids)
+        text = self.decode(token_ids)
         cut = stop_cut(text, plan.request.stop)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
-            token_ids = token_ids[:covering(lambda n: len(self._decode(out.token_ids[:n])), len(token_ids), cut)]
+            token_ids = token_ids[:covering(lambda n: len(self.decode(out.token_ids[:n])), len(token_ids), cut)]
         if plan.fallback:
             kind = plan.fallback.split(":")[0]
             self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
@@ -361,32 +457,49 @@ class LoraplexService:
         }
         if plan.request.logprobs and out.token_logprobs is not None and out.top_logprobs is not None:
             kept = len(token_ids)
-            body["logprobs"] = logprobs_body(self._token_text, out.token_ids[:kept], out.token_logprobs[:kept],
+            body["logprobs"] = logprobs_body(self.token_text, out.token_ids[:kept], out.token_logprobs[:kept],
                                              out.top_logprobs[:kept])
         reply = Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body))
         return Answer(reply, text, len(token_ids))
 
-    def _decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int]) -> str:
         """A reply's text (special tokens skipped)."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _token_text(self, token_id: int) -> str:
+    def token_text(self, token_id: int) -> str:
         """One token on its own, special tokens shown (the logprobs' `tokens`)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _failed(self, exc: BaseException, render: Callable[[BaseException], dict] = error_body) -> Reply:
+    def failed(self, exc: BaseException, render: Callable[[BaseException], dict] = error_body) -> Reply:
+        """The reply of a failed request, in its API's error shape (`render`)."""
         code, phrase = http_status(exc)
         if code >= 500:
             log.warning("request failed with %d: %s: %s", code, type(exc).__name__, exc)
-        return Reply(code, phrase, render(exc))
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else {}
+        return Reply(code, phrase, render(exc), headers)
 
     # -- management ----------------------------------------------------------------
 
     def describe(self) -> dict:
-        """What `GET /models/<name>?customized=true` shows: PEFT-style state plus residency."""
+        """What `GET /models/<name>?customized=true` shows: PEFT-style state plus residency and the
+        scheduler. Continuous: the engine and residency part is read on the scheduler thread."""
+        view = self._engine_view() if self.scheduler is None else self.scheduler.call(self._engine_view)
+        view["counters"].update(fallbacks=dict(self.fallbacks), requests=self.requests, engine_calls=self.batches,
+                                registry_stale_hits=self.resolver.stale_hits,
+                                registry_events=self.resolver.events_seen)
+        return view
+
+    def _engine_view(self) -> dict:
+        """The engine's and the residency's state (on the thread that owns them)."""
         self.residency.evict_idle()
         snap = self.residency.snapshot()
         status = self.engine.get_model_status()
+        scheduler: dict[str, Any] = {"kind": self.scheduler_kind, "running": 0, "waiting": 0,
+                                     "kv_utilisation": 0.0, "captures_after_warmup": None}
+        if self.scheduler is not None:
+            stepper = self.scheduler.stepper.describe()
+            scheduler.update(self.scheduler.snapshot(), kv_utilisation=stepper.get("kv_utilisation", 0.0),
+                             captures_after_warmup=stepper.get("captures_after_warmup"), stepper=stepper)
         return {
             "worker": {"pid": os.getpid()},
             "engine": self.engine.kind,
@@ -396,14 +509,22 @@ class LoraplexService:
             "idle_ttl_s": snap["idle_ttl_s"],
             "quarantined": snap["quarantined"],
             "pinned": snap["pinned"],
+            "held": snap["held"],
             "host_tier": snap["host_tier"],
             "last_acquire": snap["last_acquire"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
             "decode": {"mode": status.get("decode", "generate"), **(status.get("decoder") or {})},
-            "counters": {**snap["counters"], "fallbacks": dict(self.fallbacks), "requests": self.requests, "engine_calls": self.batches,
-                         "registry_stale_hits": self.resolver.stale_hits,
-                         "registry_events": self.resolver.events_seen},
+            "scheduler": _json_safe(scheduler),
+            "counters": dict(snap["counters"]),
         }
+
+
+def _wait(ticket: Ticket) -> Reply:
+    """The reply of a ticket (its deltas are dropped: the reply carries the whole text)."""
+    while True:
+        event = ticket.get()
+        if isinstance(event, Finished):
+            return event.reply
 
 
 def _config_dict(cfg: Any) -> dict:

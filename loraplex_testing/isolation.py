@@ -476,7 +476,8 @@ def run_service_trials(trials: int, *, redis_url: str, workdir: Path, seed: int 
     cfg = LoraplexConfig.from_mapping({
         "redis_url": redis_url, "redis_prefix": f"iso{seed}-{int(time.time() * 1000)}",
         "adapter_store": str(workdir / "store"), **capacity_setting(capacity), "engine": engine,
-        "decode": decode, "max_new_tokens_cap": 64, "max_prompt_tokens": 128})
+        "decode": decode, "max_new_tokens_cap": 64, "max_prompt_tokens": 128,
+        "scheduler": "static"})  # the engine-level checks watch `generate` calls (the static path)
     svc = LoraplexService.from_model_dir(setup.model_dir, cfg)
     spec = BaseModelSpec.from_model_dir(setup.model_dir)
     for name, path in setup.adapters.items():

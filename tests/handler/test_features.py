@@ -115,7 +115,7 @@ def test_explicit_version_errors(make_service, tools, tiny_adapters):
 
 def test_engine_failure_fails_its_batch_with_500_and_the_worker_lives(make_service, tools, tiny_adapters,
                                                                      monkeypatch):
-    svc = make_service()
+    svc = make_service(scheduler="static")  # breaks `generate`; the continuous twin: test_scheduler.py
     tools.onboard(svc, "acme", tiny_adapters["a"])
     tools.onboard(svc, "other", tiny_adapters["b"])
     real = svc.engine.generate
@@ -186,7 +186,7 @@ def test_a_failed_load_with_a_full_resident_set_evicts_nothing(make_service, too
 
 def test_more_tenants_than_resident_slots_are_served_in_waves(make_service, tools, tiny_adapters):
     """No adapter_capacity fallback: a batch naming 3 tenants with 2 resident slots is 2 engine calls."""
-    svc = make_service(num_slots=4)
+    svc = make_service(num_slots=4, scheduler="static")  # waves are the static path's
     for name in ("a", "b", "c"):
         tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     calls = svc.batches

@@ -78,7 +78,7 @@ def test_bad_logprobs_is_400_alone_in_its_batch(make_service, tools, tiny_adapte
 
 
 def test_openai_logprobs_are_our_logprobs(make_service, tools, tiny_adapters):
-    svc = make_service()
+    svc = make_service(scheduler="static")  # one engine call: the two requests' log-probs are equal bit for bit
     tools.onboard(svc, "acme", tiny_adapters["a"])
     msgs = [{"role": "user", "content": PROMPT}]
     chat, ours_chat, comp, ours = svc.handle_batch([

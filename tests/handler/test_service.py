@@ -73,7 +73,7 @@ def test_lru_eviction_and_reload_keep_outputs_right(make_service, tools, tiny_mo
 
 def test_static_decode_config_serves_the_same_answers(make_service, tools, tiny_model_dir, tiny_adapters):
     """`decode: static` (the CUDA-graph loop, run eagerly here) through the whole request path."""
-    svc = make_service(decode="static", decode_graph_buckets=2)
+    svc = make_service(decode="static", decode_graph_buckets=2, scheduler="static")  # the decoder serves `generate`
     for name in ("a", "b"):
         tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     for name in ("a", "b", "a"):

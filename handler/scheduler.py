@@ -1,0 +1,507 @@
+"""The per-step scheduler (`scheduler: continuous`): requests join and leave the engine between
+any two steps, and their text streams out as it is produced.
+
+    submit (any thread) ─► inbox ─► waiting (per tenant, FIFO) ─► admitted round-robin across
+    tenants while the stepper has free KV rows (adapter held through the residency) ─► one
+    `RowStepper.step()` for every running row ─► tokens → `TextStream` → `TextDelta`s ─► the
+    row's end (EOS, length, a stop string, cancel, timeout) ─► `Finished` with the reply the
+    static path would give (built by the same service code) ─► hold released, KV row free.
+
+Admission, every loop iteration: tenants take turns (base-model rows count as one tenant), a
+tenant with `tenant_max_running` rows running is skipped (0 = no cap), and a row whose adapter
+cannot be made resident because every slot is held by running rows stays waiting while other
+tenants' rows are admitted. A load failure follows `load_failure_policy` exactly as the static
+path does (the service's `adapter_for`). Rows keep the adapter version they started with: they
+hold it, and a newer version published meanwhile serves only rows admitted after it.
+
+Concurrency (the rules every method here keeps):
+- One scheduler thread owns the engine, its `RowStepper` and the residency: every load,
+  eviction, warmup, prefetch, registry-change application and step runs on it.
+- Any thread may call `Scheduler.submit` (through `LoraplexService.submit`), `Ticket.cancel`,
+  `Scheduler.call` (runs a function on the scheduler thread between two steps and waits for its
+  result: the service's describe) and `Scheduler.snapshot` (counters read under the lock).
+  They only touch the inbox and the counters, both under `_lock`.
+- A ticket's events go to its own queue: a `queue.SimpleQueue` (`Ticket.get`), or the asyncio
+  queue of the event loop it was submitted with, through `loop.call_soon_threadsafe`
+  (`Ticket.next`).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from .engine.api import GenerationOutput, GenerationRow, RowEvent, RowStepper, SamplingParams
+from .engine.errors import CacheFull, RowTooLong
+from .errors import QueueFull, RequestCancelled, RequestTimedOut, RequestTooLarge, WorkerStopping
+from .residency import AllSlotsHeld
+from .routes import Exchange
+from .text_stream import Piece, TextStream, logprobs_body
+
+if TYPE_CHECKING:
+    from .service import LoraplexService, Plan, Reply
+
+log = logging.getLogger(__name__)
+
+BASE_ROWS = ""  # the fairness key of rows on the base model (no tenant id is empty)
+SYNC_INTERVAL_S = 0.25  # registry changes and idle eviction at most this often while rows run
+IDLE_WAIT_S = 1.0  # an idle scheduler wakes this often for idle eviction
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # new visible text (held back: an incomplete UTF-8 char, a prefix of a stop string)
+    token_ids: tuple[int, ...]  # tokens this delta covers
+    logprobs: dict | None  # our JSON API's logprobs shape for these tokens when asked
+
+
+@dataclass(frozen=True)
+class Finished:
+    reply: "Reply"  # exactly what handle_batch would return for this request (errors included)
+
+
+Event = Union[TextDelta, Finished]  # every ticket ends with exactly one Finished
+
+
+class Ticket:
+    """One submitted request's events: `TextDelta`s (concatenated, the reply's text), then one
+    `Finished`. A ticket submitted with an event loop is read with `next`, otherwise with `get`."""
+
+    def __init__(self, exchange: Exchange, scheduler: "Scheduler",
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.exchange = exchange
+        self.stream = bool(getattr(exchange.request, "stream", False))
+        self._scheduler = scheduler
+        self._loop = loop
+        self._sync: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._job: _Job | None = None  # scheduler thread only
+
+    def cancel(self) -> None:
+        """Any thread: the row leaves at the next step (its KV row and adapter hold freed) and a
+        Finished (499) follows; no-op once finished."""
+        self._scheduler.cancel(self)
+
+    def get(self, timeout: float | None = None) -> Event:
+        """Blocking; `queue.Empty` after `timeout` seconds without an event."""
+        if self._sync is None:
+            raise RuntimeError("this ticket was submitted with an event loop: await ticket.next()")
+        return self._sync.get(timeout=timeout)
+
+    async def next(self) -> Event:
+        if self._async is None:
+            raise RuntimeError("this ticket was submitted without an event loop: use ticket.get()")
+        return await self._async.get()
+
+    def _put(self, event: Event) -> bool:
+        """Scheduler thread: deliver; False when the ticket's event loop is gone (nobody reads)."""
+        if self._sync is not None:
+            self._sync.put(event)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request from submit to Finished (scheduler thread, but for the fields set in submit)."""
+
+    plan: "Plan"
+    ticket: Ticket
+    tenant: str  # fairness key: the tenant id, BASE_ROWS for base-model rows
+    params: SamplingParams
+    stream: TextStream
+    arrived: float
+    deadline: float | None
+    row_id: int | None = None  # set while running
+    adapter: str | None = None  # the held adapter while running (None: base)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    ticket: Ticket
+    error: BaseException
+
+
+class Scheduler:
+    """`service`: the LoraplexService whose plans it serves (its `answer`, `adapter_for`, `failed`,
+    `record_streamed`, `residency`, `metrics`, tokenizer text). `stepper`: built from the engine by
+    the constructing thread and touched only by the scheduler thread once `start` ran."""
+
+    def __init__(self, service: "LoraplexService", stepper: RowStepper, *, max_waiting: int,
+                 retry_after_s: int, tenant_max_running: int, request_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._service = service
+        self.stepper = stepper
+        self.max_in_flight = stepper.limits.max_rows + max_waiting
+        self.retry_after_s = retry_after_s
+        self.tenant_max_running = tenant_max_running
+        self.request_timeout_s = request_timeout_s
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._inbox: deque[_Job | _Cancel | _Call] = deque()
+        self._in_flight = 0  # submitted, not finished (under _lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
+        # scheduler thread only:
+        self._waiting: OrderedDict[str, deque[_Job]] = OrderedDict()  # tenant -> FIFO; order = turn
+        self._running: dict[int, _Job] = {}
+        self._running_by_tenant: Counter[str] = Counter()
+        self._row_ids = itertools.count()
+        self._synced_at = float("-inf")
+        # counters (written by the scheduler thread, read by snapshot)
+        self.steps = 0
+        self.admitted = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.timed_out = 0
+        self.rejected_full = 0
+        self.waiting_rows = 0
+        self.running_rows = 0
+
+    # -- any thread --------------------------------------------------------------
+
+    def start(self, setup: Callable[[], None] = lambda: None) -> None:
+        """Start the thread; it runs `setup` (warmup, prefetch) first. Returns when setup is done,
+        raising what it raised."""
+        self._thread = threading.Thread(target=self._run, args=(setup,), name="loraplex-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            self._thread.join()
+            raise self._setup_error
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish every request (503 `WorkerStopping`) and end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def submit(self, plan: "Plan", loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Queue a planned, tokenized request; QueueFull when `kv_rows + max_waiting` are in flight."""
+        ticket = Ticket(plan.exchange, self, loop)
+        now = self._clock()
+        tenant = plan.record.tenant_id if plan.record is not None else BASE_ROWS
+        job = _Job(plan, ticket, tenant, self._service.sampling(plan.request),
+                   TextStream(self._service.decode, tuple(plan.request.stop), hold_spaces=self._service.hold_spaces),
+                   now, now + self.request_timeout_s if self.request_timeout_s > 0 else None)
+        ticket._job = job
+        with self._lock:
+            if self._stopping:
+                raise WorkerStopping("the worker is stopping; retry on another")
+            if self._in_flight >= self.max_in_flight:
+                self.rejected_full += 1
+                raise QueueFull(f"the queue is full: {self._in_flight} requests are running or waiting "
+                                f"(kv_rows {self.stepper.limits.max_rows} + max_waiting "
+                                f"{self.max_in_flight - self.stepper.limits.max_rows}); "
+                                f"retry after {self.retry_after_s} s", self.retry_after_s)
+            self._in_flight += 1
+            self._inbox.append(job)
+            self._lock.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._inbox.append(_Cancel(ticket, error or RequestCancelled("cancelled")))
+            self._lock.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread between two steps and return its result (directly when
+        called there, or when the thread is not running: then no other thread uses the engine)."""
+        if self._thread is None or self._thread is threading.current_thread() or not self._thread.is_alive():
+            return fn()
+        call = _Call(fn)
+        with self._lock:
+            self._inbox.append(call)
+            self._lock.notify_all()
+        while not call.done.wait(1.0):
+            if not self._thread.is_alive():  # it ended before taking the call
+                return fn()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            in_flight = self._in_flight
+        return {"running": self.running_rows, "waiting": self.waiting_rows, "in_flight": in_flight,
+                "max_in_flight": self.max_in_flight, "tenant_max_running": self.tenant_max_running,
+                "request_timeout_s": self.request_timeout_s, "steps": self.steps, "admitted": self.admitted,
+                "finished": self.finished, "cancelled": self.cancelled, "timed_out": self.timed_out,
+                "rejected_queue_full": self.rejected_full}
+
+    # -- the scheduler thread ----------------------------------------------------
+
+    def _run(self, setup: Callable[[], None]) -> None:
+        try:
+            setup()
+        except BaseException as exc:
+            self._setup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        progressed = True
+        while True:
+            idle = not self._running and not self._waiting
+            if not self._take_inbox(wait=0.0 if progressed else (IDLE_WAIT_S if idle else 0.005)):
+                break
+            now = self._clock()
+            if idle or now - self._synced_at >= SYNC_INTERVAL_S:
+                self._synced_at = now
+                self._guard(self._service.residency.evict_idle)  # registry changes, idle adapters (held ones stay)
+            self._expire(now)
+            admitted = self._admit()
+            stepped = self._step() if self._running else False
+            progressed = admitted or stepped
+            self._gauges()
+        self._shutdown()
+
+    def _take_inbox(self, wait: float) -> bool:
+        """Apply what other threads sent; False when stopping. Waits up to `wait` s for something."""
+        with self._lock:
+            if not self._inbox and not self._stopping and wait > 0:
+                self._lock.wait(wait)
+            if self._stopping:
+                return False
+            items = list(self._inbox)
+            self._inbox.clear()
+        for item in items:
+            if isinstance(item, _Job):
+                self._waiting.setdefault(item.tenant, deque()).append(item)
+            elif isinstance(item, _Cancel):
+                self._drop(item.ticket._job, item.error)
+            else:
+                self._run_call(item)
+        return True
+
+    @staticmethod
+    def _run_call(call: _Call) -> None:
+        try:
+            call.result = call.fn()
+        except BaseException as exc:
+            call.error = exc
+        call.done.set()
+
+    def _guard(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("scheduler: %s failed; serving on", getattr(fn, "__name__", fn))
+
+    def _expire(self, now: float) -> None:
+        late = [j for q in self._waiting.values() for j in q if j.deadline is not None and now >= j.deadline]
+        late += [j for j in self._running.values() if j.deadline is not None and now >= j.deadline]
+        for job in late:
+            self._drop(job, RequestTimedOut(f"the request did not finish within request_timeout_s="
+                                            f"{self.request_timeout_s:g} s"))
+            self.timed_out += 1
+
+    def _drop(self, job: _Job | None, error: BaseException) -> None:
+        """End a waiting or running row early (cancel, timeout): KV row and hold freed, Finished(error)."""
+        if job is None or job.done:
+            return
+        if job.row_id is not None:
+            self.stepper.cancel(job.row_id)
+            self._retire(job)
+        else:
+            q = self._waiting.get(job.tenant)
+            if q is not None and job in q:
+                q.remove(job)
+                if not q:
+                    del self._waiting[job.tenant]
+        if isinstance(error, RequestCancelled):
+            self.cancelled += 1
+        self._finish(job, self._service.failed(error, job.plan.exchange.error))
+
+    def _admit(self) -> bool:
+        """Waiting rows into free KV rows, tenants taking turns; True when any row started."""
+        started = False
+        blocked: set[str] = set()  # tenants whose next row cannot start this iteration
+        while self.stepper.free_rows() > 0:
+            tenant = next((t for t in self._waiting if t not in blocked and not self._at_cap(t)), None)
+            if tenant is None:
+                break
+            q = self._waiting[tenant]
+            outcome = self._start(q[0])
+            if outcome == "blocked":
+                blocked.add(tenant)
+                continue
+            if outcome == "full":  # the stepper refused for lack of a KV row after all: next step
+                break
+            q.popleft()
+            if not q:
+                del self._waiting[tenant]
+            else:
+                self._waiting.move_to_end(tenant)  # its turn is over
+            started = started or outcome == "started"
+        return started
+
+    def _at_cap(self, tenant: str) -> bool:
+        return 0 < self.tenant_max_running <= self._running_by_tenant[tenant]
+
+    def _start(self, job: _Job) -> str:
+        """'started', 'blocked' (every adapter slot held: wait), 'full' (no KV row after all) or
+        'failed' (the request got its error reply)."""
+        service = self._service
+        try:
+            plan, adapter = service.adapter_for(job.plan, service.residency.hold)
+        except AllSlotsHeld:
+            return "blocked"
+        except Exception as exc:  # AdapterLoadFailed under load_failure_policy: error, or a bug
+            self._finish(job, service.failed(exc, job.plan.exchange.error))
+            return "failed"
+        job.plan, job.adapter = plan, adapter
+        row_id = next(self._row_ids)
+        try:
+            self.stepper.add(row_id, GenerationRow(plan.input_ids, adapter, job.params))
+        except CacheFull:
+            self._release(job)
+            return "full"
+        except Exception as exc:  # RowTooLong (submit checks it first), bad params: this row only
+            self._release(job)
+            if isinstance(exc, RowTooLong):
+                exc = RequestTooLarge(str(exc))
+            self._finish(job, service.failed(exc, job.plan.exchange.error))
+            return "failed"
+        job.row_id = row_id
+        self._running[row_id] = job
+        self._running_by_tenant[job.tenant] += 1
+        self.admitted += 1
+        return "started"
+
+    def _step(self) -> bool:
+        try:
+            events = self.stepper.step()
+        except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
+            log.exception("stepper.step failed with %d rows running", len(self._running))
+            for job in list(self._running.values()):
+                self._guard(lambda: self.stepper.cancel(job.row_id))
+                self._retire(job)
+                self._finish(job, self._service.failed(exc, job.plan.exchange.error))
+            return False
+        self.steps += 1
+        now = self._clock()
+        for event in events:
+            job = self._running.get(event.row_id)
+            if job is not None:
+                self._on_event(job, event, now)
+        return True
+
+    def _on_event(self, job: _Job, event: RowEvent, now: float) -> None:
+        if event.token_id is not None:
+            if job.first_token_at is None:
+                job.first_token_at = now
+            job.last_token_at = now
+            if job.params.logprobs:
+                job.logprobs.append(float(event.logprob))
+                job.top_logprobs.append(tuple(event.top_logprobs or ()))
+            piece = job.stream.push(event.token_id)
+            if piece is not None and not self._emit(job, piece):
+                self._drop(job, RequestCancelled("cancelled: nobody reads the reply"))
+                return
+        if event.finished is None and not job.stream.stopped:
+            return
+        if event.finished is None:  # a stop string ended it: free its KV row now
+            self.stepper.cancel(job.row_id)
+        self._retire(job)
+        self._complete(job, event.finished or "stop")
+
+    def _complete(self, job: _Job, finish_reason: str) -> None:
+        """The reply the static path would build from the same tokens, and the text it has that
+        the deltas did not carry yet."""
+        service = self._service
+        ids = list(job.stream.token_ids)
+        asked = bool(job.params.logprobs)
+        out = GenerationOutput(ids, finish_reason, job.logprobs if asked else None,
+                               job.top_logprobs if asked else None)
+        try:
+            answer = service.answer(job.plan, out)
+        except Exception as exc:
+            log.exception("building the reply failed")
+            self._finish(job, service.failed(exc, job.plan.exchange.error))
+            return
+        rest = job.stream.rest(answer.text, answer.tokens)
+        if rest is not None:
+            self._emit(job, rest)
+        itl = ((job.last_token_at - job.first_token_at) / (len(ids) - 1)) if len(ids) > 1 else None
+        ttft = (job.first_token_at if job.first_token_at is not None else self._clock()) - job.arrived
+        service.record_streamed(job.plan, answer.tokens, ttft, itl)
+        self._finish(job, answer.reply)
+
+    def _emit(self, job: _Job, piece: Piece) -> bool:
+        ids = tuple(job.stream.token_ids[piece.start:piece.end])
+        lps = None
+        if job.plan.request.logprobs and job.params.logprobs:
+            lps = logprobs_body(self._service.token_text, ids, job.logprobs[piece.start:piece.end],
+                                job.top_logprobs[piece.start:piece.end])
+        return job.ticket._put(TextDelta(piece.text, ids, lps))
+
+    def _retire(self, job: _Job) -> None:
+        """A running row left the stepper: forget it, release its adapter."""
+        self._running.pop(job.row_id, None)
+        self._running_by_tenant[job.tenant] -= 1
+        if self._running_by_tenant[job.tenant] <= 0:
+            del self._running_by_tenant[job.tenant]
+        self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        if job.adapter is not None:
+            adapter, job.adapter = job.adapter, None
+            self._guard(lambda: self._service.residency.release(adapter))
+
+    def _finish(self, job: _Job, reply: "Reply") -> None:
+        job.done = True
+        self.finished += 1
+        with self._lock:
+            self._in_flight -= 1
+        job.ticket._put(Finished(reply))
+
+    def _gauges(self) -> None:
+        self.running_rows = len(self._running)
+        self.waiting_rows = sum(len(q) for q in self._waiting.values())
+        running = [j.plan.record.tenant_id for j in self._running.values() if j.plan.record is not None]
+        waiting = [t for t in self._waiting if t != BASE_ROWS]
+        metrics = self._service.metrics
+        if metrics.scheduler_step(self.running_rows, self.waiting_rows, self.stepper.kv_utilisation(), running, waiting):
+            residency = self._service.residency
+            metrics.tiers(len(residency.resident_ids()), len(residency.host_tier))
+
+    def _shutdown(self) -> None:
+        """Stopping: every running and waiting request gets 503; pending calls still run."""
+        error = WorkerStopping("the worker is stopping; retry on another")
+        for job in [*self._running.values(), *(j for q in self._waiting.values() for j in q)]:
+            self._drop(job, error)
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for item in items:
+            if isinstance(item, _Job):
+                self._finish(item, self._service.failed(error, item.plan.exchange.error))
+            elif isinstance(item, _Call):
+                self._run_call(item)
