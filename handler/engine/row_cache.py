@@ -91,7 +91,7 @@ class RowCache(Cache):
         self.max_rows = int(max_rows)
         self.max_len = int(max_len)
         self.view: _View | None = None
-        self._aranges: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._arange: torch.Tensor | None = None  # [max_rows], made once (never inside a graph capture)
         super().__init__(layers=[_RowLayer(self) for _ in range(int(num_layers))])
 
     def for_decode(self, pos: torch.Tensor, length: int) -> None:
@@ -99,11 +99,9 @@ class RowCache(Cache):
         and attends over keys ``[0, length)``. `pos` is read when the forward *runs* (a
         captured graph keeps reading the same tensor)."""
         b = int(pos.shape[0])
-        key = (b, pos.device)
-        ar = self._aranges.get(key)
-        if ar is None:
-            ar = self._aranges[key] = torch.arange(b, device=pos.device)
-        self.view = _View(rows=b, length=int(length), pos=pos, arange=ar)
+        if self._arange is None or self._arange.device != pos.device:
+            self._arange = torch.arange(self.max_rows, device=pos.device)
+        self.view = _View(rows=b, length=int(length), pos=pos, arange=self._arange[:b])
 
     def for_prefill(self, row: int, start: int, length: int) -> None:
         """The next forward covers row `row` alone, writes its tokens from position `start`, and

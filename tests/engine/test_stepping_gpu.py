@@ -1,0 +1,146 @@
+"""Continuous batching on CUDA with every decode step replayed from a captured graph
+(`handler.engine.stepping.Stepper` with ``decode: graphs``), fp32 so tokens can be compared exactly:
+
+- rows joining and leaving at random steps give the same tokens as the same schedule run
+  eagerly (``decode: static`` on the same GPU) and as each row alone (`engine.generate`), and
+  log-probabilities within 1e-3 of the eager run (the Triton LoRA kernels' fp32 dots may use TF32);
+- `warmup` captures every (batch bucket, key-length bucket) and a serving run after it makes none;
+- a new adapter loaded into another slot mid-run, or a freed slot refilled, does not change the
+  rows already running (vLLM #47724) through the graphs' slot tensor.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import load_base
+from handler.engine import GenerationRow, SamplingParams, StepLimits, make_engine
+from handler.engine.settings import EngineSettings
+from handler.engine.stepping import batch_buckets, length_buckets
+from test_stepping import Run, _prompt
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp", "patterned"]
+LP_TOL = 1e-3
+
+
+def _engine(tiny_model_dir, tokenizer, engine_adapters, decode, adapters=ADAPTERS, eos=None):
+    eng = make_engine("multilora", load_base(tiny_model_dir, torch.float32, "cuda"),
+                      EngineSettings(num_slots=8, max_rank=64, decode=decode),
+                      eos_token_ids=eos if eos is not None else [tokenizer.eos_token_id],
+                      pad_token_id=tokenizer.pad_token_id)
+    for name in adapters:
+        eng.load_adapter(str(engine_adapters[name]), name)
+    return eng
+
+
+def _schedule(seed: int, n_rows: int, long_prompts: bool = False):
+    rng = random.Random(seed)
+    lengths = [1, 3, 8, 19, 40] + ([150, 230, 290] if long_prompts else [])
+    rows = {}
+    for i in range(n_rows):
+        sampled = rng.random() < 0.2
+        rows[i] = GenerationRow(_prompt(rng, rng.choice(lengths)), rng.choice([None, *ADAPTERS]),
+                                SamplingParams(max_new_tokens=rng.randint(1, 20), logprobs=rng.choice([0, 2]),
+                                               do_sample=sampled, temperature=1.3, seed=1000 + i if sampled else None))
+    return rows
+
+
+def _drive(stepper, rows, seed):
+    """The same random arrivals and cancels for a given seed, whatever the stepper."""
+    rng = random.Random(seed)
+    run = Run(stepper)
+    pending = list(rows)
+    cancelled = set()
+    while pending or stepper.rows():
+        while pending and stepper.free_rows() and rng.random() < 0.5:
+            i = pending.pop(0)
+            run.add(i, rows[i])
+        if stepper.rows() and rng.random() < 0.05:
+            victim = sorted(stepper._rows)[0]
+            stepper.cancel(victim)
+            cancelled.add(victim)
+        if stepper.rows():
+            run.step()
+        assert run.steps < 2000
+    return run, cancelled
+
+
+def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer, engine_adapters):
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
+    eager = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
+    limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48)
+    gs, es = graphs.stepper(limits), eager.stepper(limits)
+    assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
+    gs.warmup()
+    expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len))
+    assert gs.describe()["captures"] == expected  # 1, 2, 4, 6 rows x 256, 320 keys
+    rows = _schedule(3, 24, long_prompts=True)
+    g_run, g_cancel = _drive(gs, rows, seed=4)
+    e_run, e_cancel = _drive(es, rows, seed=4)
+    assert g_cancel == e_cancel
+    d = gs.describe()
+    assert d["captures_after_warmup"] == 0 and d["captures"] == expected, d
+    assert sum(b["replays"] for b in d["buckets"]) == d["decode_steps"] > 0
+    assert len({b["kv_len"] for b in d["buckets"] if b["replays"]}) == 2  # both key-length buckets served
+    for i, row in rows.items():
+        assert g_run.tokens[i] == e_run.tokens[i], i
+        assert g_run.finished.get(i) == e_run.finished.get(i), i
+        assert g_run.logprobs[i] == pytest.approx(e_run.logprobs[i], abs=LP_TOL), i
+        if i not in g_cancel:
+            assert g_run.tokens[i] == graphs.generate([row])[0].token_ids, i
+
+
+def test_no_warmup_means_captures_on_the_request_path(tiny_model_dir, tokenizer, engine_adapters):
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
+    st = graphs.stepper(StepLimits(max_rows=4, max_len=64, prefill_chunk=16))
+    rows = _schedule(5, 8)
+    run, cancelled = _drive(st, rows, seed=6)
+    d = graphs.get_model_status()["stepper"]
+    assert d["captures_after_warmup"] == d["captures"] >= 1
+    for i, row in rows.items():
+        if i not in cancelled:
+            assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
+
+
+def test_new_adapter_mid_run_does_not_change_running_rows_through_graphs(tiny_model_dir, tokenizer,
+                                                                         engine_adapters):
+    """vLLM #47724 through graphs: the captured step reads each row's slot from a tensor the
+    stepper writes per step; loading into another slot, or refilling a freed one, must not
+    change what a running row gets."""
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs", adapters=["r4", "r8qv"])
+    st = graphs.stepper(StepLimits(max_rows=4, max_len=64, prefill_chunk=16))
+    st.warmup()
+    rng = random.Random(21)
+    rows = {0: GenerationRow(_prompt(rng, 6), "r4", SamplingParams(max_new_tokens=30, logprobs=1)),
+            1: GenerationRow(_prompt(rng, 9), None, SamplingParams(max_new_tokens=30)),
+            2: GenerationRow(_prompt(rng, 4), "r4", SamplingParams(max_new_tokens=30))}
+    want = {i: graphs.generate([r])[0] for i, r in rows.items()}
+    run = Run(st)
+    for i, r in rows.items():
+        run.add(i, r)
+    for _ in range(3):
+        run.step()
+    graphs.load_adapter(str(engine_adapters["r16rs"]), "r4@v2")  # a new version beside the running one
+    rows[3] = GenerationRow(rows[0].input_ids, "r4@v2", SamplingParams(max_new_tokens=12))
+    run.add(3, rows[3])
+    for _ in range(3):
+        run.step()
+    run.st.cancel(2)
+    graphs.delete_adapter("r8qv")  # unused: its slot freed, then refilled with other weights
+    graphs.load_adapter(str(engine_adapters["patterned"]), "other")
+    rows[4] = GenerationRow(_prompt(rng, 5), "other", SamplingParams(max_new_tokens=10))
+    run.add(4, rows[4])
+    while st.rows():
+        run.step()
+    for i in (0, 1):
+        assert run.tokens[i] == want[i].token_ids, i
+    assert run.logprobs[0] == pytest.approx(want[0].token_logprobs, abs=LP_TOL)
+    assert run.tokens[2] == want[2].token_ids[: len(run.tokens[2])]
+    for i in (3, 4):
+        assert run.tokens[i] == graphs.generate([rows[i]])[0].token_ids, i
+    assert st.describe()["captures_after_warmup"] == 0
