@@ -15,7 +15,8 @@ never asks the cache for lengths or offsets (transformers' `create_causal_mask` 
 - decode: rows ``[0, B)`` (the lowest KV rows: `stepping` hands out the lowest free one),
   one new token per row written at the row's own position ``pos[b]`` (an ``index_put`` with
   a device tensor: the same kernel, whatever the positions, so it can be captured);
-- prefill: one row ``r``, tokens ``[start, start + n)``, a plain slice copy.
+- prefill: ``[n, S]`` tokens of any n rows, each token at its own (row, position) (an
+  ``index_put``), the rows' keys read back as a gathered copy (prefill is compute-bound).
 
 Concurrency: owned by the stepper's thread.
 """
@@ -31,12 +32,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class _View:
     """Where the next forward writes and what it reads back."""
 
-    rows: int  # the forward covers KV rows [first, first + rows)
     length: int  # keys returned: [0, length)
-    first: int = 0
-    start: int = 0  # prefill: first position written
-    pos: torch.Tensor | None = None  # decode: [rows] long, position written per row
-    arange: torch.Tensor | None = None  # decode: [rows] long, 0..rows-1
+    pos: torch.Tensor  # decode: [B] position written per row; prefill: [n, S] per row and token
+    index: torch.Tensor  # decode: [B] 0..B-1 (rows [0, B)); prefill: [n] the KV rows, in batch order
+    decode: bool
 
 
 class _RowLayer(CacheLayerMixin):
@@ -76,12 +75,13 @@ class _RowLayer(CacheLayerMixin):
 
 
 def _write(store: torch.Tensor, new: torch.Tensor, v: _View) -> torch.Tensor:
-    rows = store[v.first: v.first + v.rows]
-    if v.pos is not None:  # decode: new is [rows, heads, 1, dim]
-        rows[v.arange, :, v.pos] = new[:, :, 0]
-    else:
-        rows[:, :, v.start: v.start + new.shape[2]] = new
-    return rows[:, :, : v.length]
+    if v.decode:  # new [B, heads, 1, dim] -> row b at pos[b]; read back the slice of rows [0, B): no copy
+        rows = store[: v.index.shape[0]]
+        rows[v.index, :, v.pos] = new[:, :, 0]
+        return rows[:, :, : v.length]
+    # prefill: new [n, heads, S, dim] -> KV row index[i] at pos[i, j]; read back a gathered copy
+    store[v.index.view(-1, 1), :, v.pos] = new.transpose(1, 2)
+    return store[:, :, : v.length].index_select(0, v.index)
 
 
 class RowCache(Cache):
@@ -101,12 +101,12 @@ class RowCache(Cache):
         b = int(pos.shape[0])
         if self._arange is None or self._arange.device != pos.device:
             self._arange = torch.arange(self.max_rows, device=pos.device)
-        self.view = _View(rows=b, length=int(length), pos=pos, arange=self._arange[:b])
+        self.view = _View(length=int(length), pos=pos, index=self._arange[:b], decode=True)
 
-    def for_prefill(self, row: int, start: int, length: int) -> None:
-        """The next forward covers row `row` alone, writes its tokens from position `start`, and
-        attends over keys ``[0, length)``."""
-        self.view = _View(rows=1, length=int(length), first=int(row), start=int(start))
+    def for_prefill(self, rows: torch.Tensor, pos: torch.Tensor, length: int) -> None:
+        """The next forward is ``[n, S]`` tokens: batch row i goes to KV row ``rows[i]``, its token j
+        at position ``pos[i, j]``; it attends over keys ``[0, length)`` of those rows."""
+        self.view = _View(length=int(length), pos=pos, index=rows, decode=False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers if lay.is_initialized

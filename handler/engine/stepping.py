@@ -3,9 +3,10 @@
 Rows join and leave between any two steps. Each step (`Stepper.step`):
 
 1. prefill: at most ``prefill_chunk`` prompt tokens of joining rows, in the order they were
-   added, one eager forward per row chunk (a long prompt takes several steps, so it never
-   stalls the running rows for more than one chunk); the chunk that completes a prompt
-   gives that row its first token in this step's events;
+   added (a long prompt takes several steps, so it never stalls the running rows for more
+   than one chunk); the chunks run eagerly, several rows per forward (left-padded, grouped
+   so padding at most doubles a forward: `_pack`); the chunk that completes a prompt gives
+   that row its first token in this step's events;
 2. decode: ONE forward ``[B, 1]`` for every row that was decoding when the step began, each
    row at its own position, with its own LoRA slot, sampling rule and stop condition.
 
@@ -106,6 +107,19 @@ def length_buckets(max_len: int) -> list[int]:
         out.append(t)
         t *= 2
     return out + [max_len]
+
+
+def _pack(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+    """Group prefill chunks (item, tokens) into forwards, longest first, so that padding at most
+    doubles a forward's tokens (a 500-token chunk and a 12-token one run apart)."""
+    groups: list[list[tuple[Any, int]]] = []
+    for item in sorted(chunks, key=lambda c: -c[1]):
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * g[0][1] <= 2 * (sum(n for _, n in g) + item[1]):
+            g.append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 def _first_at_least(buckets: Sequence[int], n: int) -> int:
@@ -270,31 +284,47 @@ class Stepper:
         return events
 
     def _prefill(self) -> list[RowEvent]:
+        """This step's chunks (rows in add order, until the budget is spent), in as few forwards as
+        padding allows; rows whose prompt completes get their first token."""
         budget = self.limits.prefill_chunk
-        events: list[RowEvent] = []
-        for r in list(self._rows.values()):
+        chunks: list[tuple[_Row, int]] = []
+        for r in self._rows.values():
             if budget <= 0:
                 break
-            if r.filled == len(r.prompt):
-                continue
-            n = min(len(r.prompt) - r.filled, budget)
-            budget -= n
-            logits = self._prefill_forward(r, n)
-            if r.filled == len(r.prompt):
-                events += self._emit([r], logits)
+            if r.filled < len(r.prompt):
+                n = min(len(r.prompt) - r.filled, budget)
+                budget -= n
+                chunks.append((r, n))
+        events: list[RowEvent] = []
+        for group in _pack(chunks):
+            logits = self._prefill_forward(group)
+            done = [i for i, (r, _) in enumerate(group) if r.filled == len(r.prompt)]
+            if done:
+                events += self._emit([group[i][0] for i in done],
+                                     logits.index_select(0, torch.tensor(done, device=logits.device)))
         return events
 
-    def _prefill_forward(self, r: _Row, n: int) -> torch.Tensor:
-        s = r.filled
-        ids = torch.tensor([r.prompt[s: s + n]], dtype=torch.long, device=self.device)
-        pos = self._arange[s: s + n].view(1, n)
-        length = min(_round_up(s + n, EAGER_LEN), self.limits.max_len)
-        mask = (self._arange[:length].view(1, length) <= pos.view(n, 1)).view(1, 1, n, length)
-        self.cache.for_prefill(r.kv, s, length)
-        with self._eager([r]):
-            out = self.model(input_ids=ids, attention_mask=self._as_mask(mask), position_ids=pos,
+    def _prefill_forward(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
+        """One forward over these rows' chunks, left-padded to the longest: a pad token sits at the
+        row's first position after its chunk (not written yet: the row's next token overwrites it
+        before anything reads it), so every row's last real token is the last column. -> [n, V]."""
+        S = max(n for _, n in group)
+        ids, pos = [], []
+        for r, n in group:
+            s, pad = r.filled, S - n
+            ids.append([self.pad_token_id] * pad + r.prompt[s: s + n])
+            pos.append([s + n] * pad + list(range(s, s + n)))
+        length = min(_round_up(max(r.filled + n for r, n in group) + 1, EAGER_LEN), self.limits.max_len)
+        host = torch.tensor([ids, pos], dtype=torch.long)
+        ids_t, pos_t = host.to(self.device).unbind(0)
+        mask = (self._arange[:length].view(1, 1, length) <= pos_t.unsqueeze(-1)).unsqueeze(1)  # [n, 1, S, T]
+        rows = [r for r, _ in group]
+        self.cache.for_prefill(torch.tensor([r.kv for r in rows], device=self.device), pos_t, length)
+        with self._eager(rows):
+            out = self.model(input_ids=ids_t, attention_mask=self._as_mask(mask), position_ids=pos_t,
                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        r.filled += n
+        for r, n in group:
+            r.filled += n
         self.prefill_forwards += 1
         return out.logits[:, -1]
 

@@ -180,8 +180,8 @@ def test_decode_of_many_rows_is_one_forward_per_step(eng):
         for i, a in enumerate([None, "r4", "r8qv", "r16rs", "r16mlp"]):
             st.add(i, GenerationRow(_prompt(rng, 3 + i), a, SamplingParams(max_new_tokens=10)))
         calls.clear()
-        assert len(st.step()) == 5  # five prefill forwards, each row's first token, no decode yet
-        assert calls == [(1, 3 + i) for i in range(5)]
+        assert len(st.step()) == 5  # one prefill forward for all five prompts (3..7 tokens), no decode yet
+        assert calls == [(5, 7)]
         for _ in range(4):
             calls.clear()
             assert len(st.step()) == 5
@@ -230,15 +230,19 @@ def test_prefill_budget_is_shared_by_joining_rows(eng):
         st.add(0, GenerationRow(_prompt(rng, 5), None, SamplingParams(max_new_tokens=4)))
         st.add(1, GenerationRow(_prompt(rng, 6), None, SamplingParams(max_new_tokens=4)))
         st.add(2, GenerationRow(_prompt(rng, 2), None, SamplingParams(max_new_tokens=4)))
+        st.add(3, GenerationRow(_prompt(rng, 30), None, SamplingParams(max_new_tokens=4)))
         events = st.step()
-        assert calls == [(1, 5), (1, 3)] and [e.row_id for e in events] == [0]
+        assert calls == [(2, 5)] and [e.row_id for e in events] == [0]  # row 0's 5 + row 1's first 3 of 6
         calls.clear()
         events = st.step()
-        assert calls == [(1, 3), (1, 2), (1, 1)]  # row 1's rest, row 2, then row 0's decode
+        assert calls == [(3, 3), (1, 1)]  # row 1's rest, row 2, row 3's first 3; then row 0's decode
         assert sorted(e.row_id for e in events) == [0, 1, 2]
+        calls.clear()
+        st.step()
+        assert calls == [(1, 8), (3, 1)]  # row 3 alone (8 of its 27 left), then rows 0-2 decode
     finally:
         hook.remove()
-        for i in range(3):
+        for i in range(4):
             st.cancel(i)
 
 
