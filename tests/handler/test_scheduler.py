@@ -1,0 +1,370 @@
+"""The continuous scheduler (handler/scheduler.py) through LoraplexService.submit, on the real
+MultiLoraEngine stepper over the tiny random Llama, a real redis-server and adapter store. The
+oracle is the static path: the same request served alone by `handle_batch([raw])` on a static
+service over the same registry and store must give the same reply, body for body (log-probs
+within 1e-4: another batch shape sums in another order)."""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from handler.scheduler import Finished, TextDelta, Ticket
+from handler.service import LoraplexService, RawRequest, Reply
+from loraplex_testing.models import make_random_lora
+
+PROMPTS = ["hello world", "the quick brown fox", "What is the capital", "numbers 0 1 2 3",
+           "loraplex serves many tenants on one base model.", "ARR MATEY"]
+
+
+@pytest.fixture(scope="module")
+def more_adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched-adapters")
+    return {"d": make_random_lora(tiny_model_dir, root / "d", r=4, alpha=16, seed=21),
+            "e": make_random_lora(tiny_model_dir, root / "e", r=8, alpha=8, seed=22, targets=("q_proj", "o_proj"))}
+
+
+@pytest.fixture
+def pair(make_service, tiny_model_dir):
+    """make(**overrides) -> (continuous service, static service over the same registry and store)."""
+    made = []
+
+    def make(**overrides):
+        cont = make_service(scheduler="continuous", **overrides)
+        static = LoraplexService.from_model_dir(tiny_model_dir, replace(cont.config, scheduler="static"))
+        made.append(static)
+        assert (cont.scheduler_kind, static.scheduler_kind) == ("continuous", "static")
+        return cont, static
+
+    yield make
+    for svc in made:
+        svc.stop()
+
+
+def _raw(prompt, tenant=None, **fields):
+    return RawRequest({"prompt": prompt, **fields}, {"X-Tenant-ID": tenant} if tenant else {})
+
+
+def _drain(ticket: Ticket, timeout=60.0) -> tuple[list[TextDelta], Reply]:
+    deltas = []
+    while True:
+        event = ticket.get(timeout=timeout)
+        if isinstance(event, Finished):
+            return deltas, event.reply
+        deltas.append(event)
+
+
+def _same(a, b, path="body"):
+    """Equal, but for floats within 1e-4."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-4, (path, a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, a, b)
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (path, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def _check_stream(deltas: list[TextDelta], reply: Reply) -> None:
+    body = reply.body
+    assert "".join(d.text for d in deltas) == body["text"]
+    assert sum(len(d.token_ids) for d in deltas) == body["usage"]["completion_tokens"]
+    if "logprobs" in body:
+        joined = {k: [x for d in deltas for x in d.logprobs[k]] for k in ("tokens", "token_logprobs", "top_logprobs")}
+        _same(joined, body["logprobs"])
+    else:
+        assert all(d.logprobs is None for d in deltas)
+
+
+def _alone(static, raw: RawRequest, reply: Reply) -> Reply:
+    """The static reference for `raw`, on the adapter version the continuous reply names."""
+    body = dict(raw.body)
+    adapter = reply.body.get("adapter", "base") if reply.status == 200 else "base"
+    if "@v" in adapter and "adapter" not in body:
+        body["adapter"] = adapter  # a pin of that version gives the same body fields
+    return static.handle_batch([RawRequest(body, raw.headers)])[0]
+
+
+def _sample(svc, stop: threading.Event, seen: list) -> None:
+    """Between steps, on the scheduler thread: running rows per adapter, held and resident adapters."""
+    stepper, residency = svc.scheduler.stepper, svc.residency
+
+    def look():
+        names = {a["adapter"] for a in residency.snapshot()["resident"]}
+        uses = {n: stepper.uses(n) for n in names | set(residency.held_ids())}
+        return {"uses": {n: u for n, u in uses.items() if u}, "held": residency.held_ids(), "resident": names,
+                "rows": stepper.rows(), "free": stepper.free_rows()}
+
+    while not stop.is_set():
+        seen.append(svc.scheduler.call(look))
+        time.sleep(0.002)
+
+
+def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair, tools, tiny_adapters,
+                                                                           more_adapters):
+    """Rows from 4 threads at random times, 5 tenants on 2 resident slots (evictions), base and
+    unknown-tenant rows, random lengths, stop strings, logprobs, streaming; a new version of t-a
+    is published while its v1 rows run. Every reply equals the request alone on the static path;
+    every stream concatenates to its reply; an adapter with running rows is never evicted."""
+    cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8)
+    adapters = {"t-a": tiny_adapters["a"], "t-b": tiny_adapters["b"], "t-c": tiny_adapters["c"],
+                "t-d": more_adapters["d"], "t-e": more_adapters["e"]}
+    for tenant, path in adapters.items():
+        tools.onboard(cont, tenant, path)
+    rng = random.Random(13)
+    tenants = [*adapters, None, "nobody"]
+
+    def request(i, tenant=None, max_new=None):
+        tenant = tenant if tenant is not None else rng.choice(tenants)
+        fields = {"max_new_tokens": max_new or rng.randint(1, 24), "logprobs": rng.choice([0, 0, 1, 2]),
+                  "stream": rng.random() < 0.5}
+        prompt = rng.choice(PROMPTS)
+        if rng.random() < 0.4:  # a stop string taken from what the row will say, so cuts really happen
+            text = _alone(static, _raw(prompt, tenant, **fields), Reply(200, "", {})).body["text"]
+            if text:
+                a = rng.randrange(len(text))
+                fields["stop"] = [text[a:a + rng.randint(1, 3)], "zz"]
+        return _raw(prompt, tenant, **fields)
+
+    plan = [[request(i) for i in range(9)] for _ in range(4)]
+    long_v1 = [request(0, "t-a", max_new=32) for _ in range(3)]
+    results: list[tuple[RawRequest, str, list, Reply]] = []
+    lock = threading.Lock()
+
+    def client(raws, phase):
+        for raw in raws:
+            time.sleep(rng.random() * 0.01)
+            out = cont.submit(raw)
+            deltas, reply = _drain(out) if isinstance(out, Ticket) else ([], out)
+            with lock:
+                results.append((raw, phase, deltas, reply))
+
+    seen: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(cont, stop, seen))
+    sampler.start()
+    v1_tickets = [cont.submit(raw) for raw in long_v1]
+    threads = [threading.Thread(target=client, args=(raws, "mixed")) for raws in plan]
+    for t in threads:
+        t.start()
+    tools.onboard(cont, "t-a", tiny_adapters["c"])  # t-a v2, published while its v1 rows run
+    deadline = time.monotonic() + 10
+    while cont.resolver.resolve("t-a").version != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    v2_tickets = [cont.submit(_raw(p, "t-a", max_new_tokens=12)) for p in PROMPTS[:3]]
+    for t in threads:
+        t.join()
+    finished_v1 = [_drain(t) for t in v1_tickets]
+    finished_v2 = [_drain(t) for t in v2_tickets]
+    stop.set()
+    sampler.join()
+
+    for raw, (deltas, reply) in zip(long_v1, finished_v1):
+        assert reply.status == 200 and reply.body["adapter"] == "t-a@v1"  # kept the version it started with
+        results.append((raw, "v1", deltas, reply))
+    for p, (deltas, reply) in zip(PROMPTS[:3], finished_v2):
+        assert reply.status == 200 and reply.body["adapter"] == "t-a@v2"
+        results.append((_raw(p, "t-a", max_new_tokens=12), "v2", deltas, reply))
+    cut = 0
+    for raw, _phase, deltas, reply in results:
+        assert reply.status == 200, reply.body
+        _same(reply.body, _alone(static, raw, reply).body)
+        _check_stream(deltas, reply)
+        cut += reply.body["finish_reason"] == "stop" and "stop" in raw.body
+    assert len(results) == 42 and cut >= 3
+    pinned = [static.handle_batch([_raw(PROMPTS[0], "t-a", max_new_tokens=12, adapter=f"t-a@v{v}")])[0]
+              for v in (1, 2)]
+    assert pinned[0].body["text"] != pinned[1].body["text"]  # the versions really answer differently
+    # The run really mixed things: several adapters ran at once, slots were reused, rows joined mid-run.
+    counters = cont.describe()["counters"]
+    assert counters["evictions_lru"] + counters["evictions_stale"] >= 3
+    assert max(len(s["uses"]) for s in seen) >= 2 and max(s["rows"] for s in seen) >= 3
+    for s in seen:  # an adapter with running rows is resident and held (never evicted under them)
+        for name, uses in s["uses"].items():
+            assert name in s["resident"] and s["held"].get(name) == uses, s
+    idle = cont.scheduler.call(lambda: (cont.scheduler.stepper.free_rows(), cont.residency.held_ids()))
+    assert idle == (4, {})
+
+
+def test_a_flooding_tenant_does_not_starve_another(pair, tools, tiny_adapters):
+    cont, _ = pair(kv_rows=2)
+    tools.onboard(cont, "flood", tiny_adapters["a"])
+    tools.onboard(cont, "few", tiny_adapters["b"])
+    order: list[str] = []
+    lock = threading.Lock()
+    tickets = [(t, cont.submit(_raw("hello world", t, max_new_tokens=8))) for t in ["flood"] * 40 + ["few"] * 2]
+
+    def wait(tenant, ticket):
+        _drain(ticket)
+        with lock:
+            order.append(tenant)
+
+    threads = [threading.Thread(target=wait, args=tt) for tt in tickets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    positions = [i for i, t in enumerate(order) if t == "few"]
+    assert len(order) == 42 and max(positions) < 8, order  # FIFO would finish them at 40 and 41
+
+
+def test_tenant_max_running_caps_one_tenants_rows(pair, tools, tiny_adapters):
+    cont, static = pair(kv_rows=4, tenant_max_running=1)
+    tools.onboard(cont, "big", tiny_adapters["a"])
+    tools.onboard(cont, "small", tiny_adapters["b"])
+    seen: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(cont, stop, seen))
+    sampler.start()
+    raws = [_raw(p, "big", max_new_tokens=16) for p in PROMPTS] + [_raw(p, None, max_new_tokens=16) for p in PROMPTS]
+    raws += [_raw(p, "small", max_new_tokens=16) for p in PROMPTS[:2]]
+    tickets = [cont.submit(r) for r in raws]
+    replies = [_drain(t)[1] for t in tickets]
+    stop.set()
+    sampler.join()
+    assert all(r.status == 200 for r in replies)
+    for raw, reply in zip(raws, replies):
+        _same(reply.body, _alone(static, raw, reply).body)
+    assert all(s["uses"].get("big@v1", 0) <= 1 and s["uses"].get("small@v1", 0) <= 1 for s in seen)
+    assert all(s["rows"] <= 3 for s in seen)  # big, small and the base rows: one each
+    assert any(s["uses"].get("big@v1") and s["uses"].get("small@v1") for s in seen)
+
+
+def test_a_request_that_never_fits_gets_413_and_a_full_queue_503_with_retry_after(pair):
+    cont, _ = pair(kv_rows=1, max_waiting=1, kv_max_len=40, retry_after_s=7)
+    too_big = cont.submit(_raw("hello world", max_new_tokens=32))
+    assert isinstance(too_big, Reply) and too_big.status == 413
+    prompt = len(cont.tokenizer("hello world")["input_ids"])
+    assert f"prompt of {prompt} tokens + max_new_tokens 32" in too_big.body["error"]
+    assert "at most 40" in too_big.body["error"]
+    slow = _slow_steps(cont, 0.02)
+    first, second = (cont.submit(_raw("hello world", max_new_tokens=20)) for _ in range(2))
+    assert isinstance(first, Ticket) and isinstance(second, Ticket)
+    third = cont.submit(_raw("hello world", max_new_tokens=20))
+    assert isinstance(third, Reply) and third.status == 503
+    assert third.headers == {"Retry-After": "7"}
+    assert "queue is full" in third.body["error"] and "max_waiting 1" in third.body["error"]
+    assert [_drain(t)[1].status for t in (first, second)] == [200, 200]
+    slow.undo()
+    after = cont.submit(_raw("hello world", max_new_tokens=4))
+    assert isinstance(after, Ticket) and _drain(after)[1].status == 200
+    assert cont.describe()["scheduler"]["rejected_queue_full"] == 1
+
+
+class _slow_steps:
+    """The real stepper, each step delayed (so a row is still running when the test acts)."""
+
+    def __init__(self, svc, seconds):
+        self.stepper = svc.scheduler.stepper
+        self.real = self.stepper.step
+
+        def step():
+            time.sleep(seconds)
+            return self.real()
+
+        self.stepper.step = step
+
+    def undo(self):
+        self.stepper.step = self.real
+
+
+def test_cancel_and_timeout_free_the_kv_row_and_the_adapter_hold(pair, tools, tiny_adapters):
+    cont, _ = pair(kv_rows=2, request_timeout_s=0.4)
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    stepper = cont.scheduler.stepper
+    _slow_steps(cont, 0.03)
+    cancelled = cont.submit(_raw("hello world", "acme", max_new_tokens=30, stream=True))
+    timed_out = cont.submit(_raw("the quick brown fox", "acme", max_new_tokens=30))
+    assert isinstance(cancelled.get(timeout=10), TextDelta)  # it runs
+    state = cont.scheduler.call(lambda: (stepper.rows(), cont.residency.held_ids()))
+    assert state == (2, {"acme@v1": 2})
+    cancelled.cancel()
+    deltas, reply = _drain(cancelled)
+    assert reply.status == 499 and reply.body["error"] == "cancelled"
+    reply = _drain(timed_out)[1]
+    assert reply.status == 504 and "request_timeout_s=0.4" in reply.body["error"]
+    state = cont.scheduler.call(lambda: (stepper.free_rows(), cont.residency.held_ids()))
+    assert state == (2, {})
+    snap = cont.describe()["scheduler"]
+    assert snap["cancelled"] == 1 and snap["timed_out"] == 1 and snap["running"] == 0
+
+
+def test_a_step_failure_fails_its_rows_with_500_and_the_worker_lives(pair, tools, tiny_adapters):
+    cont, static = pair()
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    stepper = cont.scheduler.stepper
+    real = stepper.step
+
+    def broken():
+        raise RuntimeError("kernel exploded at /secret/path/model.bin")
+
+    stepper.step = broken
+    tickets = [cont.submit(_raw("hello world", t, max_new_tokens=6)) for t in ("acme", None)]
+    replies = [_drain(t)[1] for t in tickets]
+    assert [r.status for r in replies] == [500, 500] and all("/secret" not in r.body["error"] for r in replies)
+    stepper.step = real
+    raw = _raw("hello world", "acme", max_new_tokens=6)
+    reply = cont.handle_batch([raw])[0]
+    _same(reply.body, _alone(static, raw, reply).body)
+    assert cont.scheduler.call(lambda: (stepper.free_rows(), cont.residency.held_ids())) == (16, {})
+
+
+def test_every_slot_held_keeps_the_row_waiting_while_others_run(pair, tools, tiny_adapters, more_adapters):
+    """2 resident slots held by running rows of 2 tenants: a third tenant's row waits (no eviction
+    under running rows) while base rows are admitted, and runs once a slot is released."""
+    cont, static = pair(num_slots=4, kv_rows=4)
+    for tenant, path in (("t-a", tiny_adapters["a"]), ("t-b", tiny_adapters["b"]), ("t-c", more_adapters["d"])):
+        tools.onboard(cont, tenant, path)
+    slow = _slow_steps(cont, 0.02)
+    raws = [_raw("hello world", "t-a", max_new_tokens=30), _raw("hello world", "t-b", max_new_tokens=30),
+            _raw("hello world", "t-c", max_new_tokens=4), _raw("the quick brown fox", None, max_new_tokens=4)]
+    tickets = [cont.submit(r) for r in raws[:2]]
+    assert all(isinstance(t.get(timeout=10), TextDelta) for t in tickets)  # both running, both slots held
+    tickets += [cont.submit(r) for r in raws[2:]]
+    base_reply = _drain(tickets[3])[1]
+    assert base_reply.status == 200
+    waiting = cont.scheduler.call(lambda: (cont.scheduler.waiting_rows, sorted(cont.residency.held_ids())))
+    assert waiting == (1, ["t-a@v1", "t-b@v1"])  # t-c waits; nothing held was evicted
+    slow.undo()
+    replies = [_drain(t)[1] for t in tickets[:3]] + [base_reply]
+    for raw, reply in zip(raws, replies):
+        assert reply.status == 200
+        _same(reply.body, _alone(static, raw, reply).body)
+
+
+def test_a_ticket_submitted_with_an_event_loop_is_read_with_await(pair):
+    cont, static = pair()
+    raw = _raw("hello world", max_new_tokens=10, stream=True, logprobs=1)
+
+    async def main():
+        ticket = cont.submit(raw, asyncio.get_running_loop())
+        with pytest.raises(RuntimeError):
+            ticket.get()
+        events = []
+        while not events or not isinstance(events[-1], Finished):
+            events.append(await asyncio.wait_for(ticket.next(), 30))
+        return ticket, events
+
+    ticket, events = asyncio.run(main())
+    assert ticket.stream is True
+    reply = events[-1].reply
+    _check_stream(events[:-1], reply)
+    _same(reply.body, _alone(static, raw, reply).body)
+
+
+def test_static_mode_and_the_peft_engine_have_no_submit(make_service):
+    static = make_service(scheduler="static")
+    with pytest.raises(RuntimeError, match="scheduler: continuous"):
+        static.submit(_raw("hello"))
+    peft = make_service(engine="peft")
+    assert peft.scheduler_kind == "static" and peft.describe()["scheduler"]["kind"] == "static"
+    assert peft.handle_batch([_raw("hello", max_new_tokens=3)])[0].status == 200
