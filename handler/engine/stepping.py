@@ -59,6 +59,8 @@ Why not transformers' own continuous batching (`transformers.generation.continuo
   scheduler thread owns the engine and wants one synchronous step at a time.
 
 Concurrency: owned by one thread (the scheduler's), like the engine; nothing is thread-safe.
+`describe`, `rows`, `free_rows` and `kv_utilisation` only read counters and snapshots, so a
+status call from another thread gets a slightly stale answer rather than an error.
 """
 from __future__ import annotations
 
@@ -269,7 +271,8 @@ class Stepper:
         return self._uses.get(adapter_name, 0)
 
     def kv_utilisation(self) -> float:
-        return sum(r.held for r in self._rows.values()) / (self.limits.max_rows * self.limits.max_len)
+        rows = list(self._rows.values())  # a snapshot (one C call), so `describe` from a status thread cannot trip
+        return sum(r.held for r in rows) / (self.limits.max_rows * self.limits.max_len)
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RowEvent]:
@@ -485,7 +488,7 @@ class Stepper:
                 "captures": self.captures, "captures_after_warmup": self.captures_after_warmup,
                 "warmed_up": self.warmed_up,
                 "buckets": [{"batch": g.batch, "kv_len": g.length, "captured": g.graph is not None,
-                             "replays": g.replays} for g in self._graphs.values()],
+                             "replays": g.replays} for g in list(self._graphs.values())],
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,

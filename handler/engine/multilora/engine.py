@@ -15,6 +15,11 @@ falls back to ``generate``); ``static`` is the same static-cache loop run
 eagerly (the CPU-testable twin of ``graphs``); ``auto`` = ``graphs`` where the
 Triton kernels run on CUDA, else ``generate``.
 
+Continuous batching (`stepper`): one `..stepping.Stepper` per engine, over the same
+facade: rows join and leave between steps (`api.RowStepper`); its decode steps replay
+CUDA graphs in decode mode ``graphs``, else run eagerly. While a stepper row uses an
+adapter, `delete_adapter` refuses it.
+
 Rows name their adapter explicitly (None = base model); the facade's
 `set_adapter` only changes the default for its own calls without
 `adapter_names`. While the facade's adapters are disabled every row runs the
