@@ -77,12 +77,11 @@ class TextStream:
         self.token_ids.append(int(token_id))
         text = self.decode(self.token_ids)
         self._lengths.append(len(text))
-        cut = stop_cut(text, self.stops)
-        stable = text.rstrip("\ufffd")  # an incomplete character at the end may still become anything
-        if self.hold_spaces:
-            stable = stable.rstrip()
-        end = min(cut, len(stable)) if cut >= 0 else len(stable)
-        pending = self._stop_may_start(stable, end)
+        settled = text.rstrip("\ufffd")  # an incomplete character at the end may still become anything
+        cut = stop_cut(settled, self.stops)  # (a stop over such a character is no stop yet)
+        shown = settled.rstrip() if self.hold_spaces else settled
+        end = min(cut, len(shown)) if cut >= 0 else len(shown)
+        pending = self._stop_may_start(settled, cut if cut >= 0 else len(settled))
         if cut >= 0 and pending is None:
             self.stopped = True
         safe = cut if self.stopped else min(end, pending if pending is not None else end)

@@ -368,3 +368,18 @@ def test_static_mode_and_the_peft_engine_have_no_submit(make_service):
     peft = make_service(engine="peft")
     assert peft.scheduler_kind == "static" and peft.describe()["scheduler"]["kind"] == "static"
     assert peft.handle_batch([_raw("hello", max_new_tokens=3)])[0].status == 200
+
+
+def test_a_stop_string_ends_the_row_at_once(pair):
+    """The row leaves the stepper at the step that completes the stop string, not at max_new_tokens."""
+    cont, static = pair()
+    alone = static.handle_batch([_raw("hello world", max_new_tokens=32)])[0].body
+    assert alone["finish_reason"] == "length" and len(alone["text"]) > 6
+    raw = _raw("hello world", max_new_tokens=32, stop=[alone["text"][2:4]])
+    steps = cont.scheduler.steps
+    reply = _drain(cont.submit(raw))[1]
+    _same(reply.body, _alone(static, raw, reply).body)
+    kept = reply.body["usage"]["completion_tokens"]
+    assert reply.body["finish_reason"] == "stop" and kept < 32
+    assert cont.scheduler.steps - steps <= kept + 2  # a stop can need a token or two past the cut to be sure
+    assert cont.scheduler.call(cont.scheduler.stepper.free_rows) == 16

@@ -117,6 +117,15 @@ def test_an_earlier_stop_that_may_still_complete_wins(tok):
     assert stream.emitted == "brow" and stop_cut(text, ("x", "n fox jumps")) == 4
 
 
+def test_a_stop_over_an_incomplete_character_is_no_stop_yet(tok):
+    """Stop "i \ufffd": "hi " + the emoji's first byte decodes to "hi \ufffd", but the finished
+    character is no U+FFFD, so the whole reply has no cut and the stream must not stop there."""
+    ids = tok("hi 🙂 ok", add_special_tokens=False)["input_ids"]
+    stream, pieces, fed = _stream(tok, ids, ["i \ufffd"])
+    assert not stream.stopped and fed == ids
+    assert "".join(p.text for p in pieces) == "hi 🙂 ok"
+
+
 def test_spaces_are_held_back_when_the_tokenizer_cleans_them_up(tok):
     stream = TextStream(_decode(tok), hold_spaces=True)
     for t in tok("hello world ,", add_special_tokens=False)["input_ids"]:
