@@ -192,6 +192,7 @@ def summarize(outcomes: Sequence[Outcome], *, scheduler: str, rate: float) -> di
         "transport_errors": sum(o.status == 0 for o in outcomes),
         "stream_errors": sum(o.status == 200 and o.error is not None for o in outcomes),
         "output_tokens": tokens, "span_s": round(span, 3),
+        "arrival_span_s": round(max(o.request.arrival_s for o in outcomes), 3) if outcomes else 0.0,
         "output_tokens_p50": percentile([o.tokens for o in ok], 50),
         "output_tokens_p99": percentile([o.tokens for o in ok], 99),
         "error_examples": [{"index": o.request.index, "status": o.status, "error": o.error}
