@@ -21,12 +21,15 @@ position ids are the row's positions, and a query at position p sees keys ``0..p
 the key length is the longest row in the batch rounded up to 64 (less attention work);
 with graphs it is one of a few length buckets.
 
-GPU (``graph_rank`` given): the decode step of each (batch bucket, key-length bucket) is
-captured once as a CUDA graph that reads the rows' LoRA slots, token ids and positions from
-one fixed device tensor (one host-to-device copy per step) and builds its own mask; the
-LoRA kernels run at the pool's largest rank (``graph_rank``), which serves every smaller
-one, so one graph per bucket serves any mix of adapters. `warmup` captures every bucket
-before serving, so a serving run makes no capture (`describe`: ``captures_after_warmup``).
+GPU (``graph_ranks`` given): the decode step of each (batch bucket, key-length bucket, LoRA
+rank bucket) is captured once as a CUDA graph that reads the rows' LoRA slots, token ids and
+positions from one fixed device tensor (one host-to-device copy per step) and builds its own
+mask. A graph's LoRA kernels run at its rank bucket, which serves every smaller rank
+(zero-padded slots), so a graph serves any mix of adapters up to that rank; a step takes the
+smallest bucket covering its rows' ranks (the rank buckets `MultiLoraModel.decode_rank` uses),
+since the kernels' cost grows with the rank they run at. The key length is bucketed for the
+same reason: attention reads every key up to it. `warmup` captures every bucket before
+serving, so a serving run makes no capture (`describe`: ``captures_after_warmup``).
 Prefill stays eager. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
 
 Sampling per row: greedy = argmax; sampled rows go through `static_decode.picker` (the
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -135,6 +139,7 @@ class _Row:
     prompt: list[int]
     adapter: str | None
     slot: int  # LoRA slot resolved at `add`, kept for the row's life
+    rank: int  # its rank bucket for captured steps (0: base, or no graphs)
     params: SamplingParams
     pick: Callable[[torch.Tensor], torch.Tensor] | None  # None = greedy (batched argmax)
     filled: int = 0  # prompt tokens in the cache
@@ -157,6 +162,7 @@ class _Graph:
 
     batch: int
     length: int
+    rank: int  # LoRA kernel rank (0: the plain model, no LoRA layers)
     inputs: torch.Tensor  # [3, B] long: token id, position, LoRA slot per row (one H2D copy per step)
     graph: Any = None
     logits: torch.Tensor | None = None
@@ -179,12 +185,14 @@ class Stepper:
     """`api.RowStepper` for one causal LM (sdpa or eager attention).
 
     `lora`: the LoRA facade setting rows' adapters (`multilora.MultiLoraModel`); None = a model
-    without LoRA layers (every row must then be a base row). `graph_rank`: capture decode steps
-    as CUDA graphs with the LoRA kernels at this rank (None = eager; only on CUDA).
+    without LoRA layers (every row must then be a base row). `graph_ranks`: capture decode steps
+    as CUDA graphs, with the LoRA kernels at each of these ranks (ascending; what
+    ``lora.decode_rank`` returns for any row); None = eager (and always without CUDA); ``(0,)``
+    for a model without LoRA layers.
     """
 
     def __init__(self, model: nn.Module, limits: StepLimits, *, lora: LoraRows | None, eos_token_ids: Sequence[int],
-                 pad_token_id: int, graph_rank: int | None = None) -> None:
+                 pad_token_id: int, graph_ranks: Sequence[int] | None = None) -> None:
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn not in SUPPORTED_ATTENTION:
             raise EngineError(f"continuous batching supports attention {SUPPORTED_ATTENTION}, model uses {attn!r}")
@@ -196,8 +204,8 @@ class Stepper:
         self.pad_token_id = int(pad_token_id)
         self.device = next(model.parameters()).device
         self.vocab = int(model.get_input_embeddings().num_embeddings)
-        self.graphs = graph_rank is not None and self.device.type == "cuda"
-        self.graph_rank = int(graph_rank or 0)
+        self.graphs = bool(graph_ranks) and self.device.type == "cuda"
+        self.graph_ranks = sorted({int(r) for r in graph_ranks}) if self.graphs else []
         self.float_mask = attn == "eager"
         self.mask_dtype = next(model.parameters()).dtype
         self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len)
@@ -234,6 +242,7 @@ class Stepper:
             raise RowTooLong(f"row {row_id}: prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} "
                              f"exceeds the {self.limits.max_len} tokens a KV row holds")
         slot = self._resolve([row.adapter])[0]
+        rank = self._rank_of(slot)
         if not self._free:
             raise CacheFull(f"all {self.limits.max_rows} KV rows are in use")
         pick = None
@@ -241,7 +250,7 @@ class Stepper:
             seed = p.seed if p.seed is not None else secrets.randbits(63)
             pick = picker(kw, torch.Generator(device=self.device).manual_seed(int(seed)))
         kv = heapq.heappop(self._free)
-        r = _Row(row_id, kv, prompt, row.adapter, slot, p, pick)
+        r = _Row(row_id, kv, prompt, row.adapter, slot, rank, p, pick)
         self._rows[row_id] = r
         self._by_kv[kv] = r
         if row.adapter is not None:
@@ -344,7 +353,8 @@ class Stepper:
         need = max(pos) + 1
         if self.graphs:
             self._check(rows)
-            logits = self._replay(B, _first_at_least(self._len_buckets, need), ids, pos, slots)
+            rank = _first_at_least(self.graph_ranks, max(r.rank for r in decoding))
+            logits = self._replay(self._graph(B, _first_at_least(self._len_buckets, need), rank), ids, pos, slots)
         else:
             inputs = torch.tensor([ids, pos], dtype=torch.long).to(self.device)
             with self._eager(rows):
@@ -423,9 +433,9 @@ class Stepper:
         return names
 
     def _static(self, g: _Graph) -> ContextManager[None]:
-        if self.lora is None or not self.graph_rank:
+        if self.lora is None or not g.rank:
             return contextlib.nullcontext()
-        return self.lora.static_batch(g.slots, self.graph_rank)
+        return self.lora.static_batch(g.slots, g.rank)
 
     def _as_mask(self, m: torch.Tensor) -> torch.Tensor:
         if not self.float_mask:
@@ -433,8 +443,7 @@ class Stepper:
         return (~m).to(self.mask_dtype) * torch.finfo(self.mask_dtype).min
 
     # -- graphs ---------------------------------------------------------------
-    def _replay(self, B: int, length: int, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
-        g = self._graph(B, length)
+    def _replay(self, g: _Graph, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
         g.inputs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long), non_blocking=False)
         if g.graph is None:
             self._capture(g)
@@ -443,11 +452,21 @@ class Stepper:
         g.replays += 1
         return g.logits
 
-    def _graph(self, B: int, length: int) -> _Graph:
-        g = self._graphs.get((B, length))
+    def _graph(self, B: int, length: int, rank: int) -> _Graph:
+        g = self._graphs.get((B, length, rank))
         if g is None:
-            g = self._graphs[(B, length)] = _Graph(B, length, torch.zeros(3, B, dtype=torch.long, device=self.device))
+            g = self._graphs[(B, length, rank)] = _Graph(B, length, rank,
+                                                         torch.zeros(3, B, dtype=torch.long, device=self.device))
         return g
+
+    def _rank_of(self, slot: int) -> int:
+        """The rank bucket a row on this slot needs in a captured step."""
+        if not self.graphs or self.lora is None or not slot:
+            return self.graph_ranks[0] if self.graphs else 0
+        rank = self.lora.decode_rank([slot])
+        if rank is None or rank > self.graph_ranks[-1]:
+            raise EngineError(f"adapter rank {rank} is beyond what the captured LoRA kernels serve")
+        return rank
 
     def _capture(self, g: _Graph) -> None:
         """Run the step once on a side stream (kernel JIT, workspaces), then capture it. The run
@@ -466,7 +485,7 @@ class Stepper:
         self.captures += 1
 
     def warmup(self) -> None:
-        """Capture every (batch bucket, key-length bucket) decode step now. Needs no row running:
+        """Capture every (batch, key-length, rank) bucket's decode step now. Needs no row running:
         the captures write dummy keys at position 0 of rows [0, B)."""
         if not self.graphs:
             self.warmed_up = True
@@ -474,20 +493,19 @@ class Stepper:
         if self._rows:
             raise EngineError("warmup needs an idle stepper (the captures write into KV rows)")
         with torch.inference_mode():
-            for B in self._batch_buckets:
-                for length in self._len_buckets:
-                    g = self._graph(B, length)
-                    if g.graph is None:
-                        g.inputs.zero_()
-                        g.inputs[0].fill_(self.pad_token_id)
-                        self._capture(g)
+            for B, length, rank in itertools.product(self._batch_buckets, self._len_buckets, self.graph_ranks):
+                g = self._graph(B, length, rank)
+                if g.graph is None:
+                    g.inputs.zero_()
+                    g.inputs[0].fill_(self.pad_token_id)
+                    self._capture(g)
         self.warmed_up = True
 
     def describe(self) -> dict[str, Any]:
-        return {"graphs": self.graphs, "graph_rank": self.graph_rank if self.graphs else None,
+        return {"graphs": self.graphs, "graph_ranks": list(self.graph_ranks),
                 "captures": self.captures, "captures_after_warmup": self.captures_after_warmup,
                 "warmed_up": self.warmed_up,
-                "buckets": [{"batch": g.batch, "kv_len": g.length, "captured": g.graph is not None,
+                "buckets": [{"batch": g.batch, "kv_len": g.length, "rank": g.rank, "captured": g.graph is not None,
                              "replays": g.replays} for g in list(self._graphs.values())],
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),

@@ -24,13 +24,13 @@ from test_stepping import Run, _prompt
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp", "patterned"]
+ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp", "patterned", "r64"]
 LP_TOL = 1e-3
 
 
 def _engine(tiny_model_dir, tokenizer, engine_adapters, decode, adapters=ADAPTERS, eos=None):
     eng = make_engine("multilora", load_base(tiny_model_dir, torch.float32, "cuda"),
-                      EngineSettings(num_slots=8, max_rank=64, decode=decode),
+                      EngineSettings(num_slots=9, max_rank=64, decode=decode),
                       eos_token_ids=eos if eos is not None else [tokenizer.eos_token_id],
                       pad_token_id=tokenizer.pad_token_id)
     for name in adapters:
@@ -76,9 +76,10 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48)
     gs, es = graphs.stepper(limits), eager.stepper(limits)
     assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
+    assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
     gs.warmup()
-    expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len))
-    assert gs.describe()["captures"] == expected  # 1, 2, 4, 6 rows x 256, 320 keys
+    expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len)) * 3
+    assert gs.describe()["captures"] == expected  # 1, 2, 4, 6 rows x 256, 320 keys x ranks 16, 32, 64
     rows = _schedule(3, 24, long_prompts=True)
     g_run, g_cancel = _drive(gs, rows, seed=4)
     e_run, e_cancel = _drive(es, rows, seed=4)
@@ -87,6 +88,7 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     assert d["captures_after_warmup"] == 0 and d["captures"] == expected, d
     assert sum(b["replays"] for b in d["buckets"]) == d["decode_steps"] > 0
     assert len({b["kv_len"] for b in d["buckets"] if b["replays"]}) == 2  # both key-length buckets served
+    assert {b["rank"] for b in d["buckets"] if b["replays"]} == {16, 64}  # rows of rank <= 16 only, or with r64
     for i, row in rows.items():
         assert g_run.tokens[i] == e_run.tokens[i], i
         assert g_run.finished.get(i) == e_run.finished.get(i), i

@@ -88,12 +88,13 @@ class MultiLoraEngine:
             if self._stepper.rows():
                 raise EngineError("the stepper has rows running; it cannot be rebuilt with other limits")
             self._stepper = None  # its KV cache goes before the new one is allocated
-        graph_rank = None
-        if (self.decode == "graphs" and self.model.lora_backend.usable
-                and self.model.max_rank <= KERNEL_MAX_RANK):
-            graph_rank = self.model.max_rank
+        graph_ranks = None
+        r = self.model.max_rank
+        if self.decode == "graphs" and self.model.lora_backend.usable and r <= KERNEL_MAX_RANK:
+            # what `decode_rank` returns: the largest rank in use rounded up to a power of two, >= 16, <= max_rank
+            graph_ranks = sorted({min(max(16, 1 << (k - 1).bit_length()), r) for k in range(1, r + 1)})
         self._stepper = Stepper(self.model.model, limits, lora=self.model, eos_token_ids=self.eos_token_ids,
-                                pad_token_id=self.pad_token_id, graph_rank=graph_rank)
+                                pad_token_id=self.pad_token_id, graph_ranks=graph_ranks)
         return self._stepper
 
     def set_adapter(self, adapter_name: str) -> None:
