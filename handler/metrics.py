@@ -27,7 +27,7 @@ continuous: the scheduler thread). The own endpoint's HTTP thread (prometheus_cl
 its registry.
 
 Rate: each update through TorchServe is a log line, so the continuous scheduler's per-step gauges
-(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and at once when the worker goes idle;
+(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and at once when the worker goes idle or busy;
 the per-row histograms are one value per row (TTFT, mean inter-token latency), not one per token.
 """
 from __future__ import annotations
@@ -178,13 +178,15 @@ class WorkerMetrics:
 
     def scheduler_step(self, running_rows: int, waiting_rows: int, kv_utilisation: float,
                        running: Sequence[str], waiting: Sequence[str], now: float | None = None) -> bool:
-        """Continuous, after each step: rows running and waiting, KV use, their tenants. Sent at
-        most every GAUGE_INTERVAL_S, and at once when the rows drop to none; True when sent."""
+        """Continuous, after each step: rows running and waiting, KV use, their tenants. Sent when
+        they changed, at most every GAUGE_INTERVAL_S, but at once when the worker goes idle or busy;
+        True when sent."""
         now = time.monotonic() if now is None else now
         values = (running_rows, waiting_rows, round(kv_utilisation, 4), tuple(dict.fromkeys(running)),
                   tuple(dict.fromkeys(waiting)))
-        idle_now = running_rows == 0 and waiting_rows == 0
-        if values == self._gauges_last or (now - self._gauges_at < GAUGE_INTERVAL_S and not idle_now):
+        idle = running_rows == 0 and waiting_rows == 0
+        was_idle = self._gauges_last is None or (self._gauges_last[0] == 0 and self._gauges_last[1] == 0)
+        if values == self._gauges_last or (now - self._gauges_at < GAUGE_INTERVAL_S and idle == was_idle):
             return False
         self._gauges_at, self._gauges_last = now, values
         self._emit(RUNNING, running_rows)

@@ -214,7 +214,11 @@ class AdapterResidency:
         return name
 
     def release(self, name: str) -> None:
-        """One row is done with `name`. The last release of a replaced version evicts it."""
+        """One row is done with `name` (its idle time starts now). The last release of a replaced
+        version evicts it."""
+        resident = self._resident.get(name)
+        if resident is not None:
+            resident.last_used = self._clock()
         if self._holds[name] <= 1:
             self._holds.pop(name, None)
             if name in self._stale_held:
@@ -486,10 +490,10 @@ class AdapterResidency:
 
     def _evict(self, name: str, reason: str) -> None:
         """Out of its slot, counted under `evictions_<reason>` (lru | idle | stale | pinned)."""
+        self._engine.delete_adapter(name)  # first: an engine that refuses (rows still use it) changes nothing here
         counter = f"evictions_{reason}"
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         gone = self._resident.pop(name, None)
-        self._engine.delete_adapter(name)
         if gone is not None:
             self.metrics.evicted(gone.tenant, gone.version, reason)
         log.info("adapter %s evicted", name)
