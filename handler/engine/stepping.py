@@ -167,6 +167,7 @@ class _Graph:
     graph: Any = None
     logits: torch.Tensor | None = None
     replays: int = 0
+    failed: bool = False  # the capture raised: this bucket's steps run eagerly
 
     @property
     def ids(self) -> torch.Tensor:
@@ -220,6 +221,8 @@ class Stepper:
         self._pool = None  # one CUDA graph memory pool for every bucket (replays never overlap)
         self.captures = 0
         self.captures_after_warmup = 0
+        self.capture_failures = 0
+        self.last_capture_error = ""
         self.warmed_up = False
         self.steps = 0
         self.decode_steps = 0
@@ -351,11 +354,12 @@ class Stepper:
         slots = [r.slot if r is not None else 0 for r in rows]
         pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
         need = max(pos) + 1
+        logits = None
         if self.graphs:
             self._check(rows)
             rank = _first_at_least(self.graph_ranks, max(r.rank for r in decoding))
             logits = self._replay(self._graph(B, _first_at_least(self._len_buckets, need), rank), ids, pos, slots)
-        else:
+        if logits is None:  # eager: no graphs, or this bucket could not be captured
             inputs = torch.tensor([ids, pos], dtype=torch.long).to(self.device)
             with self._eager(rows):
                 logits = self._decode_forward(inputs[0].view(B, 1), inputs[1].view(B, 1),
@@ -443,10 +447,15 @@ class Stepper:
         return (~m).to(self.mask_dtype) * torch.finfo(self.mask_dtype).min
 
     # -- graphs ---------------------------------------------------------------
-    def _replay(self, g: _Graph, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+    def _replay(self, g: _Graph, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor | None:
+        """The bucket's graph run on these inputs (captured now if warmup did not); None when the
+        bucket cannot be captured (the step then runs eagerly)."""
+        if g.failed:
+            return None
         g.inputs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long), non_blocking=False)
         if g.graph is None:
-            self._capture(g)
+            if not self._try_capture(g):
+                return None
             self.captures_after_warmup += 1
         g.graph.replay()
         g.replays += 1
@@ -467,6 +476,16 @@ class Stepper:
         if rank is None or rank > self.graph_ranks[-1]:
             raise EngineError(f"adapter rank {rank} is beyond what the captured LoRA kernels serve")
         return rank
+
+    def _try_capture(self, g: _Graph) -> bool:
+        try:
+            self._capture(g)
+            return True
+        except Exception as exc:  # e.g. out of memory while capturing: that bucket's steps run eagerly
+            g.failed = True
+            self.capture_failures += 1
+            self.last_capture_error = f"{type(exc).__name__}: {exc}"[:300]
+            return False
 
     def _capture(self, g: _Graph) -> None:
         """Run the step once on a side stream (kernel JIT, workspaces), then capture it. The run
@@ -495,16 +514,17 @@ class Stepper:
         with torch.inference_mode():
             for B, length, rank in itertools.product(self._batch_buckets, self._len_buckets, self.graph_ranks):
                 g = self._graph(B, length, rank)
-                if g.graph is None:
+                if g.graph is None and not g.failed:
                     g.inputs.zero_()
                     g.inputs[0].fill_(self.pad_token_id)
-                    self._capture(g)
+                    self._try_capture(g)
         self.warmed_up = True
 
     def describe(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "graph_ranks": list(self.graph_ranks),
                 "captures": self.captures, "captures_after_warmup": self.captures_after_warmup,
-                "warmed_up": self.warmed_up,
+                "warmed_up": self.warmed_up, "capture_failures": self.capture_failures,
+                "last_capture_error": self.last_capture_error,
                 "buckets": [{"batch": g.batch, "kv_len": g.length, "rank": g.rank, "captured": g.graph is not None,
                              "replays": g.replays} for g in list(self._graphs.values())],
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,

@@ -442,28 +442,35 @@ class EmulatedGraphs(Stepper):
     its bucket, one [3, B] input tensor, LoRA slots read from a tensor by the Triton kernels,
     here through Triton's interpreter) on the CPU: only the capture itself is replaced."""
 
-    def __init__(self, *args, ranks, **kw):
+    def __init__(self, *args, ranks, fail_batch=None, **kw):
         super().__init__(*args, **kw)
         self.graphs = True
         self.graph_ranks = list(ranks)
+        self.fail_batch = fail_batch  # captures of this batch bucket raise (as an OOM would)
 
     def _rank_of(self, slot):  # `decode_rank` answers None off CUDA; the same rule by hand
         r = max((lay.slot_rank[slot] for lay in self.lora.lora_layers.values()), default=0) if slot else 0
         return next(b for b in self.graph_ranks if b >= r)
 
     def _capture(self, g):
+        if g.batch == self.fail_batch:
+            raise torch.OutOfMemoryError("emulated")
         g.graph = _EagerGraph(self, g)
         self.captures += 1
 
 
-def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, tokenizer, engine_adapters):
+@pytest.mark.parametrize("fail_batch", [None, 4])
+def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, tokenizer, engine_adapters, fail_batch):
+    """fail_batch: that bucket's captures fail at warmup; its steps run eagerly, rows unaffected."""
     pytest.importorskip("triton")
     eng = _engine(tiny_model_dir, tokenizer, engine_adapters, adapters=["r4", "r16rs", "r64"])
     limits = StepLimits(max_rows=5, max_len=300, prefill_chunk=40, graph_batch_sizes=(2, 4))
     st = EmulatedGraphs(eng.model.model, limits, lora=eng.model, eos_token_ids=eng.eos_token_ids,
-                        pad_token_id=eng.pad_token_id, ranks=[16, 64])
+                        pad_token_id=eng.pad_token_id, ranks=[16, 64], fail_batch=fail_batch)
     st.warmup()
-    assert st.captures == 3 * 2 * 2  # batch 2, 4, 5 (max_rows) x keys 256, 300 x ranks 16, 64
+    failed = 0 if fail_batch is None else 2 * 2
+    assert st.captures == 3 * 2 * 2 - failed  # batch 2, 4, 5 (max_rows) x keys 256, 300 x ranks 16, 64
+    assert st.describe()["capture_failures"] == failed
     rng = random.Random(23)
     rows = {i: GenerationRow(_prompt(rng, n), a, SamplingParams(max_new_tokens=m, logprobs=1))
             for i, (n, a, m) in enumerate([(3, "r4", 9), (25, None, 5), (2, "r64", 8), (14, "r16rs", 7),
@@ -476,9 +483,11 @@ def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, t
             run.add(i, rows[i])
         run.step()
     d = st.describe()
-    assert d["captures_after_warmup"] == 0 and d["decode_steps"] == sum(b["replays"] for b in d["buckets"])
+    replays = sum(b["replays"] for b in d["buckets"])
+    assert d["captures_after_warmup"] == 0 and d["capture_failures"] == failed
+    assert d["decode_steps"] == replays if fail_batch is None else d["decode_steps"] > replays
     served = {(b["batch"], b["kv_len"], b["rank"]) for b in d["buckets"] if b["replays"]}
-    assert {b for b, _, _ in served} >= {2, 4} and {r for _, _, r in served} == {16, 64}
+    assert {b for b, _, _ in served} >= {2, 4} - {fail_batch} and {r for _, _, r in served} == {16, 64}
     assert {k for _, k, _ in served} == {256, 300}
     for i, row in rows.items():
         want = eng.generate([row])[0]
