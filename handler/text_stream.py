@@ -12,6 +12,10 @@ A stop string ends the row (`stopped`) once no other stop string could still com
 earlier position (stops "abcd" and "c" on "abc": "c" is found at 2, but "abcd" could start at 0,
 and the whole-reply rule cuts at the earliest occurrence in the final text).
 
+Cost: each token decodes a window of the last WINDOW tokens twice, not the whole row (the new
+text is the window's growth), falling back to the whole row where the window's text is not a
+suffix of the row's (a window starting inside a character).
+
 Each piece covers the tokens that reach its end (`covering`: the fewest leading tokens whose
 text reaches a length; the same rule the reply uses for `usage.completion_tokens` after a cut),
 so the pieces' tokens and log-probabilities concatenate to the reply's.
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 Decode = Callable[[Sequence[int]], str]  # token ids -> text, special tokens skipped (the reply's decode)
+WINDOW = 8  # tokens decoded per step to find the new text
 
 
 def stop_cut(text: str, stops: Sequence[str]) -> int:
@@ -31,11 +36,12 @@ def stop_cut(text: str, stops: Sequence[str]) -> int:
     return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
-def covering(length: Callable[[int], int], tokens: int, chars: int) -> int:
+def covering(length: Callable[[int], int], tokens: int, chars: int, start: int = 0) -> int:
     """The fewest leading tokens (of `tokens`) whose text reaches `chars` characters, where
     `length(n)` is the length of the first n tokens' text; all of them if none does. What a reply
-    cut at a stop string really used: the token holding the cut counts, tokens past it do not."""
-    for n in range(tokens + 1):
+    cut at a stop string really used: the token holding the cut counts, tokens past it do not.
+    `start`: a count known to fall short of `chars` or to be the answer (scanning starts there)."""
+    for n in range(start, tokens + 1):
         if length(n) >= chars:
             return n
     return tokens
@@ -70,12 +76,13 @@ class TextStream:
     emitted: str = ""  # the text handed out so far
     emitted_tokens: int = 0  # the tokens those pieces covered
     stopped: bool = False  # a stop string ended the row (the reply cuts there)
+    text: str = ""  # decode(token_ids)
     _lengths: list[int] = field(default_factory=lambda: [0])
 
     def push(self, token_id: int) -> Piece | None:
         """Take the row's next token; the text that became final with it, if any."""
         self.token_ids.append(int(token_id))
-        text = self.decode(self.token_ids)
+        self.text = text = self._grown(self.text)
         self._lengths.append(len(text))
         settled = text.rstrip("\ufffd")  # an incomplete character at the end may still become anything
         cut = stop_cut(settled, self.stops)  # (a stop over such a character is no stop yet)
@@ -89,10 +96,20 @@ class TextStream:
             return None  # nothing new is final (or the decode rewrote earlier text: the reply settles it)
         new = text[len(self.emitted):safe]
         self.emitted += new
-        start, self.emitted_tokens = self.emitted_tokens, max(self.emitted_tokens,
-                                                             covering(self._lengths.__getitem__, len(self.token_ids),
-                                                                      len(self.emitted)))
+        start = self.emitted_tokens
+        self.emitted_tokens = covering(self._lengths.__getitem__, len(self.token_ids), len(self.emitted), start)
         return Piece(new, start, self.emitted_tokens)
+
+    def _grown(self, before: str) -> str:
+        """decode(token_ids) from the text of all but the last token: the growth of a window."""
+        ids, n = self.token_ids, len(self.token_ids)
+        if n <= WINDOW:
+            return self.decode(ids)
+        old, new = self.decode(ids[n - WINDOW:n - 1]), self.decode(ids[n - WINDOW:])
+        kept = old.rstrip("\ufffd")  # an incomplete character may have been completed by the new token
+        if before.endswith(old) and new.startswith(kept):
+            return before[:len(before) - len(old) + len(kept)] + new[len(kept):]
+        return self.decode(ids)
 
     def rest(self, text: str, kept_tokens: int) -> Piece | None:
         """The last piece, from the reply's own `text` and completion tokens: what the pieces so far

@@ -8,7 +8,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from handler.text_stream import TextStream, covering, stop_cut
+from handler.text_stream import WINDOW, TextStream, covering, stop_cut
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def _stream(tok, ids, stops):
     pieces = []
     for t in ids:
         piece = stream.push(t)
+        assert stream.text == _decode(tok)(stream.token_ids)  # the window's growth is the whole decode's
         if piece is not None:
-            assert piece.text and not piece.text.endswith("\ufffd")
+            assert piece.text and stream.text.startswith(stream.emitted)
             pieces.append(piece)
         if stream.stopped:
             break
@@ -56,6 +57,8 @@ def test_random_rows_concatenate_to_the_whole_reply_and_stop_where_it_cuts(tok):
     for _ in range(300):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
         ids = tok(text, add_special_tokens=False)["input_ids"]
+        if rng.random() < 0.2:  # what a random model says: any token, bytes that are no UTF-8 included
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
         if rng.random() < 0.2:
             ids.insert(rng.randrange(len(ids) + 1), special[0])
         if rng.random() < 0.3:  # a row may also stop inside a character (max_new_tokens)
@@ -131,3 +134,18 @@ def test_spaces_are_held_back_when_the_tokenizer_cleans_them_up(tok):
     for t in tok("hello world ,", add_special_tokens=False)["input_ids"]:
         stream.push(t)
         assert not stream.emitted.endswith(" ")
+
+
+def test_a_long_row_decodes_a_window_per_token_not_the_whole_row(tok):
+    decoded = []
+
+    def counting(ids):
+        decoded.append(len(ids))
+        return _decode(tok)(ids)
+
+    ids = tok(" ".join(["the quick brown fox jumps over the lazy dog é"] * 20), add_special_tokens=False)["input_ids"]
+    stream = TextStream(counting, ("zzz",))
+    for t in ids:
+        stream.push(t)
+    assert stream.text == _decode(tok)(ids) and len(ids) > 150
+    assert sum(decoded) < 4 * WINDOW * len(ids)  # the whole row each time: about len(ids)**2 / 2
