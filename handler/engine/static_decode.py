@@ -80,7 +80,7 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _round_up(n: int, to: int) -> int:
+def round_up(n: int, to: int) -> int:
     return -(-int(n) // to) * to
 
 
@@ -156,7 +156,7 @@ class StaticDecoder:
             if graphs:
                 raise NotCapturable("adapter ranks exceed what the captured LoRA kernels serve")
             rank = 0
-        T = _round_up(L + max_new, self.len_bucket)
+        T = round_up(L + max_new, self.len_bucket)
         st = self._bucket_for(B, T, rank if graphs else 0, input_ids.device)
         ids, pm = _pad_rows(input_ids, attention_mask, B, pad_id)
         pick = picker(kw)

@@ -83,14 +83,10 @@ from .api import GenerationRow, RowEvent, SamplingParams, StepLimits
 from .errors import CacheFull, EngineError, RowTooLong
 from .generation import generation_kwargs, validate_rows
 from .row_cache import RowCache
-from .static_decode import SUPPORTED_ATTENTION, LoraRows, picker
+from .static_decode import SUPPORTED_ATTENTION, LoraRows, picker, round_up
 
 EAGER_LEN = 64  # eager decode/prefill: key length rounded up to a multiple of this
 GRAPH_MIN_LEN = 256  # graphs: key-length buckets 256, 512, 1024, ... and max_len
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-int(n) // to) * to
 
 
 def batch_buckets(limits: StepLimits) -> list[int]:
@@ -329,7 +325,7 @@ class Stepper:
             s, pad = r.filled, S - n
             ids.append([self.pad_token_id] * pad + r.prompt[s: s + n])
             pos.append([s + n] * pad + list(range(s, s + n)))
-        length = min(_round_up(max(r.filled + n for r, n in group) + 1, EAGER_LEN), self.limits.max_len)
+        length = min(round_up(max(r.filled + n for r, n in group) + 1, EAGER_LEN), self.limits.max_len)
         host = torch.tensor([ids, pos], dtype=torch.long)
         ids_t, pos_t = host.to(self.device).unbind(0)
         mask = (self._arange[:length].view(1, 1, length) <= pos_t.unsqueeze(-1)).unsqueeze(1)  # [n, 1, S, T]
@@ -363,7 +359,7 @@ class Stepper:
             inputs = torch.tensor([ids, pos], dtype=torch.long).to(self.device)
             with self._eager(rows):
                 logits = self._decode_forward(inputs[0].view(B, 1), inputs[1].view(B, 1),
-                                              min(_round_up(need, EAGER_LEN), self.limits.max_len))
+                                              min(round_up(need, EAGER_LEN), self.limits.max_len))
         self.decode_steps += 1
         index = torch.tensor([r.kv for r in decoding], device=logits.device)
         return self._emit(decoding, logits.index_select(0, index))
