@@ -134,3 +134,254 @@ def test_a_service_crash_answers_every_request_500_instead_of_failing_the_batch(
     assert len(output) == 2
     assert [context.get_response_status(i)[0] for i in range(2)] == [500, 500]
     assert all("/secret" not in o for o in output)
+
+
+# -- streaming and asynchronous TorchServe (asyncCommunication) --------------------------------------
+# Driven through ts.async_service's own `predict` on a real ts.service.Service whose socket is one end
+# of a socketpair: what TorchServe would write to the frontend is read back from the other end.
+
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from ts import async_service  # noqa: E402
+
+from handler.routes import route_for  # noqa: E402
+from handler.scheduler import Finished, TextDelta  # noqa: E402
+from handler.stream_format import NDJSON, SSE  # noqa: E402
+
+FINAL = {"text": "Hello", "tenant": None, "adapter": "base", "fallback": "no_tenant", "finish_reason": "length",
+         "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
+
+
+@dataclass
+class _Pred:
+    request_id: str
+    content_type: str
+    status: int
+    headers: dict
+    body: bytes
+
+
+def _frames(data: bytes) -> list[list[_Pred]]:
+    """TorchServe's predict-response frames (ts/protocol/otf_message_handler.create_predict_response)."""
+    at, frames = 0, []
+
+    def i32():
+        nonlocal at
+        (value,) = struct.unpack_from("!i", data, at)
+        at += 4
+        return value
+
+    def blob():
+        nonlocal at
+        n = i32()
+        at += n
+        return data[at - n:at]
+
+    while at < len(data):
+        i32(), blob()  # the message's code and text
+        preds = []
+        while (n := i32()) != -1:
+            request_id = data[at:at + n].decode()
+            at += n
+            content_type, status, _phrase = blob().decode(), i32(), blob()
+            headers = {}
+            for _ in range(i32()):
+                key = blob().decode()
+                headers[key] = blob().decode()
+            preds.append(_Pred(request_id, content_type, status, headers, blob()))
+        frames.append(preds)
+    return frames
+
+
+class _Ticket:
+    def __init__(self, exchange, events):
+        self.exchange, self.stream = exchange, exchange.request.stream
+        self.events, self.cancelled = list(events), False
+
+    async def next(self):
+        await asyncio.sleep(0)
+        event = self.events.pop(0)
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _AsyncService(_FakeService):
+    """submit() answers by prompt: a Reply, or a ticket with the scripted events."""
+
+    scheduler_kind = "continuous"
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.tickets, self.threads = script, [], set()
+
+    def submit(self, raw, loop):
+        assert loop is not None
+        self.threads.add(threading.current_thread().name)
+        exchange = route_for(raw.headers).parse(raw.body, raw.headers)
+        got = self.script[exchange.request.prompt or exchange.request.messages[0]["content"]]
+        if isinstance(got, Reply):
+            return got
+        self.tickets.append(_Ticket(exchange, got))
+        return self.tickets[-1]
+
+
+def _request(i, body, url_path=""):
+    return {"requestId": f"req-{i}".encode(),
+            "headers": [{"name": k.encode(), "value": v.encode()}
+                        for k, v in {"explain": "False", "url_path": url_path}.items()],
+            "parameters": [{"name": "body", "contentType": "application/json", "value": body}]}
+
+
+def _run_async(service, batch):
+    """One message through ts.async_service.predict; (intermediate frames, final frame, handler)."""
+    handler = LoraplexHandler()
+    handler.service, handler.initialized, handler.async_mode = service, True, True
+    ts_service = Service("loraplex", "/tmp", None, handler.handle, None, 1, metrics_cache=_Metrics())
+    ts_service.context.model_yaml_config = {"asyncCommunication": True}
+    ours, frontend = socket.socketpair()
+    ts_service.set_cl_socket(ours)
+    try:
+        final = asyncio.run(async_service.predict(ts_service, batch))
+        frontend.setblocking(False)
+        sent = b""
+        try:
+            while chunk := frontend.recv(1 << 16):
+                sent += chunk
+        except BlockingIOError:
+            pass
+        assert isinstance(ours, LoraplexHandler.SerialSendSocket)  # the two writers are serialised
+        return _frames(sent), _frames(bytes(final))[0], handler
+    finally:
+        ours.close()
+        frontend.close()
+
+
+def test_async_stream_sends_each_delta_as_one_chunk_then_the_last():
+    events = [TextDelta("Hel", (1,), None), TextDelta("", (2,), None), TextDelta("lo", (3,), None),
+              Finished(Reply(200, "OK", FINAL))]
+    svc = _AsyncService({"s": events})
+    chunks, final, _ = _run_async(svc, [_request(0, {"prompt": "s", "stream": True})])
+    assert [[json.loads(p.body) for p in frame] for frame in chunks] == [[{"text": "Hel"}], [{"text": "lo"}]]
+    assert all(f[0].headers["ts_stream_next"] == "true" and f[0].content_type == NDJSON for f in chunks)
+    assert all(f[0].request_id == "req-0" and f[0].status == 200 for f in chunks)
+    assert final[0].headers["ts_stream_next"] == "false" and final[0].content_type == NDJSON
+    assert json.loads(final[0].body) == {"text": "", **{k: FINAL[k] for k in
+                                                         ("finish_reason", "usage", "tenant", "adapter", "fallback")}}
+    assert svc.threads and "MainThread" not in svc.threads  # submit ran off the event loop
+
+
+def test_async_openai_stream_is_sse():
+    from handler.openai_api import Endpoint, completion_body, parse
+
+    chat = {"model": "base", "messages": [{"role": "user", "content": "c"}], "stream": True, "temperature": 0}
+    req = parse(Endpoint.CHAT, chat, {})
+    svc = _AsyncService({"c": [TextDelta("Hel", (1,), None), Finished(Reply(200, "OK", completion_body(req, FINAL)))]})
+    chunks, final, _ = _run_async(svc, [_request(0, chat, "v1/chat/completions")])
+    assert len(chunks) == 1 and chunks[0][0].content_type == SSE
+    first = json.loads(chunks[0][0].body.decode().removeprefix("data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    events = final[0].body.decode().split("\n\n")
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"] == {"content": "lo"}
+    last = json.loads(events[1].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["total_tokens"] == 5
+    assert last["id"] == first["id"] and events[2:] == ["data: [DONE]", ""]
+
+
+def test_async_replies_keep_status_headers_and_their_own_requests():
+    """A 503 with Retry-After (an immediate Reply), a non-streamed ticket and a streamed one in one
+    message: each gets its own status and headers; only the streamed one sends chunks."""
+    full = Reply(503, "Queue Full", {"error": "queue full", "type": "QueueFull", "status": 503},
+                 headers={"Retry-After": "1"})
+    svc = _AsyncService({"busy": full, "plain": [TextDelta("Hello", (1,), None), Finished(Reply(200, "OK", FINAL))],
+                         "s": [TextDelta("Hel", (1,), None), Finished(Reply(200, "OK", FINAL))]})
+    batch = [_request(0, {"prompt": "busy"}), _request(1, {"prompt": "plain"}),
+             _request(2, {"prompt": "s", "stream": True})]
+    chunks, final, _ = _run_async(svc, batch)
+    assert [[p.request_id for p in f] for f in chunks] == [["req-2"]]
+    busy, plain, streamed = final
+    assert busy.status == 503 and busy.headers["Retry-After"] == "1" and busy.content_type == "application/json"
+    assert json.loads(busy.body)["type"] == "QueueFull"
+    assert plain.status == 200 and json.loads(plain.body) == FINAL and "ts_stream_next" not in plain.headers
+    assert streamed.headers["ts_stream_next"] == "false"
+    assert [json.loads(line)["text"] for line in streamed.body.decode().splitlines()] == ["lo", ""]
+
+
+def test_async_failure_before_the_first_chunk_is_an_ordinary_error_after_it_the_last_chunk():
+    bad = Reply(404, "Unknown Tenant", {"error": "no such tenant", "type": "TenantNotFound", "status": 404})
+    svc = _AsyncService({"early": [Finished(bad)], "late": [TextDelta("Hel", (1,), None), RuntimeError("/secret")]})
+    chunks, (early, late), _ = _run_async(svc, [_request(0, {"prompt": "early", "stream": True}),
+                                                _request(1, {"prompt": "late", "stream": True})])
+    assert early.status == 404 and early.content_type == "application/json"
+    assert json.loads(early.body)["type"] == "TenantNotFound"
+    assert late.status == 200 and late.content_type == NDJSON
+    assert json.loads(late.body) == {"error": {"message": "internal error; see the worker log",
+                                               "type": "RuntimeError", "status": 500}}
+    assert svc.tickets[1].cancelled and not svc.tickets[0].cancelled  # a failed stream frees its row
+
+
+def test_async_describe_and_static_scheduler():
+    svc = _AsyncService({})
+    _, final, _ = _run_async(svc, [_management_describe()])
+    assert svc.describes == 1 and json.loads(final[0].body)["resident"] == [{"adapter": "secret@v1"}]
+
+    class Static(_FakeService):
+        scheduler_kind = "static"
+
+        def handle_batch(self, batch):
+            self.batches.append(batch)
+            return [Reply(200, "OK", FINAL) for _ in batch]
+
+    svc = Static()
+    chunks, final, _ = _run_async(svc, [_request(0, {"prompt": "x"}), _request(1, {"prompt": "y", "stream": True})])
+    assert len(svc.batches) == 1 and chunks == []  # one handle_batch call, no chunks on the way
+    assert json.loads(final[0].body) == FINAL and final[0].content_type == "application/json"
+    # A stream on the static path: the whole answer in the stream's format (one text chunk, then the last)
+    assert final[1].content_type == NDJSON
+    assert [json.loads(line)["text"] for line in final[1].body.decode().splitlines()] == ["Hello", ""]
+
+
+def test_sync_stream_is_one_text_chunk_then_the_last():
+    class Whole(_FakeService):
+        def handle_batch(self, batch):
+            self.batches.append(batch)
+            return [Reply(200, "OK", FINAL) for _ in batch]
+
+    handler = LoraplexHandler()
+    handler.service, handler.initialized = Whole(), True
+    batch = [_inference("a", b'{"prompt": "x", "stream": true}'), _inference("b")]
+    context = Context("loraplex", "/tmp", {}, 2, None, "0.12", metrics=_Metrics())
+    headers, input_batch, ids = Service.retrieve_data_for_inference(batch)
+    context.request_ids, context.request_processor = ids, headers
+    streamed, plain = handler.handle(input_batch, context)
+    assert [json.loads(line) for line in streamed.splitlines()] == [
+        {"text": "Hello"}, {"text": "", **{k: FINAL[k] for k in ("finish_reason", "usage", "tenant", "adapter",
+                                                                  "fallback")}}]
+    assert context.get_response_content_type(0) == NDJSON
+    assert json.loads(plain) == FINAL and context.get_response_content_type(1) == "application/json"
+
+
+def test_serial_send_socket_writes_whole_messages_from_two_threads():
+    """Two threads each `sendall` one message larger than the socket buffer while the reader is slow:
+    with the lock the reader sees one whole message, then the other."""
+    ours, frontend = socket.socketpair()
+    ours.__class__ = LoraplexHandler.SerialSendSocket
+    size = 4 << 20
+    senders = [threading.Thread(target=ours.sendall, args=(bytes([c]) * size,)) for c in b"ab"]
+    for t in senders:
+        t.start()
+    got = bytearray()
+    while len(got) < 2 * size:
+        got += frontend.recv(4096)
+    for t in senders:
+        t.join()
+    ours.close()
+    frontend.close()
+    assert got in (b"a" * size + b"b" * size, b"b" * size + b"a" * size)
