@@ -213,7 +213,7 @@ class Stepper:
         self._uses: Counter[str] = Counter()
         self._batch_buckets = batch_buckets(limits)
         self._len_buckets = length_buckets(limits.max_len)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (batch, key length, rank)
         self._pool = None  # one CUDA graph memory pool for every bucket (replays never overlap)
         self.captures = 0
         self.captures_after_warmup = 0
