@@ -494,7 +494,8 @@ class Stepper:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with self._static(g), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a status thread touching CUDA meanwhile does not invalidate the capture
+        with self._static(g), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             g.logits = self._decode_forward(g.ids, g.pos, g.length)
         g.graph = graph
         self.captures += 1
