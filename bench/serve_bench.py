@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-min", type=int)
     ap.add_argument("--output-max", type=int)
     ap.add_argument("--kv-rows", type=int, default=None, help="KV rows (config kv_rows; default 16, inprocess 32)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="config prefill_chunk: most prompt tokens prefilled per step (default: the config's)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-files", type=int, default=8, help="inprocess: distinct random adapter files "
                                                                 "(tenants share them round robin; each tenant is "
@@ -128,7 +130,8 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
 
     return {**capacity_setting(a.resident), "base_model_name": "", "idle_ttl_s": 3600, "registry_cache_s": 30,
             "max_prompt_tokens": max_prompt_tokens, "max_new_tokens_cap": a.output.high, "kv_rows": a.kv_rows,
-            "max_rank": max(64, a.rank), "max_waiting": max(64, a.requests)}
+            "max_rank": max(64, a.rank), "max_waiting": max(64, a.requests),
+            **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk else {})}
 
 
 def saturated(res: dict) -> bool:
@@ -233,7 +236,8 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
         stack.stop()
     meta = {"target": "torchserve", "model": a.model if a.model == "tiny" else str(a.base_model.name),
             "tenants": a.tenants, "resident_slots": a.resident, "num_slots": settings["num_slots"],
-            "kv_rows": a.kv_rows, "threads": a.threads or 1, "workload": spec.describe(), "words": len(words),
+            "kv_rows": a.kv_rows, "prefill_chunk": a.prefill_chunk, "threads": a.threads or 1,
+            "workload": spec.describe(), "words": len(words),
             **lengths,
             "notes": stack.notes, "startup_s": round(t_ready - t_start, 1),
             "wall_s": round(time.monotonic() - t_start, 1), **versions()}
@@ -391,7 +395,7 @@ def engine_tok_s(engine: Any, rows_adapters: Sequence[str | None], prompt_len: i
     """Output tokens/s of the engine's own `generate` on one static batch (median of `reps`, after a warm call)."""
     from handler.engine import GenerationRow, SamplingParams
 
-    clock = harness.Clock(getattr(engine, "device", None) or _engine_device(engine))
+    clock = harness.Clock(_engine_device(engine))
     params = SamplingParams(max_new_tokens=new)
     rows = [GenerationRow(input_ids=[3 + (7 * i + j) % 1000 for j in range(prompt_len)], adapter=ad, params=params)
             for i, ad in enumerate(rows_adapters)]
