@@ -242,7 +242,7 @@ def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, reques
     fronts, run both phases, the reload and the rollout, stop everything; the JSON report."""
     import yaml
 
-    from .archive import build_archive
+    from .archive import build_archive, with_batching
     from .services import ROUND_ROBIN, RedisServer, ScaleOut, free_port
     from .soak import onboard_all
 
@@ -258,7 +258,7 @@ def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, reques
     tenants, evictors, reloaded = names[:n_tenants], names[n_tenants:-1], names[-1]
     expected = {(t, p): setup.oracle.text(t, p, max_new_tokens) for t in names for p in setup.prompts}
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-    cfg.update({"batchSize": 4, "maxBatchDelay": 20})
+    cfg = with_batching(cfg, 4, 20)  # TorchServe batches only a synchronous (static) worker
     cfg["handler"].update({**capacity_setting(capacity), "base_model_name": "", "idle_ttl_s": 3600,
                            "registry_cache_s": 30})
     (workdir / "model-config.yaml").write_text(yaml.safe_dump(cfg))

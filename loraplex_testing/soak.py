@@ -174,7 +174,7 @@ def soak_own_stack(duration: float, *, workdir: Path, capacity: int = 4, concurr
     3 x capacity), soak it, stop both."""
     import yaml
 
-    from .archive import build_archive
+    from .archive import build_archive, with_batching
     from .isolation import capacity_setting
     from .services import RedisServer, TorchServe, free_port
 
@@ -182,7 +182,7 @@ def soak_own_stack(duration: float, *, workdir: Path, capacity: int = 4, concurr
     setup = build_setup(workdir / "setup", tenants=3 * capacity, prompts=6, max_new_tokens=max_new_tokens,
                         seed=seed, prefix="soak")
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-    cfg.update({"batchSize": 8, "maxBatchDelay": 10})
+    cfg = with_batching(cfg, 8, 10)  # TorchServe batches only a synchronous (static) worker
     cfg["handler"].update({**capacity_setting(capacity), "base_model_name": "", "idle_ttl_s": 600})
     (workdir / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     build_archive(setup.model_dir, workdir / "model_store", config_file=workdir / "model-config.yaml")

@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from loraplex_testing.archive import build_archive
+from loraplex_testing.archive import build_archive, with_batching
 from loraplex_testing.oracle import reference_generate
 from loraplex_testing.services import TorchServe, free_ports
 
@@ -70,7 +70,7 @@ class E2EStack:
 def stack(tiny_model_dir, redis_url, tmp_path_factory) -> E2EStack:
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-    cfg.update({"batchSize": 4, "maxBatchDelay": 200})
+    cfg = with_batching(cfg, 4, 200)  # TorchServe batches only a synchronous (static) worker
     cfg["handler"].update({"num_slots": 4, "base_model_name": "", "max_new_tokens_cap": 32,
                            "idle_ttl_s": 600, "registry_cache_s": 30})
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
