@@ -189,6 +189,9 @@ class AdapterResidency:
         self._uses_flushed_at = clock()
         self._holds: Counter[str] = Counter()  # adapter id -> rows holding it (never evicted while > 0)
         self._stale_held: set[str] = set()  # replaced while held: evicted when the last hold goes
+        # Adapters rows waiting to run will need (the continuous scheduler's); an LRU victim is taken
+        # among the others first. Asked only when a victim is chosen.
+        self.wanted: Callable[[], set[str]] = set
         self.changes = RegistryChanges()
         self.last_acquire: LastAcquire | None = None
         self.counters = ResidencyCounters()
@@ -478,15 +481,14 @@ class AdapterResidency:
             self._evict(name, "stale")
 
     def _evictable(self, keep: set[str]) -> str | None:
-        """The least recently used adapter not held by the batch, a pinned tenant's last."""
-        fallback = None
-        for name in self._resident:  # oldest first
-            if name in keep:
-                continue
-            if name not in self._pinned:
-                return name
-            fallback = fallback or name
-        return fallback
+        """The least recently used adapter not in `keep` (held by rows): one no waiting row wants
+        first, then a wanted one, a pinned tenant's last."""
+        candidates = [name for name in self._resident if name not in keep]  # oldest first
+        if not candidates:
+            return None
+        wanted = self.wanted() if len(candidates) > 1 else set()
+        rank = lambda name: (name in self._pinned, name in wanted)  # noqa: E731
+        return min(candidates, key=rank)  # min keeps the first (least recently used) of equal rank
 
     def _evict(self, name: str, reason: str) -> None:
         """Out of its slot, counted under `evictions_<reason>` (lru | idle | stale | pinned)."""

@@ -173,6 +173,7 @@ class Scheduler:
         self._running_by_tenant: Counter[str] = Counter()
         self._row_ids = itertools.count()
         self._synced_at = float("-inf")
+        service.residency.wanted = self._wanted  # victims are taken among adapters no waiting row needs first
         # counters (written by the scheduler thread, read by snapshot)
         self.steps = 0
         self.admitted = 0
@@ -361,6 +362,10 @@ class Scheduler:
                 self._waiting.move_to_end(tenant)  # its turn is over
             started = started or outcome == "started"
         return started
+
+    def _wanted(self) -> set[str]:
+        """Adapters of the rows waiting to run (the residency asks while it picks an LRU victim)."""
+        return {j.plan.record.adapter_id for q in self._waiting.values() for j in q if j.plan.record is not None}
 
     def _at_cap(self, tenant: str) -> bool:
         return 0 < self.tenant_max_running <= self._running_by_tenant[tenant]

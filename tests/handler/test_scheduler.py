@@ -434,3 +434,22 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
     # ~60 steps in ~0.6 s: an update when it got busy, at most one a second after, and one going idle
     assert 2 <= len(running) <= 3 and running[0] >= 1 and running[-1] == 0
     assert by(metrics.WAITING)[-1][0] == 0 and 0 <= max(v for v, _ in by(metrics.KV_CACHE)) <= 1
+
+
+def test_an_adapter_a_waiting_row_needs_is_not_the_lru_victim(pair, tools, tiny_adapters, more_adapters):
+    """2 slots, one row at a time: a1 runs; b1, c1, a2 wait. c1's load must evict A or B: A is the
+    least recently used, but a2 waits for it, so B goes (3 loads in all, not 4)."""
+    cont, static = pair(num_slots=4, kv_rows=1)
+    for tenant, path in (("t-a", tiny_adapters["a"]), ("t-b", tiny_adapters["b"]), ("t-c", more_adapters["d"])):
+        tools.onboard(cont, tenant, path)
+    slow = _slow_steps(cont, 0.02)
+    raws = [_raw("hello world", t, max_new_tokens=6) for t in ("t-a", "t-b", "t-c", "t-a")]
+    first = cont.submit(raws[0])
+    assert isinstance(first.get(timeout=10), TextDelta)  # a1 runs: the others queue behind it
+    tickets = [first] + [cont.submit(r) for r in raws[1:]]
+    replies = [_drain(t)[1] for t in tickets]
+    slow.undo()
+    for raw, reply in zip(raws, replies):
+        _same(reply.body, _alone(static, raw, reply).body)
+    counters = cont.describe()["counters"]
+    assert (counters["loads"], counters["evictions_lru"]) == (3, 1)
