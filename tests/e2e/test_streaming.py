@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "hello world"  # the tiny model's greedy answer to it runs LONG tokens without an EOS
 LONG = 400
 NEW = 24
+KV_ROWS = 2  # rows running at once; one more may wait, the next is 503 (max_waiting 1)
 PREFIX = "stream"
 
 
@@ -82,7 +83,8 @@ def serving(tiny_model_dir, redis_url, tmp_path_factory) -> Serving:
     tmp = tmp_path_factory.mktemp("streaming")
     cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     cfg["handler"].update({"num_slots": 4, "base_model_name": "", "max_new_tokens_cap": LONG,
-                           "max_prompt_tokens": 64, "kv_rows": 4, "idle_ttl_s": 600})
+                           "max_prompt_tokens": 64, "kv_rows": KV_ROWS, "max_waiting": 1, "retry_after_s": 2,
+                           "idle_ttl_s": 600})
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     store = tmp / "model_store"
     build_archive(tiny_model_dir, store, config_file=tmp / "model-config.yaml", scheduler="continuous")
@@ -236,8 +238,53 @@ def test_static_archive_serves_the_json_api_and_streams_one_chunk(serving):
     assert streamed[1].usage == whole.usage
 
 
+def test_a_full_queue_is_503_with_retry_after_on_the_wire(serving):
+    """KV_ROWS long rows running and one waiting: the next request is refused at once with
+    Retry-After (the worker's header through TorchServe), on both APIs; the others are served."""
+    streams, firsts = [], []
+
+    def long_stream(i):
+        r = serving.post({"prompt": PROMPT, "max_new_tokens": LONG, "stream": True}, stream=True, timeout=300)
+        lines = []
+        for line in r.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+                firsts[i].set()
+        streams[i] = lines
+        firsts[i].set()
+
+    threads = []
+    for i in range(KV_ROWS + 1):
+        streams.append(None)
+        firsts.append(threading.Event())
+        threads.append(threading.Thread(target=long_stream, args=(i,)))
+    for i in range(KV_ROWS):
+        threads[i].start()
+    assert all(firsts[i].wait(120) for i in range(KV_ROWS))  # both rows are running
+    threads[KV_ROWS].start()
+    deadline = time.time() + 30
+    while _scheduler(serving)["waiting"] < 1:
+        assert time.time() < deadline, _scheduler(serving)
+        time.sleep(0.02)
+    full = serving.post({"prompt": "count", "max_new_tokens": 4})
+    with pytest.raises(openai.InternalServerError) as e:
+        serving.client().completions.create(model="base", prompt="count", max_tokens=4, temperature=0)
+    for t in threads:
+        t.join(300)
+    assert full.status_code == 503 and full.headers["Retry-After"] == "2", full.text
+    assert full.json()["type"] == "QueueFull"
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "2"
+    assert e.value.code == "QueueFull"
+    assert all(lines[-1]["usage"]["completion_tokens"] == LONG for lines in streams)  # the others were served
+
+
+def _scheduler(serving) -> dict:
+    shown = serving.ts.describe()[0]["customizedMetadata"]
+    return (json.loads(shown) if isinstance(shown, str) else shown)["scheduler"]
+
+
 def test_describe_in_asynchronous_mode(serving):
     shown = serving.ts.describe()[0]["customizedMetadata"]
     described = json.loads(shown) if isinstance(shown, str) else shown
-    assert described["scheduler"]["kind"] == "continuous"
+    assert described["scheduler"]["kind"] == "continuous" and described["scheduler"]["running"] == 0
     assert "engine" in described and "resident" in described
