@@ -272,16 +272,25 @@ class Scheduler:
             idle = not self._running and not self._waiting
             if not self._take_inbox(wait=0.0 if progressed else (IDLE_WAIT_S if idle else 0.005)):
                 break
-            now = self._clock()
-            if idle or now - self._synced_at >= SYNC_INTERVAL_S:
-                self._synced_at = now
-                self._guard(self._service.residency.evict_idle)  # registry changes, idle adapters (held ones stay)
-            self._expire(now)
-            admitted = self._admit()
-            stepped = self._step() if self._running else False
-            progressed = admitted or stepped
-            self._gauges()
+            try:
+                progressed = self._iterate(idle)
+            except Exception:  # a bug here must not leave every ticket waiting forever
+                log.exception("scheduler iteration failed; serving on")
+                progressed = False
         self._shutdown()
+
+    def _iterate(self, idle: bool) -> bool:
+        """Registry changes and idle eviction (now and then), timeouts, admission, one step;
+        True when a row started or a step ran."""
+        now = self._clock()
+        if idle or now - self._synced_at >= SYNC_INTERVAL_S:
+            self._synced_at = now
+            self._guard(self._service.residency.evict_idle)  # registry changes, idle adapters (held ones stay)
+        self._expire(now)
+        admitted = self._admit()
+        stepped = self._step() if self._running else False
+        self._gauges()
+        return admitted or stepped
 
     def _take_inbox(self, wait: float) -> bool:
         """Apply what other threads sent; False when stopping. Waits up to `wait` s for something."""

@@ -473,7 +473,7 @@ class LoraplexService:
     def failed(self, exc: BaseException, render: Callable[[BaseException], dict] = error_body) -> Reply:
         """The reply of a failed request, in its API's error shape (`render`)."""
         code, phrase = http_status(exc)
-        if code >= 500:
+        if code >= 500 and not isinstance(exc, QueueFull):  # a full queue is load, counted, not logged each time
             log.warning("request failed with %d: %s: %s", code, type(exc).__name__, exc)
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else {}
         return Reply(code, phrase, render(exc), headers)

@@ -453,3 +453,18 @@ def test_an_adapter_a_waiting_row_needs_is_not_the_lru_victim(pair, tools, tiny_
         _same(reply.body, _alone(static, raw, reply).body)
     counters = cont.describe()["counters"]
     assert (counters["loads"], counters["evictions_lru"]) == (3, 1)
+
+
+def test_a_bug_in_one_iteration_does_not_stop_the_scheduler(pair, monkeypatch):
+    cont, static = pair()
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("a bug after the step")
+
+    monkeypatch.setattr(cont.metrics, "scheduler_step", broken)
+    raw = _raw("hello world", max_new_tokens=5)
+    reply = _drain(cont.submit(raw))[1]
+    _same(reply.body, _alone(static, raw, reply).body)
+    assert len(calls) >= 5
