@@ -23,7 +23,7 @@ more, re-sent one at a time; a timed answer must equal its answer alone: `checke
 evictions (the worker's eviction counters over the timed run), graph_captures_after_warmup (what the
 worker reports; null where it reports none, e.g. a CPU). TorchServe: the official `openai` client,
 streaming completions on /predictions/loraplex/1.0/v1; TTFT = first chunk with text, ITL = gaps
-between text chunks. With `scheduler: static` the answer is one chunk: TTFT = e2e and ITL is null.
+between text chunks. With `scheduler: static` the text is one chunk: TTFT ~ e2e and ITL is null.
 `prefill_alone_ms`: the TTFT of a median-length prompt sent alone with max_tokens 1 (median of
 --prefill-reps), the yardstick of the TTFT target.
 
@@ -223,7 +223,8 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
                 res, _ = serveload.timed_phase(send, lambda sch=sch: stack.describe(sch), work, scheduler=sch,
                                                rate=rate, check=a.check, seed=a.seed)
                 if sch == "static":
-                    res["note"] = "static: the whole answer is one chunk, so TTFT = e2e and ITL is null"
+                    res["note"] = ("static: the whole text is one chunk (then the last chunk with usage), "
+                                   "so TTFT ~ e2e and ITL is null")
                 res["saturated"] = saturated(res)
                 per[sch] = res
                 log(json.dumps({k: res[k] for k in ("output_tok_s", "ttft_p50_ms", "e2e_p50_ms", "e2e_p99_ms",

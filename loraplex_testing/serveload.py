@@ -20,7 +20,7 @@ Drivers, each returning one `Outcome` per request with time stamps taken by the 
   max_retries=0) against TorchServe's OpenAI-compatible completions endpoint. TTFT = time
   to the first chunk with text, ITL = gaps between text chunks (a chunk may cover more than
   one token), e2e = until the stream ends. With `scheduler: static` the answer arrives as
-  one chunk, so TTFT = e2e and there are no inter-token gaps.
+  one text chunk (then the last chunk), so TTFT ~ e2e and there are no inter-token gaps.
 - `drive_inprocess`: `LoraplexService` in this process. Continuous: `service.submit(raw)`
   then `Ticket.get()` on one thread per request (time stamps per `TextDelta`). Static:
   a batcher thread that does what TorchServe's frontend does for a static archive (up to
