@@ -110,6 +110,19 @@ def _assert_clean(run: dict, n: int) -> None:
     assert run["ttft_p50_ms"] <= run["e2e_p50_ms"] and run["evictions"] > 0  # 12 tenants on 4 slots
 
 
+@pytest.mark.e2e
+def test_torchserve_compare_tiny():
+    res = _run("--target", "torchserve", "--model", "tiny", "--compare", "--requests", "16", "--rate", "8")
+    for sch in ("static", "continuous"):
+        _assert_clean(res[sch], 16)
+        assert res[sch]["scheduler"] == sch
+    s = res["static"]
+    # static: the whole text is one chunk (then the last chunk with usage): TTFT ~ e2e, no gaps
+    assert s["itl_p50_ms"] is None and 0.8 * s["e2e_p50_ms"] <= s["ttft_p50_ms"] <= s["e2e_p50_ms"]
+    assert res["continuous_over_static_tok_s"] > 0 and res["prefill_alone_ms"] > 0
+    assert res["ttft_p50_over_prefill"] > 0
+
+
 def test_inprocess_tiny():
     res = _run("--target", "inprocess", "--size", "tiny", "--device", "cpu", "--requests", "16", "--rate", "8",
                "--tenants", "12", "--resident", "4", "--kv-rows", "8")
