@@ -127,3 +127,12 @@ def test_inprocess_tiny():
     res = _run("--target", "inprocess", "--size", "tiny", "--device", "cpu", "--requests", "16", "--rate", "8",
                "--tenants", "12", "--resident", "4", "--kv-rows", "8")
     _assert_clean(res, 16)
+    assert res["scheduler"] == "continuous" and res["itl_p50_ms"] is not None
+    assert res["graph_captures_after_warmup"] == 0  # a CPU stepper captures nothing
+    # the GPU targets' yardsticks, computed here on the CPU too
+    for key in ("engine_static_batch_tok_s", "one_tenant_output_tok_s"):
+        assert res[key] > 0, key
+    assert res["decode_step_ms"] >= 0  # a difference of two timings: 0 when noise swallows it
+    assert res["one_tenant_errors_5xx"] == 0 and set(res["targets"]) == {
+        "tok_s_ge_85pct_of_engine_static_batch", "one_tenant_at_most_10pct_faster", "graph_captures_after_warmup_0",
+        "itl_p99_le_1_5x_decode_step"}
