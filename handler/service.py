@@ -124,7 +124,7 @@ class LoraplexService:
         self.store = store
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
                                        stale_s=config.registry_stale_s)
-        # Prometheus metrics (handler/metrics.py): ts_entry adds the sinks; recorded on the worker thread
+        # Prometheus metrics (handler/metrics.py): ts_entry adds the sinks; recorded on the engine-owning thread
         self.metrics = WorkerMetrics(max_adapters=config.metrics_max_adapters, max_lora=config.resident_adapters)
         self._batch_started = time.perf_counter()
         on_cuda = str(engine.get_model_status().get("device", "cpu")).startswith("cuda")
