@@ -12,9 +12,9 @@ A stop string ends the row (`stopped`) once no other stop string could still com
 earlier position (stops "abcd" and "c" on "abc": "c" is found at 2, but "abcd" could start at 0,
 and the whole-reply rule cuts at the earliest occurrence in the final text).
 
-Cost: each token decodes a window of the last WINDOW tokens twice, not the whole row (the new
-text is the window's growth), falling back to the whole row where the window's text is not a
-suffix of the row's (a window starting inside a character).
+Cost: each token decodes a window of at most 2 * WINDOW tokens, not the whole row (the new text
+is the window's growth), falling back to the whole row where the window's text is not a suffix
+of the row's (a window starting inside a character).
 
 Each piece covers the tokens that reach its end (`covering`: the fewest leading tokens whose
 text reaches a length; the same rule the reply uses for `usage.completion_tokens` after a cut),
@@ -78,6 +78,8 @@ class TextStream:
     stopped: bool = False  # a stop string ended the row (the reply cuts there)
     text: str = ""  # decode(token_ids)
     _lengths: list[int] = field(default_factory=lambda: [0])
+    _window_start: int = 0  # the window: token_ids[_window_start:], its text before the last token
+    _window_text: str = ""
 
     def push(self, token_id: int) -> Piece | None:
         """Take the row's next token; the text that became final with it, if any."""
@@ -101,16 +103,21 @@ class TextStream:
         return Piece(new, start, self.emitted_tokens)
 
     def _grown(self, before: str) -> str:
-        """decode(token_ids) from the text of all but the last token: the growth of a window."""
+        """decode(token_ids) from the text of all but the last token: the growth of a window that
+        starts at a fixed token (moved forward every WINDOW tokens), so a token costs one decode of
+        at most 2 * WINDOW tokens."""
         ids, n = self.token_ids, len(self.token_ids)
-        if n <= WINDOW:
-            return self.decode(ids)
-        old, new = self.decode(ids[n - WINDOW:n - 1]), self.decode(ids[n - WINDOW:])
+        if n - self._window_start > 2 * WINDOW:  # move it: to a start whose text is the row's tail
+            for start in range(n - WINDOW, n - WINDOW - 4, -1):  # (not inside a character)
+                self._window_start, self._window_text = start, self.decode(ids[start:n - 1])
+                if before.endswith(self._window_text):
+                    break
+        old, new = self._window_text, self.decode(ids[self._window_start:])
+        self._window_text = new
         kept = old.rstrip("\ufffd")  # an incomplete character may have been completed by the new token
         if before.endswith(old) and new.startswith(kept):
             return before[:len(before) - len(old) + len(kept)] + new[len(kept):]
         return self.decode(ids)
-
     def rest(self, text: str, kept_tokens: int) -> Piece | None:
         """The last piece, from the reply's own `text` and completion tokens: what the pieces so far
         did not cover (None when nothing is left)."""

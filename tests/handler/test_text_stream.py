@@ -148,4 +148,4 @@ def test_a_long_row_decodes_a_window_per_token_not_the_whole_row(tok):
     for t in ids:
         stream.push(t)
     assert stream.text == _decode(tok)(ids) and len(ids) > 150
-    assert sum(decoded) < 4 * WINDOW * len(ids)  # the whole row each time: about len(ids)**2 / 2
+    assert sum(decoded) < 3 * WINDOW * len(ids)  # the whole row each time: about len(ids)**2 / 2
