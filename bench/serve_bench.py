@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                 "still its own registry record and slot)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (worker: OMP_NUM_THREADS)")
     ap.add_argument("--prefill-reps", type=int, default=5)
+    ap.add_argument("--request-timeout", type=float, default=900, help="client timeout per request, seconds")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the run's files here (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -222,7 +223,7 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
 
                 def send(w, open_loop, max_tokens, sch=sch):
                     return serveload.drive_openai(stack.base_url(sch), stack.token(sch), w, open_loop=open_loop,
-                                                  max_tokens=max_tokens)
+                                                  max_tokens=max_tokens, timeout=a.request_timeout)
 
                 res, _ = serveload.timed_phase(send, lambda sch=sch: stack.describe(sch), work, scheduler=sch,
                                                rate=rate, check=a.check, seed=a.seed)
@@ -471,7 +472,7 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
 
                 def send(w, open_loop, max_tokens, svc=svc, kind=kind):
                     return serveload.drive_inprocess(svc, w, scheduler=kind, open_loop=open_loop,
-                                                     max_tokens=max_tokens)
+                                                     max_tokens=max_tokens, event_timeout=a.request_timeout)
 
                 res, _ = serveload.timed_phase(send, svc.describe, work, scheduler=kind, rate=rate, check=a.check,
                                                seed=a.seed)

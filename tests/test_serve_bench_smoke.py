@@ -95,8 +95,12 @@ def test_percentiles_and_summary():
 
 
 def _run(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_bench.py"), *args, "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), *args, "--request-timeout", "120", "--json"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        pytest.fail(f"serve_bench did not finish in 400 s; stderr ends:\n{err[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
