@@ -190,7 +190,7 @@ class LoraplexService:
         self._subscriber = self.registry.subscribe(self._on_registry_event, self._stop)
 
     def _on_registry_event(self, event: dict) -> None:
-        """Subscriber thread: the tenant cache and the residency's inbox (applied on the worker thread)."""
+        """Subscriber thread: the tenant cache and the residency's inbox (applied on the engine-owning thread)."""
         self.residency.changes.on_event(event)  # first: `resolver.events_seen` then counts it as seen by both
         self.resolver.on_event(event)
 

@@ -468,3 +468,30 @@ def test_a_bug_in_one_iteration_does_not_stop_the_scheduler(pair, monkeypatch):
     reply = _drain(cont.submit(raw))[1]
     _same(reply.body, _alone(static, raw, reply).body)
     assert len(calls) >= 5
+
+
+def test_openai_routes_get_the_static_paths_replies(pair, tools, tiny_adapters):
+    """The OpenAI exchange renders the continuous reply exactly as the static one (but for its
+    random id and clock), errors in OpenAI's shape included."""
+    cont, static = pair(kv_max_len=40)
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    raws = [RawRequest({"model": "acme", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
+                        "temperature": 0, "logprobs": True, "top_logprobs": 2}, {"url_path": "v1/chat/completions"}),
+            RawRequest({"model": "acme", "prompt": "the quick", "max_tokens": 8, "temperature": 0, "stop": ["a"]},
+                       {"url_path": "v1/completions"}),
+            RawRequest({"model": "base", "prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": True},
+                       {"url_path": "v1/completions"}),
+            RawRequest(None, {"url_path": "v1/models", "X-Tenant-ID": "acme"})]
+    for raw in raws:
+        out = cont.submit(raw)
+        deltas, reply = _drain(out) if isinstance(out, Ticket) else ([], out)
+        alone = static.handle_batch([raw])[0]
+        assert reply.status == alone.status == 200
+        strip = lambda b: {k: v for k, v in b.items() if k not in ("id", "created")}  # noqa: E731
+        _same(strip(reply.body), strip(alone.body))
+        if isinstance(out, Ticket):
+            choice = reply.body["choices"][0]
+            assert "".join(d.text for d in deltas) == choice.get("text", choice.get("message", {}).get("content"))
+    too_big = cont.submit(RawRequest({"model": "acme", "prompt": PROMPTS[4], "max_tokens": 32},
+                                     {"url_path": "v1/completions"}))
+    assert too_big.status == 413 and "kv_max_len" in too_big.body["error"]["message"]
