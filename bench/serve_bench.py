@@ -187,7 +187,10 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
 
     from loraplex_testing.models import make_tiny_llama
 
+    import torch
+
     t_start = time.monotonic()
+    env = environment(torch.device("cpu"))
     if a.model == "tiny":
         model_dir, scale = make_tiny_llama(work_dir / "model"), 0.1
     else:
@@ -212,7 +215,7 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
     try:
         t_ready = time.monotonic()
         probe = median_prompt_request(base_work, int(a.prompt.median))
-        for sch in schedulers:  # warm: every tenant's first load and the first forward off the clock
+        for sch in schedulers:  # warm: the first forward (and the probe tenant's load) off the clock
             serveload.drive_openai(stack.base_url(sch), stack.token(sch), [probe], open_loop=False, max_tokens=2)
         ref: dict[str, float] = {}  # each scheduler's e2e p50 at the first rate
         for rate in a.rates:
@@ -247,7 +250,7 @@ def run_torchserve(a: argparse.Namespace, work_dir: Path) -> dict:
             "workload": spec.describe(), "words": len(words),
             **lengths,
             "notes": stack.notes, "startup_s": round(t_ready - t_start, 1),
-            "wall_s": round(time.monotonic() - t_start, 1), **versions()}
+            "wall_s": round(time.monotonic() - t_start, 1), **env, "loadavg_end": load_now()}
     return finish(runs, meta, cpu_targets=a.model != "tiny")
 
 
@@ -280,22 +283,24 @@ def finish(runs: list[dict], meta: dict, *, cpu_targets: bool) -> dict:
     return {"runs": runs, **meta}
 
 
-def versions() -> dict:
-    import torch
-    import transformers
+def environment(device: Any) -> dict:
+    """harness.env_info (versions, device, load average now) plus the openai client's and TorchServe's versions."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("peft", "openai", "ts"):
+    info = harness.env_info(device)
+    for pkg in ("openai", "torchserve"):
         try:
-            m = __import__(mod)
-            out["torchserve" if mod == "ts" else mod] = getattr(m, "__version__", None)
-        except Exception:
-            pass
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = None
+    return info
+
+
+def load_now() -> list[float] | None:
     try:
-        out["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        pass
-    return out
+        return None
 
 
 # -- (b) in-process -----------------------------------------------------------------------------
@@ -440,6 +445,7 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     ip = InProcess(a, work_dir)
+    env = environment(ip.device)
     words = [f"w{i}" for i in range(3, min(2003, harness.SIZES[a.size]["vocab_size"]))]
     spec = WorkloadSpec(a.requests, a.rates[0], a.zipf, a.prompt, a.output, a.seed)
     base_work = serveload.make_workload(spec, list(ip.adapters), words)
@@ -496,8 +502,7 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
     meta = {"target": "inprocess", "size": a.size, "device": str(ip.device), "dtype": str(ip.dtype).replace("torch.", ""),
             "tenants": a.tenants, "resident_slots": a.resident, "kv_rows": a.kv_rows,
             "adapter_files": min(a.adapter_files, a.tenants), "rank": a.rank, "workload": spec.describe(),
-            **lengths, **extras, "wall_s": round(time.monotonic() - t_start, 1), **versions(),
-            **({"device_name": torch.cuda.get_device_name(ip.device)} if ip.device.type == "cuda" else {})}
+            **lengths, **extras, "wall_s": round(time.monotonic() - t_start, 1), **env, "loadavg_end": load_now()}
     return finish(runs, meta, cpu_targets=False)
 
 
