@@ -113,7 +113,7 @@ def _sample(svc, stop: threading.Event, seen: list) -> None:
 def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair, tools, tiny_adapters,
                                                                            more_adapters):
     """Rows from 4 threads at random times, 5 tenants on 2 resident slots (evictions), base and
-    unknown-tenant rows, random lengths, stop strings, logprobs, streaming; a new version of t-a
+    unknown-tenant rows, random lengths, stop strings, logprobs, seeded sampling, streaming; a new version of t-a
     is published while its v1 rows run. Every reply equals the request alone on the static path;
     every stream concatenates to its reply; an adapter with running rows is never evicted."""
     cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8)
@@ -128,6 +128,9 @@ def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair
         tenant = tenant if tenant is not None else rng.choice(tenants)
         fields = {"max_new_tokens": max_new or rng.randint(1, 24), "logprobs": rng.choice([0, 0, 1, 2]),
                   "stream": rng.random() < 0.5}
+        if rng.random() < 0.25:  # seeded sampling: a row's draws are its own, whatever runs beside it
+            fields.update(do_sample=True, temperature=rng.choice([0.7, 1.0, 1.3]), top_p=rng.choice([0.8, 1.0]),
+                          seed=rng.randrange(1000))
         prompt = rng.choice(PROMPTS)
         if rng.random() < 0.4:  # a stop string taken from what the row will say, so cuts really happen
             text = _alone(static, _raw(prompt, tenant, **fields), Reply(200, "", {})).body["text"]
@@ -181,7 +184,7 @@ def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair
         _same(reply.body, _alone(static, raw, reply).body)
         _check_stream(deltas, reply)
         cut += reply.body["finish_reason"] == "stop" and "stop" in raw.body
-    assert len(results) == 42 and cut >= 3
+    assert len(results) == 42 and cut >= 3 and sum("seed" in raw.body for raw, *_ in results) >= 5
     pinned = [static.handle_batch([_raw(PROMPTS[0], "t-a", max_new_tokens=12, adapter=f"t-a@v{v}")])[0]
               for v in (1, 2)]
     assert pinned[0].body["text"] != pinned[1].body["text"]  # the versions really answer differently
