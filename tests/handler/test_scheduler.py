@@ -287,10 +287,10 @@ class _slow_steps:
 
 
 def test_cancel_and_timeout_free_the_kv_row_and_the_adapter_hold(pair, tools, tiny_adapters):
-    cont, _ = pair(kv_rows=2, request_timeout_s=0.4)
+    cont, _ = pair(kv_rows=2, request_timeout_s=1.0)
     tools.onboard(cont, "acme", tiny_adapters["a"])
     stepper = cont.scheduler.stepper
-    _slow_steps(cont, 0.03)
+    _slow_steps(cont, 0.05)  # 30 tokens: 1.5 s
     cancelled = cont.submit(_raw("hello world", "acme", max_new_tokens=30, stream=True))
     timed_out = cont.submit(_raw("the quick brown fox", "acme", max_new_tokens=30))
     assert isinstance(cancelled.get(timeout=10), TextDelta)  # it runs
@@ -300,7 +300,7 @@ def test_cancel_and_timeout_free_the_kv_row_and_the_adapter_hold(pair, tools, ti
     deltas, reply = _drain(cancelled)
     assert reply.status == 499 and reply.body["error"] == "cancelled"
     reply = _drain(timed_out)[1]
-    assert reply.status == 504 and "request_timeout_s=0.4" in reply.body["error"]
+    assert reply.status == 504 and "request_timeout_s=1 s" in reply.body["error"]
     state = cont.scheduler.call(lambda: (stepper.free_rows(), cont.residency.held_ids()))
     assert state == (2, {})
     snap = cont.describe()["scheduler"]
@@ -423,8 +423,10 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
 
     cont.metrics.sinks.append(Sink())
     slow = _slow_steps(cont, 0.01)
+    started = time.monotonic()
     tickets = [cont.submit(_raw(p, "acme", max_new_tokens=12)) for p in PROMPTS[:4]]
     replies = [_drain(t)[1] for t in tickets]
+    took = time.monotonic() - started
     slow.undo()
     time.sleep(0.05)
     assert all(r.status == 200 for r in replies)
@@ -434,8 +436,8 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
     ttft, itl = [v for v, _ in by(metrics.TTFT_SECONDS)], [v for v, _ in by(metrics.ITL_SECONDS)]
     assert len(ttft) == len(itl) == 4 and all(0 < v < 5 for v in ttft) and all(0.005 < v < 1 for v in itl)
     running = [v for v, _ in by(metrics.RUNNING)]
-    # ~60 steps in ~0.6 s: an update when it got busy, at most one a second after, and one going idle
-    assert 2 <= len(running) <= 3 and running[0] >= 1 and running[-1] == 0
+    # ~25 steps: an update when it got busy, at most one a second after, and one going idle
+    assert 2 <= len(running) <= 2 + took / metrics.GAUGE_INTERVAL_S and running[0] >= 1 and running[-1] == 0
     assert by(metrics.WAITING)[-1][0] == 0 and 0 <= max(v for v, _ in by(metrics.KV_CACHE)) <= 1
 
 
