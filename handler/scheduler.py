@@ -11,8 +11,10 @@ Admission, every loop iteration: tenants take turns (base-model rows count as on
 tenant with `tenant_max_running` rows running is skipped (0 = no cap), and a row whose adapter
 cannot be made resident because every slot is held by running rows stays waiting while other
 tenants' rows are admitted. A load failure follows `load_failure_policy` exactly as the static
-path does (the service's `adapter_for`). Rows keep the adapter version they started with: they
-hold it, and a newer version published meanwhile serves only rows admitted after it.
+path does (the service's `adapter_for`). A row is served with the adapter version its request was
+planned with at submit and holds it while it runs: a version published meanwhile serves only
+requests submitted after it, and the old one leaves its slot at its last row's release.
+Victims for a load are taken among adapters no waiting row needs first (`residency.wanted`).
 
 Concurrency (the rules every method here keeps):
 - One scheduler thread owns the engine, its `RowStepper` and the residency: every load,
