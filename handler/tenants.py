@@ -8,9 +8,12 @@ and by a refresh interval (`registry_cache_s`) in case events were missed.
 While Redis is unreachable, answers younger than `registry_stale_s` are served
 from the cache; tenants never seen get RegistryUnavailable (503).
 
-Concurrency: `resolve*`/`key_digest` are called from the worker's request
-thread only; `on_event` is called from the registry subscriber thread. A lock
-guards the cache dicts and nothing else (no Redis call is made while holding it).
+Concurrency: `resolve*`/`key_digest` may be called from any thread (the async
+entry plans requests on a small thread pool); `on_event` is called from the
+registry subscriber thread. A lock guards the cache dict, the counters and a
+generation number that every event bumps, and nothing else (no Redis call is
+made while holding it): an answer fetched while an event arrived is returned
+but not cached, so a fetch that raced a change cannot put the old record back.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class TenantResolver:
         self._cache: dict[tuple[str, str, int], _Entry] = {}  # (kind, tenant, version or 0) -> entry
         self.stale_hits = 0  # answers served from cache while Redis was unreachable
         self.events_seen = 0  # change events applied (subscriber thread)
+        self._generation = 0  # bumped by every event: a fetch that overlapped one is not cached
 
     def resolve(self, tenant_id: str) -> TenantRecord | None:
         """The tenant's current record, or None when it is not registered."""
@@ -62,6 +66,7 @@ class TenantResolver:
         tenant = event.get("tenant")
         with self._lock:
             self.events_seen += 1
+            self._generation += 1
             if event.get("kind") == "resync" or not isinstance(tenant, str):
                 self._cache.clear()
             else:
@@ -74,17 +79,20 @@ class TenantResolver:
         key = (kind, tenant_id, version)
         with self._lock:
             entry = self._cache.get(key)
+            generation = self._generation
         if entry is not None and now - entry.fetched_at < self._refresh_s:
             return entry.value
         try:
             value = fetch(tenant_id)
         except RegistryUnavailable:
             if entry is not None and now - entry.fetched_at < self._stale_s:
-                self.stale_hits += 1
+                with self._lock:
+                    self.stale_hits += 1
                 return entry.value
             raise
         with self._lock:
-            self._cache[key] = _Entry(value, now)
+            if self._generation == generation:
+                self._cache[key] = _Entry(value, now)
         return value
 
     def _fetch_version(self, tenant_id: str, version: int) -> TenantRecord | None:
