@@ -27,7 +27,9 @@ continuous: the scheduler thread). The own endpoint's HTTP thread (prometheus_cl
 its registry.
 
 Rate: each update through TorchServe is a log line, so the continuous scheduler's per-step gauges
-(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and at once when the worker goes idle or busy;
+(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and sooner (at most every
+NAMES_INTERVAL_S) when the worker goes idle or busy or the LoRA gauge's adapter lists change, so the
+endpoint picker sees a waiting adapter while it waits;
 the per-row histograms are one value per row (TTFT, mean inter-token latency), not one per token.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 ADAPTER_LABELS = ("tenant", "task", "version")
 NO_TENANT, BASE_VERSION, OTHER, NO_TASK = "_none", "_base", "_other", "none"
 EMPTY_LIST = " "  # an empty adapter list: TorchServe drops an empty label; the picker trims it to nothing
-GAUGE_INTERVAL_S = 1.0  # the most often the continuous scheduler's gauges are sent
+GAUGE_INTERVAL_S = 1.0  # the most often the continuous scheduler's row counts and KV use are sent
+NAMES_INTERVAL_S = 0.05  # the most often a change of busy/idle or of the adapter lists is sent
 
 
 @dataclass(frozen=True)
@@ -178,15 +181,18 @@ class WorkerMetrics:
 
     def scheduler_step(self, running_rows: int, waiting_rows: int, kv_utilisation: float,
                        running: Sequence[str], waiting: Sequence[str], now: float | None = None) -> bool:
-        """Continuous, after each step: rows running and waiting, KV use, their tenants. Sent when
-        they changed, at most every GAUGE_INTERVAL_S, but at once when the worker goes idle or busy;
-        True when sent."""
+        """Continuous, after each step: rows running and waiting, KV use, and the LoRA gauge's lists
+        (`running`: the tenants whose adapters are loaded and ready, `waiting`: the tenants of waiting
+        rows). Sent when something changed: at most every GAUGE_INTERVAL_S, or every NAMES_INTERVAL_S
+        when the worker went idle or busy or a list changed; True when sent."""
         now = time.monotonic() if now is None else now
         values = (running_rows, waiting_rows, round(kv_utilisation, 4), tuple(dict.fromkeys(running)),
                   tuple(dict.fromkeys(waiting)))
+        last = self._gauges_last
         idle = running_rows == 0 and waiting_rows == 0
-        was_idle = self._gauges_last is None or (self._gauges_last[0] == 0 and self._gauges_last[1] == 0)
-        if values == self._gauges_last or (now - self._gauges_at < GAUGE_INTERVAL_S and idle == was_idle):
+        was_idle = last is None or (last[0] == 0 and last[1] == 0)
+        urgent = idle != was_idle or last is None or values[3:] != last[3:]
+        if values == last or now - self._gauges_at < (NAMES_INTERVAL_S if urgent else GAUGE_INTERVAL_S):
             return False
         self._gauges_at, self._gauges_last = now, values
         self._emit(RUNNING, running_rows)

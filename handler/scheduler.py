@@ -501,12 +501,16 @@ class Scheduler:
     def _gauges(self) -> None:
         self.running_rows = len(self._running)
         self.waiting_rows = sum(len(q) for q in self._waiting.values())
-        running = [j.plan.record.tenant_id for j in self._running.values() if j.plan.record is not None]
-        waiting = [t for t in self._waiting if t != BASE_ROWS]
+        # The LoRA gauge's "running" adapters are the ones loaded and ready to serve (the inference
+        # extension's model-server protocol: ActiveAdapters), as the static path reports them between
+        # batches; every running row's adapter is among them. "waiting": tenants of waiting rows.
+        residency = self._service.residency
+        resident = residency.resident_ids()
+        running = sorted({a.split("@")[0] for a in resident})
+        waiting = [t for t, q in self._waiting.items() if t != BASE_ROWS and q]
         metrics = self._service.metrics
         if metrics.scheduler_step(self.running_rows, self.waiting_rows, self.stepper.kv_utilisation(), running, waiting):
-            residency = self._service.residency
-            metrics.tiers(len(residency.resident_ids()), len(residency.host_tier))
+            metrics.tiers(len(resident), len(residency.host_tier))
 
     def _shutdown(self) -> None:
         """Stopping: every running and waiting request gets 503; pending calls still run."""
