@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 BASE_ROWS = ""  # the fairness key of rows on the base model (no tenant id is empty)
 SYNC_INTERVAL_S = 0.25  # registry changes and idle eviction at most this often while rows run
 IDLE_WAIT_S = 1.0  # an idle scheduler wakes this often for idle eviction
+MAX_FAILED_ITERATIONS = 3  # consecutive failed loop iterations after which every row ends with 500
 
 
 @dataclass(frozen=True)
@@ -269,16 +270,20 @@ class Scheduler:
             self._ready.set()
             return
         self._ready.set()
-        progressed = True
+        progressed, failures = True, 0
         while True:
             idle = not self._running and not self._waiting
             if not self._take_inbox(wait=0.0 if progressed else (IDLE_WAIT_S if idle else 0.005)):
                 break
             try:
                 progressed = self._iterate(idle)
-            except Exception:  # a bug here must not leave every ticket waiting forever
+                failures = 0
+            except Exception as exc:  # a bug here must not kill the thread (every ticket would wait forever)
                 log.exception("scheduler iteration failed; serving on")
-                progressed = False
+                progressed, failures = False, failures + 1
+                if failures >= MAX_FAILED_ITERATIONS:  # nor retry forever: end every row with 500, start clean
+                    self._fail_all(exc)
+                    failures = 0
         self._shutdown()
 
     def _iterate(self, idle: bool) -> bool:
@@ -333,6 +338,14 @@ class Scheduler:
             self._drop(job, RequestTimedOut(f"the request did not finish within request_timeout_s="
                                             f"{self.request_timeout_s:g} s"))
             self.timed_out += 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every running and waiting row ends with `error`'s status (500 for a bug), KV rows and holds freed."""
+        for job in [*self._running.values(), *(j for q in self._waiting.values() for j in q)]:
+            try:
+                self._drop(job, error)
+            except Exception:
+                log.exception("ending a row after repeated failures failed")
 
     def _drop(self, job: _Job | None, error: BaseException) -> None:
         """End a waiting or running row early (cancel, timeout): KV row and hold freed, Finished(error)."""
@@ -425,8 +438,13 @@ class Scheduler:
         now = self._clock()
         for event in events:
             job = self._running.get(event.row_id)
-            if job is not None:
+            if job is None:
+                continue
+            try:
                 self._on_event(job, event, now)
+            except Exception as exc:  # a bug handing out this row's token: this row gets 500, not the others
+                log.exception("handing out a token failed; its row ends with 500")
+                self._drop(job, exc)
         return True
 
     def _on_event(self, job: _Job, event: RowEvent, now: float) -> None:

@@ -327,6 +327,48 @@ def test_a_step_failure_fails_its_rows_with_500_and_the_worker_lives(pair, tools
     assert cont.scheduler.call(lambda: (stepper.free_rows(), cont.residency.held_ids())) == (16, {})
 
 
+def test_a_failure_handing_out_one_rows_token_ends_that_row_only(pair, tools, tiny_adapters):
+    cont, static = pair()
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    sched = cont.scheduler
+    real = sched._emit
+
+    def emit(job, piece):
+        if job.tenant == "acme":
+            raise RuntimeError("detokeniser bug")
+        return real(job, piece)
+
+    sched._emit = emit
+    try:
+        bad, good = (cont.submit(_raw("hello world", t, max_new_tokens=6)) for t in ("acme", None))
+        assert _drain(bad)[1].status == 500
+        reply = _drain(good)[1]
+    finally:
+        sched._emit = real
+    _same(reply.body, _alone(static, _raw("hello world", None, max_new_tokens=6), reply).body)
+    assert sched.call(lambda: (sched.stepper.free_rows(), cont.residency.held_ids())) == (16, {})
+
+
+def test_repeated_iteration_failures_end_every_row_instead_of_retrying_forever(pair, tools, tiny_adapters):
+    cont, static = pair()
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    sched = cont.scheduler
+    real = sched._admit
+
+    def admit():
+        raise RuntimeError("admission bug")
+
+    sched._admit = admit
+    try:
+        tickets = [cont.submit(_raw("hello world", t, max_new_tokens=6)) for t in ("acme", None)]
+        assert [_drain(t, timeout=30)[1].status for t in tickets] == [500, 500]
+    finally:
+        sched._admit = real
+    raw = _raw("hello world", "acme", max_new_tokens=6)
+    reply = cont.handle_batch([raw])[0]  # and it serves on
+    _same(reply.body, _alone(static, raw, reply).body)
+
+
 def test_every_slot_held_keeps_the_row_waiting_while_others_run(pair, tools, tiny_adapters, more_adapters):
     """2 resident slots held by running rows of 2 tenants: a third tenant's row waits (no eviction
     under running rows) while base rows are admitted, and runs once a slot is released."""
