@@ -296,7 +296,7 @@ class Scheduler:
         self._expire(now)
         admitted = self._admit()
         stepped = self._step() if self._running else False
-        self._gauges()
+        self._guard(self._gauges)  # metrics never stop serving
         return admitted or stepped
 
     def _take_inbox(self, wait: float) -> bool:
