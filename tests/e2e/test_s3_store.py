@@ -21,7 +21,7 @@ import yaml
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from loraplex_testing.archive import build_archive
+from loraplex_testing.archive import build_archive, with_batching
 from loraplex_testing.services import S3Server, TorchServe
 
 pytestmark = pytest.mark.e2e
@@ -78,7 +78,7 @@ def s3_stack(tiny_model_dir, redis_url, tmp_path_factory):
         s3.make_bucket(bucket)
         store = f"s3://{bucket}/adapters"
         cfg = yaml.safe_load((ROOT / "model-config.yaml").read_text())
-        cfg.update({"batchSize": 4, "maxBatchDelay": 100})
+        cfg = with_batching(cfg, 4, 100)  # TorchServe batches only a synchronous (static) worker
         # num_slots 3: one resident adapter, so every switch of tenant evicts and reloads.
         cfg["handler"].update({"num_slots": 3, "base_model_name": "", "max_new_tokens_cap": 32, "host_tier_mb": 0,
                                "idle_ttl_s": 600, "negative_cache_s": 30})
