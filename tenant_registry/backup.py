@@ -8,8 +8,10 @@ Document (format_version 1):
     "prefix": "<redis prefix it was exported from>",       (informational; import may use another)
     "tenants": [                                            (sorted by tenant id)
       {"tenant_id": t,
-       "current": <TenantRecord>,                           (status included)
-       "history": [<TenantRecord>, ...],                    (oldest first)
+       "current": <TenantRecord> | null,                    (the default task's; status included;
+                                                             null when the tenant has no default task)
+       "history": [<TenantRecord>, ...],                    (oldest first; [] with a null current)
+       "tasks": {"<task>": {"current", "history"}, ...},    (named tasks; only when it has some)
        "key_digest": {"salt", "digest", "created_at"} | null}   (the salted digest, never a key)
     ],
     "version_seq": {t: n, ...}   (every tenant's version counter, removed tenants included, so an
@@ -44,13 +46,15 @@ from typing import Any
 from .errors import RegistryError, TenantExists
 from .ids import is_valid_tenant_id
 from .keys import KeyDigest
-from .registry import TenantRegistry, TenantSnapshot
+from .registry import TaskLine, TenantRegistry, TenantSnapshot
 from .schema import RecordError, TenantRecord
 
 FORMAT = "loraplex-registry-backup"
 FORMAT_VERSION = 1
 _TOP_FIELDS = {"format", "format_version", "exported_at", "prefix", "tenants", "version_seq"}
 _TENANT_FIELDS = {"tenant_id", "current", "history", "key_digest"}
+_OPTIONAL_TENANT_FIELDS = {"tasks"}  # absent in backups of tenants without named tasks (and in older ones)
+_LINE_FIELDS = {"current", "history"}
 
 
 class BackupInvalid(RegistryError):
@@ -65,13 +69,19 @@ def export_registry(registry: TenantRegistry) -> dict[str, Any]:
         snap = registry.snapshot(t)
         if snap is None:  # removed while we were exporting
             continue
-        tenants.append({"tenant_id": t, "current": snap.current.to_dict(),
-                        "history": [h.to_dict() for h in snap.history],
-                        "key_digest": snap.key_digest.to_dict() if snap.key_digest else None})
+        entry = {"tenant_id": t, "current": snap.current.to_dict() if snap.current else None,
+                 "history": [h.to_dict() for h in snap.history],
+                 "key_digest": snap.key_digest.to_dict() if snap.key_digest else None}
+        if snap.tasks:
+            entry["tasks"] = {line.current.task: {"current": line.current.to_dict(),
+                                                  "history": [h.to_dict() for h in line.history]}
+                              for line in snap.tasks}
+        tenants.append((entry, snap.version_seq))
     counters = registry.version_counters()
-    for entry in tenants:  # the snapshot's counter is authoritative for tenants read above
+    for entry, seq in tenants:  # the snapshot's counter is authoritative for tenants read above
         t = entry["tenant_id"]
-        counters[t] = max(counters.get(t, 0), *(h["version"] for h in entry["history"]))
+        counters[t] = max(counters.get(t, 0), seq)
+    tenants = [entry for entry, _ in tenants]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "exported_at": time.time(),
             "prefix": registry.prefix, "tenants": tenants, "version_seq": dict(sorted(counters.items()))}
 
@@ -109,7 +119,8 @@ def parse_backup(data: Any) -> tuple[list[TenantSnapshot], dict[str, int]]:
         where = f"tenants[{i}]"
         if not isinstance(entry, dict):
             raise BackupInvalid(f"{where} must be an object")
-        unknown, missing = sorted(set(entry) - _TENANT_FIELDS), sorted(_TENANT_FIELDS - set(entry))
+        unknown = sorted(set(entry) - _TENANT_FIELDS - _OPTIONAL_TENANT_FIELDS)
+        missing = sorted(_TENANT_FIELDS - set(entry))
         if unknown or missing:
             raise BackupInvalid(f"{where} fields: unknown {unknown}, missing {missing}")
         t = entry["tenant_id"]
@@ -123,15 +134,28 @@ def parse_backup(data: Any) -> tuple[list[TenantSnapshot], dict[str, int]]:
             raise BackupInvalid(f"{where} has no version_seq entry")
         if not isinstance(entry["history"], list):
             raise BackupInvalid(f"{where}: history must be a list")
+        tasks = entry.get("tasks", {})
+        if not isinstance(tasks, dict) or not all(isinstance(v, dict) and set(v) == _LINE_FIELDS
+                                                  and isinstance(v["history"], list) for v in tasks.values()):
+            raise BackupInvalid(f"{where}: tasks must map task names to {{current, history}} objects")
         try:
-            current = TenantRecord.from_dict(entry["current"])
+            current = None if entry["current"] is None else TenantRecord.from_dict(entry["current"])
             history = tuple(TenantRecord.from_dict(h) for h in entry["history"])
+            lines = []
+            for name, line in tasks.items():
+                rec = TenantRecord.from_dict(line["current"])
+                if rec.task != name or name == "default":
+                    raise RecordError(f"task {str(name)[:40]!r} holds a record of task {rec.task!r}")
+                lines.append(TaskLine(rec, tuple(TenantRecord.from_dict(h) for h in line["history"])))
             kd = entry["key_digest"]
             digest = None if kd is None else KeyDigest.from_dict(kd)
-            if current.tenant_id != t:
-                raise RecordError(f"current record is of tenant {current.tenant_id!r}")
+            for rec in [current, *(line.current for line in lines)]:
+                if rec is not None and rec.tenant_id != t:
+                    raise RecordError(f"current record is of tenant {rec.tenant_id!r}")
+            if current is not None and current.task != "default":
+                raise RecordError(f"current record is of task {current.task!r}, not 'default'")
             snaps.append(TenantSnapshot(current=current, history=history, key_digest=digest,
-                                        version_seq=seqs[t]))
+                                        version_seq=seqs[t], tasks=tuple(lines)))
         except (RecordError, TypeError) as e:
             raise BackupInvalid(f"{where}: {e}") from e
     return snaps, {str(t): int(n) for t, n in seqs.items()}

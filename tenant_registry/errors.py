@@ -29,12 +29,26 @@ class InvalidTenantId(RegistryError):
     """A tenant id does not match `^[a-z0-9][a-z0-9_-]{0,62}$` (or is not a string)."""
 
 
+class InvalidTaskName(RegistryError, ValueError):
+    """A task name does not match `^[a-z0-9][a-z0-9_-]{0,31}$` (or is not a string)."""
+
+
 class TenantNotFound(RegistryError):
     """No current record for this tenant."""
 
     def __init__(self, tenant: str) -> None:
         super().__init__(f"tenant {tenant!r} is not registered")
         self.tenant = tenant
+
+
+class TaskNotFound(TenantNotFound):
+    """The tenant has no task of this name (no current record for that line). A TenantNotFound, so
+    callers that ask for a tenant's default line and catch TenantNotFound keep working."""
+
+    def __init__(self, tenant: str, task: str) -> None:
+        RegistryError.__init__(self, f"tenant {tenant!r} has no task {task!r}")
+        self.tenant = tenant
+        self.task = task
 
 
 class TenantExists(RegistryError):

@@ -1,20 +1,31 @@
-"""Tenant and adapter identifiers: the one validator, shared by registry, CLI and handler.
+"""Tenant, task and adapter identifiers: the one validator, shared by registry, CLI and handler.
 
 Why so strict: a tenant id becomes a Redis key suffix, a directory name in the
 adapter store and a PEFT adapter name. Restricting it to lower-case ASCII
 letters, digits, '_' and '-' (max 63 chars, first char alphanumeric) makes
 path traversal ('../', '/'), NUL bytes, unicode look-alikes and key injection
-impossible by construction. Pure functions; safe from any thread.
+impossible by construction. A task name (one of a tenant's adapter lines) follows
+the same alphabet, max 32 characters; neither may hold ':' or '@', so
+"<tenant>:<task>@v<N>" parses one way only. Pure functions; safe from any thread.
+
+Adapter ids: "acme@v3" for the tenant's `default` task (unchanged from before tasks),
+"acme:summarize@v2" for a named task. The part before "@v" is the adapter's *line*
+(`adapter_line`): versions of one line replace each other; different lines (tasks) of
+one tenant live side by side. Version numbers are handed out per tenant across all its
+tasks (one counter), so (tenant, version) names one set of weights and one store directory.
 """
 from __future__ import annotations
 
 import re
 
-from .errors import InvalidTenantId, shorten
+from .errors import InvalidTaskName, InvalidTenantId, shorten
 
 TENANT_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+TASK_PATTERN = r"[a-z0-9][a-z0-9_-]{0,31}"
+DEFAULT_TASK = "default"
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
-_ADAPTER_RE = re.compile(rf"({TENANT_ID_PATTERN})@v([1-9][0-9]{{0,8}})")
+_TASK_RE = re.compile(TASK_PATTERN)
+_ADAPTER_RE = re.compile(rf"({TENANT_ID_PATTERN})(?::({TASK_PATTERN}))?@v([1-9][0-9]{{0,8}})")
 
 
 def is_valid_tenant_id(value: object) -> bool:
@@ -34,14 +45,44 @@ def validate_tenant_id(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def adapter_id(tenant: str, version: int) -> str:
-    """The adapter's stable name, e.g. 'acme@v3'. Also the PEFT adapter name used by workers."""
-    return f"{validate_tenant_id(tenant)}@v{int(version)}"
+def is_valid_task(value: object) -> bool:
+    """True if `value` is a str matching `^[a-z0-9][a-z0-9_-]{0,31}$`."""
+    return isinstance(value, str) and len(value) <= 32 and _TASK_RE.fullmatch(value) is not None
+
+
+def validate_task(value: object) -> str:
+    """Return `value` unchanged if it is a valid task name, else raise InvalidTaskName (400 on HTTP)."""
+    if not is_valid_task(value):
+        raise InvalidTaskName(
+            f"invalid task name {shorten(value)}: expected 1-32 characters of a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit")
+    return value  # type: ignore[return-value]
+
+
+def adapter_line(tenant: str, task: str = DEFAULT_TASK) -> str:
+    """The adapter id without its version: 'acme' (default task) or 'acme:summarize'."""
+    t, k = validate_tenant_id(tenant), validate_task(task)
+    return t if k == DEFAULT_TASK else f"{t}:{k}"
+
+
+def adapter_id(tenant: str, version: int, task: str = DEFAULT_TASK) -> str:
+    """The adapter's stable name, e.g. 'acme@v3' or 'acme:summarize@v2'. Also the engine's adapter name."""
+    return f"{adapter_line(tenant, task)}@v{int(version)}"
+
+
+def parse_task_adapter_id(value: object) -> tuple[str, str, int]:
+    """'acme@v3' -> ('acme', 'default', 3); 'acme:summarize@v2' -> ('acme', 'summarize', 2);
+    anything else raises InvalidTenantId. ('acme:default@v3' is not a spelling of 'acme@v3'.)"""
+    m = _ADAPTER_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or m.group(2) == DEFAULT_TASK:
+        raise InvalidTenantId(f"invalid adapter id {shorten(value)}: expected '<tenant>@v<version>' "
+                              "or '<tenant>:<task>@v<version>'")
+    return m.group(1), m.group(2) or DEFAULT_TASK, int(m.group(3))
 
 
 def parse_adapter_id(value: object) -> tuple[str, int]:
-    """'acme@v3' -> ('acme', 3); anything else raises InvalidTenantId."""
+    """'acme@v3' -> ('acme', 3) (default-task ids only); anything else raises InvalidTenantId."""
     m = _ADAPTER_RE.fullmatch(value) if isinstance(value, str) else None
-    if m is None:
+    if m is None or m.group(2) is not None:
         raise InvalidTenantId(f"invalid adapter id {shorten(value)}: expected '<tenant>@v<version>'")
-    return m.group(1), int(m.group(2))
+    return m.group(1), int(m.group(3))

@@ -11,6 +11,10 @@ Order and why:
 A failure after step 3 removes the copied version (directory or objects), so there is never a record
 without files nor files without a record.
 
+Tasks: `task` names the tenant's adapter line the new version joins (`default` unless given); a new
+task takes the status the tenant's other tasks have. Version numbers come from one counter per tenant,
+shared by its tasks, so the store's `<tenant>/v<N>` directories never collide across tasks.
+
 A tenant that is currently disabled stays disabled when a new version is onboarded (onboarding is
 not a way around a disable); `tenantctl enable` re-enables it.
 
@@ -31,7 +35,7 @@ import time
 
 from loraplex_common.config import LoraplexConfig
 from .errors import TenantNotFound
-from .ids import adapter_id, validate_tenant_id
+from .ids import DEFAULT_TASK, adapter_id, validate_task, validate_tenant_id
 from .keys import digest_key, generate_key
 from .registry import TenantRegistry
 from .schema import TenantRecord
@@ -40,32 +44,35 @@ from .validate import AdapterManifest, BaseModelSpec, validate_adapter
 
 
 def onboard(registry: TenantRegistry, store: AdapterStore, spec: BaseModelSpec, tenant_id: str,
-            src_dir: str | os.PathLike, config: LoraplexConfig) -> TenantRecord:
-    """Register the adapter in `src_dir` as the tenant's next version and return the new record.
+            src_dir: str | os.PathLike, config: LoraplexConfig, *, task: str = DEFAULT_TASK) -> TenantRecord:
+    """Register the adapter in `src_dir` as the next version of the tenant's `task` and return the
+    new record.
 
-    Raises InvalidTenantId, AdapterInvalid (nothing written), RegistryUnavailable, VersionConflict.
+    Raises InvalidTenantId, InvalidTaskName, AdapterInvalid (nothing written), RegistryUnavailable,
+    VersionConflict.
     """
     tenant = validate_tenant_id(tenant_id)
+    task = validate_task(task)
     manifest = validate_adapter(src_dir, spec, max_rank=config.max_rank, max_bytes=config.max_adapter_bytes,
                                 base_model_name=config.base_model_name, allowed_targets=config.target_modules)
     try:
-        status = registry.get(tenant).status
+        status = registry.get(tenant, task=task).status  # a new task: put_new_version copies the others' status
     except TenantNotFound:
         status = "enabled"
     version = registry.next_version(tenant)
     rel = store.install(tenant, version, src_dir, manifest)
     try:
-        record = _record(tenant, version, rel, manifest, status)
+        record = _record(tenant, task, version, rel, manifest, status)
         return registry.put_new_version(record)
     except BaseException:
         store.remove_version(tenant, version)
         raise
 
 
-def _record(tenant: str, version: int, rel: str, m: AdapterManifest, status: str) -> TenantRecord:
+def _record(tenant: str, task: str, version: int, rel: str, m: AdapterManifest, status: str) -> TenantRecord:
     now = time.time()
     return TenantRecord(
-        tenant_id=tenant, adapter_id=adapter_id(tenant, version), version=version, path=rel, sha256=m.sha256,
+        tenant_id=tenant, task=task, adapter_id=adapter_id(tenant, version, task), version=version, path=rel, sha256=m.sha256,
         rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora, target_modules=m.target_modules,
         base_model=m.base_model, status=status, created_at=now, updated_at=now, nbytes=m.nbytes)
 

@@ -1,11 +1,17 @@
 """TenantRegistry: tenant records in Redis, atomic changes, and change events.
 
-Redis layout (P = prefix, t = tenant id; ids are validated, so keys cannot collide or inject):
-  P:tenant:<t>        string  current TenantRecord JSON (what workers serve)
+Redis layout (P = prefix, t = tenant id, k = task name; ids are validated, so keys cannot collide or
+inject; neither holds ':'). A tenant owns one or more *tasks*, each its own adapter line (current
+record + history); the task `default` keeps the keys it had before tasks existed:
+  P:tenant:<t>        string  current TenantRecord JSON of the default task (what workers serve)
   P:history:<t>       hash    "<version>" -> TenantRecord JSON as onboarded (kept for rollback)
-  P:tenants           set     tenant ids with a current record (for `list`)
-  P:version_seq:<t>   string  highest version ever handed out; survives `remove`, so a version
-                              number (and adapter id "t@vN") is never reused for different weights
+  P:task:<t>:<k>      string  current record of a named task k (k != default)
+  P:task_history:<t>:<k> hash  that task's history
+  P:tasks:<t>         set     the tenant's named tasks with a current record (not `default`)
+  P:tenants           set     tenant ids with at least one current record (for `list`)
+  P:version_seq:<t>   string  highest version ever handed out, one counter for all the tenant's tasks;
+                              survives `remove`, so a version number (and adapter id "t@vN" /
+                              "t:k@vN") is never reused for different weights
   P:key:<t>           string  KeyDigest JSON of the tenant's key (salted HMAC-SHA256; the key itself
                               is never stored); absent until a key is issued; deleted by `remove`
   P:pinned            zset    tenants kept resident on every worker (`tenantctl pin`), score = when
@@ -13,10 +19,15 @@ Redis layout (P = prefix, t = tenant id; ids are validated, so keys cannot colli
                               field, so pinning never rewrites a record or its history
   P:usage             zset    tenant -> requests served with its adapter (workers add their counts;
                               `prefetch_top_n` loads the most used at worker start)
-  P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k},
+  P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k, "task": task|null},
                               k in onboard|disable|enable|remove|rollback|key|import|pin|unpin
                               ("key": the tenant's key digest was set or replaced; "import": the
-                              tenant was written by `backup.import_registry`)
+                              tenant was written by `backup.import_registry`); "task" names
+                              the line an onboard/rollback/remove changed, null when the event
+                              covers the whole tenant (status, key, import, pins, remove of all)
+
+The tenant's status covers all its tasks: it is stored on every line's current record and
+`set_status` rewrites them all in one transaction; a new task takes the status the others have.
 
 Atomicity: every change is one WATCH/MULTI/EXEC transaction that updates the current record, the
 history and the tenant set together and PUBLISHes its event inside the same EXEC, so a subscriber
@@ -49,7 +60,8 @@ from redis.retry import Retry
 
 from .errors import (ConfigError, RegistryError, RegistryUnavailable, TenantExists, TenantNotFound,
                      VersionConflict, VersionNotFound)
-from .ids import is_valid_tenant_id, validate_tenant_id
+from .errors import TaskNotFound
+from .ids import DEFAULT_TASK, is_valid_task, is_valid_tenant_id, validate_task, validate_tenant_id
 from .keys import KeyDigest
 from .schema import STATUSES, RecordError, TenantRecord
 
@@ -67,46 +79,90 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
-class TenantSnapshot:
-    """Everything the registry holds about one tenant, read (or written) atomically: the current record,
-    the full history (oldest first), the key digest and the version counter. Used by backup/restore.
-
-    Checked on construction (RecordError): one tenant throughout, distinct history versions, the current
-    version is in the history and matches it in everything but status/updated_at (which `set_status`
-    and `rollback` change on the current record only), and the counter is at least the newest version.
-    """
+class TaskLine:
+    """One task's current record and full history (oldest first), as in a snapshot."""
 
     current: TenantRecord
     history: tuple[TenantRecord, ...]
+
+
+@dataclass(frozen=True)
+class TenantSnapshot:
+    """Everything the registry holds about one tenant, read (or written) atomically: the default
+    task's current record and full history (oldest first; `current` None when the tenant has no
+    default task), its named tasks' lines (`tasks`, sorted by name), the key digest and the version
+    counter. Used by backup/restore.
+
+    Checked on construction (RecordError): one tenant throughout, at least one line, each line of
+    one task with distinct history versions and its current version in its history, matching it in
+    everything but status/updated_at (which `set_status` and `rollback` change on the current record
+    only), no version in two lines, and the counter at least the newest version of any line.
+    """
+
+    current: TenantRecord | None
+    history: tuple[TenantRecord, ...]
     key_digest: KeyDigest | None
     version_seq: int
+    tasks: tuple[TaskLine, ...] = ()
 
     def __post_init__(self) -> None:
-        t = self.current.tenant_id if isinstance(self.current, TenantRecord) else None
-        hist = tuple(sorted(self.history, key=lambda r: r.version)) if isinstance(self.history, (tuple, list)) else ()
+        hist = tuple(sorted(self.history, key=lambda r: r.version)) if isinstance(self.history, (tuple, list)) else None
+        if hist is None or not all(isinstance(h, TenantRecord) for h in hist):
+            raise RecordError("tenant snapshot history must be a list of records")
         object.__setattr__(self, "history", hist)
-        if t is None or not hist or not all(isinstance(h, TenantRecord) for h in hist):
-            raise RecordError("tenant snapshot needs a current record and a non-empty history of records")
-        if any(h.tenant_id != t for h in hist):
-            raise RecordError(f"tenant snapshot of {t!r} holds records of another tenant")
-        versions = [h.version for h in hist]
-        if len(set(versions)) != len(versions):
-            raise RecordError(f"tenant snapshot of {t!r} has duplicate history versions")
-        by_v = {h.version: h for h in hist}
-        h = by_v.get(self.current.version)
-        if h is None:
-            raise RecordError(f"current version v{self.current.version} of {t!r} is not in its history")
-        if self.current.replace(status=h.status, updated_at=h.updated_at) != h:
-            raise RecordError(f"current record of {t!r} differs from history v{h.version} (beyond status/updated_at)")
+        tasks = self.tasks if isinstance(self.tasks, (tuple, list)) else None
+        if tasks is None or not all(isinstance(line, TaskLine) for line in tasks):
+            raise RecordError("tenant snapshot tasks must be a list of task lines")
+        object.__setattr__(self, "tasks", tuple(sorted(tasks, key=lambda line: getattr(line.current, "task", ""))))
+        lines = [(DEFAULT_TASK, self.current, hist)] if self.current is not None or hist else []
+        lines += [(getattr(line.current, "task", None), line.current, line.history) for line in self.tasks]
+        if not lines:
+            raise RecordError("tenant snapshot needs at least one task with a current record and a history")
+        t = next((c.tenant_id for _, c, _ in lines if isinstance(c, TenantRecord)), None)
+        if t is None:
+            raise RecordError("tenant snapshot needs a current record for each task")
+        seen_tasks: set[str] = set()
+        all_versions: list[int] = []
+        for task, current, history in lines:
+            _check_line(t, task, current, history)
+            if task in seen_tasks or (task == DEFAULT_TASK and current is not self.current):
+                raise RecordError(f"tenant snapshot of {t!r} holds task {task!r} twice")
+            seen_tasks.add(task)
+            all_versions += [h.version for h in history]
+        if len(set(all_versions)) != len(all_versions):
+            raise RecordError(f"tenant snapshot of {t!r} has a version in two places")
         if self.key_digest is not None and not isinstance(self.key_digest, KeyDigest):
             raise RecordError(f"key digest of {t!r} must be a KeyDigest or None")
         seq = self.version_seq
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < max(versions):
-            raise RecordError(f"version counter of {t!r} must be an integer >= v{max(versions)}")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < max(all_versions):
+            raise RecordError(f"version counter of {t!r} must be an integer >= v{max(all_versions)}")
 
     @property
     def tenant_id(self) -> str:
-        return self.current.tenant_id
+        return (self.current or self.tasks[0].current).tenant_id
+
+    def lines(self) -> list[TaskLine]:
+        """Every task's line, the default task first when present."""
+        head = [TaskLine(self.current, self.history)] if self.current is not None else []
+        return head + list(self.tasks)
+
+
+def _check_line(t: str, task: object, current: object, history: object) -> None:
+    if not isinstance(current, TenantRecord) or not isinstance(history, (tuple, list)) or not history \
+            or not all(isinstance(h, TenantRecord) for h in history):
+        raise RecordError(f"task {task!r} of tenant {t!r} needs a current record and a non-empty history")
+    if any(h.tenant_id != t for h in (current, *history)):
+        raise RecordError(f"tenant snapshot of {t!r} holds records of another tenant")
+    if any(h.task != task for h in (current, *history)):
+        raise RecordError(f"task {task!r} of tenant {t!r} holds records of another task")
+    versions = [h.version for h in history]
+    if len(set(versions)) != len(versions):
+        raise RecordError(f"tenant snapshot of {t!r} has duplicate history versions")
+    h = {h.version: h for h in history}.get(current.version)
+    if h is None:
+        raise RecordError(f"current version v{current.version} of {t!r} is not in its history")
+    if current.replace(status=h.status, updated_at=h.updated_at) != h:
+        raise RecordError(f"current record of {t!r} differs from history v{h.version} (beyond status/updated_at)")
 
 
 @contextlib.contextmanager
@@ -144,11 +200,30 @@ class TenantRegistry:
         self._r.close()
 
     # ------------------------------------------------------------------ keys
-    def _k_current(self, t: str) -> str:
-        return f"{self.prefix}:tenant:{t}"
+    def _k_current(self, t: str, task: str = DEFAULT_TASK) -> str:
+        return f"{self.prefix}:tenant:{t}" if task == DEFAULT_TASK else f"{self.prefix}:task:{t}:{task}"
 
-    def _k_history(self, t: str) -> str:
-        return f"{self.prefix}:history:{t}"
+    def _k_history(self, t: str, task: str = DEFAULT_TASK) -> str:
+        return f"{self.prefix}:history:{t}" if task == DEFAULT_TASK else f"{self.prefix}:task_history:{t}:{task}"
+
+    def _k_tasks(self, t: str) -> str:
+        return f"{self.prefix}:tasks:{t}"
+
+    def _line_keys(self, t: str, tasks: Iterable[str]) -> list[str]:
+        return [k for task in tasks for k in (self._k_current(t, task), self._k_history(t, task))]
+
+    def _task_names(self, r: Any, t: str) -> list[str]:
+        """The tenant's tasks with a current record, default first (`r`: the client or a watching pipe)."""
+        named = sorted(n for n in (x.decode() for x in r.smembers(self._k_tasks(t)))
+                       if is_valid_task(n) and n != DEFAULT_TASK)
+        return ([DEFAULT_TASK] if r.exists(self._k_current(t)) else []) + named
+
+    def _watch_lines(self, pipe: Any, t: str) -> list[str]:
+        """Inside a transaction (before MULTI): the tenant's tasks, with every line's keys watched too."""
+        tasks = self._task_names(pipe, t)
+        if tasks:
+            pipe.watch(*self._line_keys(t, tasks))
+        return tasks
 
     def _k_seq(self, t: str) -> str:
         return f"{self.prefix}:version_seq:{t}"
@@ -168,8 +243,11 @@ class TenantRegistry:
     def _k_usage(self) -> str:
         return f"{self.prefix}:usage"
 
-    def _event(self, tenant: str, version: int | None, kind: str) -> str:
-        return json.dumps({"tenant": tenant, "version": version, "kind": kind})
+    def _event(self, tenant: str, version: int | None, kind: str, task: str | None = None) -> str:
+        event: dict[str, Any] = {"tenant": tenant, "version": version, "kind": kind}
+        if task is not None:  # a line's event; tenant-wide events keep the shape they had before tasks
+            event["task"] = task
+        return json.dumps(event)
 
     # ------------------------------------------------------------------ reads (any thread)
     def ping(self) -> bool:
@@ -177,30 +255,51 @@ class TenantRegistry:
         with _redis_errors("ping"):
             return bool(self._r.ping())
 
-    def get(self, tenant: str) -> TenantRecord:
-        """The tenant's current record. Raises InvalidTenantId, TenantNotFound, RegistryUnavailable."""
-        t = validate_tenant_id(tenant)
+    def get(self, tenant: str, *, task: str = DEFAULT_TASK) -> TenantRecord:
+        """The current record of the tenant's task. Raises InvalidTenantId, InvalidTaskName,
+        TaskNotFound (the tenant has other tasks), TenantNotFound, RegistryUnavailable."""
+        t, k = validate_tenant_id(tenant), validate_task(task)
         with _redis_errors("get"):
-            raw = self._r.get(self._k_current(t))
+            raw = self._r.get(self._k_current(t, k))
         if raw is None:
-            raise TenantNotFound(t)
+            raise self._not_found(t, k)
         return TenantRecord.from_json(raw)
 
+    def _not_found(self, t: str, task: str) -> TenantNotFound:
+        """TaskNotFound when the tenant has some other task, else TenantNotFound."""
+        with _redis_errors("get"):
+            known = bool(self._task_names(self._r, t))
+        return TaskNotFound(t, task) if known else TenantNotFound(t)
+
+    def tasks(self, tenant: str) -> list[str]:
+        """The tenant's task names, "default" first when present, the others sorted; [] if unknown."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("tasks"):
+            return self._task_names(self._r, t)
+
     def list(self) -> list[TenantRecord]:
-        """Every tenant's current record, sorted by tenant id."""
+        """Every task's current record, sorted by tenant id (each tenant's default task first)."""
         with _redis_errors("list"):
             ids = sorted(x.decode() for x in self._r.smembers(self._k_tenants))
-            raws = self._r.mget([self._k_current(t) for t in ids]) if ids else []
+            pipe = self._r.pipeline(transaction=False)
+            for t in ids:
+                pipe.get(self._k_current(t)).smembers(self._k_tasks(t))
+            got = pipe.execute() if ids else []
+            keys = []
+            for i, t in enumerate(ids):
+                named = sorted(n for n in (x.decode() for x in got[2 * i + 1]) if is_valid_task(n) and n != DEFAULT_TASK)
+                keys += ([self._k_current(t)] if got[2 * i] is not None else []) + [self._k_current(t, n) for n in named]
+            raws = self._r.mget(keys) if keys else []
         return [TenantRecord.from_json(raw) for raw in raws if raw is not None]
 
-    def history(self, tenant: str) -> list[TenantRecord]:
-        """All versions of the tenant as onboarded, oldest first (their `status` is the status at
-        onboarding time; the tenant's live status is on `get`)."""
-        t = validate_tenant_id(tenant)
+    def history(self, tenant: str, *, task: str = DEFAULT_TASK) -> list[TenantRecord]:
+        """All versions of the tenant's task as onboarded, oldest first (their `status` is the status
+        at onboarding time; the tenant's live status is on `get`)."""
+        t, k = validate_tenant_id(tenant), validate_task(task)
         with _redis_errors("history"):
-            raw = self._r.hgetall(self._k_history(t))
+            raw = self._r.hgetall(self._k_history(t, k))
         if not raw:
-            raise TenantNotFound(t)
+            raise self._not_found(t, k)
         return sorted((TenantRecord.from_json(v) for v in raw.values()), key=lambda r: r.version)
 
     def get_key_digest(self, tenant: str) -> KeyDigest | None:
@@ -222,83 +321,106 @@ class TenantRegistry:
 
         def tx(pipe: redis.client.Pipeline) -> int:
             seq = int(pipe.get(self._k_seq(t)) or 0)
-            versions = [int(v) for v in pipe.hkeys(self._k_history(t))]
-            cur = pipe.get(self._k_current(t))
-            cur_v = TenantRecord.from_json(cur).version if cur else 0
-            nxt = max([seq, cur_v, *versions]) + 1
+            versions = [seq]
+            for task in self._watch_lines(pipe, t):  # one counter for all the tenant's tasks
+                versions += [int(v) for v in pipe.hkeys(self._k_history(t, task))]
+                cur = pipe.get(self._k_current(t, task))
+                versions.append(TenantRecord.from_json(cur).version if cur else 0)
+            nxt = max(versions) + 1
             pipe.multi()
             pipe.set(self._k_seq(t), nxt)
             return nxt
 
-        return self._transact("next_version", tx, self._k_seq(t), self._k_history(t), self._k_current(t))
+        return self._transact("next_version", tx, self._k_seq(t), self._k_tasks(t), self._k_current(t))
 
     def put_new_version(self, record: TenantRecord) -> TenantRecord:
-        """Make `record` the tenant's current version and add it to the history, atomically; publish
-        "onboard". Raises TenantExists if that version is already in the history, VersionConflict if
-        the current version is already newer."""
-        t = record.tenant_id
+        """Make `record` the current version of its task and add it to that task's history,
+        atomically; publish "onboard". A record for a new task takes the status the tenant's other
+        tasks have (returned as stored). Raises TenantExists if that version is already in the
+        history, VersionConflict if the task's current version is already newer."""
+        t, task = record.tenant_id, record.task
 
         def tx(pipe: redis.client.Pipeline) -> TenantRecord:
-            if pipe.hexists(self._k_history(t), str(record.version)):
-                raise TenantExists(f"{record.adapter_id} is already registered")
-            cur = pipe.get(self._k_current(t))
+            rec = record
+            if pipe.hexists(self._k_history(t, task), str(rec.version)):
+                raise TenantExists(f"{rec.adapter_id} is already registered")
+            cur = pipe.get(self._k_current(t, task))
             if cur is not None:
                 cur_rec = TenantRecord.from_json(cur)
-                if cur_rec.version >= record.version:
-                    raise VersionConflict(f"cannot register {record.adapter_id}: current version of "
-                                          f"{t!r} is already v{cur_rec.version}")
+                if cur_rec.version >= rec.version:
+                    raise VersionConflict(f"cannot register {rec.adapter_id}: current version of "
+                                          f"{t!r} task {task!r} is already v{cur_rec.version}")
+            else:
+                others = [k for k in self._watch_lines(pipe, t) if k != task]
+                other = pipe.get(self._k_current(t, others[0])) if others else None
+                if other is not None:  # the tenant's status covers all its tasks
+                    rec = rec.replace(status=TenantRecord.from_json(other).status)
             seq = int(pipe.get(self._k_seq(t)) or 0)
             pipe.multi()
-            pipe.set(self._k_current(t), record.to_json())
-            pipe.hset(self._k_history(t), str(record.version), record.to_json())
+            pipe.set(self._k_current(t, task), rec.to_json())
+            pipe.hset(self._k_history(t, task), str(rec.version), rec.to_json())
+            if task != DEFAULT_TASK:
+                pipe.sadd(self._k_tasks(t), task)
             pipe.sadd(self._k_tenants, t)
-            pipe.set(self._k_seq(t), max(seq, record.version))
-            pipe.publish(self.channel, self._event(t, record.version, "onboard"))
-            return record
+            pipe.set(self._k_seq(t), max(seq, rec.version))
+            pipe.publish(self.channel, self._event(t, rec.version, "onboard", task))
+            return rec
 
-        return self._transact("put_new_version", tx, self._k_current(t), self._k_history(t), self._k_seq(t))
+        return self._transact("put_new_version", tx, self._k_current(t, task), self._k_history(t, task),
+                              self._k_seq(t), self._k_tasks(t), self._k_current(t))
 
     def set_status(self, tenant: str, status: str) -> TenantRecord:
-        """Enable or disable the tenant (all its versions); publish "enable"/"disable"."""
+        """Enable or disable the tenant (all its tasks and versions: every task's current record is
+        rewritten in one transaction); publish "enable"/"disable". Returns the first task's record
+        (the default task's when it has one)."""
         t = validate_tenant_id(tenant)
         if status not in STATUSES:
             raise RegistryError(f"status must be one of {STATUSES}, got {status!r}")
 
         def tx(pipe: redis.client.Pipeline) -> TenantRecord:
-            cur = pipe.get(self._k_current(t))
-            if cur is None:
+            tasks = self._watch_lines(pipe, t)
+            if not tasks:
                 raise TenantNotFound(t)
-            new = TenantRecord.from_json(cur).replace(status=status, updated_at=time.time())
+            now = time.time()
+            news = [TenantRecord.from_json(pipe.get(self._k_current(t, k))).replace(status=status, updated_at=now)
+                    for k in tasks]
             pipe.multi()
-            pipe.set(self._k_current(t), new.to_json())
-            pipe.publish(self.channel, self._event(t, new.version, "enable" if status == "enabled" else "disable"))
-            return new
+            for new in news:
+                pipe.set(self._k_current(t, new.task), new.to_json())
+            pipe.publish(self.channel, self._event(t, news[0].version, "enable" if status == "enabled" else "disable"))
+            return news[0]
 
-        return self._transact("set_status", tx, self._k_current(t))
+        return self._transact("set_status", tx, self._k_current(t), self._k_tasks(t))
 
-    def rollback(self, tenant: str, to_version: int | None = None) -> TenantRecord:
-        """Make an older (or any recorded) version current again; publish "rollback".
+    def rollback(self, tenant: str, to_version: int | None = None, *, task: str = DEFAULT_TASK) -> TenantRecord:
+        """Make an older (or any recorded) version of the task current again; publish "rollback".
 
         `to_version=None` means the newest version older than the current one. The tenant keeps its
         current status (rollback does not re-enable a disabled tenant). Newer versions stay in the
-        history, so rolling forward is `rollback(t, to_version=newer)`.
+        history, so rolling forward is `rollback(t, to_version=newer)`. Only the task's own versions
+        are candidates.
         """
-        t = validate_tenant_id(tenant)
+        t, k = validate_tenant_id(tenant), validate_task(task)
+        missing: list[bool] = []
 
-        def tx(pipe: redis.client.Pipeline) -> TenantRecord:
-            cur = pipe.get(self._k_current(t))
+        def tx(pipe: redis.client.Pipeline) -> TenantRecord | None:
+            cur = pipe.get(self._k_current(t, k))
             if cur is None:
-                raise TenantNotFound(t)
+                missing.append(True)
+                return None
             cur_rec = TenantRecord.from_json(cur)
-            hist = {int(k): v for k, v in pipe.hgetall(self._k_history(t)).items()}
+            hist = {int(v): raw for v, raw in pipe.hgetall(self._k_history(t, k)).items()}
             target = rollback_version(t, cur_rec.version, hist, to_version)
             new = TenantRecord.from_json(hist[target]).replace(status=cur_rec.status, updated_at=time.time())
             pipe.multi()
-            pipe.set(self._k_current(t), new.to_json())
-            pipe.publish(self.channel, self._event(t, target, "rollback"))
+            pipe.set(self._k_current(t, k), new.to_json())
+            pipe.publish(self.channel, self._event(t, target, "rollback", k))
             return new
 
-        return self._transact("rollback", tx, self._k_current(t), self._k_history(t))
+        out = self._transact("rollback", tx, self._k_current(t, k), self._k_history(t, k))
+        if missing:
+            raise self._not_found(t, k)
+        return out
 
     def set_key_digest(self, tenant: str, digest: KeyDigest) -> None:
         """Store (or replace) the tenant's key digest atomically; publish "key". The tenant must have a
@@ -316,40 +438,58 @@ class TenantRegistry:
             raise TypeError(f"digest must be a KeyDigest, got {type(digest).__name__}")
 
         def tx(pipe: redis.client.Pipeline) -> bool:
-            cur = pipe.get(self._k_current(t))
-            if cur is None:
+            tasks = self._watch_lines(pipe, t)
+            if not tasks:
                 raise TenantNotFound(t)
             if only_if_absent and pipe.exists(self._k_key(t)):
                 return False
-            version = TenantRecord.from_json(cur).version
+            version = TenantRecord.from_json(pipe.get(self._k_current(t, tasks[0]))).version
             pipe.multi()
             pipe.set(self._k_key(t), digest.to_json())
             pipe.publish(self.channel, self._event(t, version, "key"))
             return True
 
-        return self._transact("set_key_digest", tx, self._k_current(t), self._k_key(t))
+        return self._transact("set_key_digest", tx, self._k_current(t), self._k_tasks(t), self._k_key(t))
 
-    def remove(self, tenant: str) -> list[TenantRecord]:
-        """Delete the tenant's current record, history and key digest (not its version counter);
-        publish "remove".
-        Returns the removed versions so the caller can delete their files from the store."""
+    def remove(self, tenant: str, *, task: str | None = None) -> list[TenantRecord]:
+        """`task=None`: delete the whole tenant, every task's current record and history and the key
+        digest (not its version counter). A task: delete only that task's line; when it was the
+        tenant's last task, the tenant goes as with None. Publishes "remove" (with the task, or
+        null for the whole tenant). Returns the removed versions so the caller can delete their
+        files from the store."""
         t = validate_tenant_id(tenant)
+        k = None if task is None else validate_task(task)
+        missing: list[bool] = []
 
         def tx(pipe: redis.client.Pipeline) -> list[TenantRecord]:
-            cur = pipe.get(self._k_current(t))
-            hist = pipe.hvals(self._k_history(t))
-            if cur is None and not hist:
+            tasks = self._watch_lines(pipe, t)
+            hist_default = pipe.hvals(self._k_history(t))  # a default history without a current record
+            if not tasks and not hist_default:
                 raise TenantNotFound(t)
+            if k is not None and k not in tasks:
+                missing.append(True)
+                return []
+            whole = k is None or tasks == [k]
+            gone = (list(dict.fromkeys([*tasks, DEFAULT_TASK])) if whole else [k])
+            hists = [v for g in gone for v in pipe.hvals(self._k_history(t, g))]
+            cur = pipe.get(self._k_current(t, k or (tasks[0] if tasks else DEFAULT_TASK)))
             version = TenantRecord.from_json(cur).version if cur else None
             pipe.multi()
-            pipe.delete(self._k_current(t), self._k_history(t), self._k_key(t))
-            pipe.srem(self._k_tenants, t)
-            pipe.zrem(self._k_pinned, t)
-            pipe.zrem(self._k_usage, t)
-            pipe.publish(self.channel, self._event(t, version, "remove"))
-            return sorted((TenantRecord.from_json(v) for v in hist), key=lambda r: r.version)
+            pipe.delete(*self._line_keys(t, gone))
+            if whole:
+                pipe.delete(self._k_key(t), self._k_tasks(t))
+                pipe.srem(self._k_tenants, t)
+                pipe.zrem(self._k_pinned, t)
+                pipe.zrem(self._k_usage, t)
+            else:
+                pipe.srem(self._k_tasks(t), k)
+            pipe.publish(self.channel, self._event(t, version, "remove", None if whole else k))
+            return sorted((TenantRecord.from_json(v) for v in hists), key=lambda r: r.version)
 
-        return self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_key(t))
+        out = self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t))
+        if missing:
+            raise self._not_found(t, k)
+        return out
 
     # ------------------------------------------------------------------ pinning and use counts
     def pin(self, tenant: str, max_pinned: int) -> bool:
@@ -427,16 +567,25 @@ class TenantRegistry:
         """Current record, history, key digest and counter of the tenant, read in one MULTI/EXEC (a
         consistent view even while others write). None if the tenant has no current record."""
         t = validate_tenant_id(tenant)
-        with _redis_errors("snapshot"):
-            pipe = self._r.pipeline(transaction=True)
-            pipe.get(self._k_current(t)).hgetall(self._k_history(t)).get(self._k_key(t)).get(self._k_seq(t))
-            cur, hist, key, seq = pipe.execute()
-        if cur is None:
-            return None
-        history = tuple(TenantRecord.from_json(v) for v in hist.values())
-        return TenantSnapshot(current=TenantRecord.from_json(cur), history=history,
-                              key_digest=None if key is None else KeyDigest.from_json(key),
-                              version_seq=max([int(seq or 0), *(h.version for h in history)]))
+
+        def tx(pipe: redis.client.Pipeline) -> TenantSnapshot | None:
+            tasks = self._watch_lines(pipe, t)
+            if not tasks:
+                return None
+            lines = [TaskLine(TenantRecord.from_json(pipe.get(self._k_current(t, k))),
+                              tuple(TenantRecord.from_json(v) for v in pipe.hvals(self._k_history(t, k))))
+                     for k in tasks]
+            key, seq = pipe.get(self._k_key(t)), pipe.get(self._k_seq(t))
+            default = lines[0] if tasks[0] == DEFAULT_TASK else None
+            named = lines[1:] if default is not None else lines
+            versions = [h.version for line in lines for h in line.history]
+            pipe.multi()  # nothing to write: EXEC fails (and the read is retried) if a line changed meanwhile
+            return TenantSnapshot(current=default.current if default else None,
+                                  history=default.history if default else (), tasks=tuple(named),
+                                  key_digest=None if key is None else KeyDigest.from_json(key),
+                                  version_seq=max([int(seq or 0), *versions]))
+
+        return self._transact("snapshot", tx, self._k_current(t), self._k_tasks(t), self._k_key(t), self._k_seq(t))
 
     def tenant_ids(self) -> list[str]:
         """Ids of the tenants with a current record, sorted."""
@@ -457,10 +606,10 @@ class TenantRegistry:
         return dict(sorted(out.items()))
 
     def exists(self, tenant: str) -> bool:
-        """True if the tenant has a current record or a history."""
+        """True if the tenant has a current record or a history (of any task)."""
         t = validate_tenant_id(tenant)
         with _redis_errors("exists"):
-            return bool(self._r.exists(self._k_current(t), self._k_history(t)))
+            return bool(self._r.exists(self._k_current(t), self._k_history(t), self._k_tasks(t)))
 
     def restore(self, snap: TenantSnapshot, *, replace: bool = False) -> None:
         """Write a snapshot as the tenant's whole state in one transaction; publish "import".
@@ -472,21 +621,26 @@ class TenantRegistry:
         if not isinstance(snap, TenantSnapshot):
             raise TypeError(f"snap must be a TenantSnapshot, got {type(snap).__name__}")
         t = snap.tenant_id
-        keys = (self._k_current(t), self._k_history(t), self._k_key(t), self._k_seq(t))
+        keys = (self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t), self._k_seq(t))
 
         def tx(pipe: redis.client.Pipeline) -> None:
-            if not replace and pipe.exists(self._k_current(t), self._k_history(t)):
+            if not replace and pipe.exists(self._k_current(t), self._k_history(t), self._k_tasks(t)):
                 raise TenantExists(f"tenant {t!r} already exists (import with replace to overwrite it)")
+            old = list(dict.fromkeys([*self._watch_lines(pipe, t), DEFAULT_TASK]))
             seq = max(int(pipe.get(self._k_seq(t)) or 0), snap.version_seq)
             pipe.multi()
-            pipe.delete(self._k_current(t), self._k_history(t), self._k_key(t))
-            pipe.set(self._k_current(t), snap.current.to_json())
-            pipe.hset(self._k_history(t), mapping={str(h.version): h.to_json() for h in snap.history})
+            pipe.delete(*self._line_keys(t, old), self._k_tasks(t), self._k_key(t))
+            for line in snap.lines():
+                task = line.current.task
+                pipe.set(self._k_current(t, task), line.current.to_json())
+                pipe.hset(self._k_history(t, task), mapping={str(h.version): h.to_json() for h in line.history})
+                if task != DEFAULT_TASK:
+                    pipe.sadd(self._k_tasks(t), task)
             if snap.key_digest is not None:
                 pipe.set(self._k_key(t), snap.key_digest.to_json())
             pipe.sadd(self._k_tenants, t)
             pipe.set(self._k_seq(t), seq)
-            pipe.publish(self.channel, self._event(t, snap.current.version, "import"))
+            pipe.publish(self.channel, self._event(t, snap.lines()[0].current.version, "import"))
 
         self._transact("restore", tx, *keys)
 

@@ -7,7 +7,8 @@ must fail loudly at `from_json`, not later as an odd KeyError inside a batch.
 Forward compatibility: `_OPTIONAL_FIELDS` lists fields that may be absent from
 stored JSON (they take their dataclass default), so a later field can be added
 without breaking records written before it, while typos and unknown fields are
-still refused. (The per-tenant key digest is deliberately not a record field:
+still refused. `task` is such a field: records written before tasks existed read as the
+`default` task. (The per-tenant key digest is deliberately not a record field:
 it lives under its own Redis key, see keys.py/registry.py, so rotating a key
 never rewrites the record or its history.)
 
@@ -24,13 +25,14 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .errors import RegistryError
+from .errors import InvalidTaskName
+from .ids import DEFAULT_TASK, validate_task, validate_tenant_id
 from .ids import adapter_id as make_adapter_id
-from .ids import validate_tenant_id
 
 STATUSES = ("enabled", "disabled")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-# Field name -> why it may be missing in stored JSON. Empty today; see the module docstring.
-_OPTIONAL_FIELDS: dict[str, str] = {}
+# Field name -> why it may be missing in stored JSON; see the module docstring.
+_OPTIONAL_FIELDS: dict[str, str] = {"task": "records written before tasks existed are the 'default' task"}
 
 
 class RecordError(RegistryError):
@@ -39,7 +41,7 @@ class RecordError(RegistryError):
 
 @dataclass(frozen=True)
 class TenantRecord:
-    """One adapter version of one tenant. `path` is relative to the adapter store root."""
+    """One adapter version of one task of one tenant. `path` is relative to the adapter store root."""
 
     tenant_id: str
     adapter_id: str
@@ -55,15 +57,20 @@ class TenantRecord:
     created_at: float
     updated_at: float
     nbytes: int
+    task: str = DEFAULT_TASK  # the tenant's adapter line this version belongs to (ids.validate_task)
 
     def __post_init__(self) -> None:
         try:
             validate_tenant_id(self.tenant_id)
         except RegistryError as e:
             raise RecordError(str(e)) from None
+        try:
+            validate_task(self.task)
+        except InvalidTaskName as e:
+            raise RecordError(str(e)) from None
         _check(_is_int(self.version) and self.version >= 1, "version must be an integer >= 1")
-        _check(self.adapter_id == make_adapter_id(self.tenant_id, self.version),
-               f"adapter_id must be '{self.tenant_id}@v{self.version}'")
+        expected = make_adapter_id(self.tenant_id, self.version, self.task)
+        _check(self.adapter_id == expected, f"adapter_id must be {expected!r}")
         _check(isinstance(self.path, str) and _safe_relpath(self.path), "path must be a relative path inside the store")
         _check(isinstance(self.sha256, str) and _SHA256_RE.fullmatch(self.sha256) is not None,
                "sha256 must be 64 lower-case hex digits")
@@ -93,6 +100,8 @@ class TenantRecord:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["target_modules"] = list(self.target_modules)
+        if self.task == DEFAULT_TASK:  # default-task records stay byte-identical to those written before tasks
+            del d["task"]
         return d
 
     def to_json(self) -> str:

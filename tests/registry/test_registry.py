@@ -182,7 +182,7 @@ def test_redis_down_is_registry_unavailable_and_subscriber_resyncs(tmp_path):
         assert events == [{"kind": "resync"}]
         assert reg.ping() is True
         reg.put_new_version(_rec("acme", reg.next_version("acme")))
-        assert _drain(q, 1)[0] == {"tenant": "acme", "version": 1, "kind": "onboard"}
+        assert _drain(q, 1)[0] == {"tenant": "acme", "version": 1, "kind": "onboard", "task": "default"}
     finally:
         stop.set()
         reg.close()
