@@ -1,13 +1,22 @@
 """tenantctl: the operator's command line for the tenant registry.
 
-    tenantctl [global options] onboard TENANT ADAPTER_DIR
-    tenantctl [global options] list | show TENANT | disable TENANT | enable TENANT | remove TENANT
-    tenantctl [global options] rollback TENANT [--to VERSION]
+    tenantctl [global options] onboard TENANT ADAPTER_DIR [--task TASK]
+    tenantctl [global options] list | show TENANT [--task TASK] | disable TENANT | enable TENANT
+    tenantctl [global options] remove TENANT [--task TASK]
+    tenantctl [global options] rollback TENANT [--to VERSION] [--task TASK]
     tenantctl [global options] rotate-key TENANT
     tenantctl [global options] pin TENANT | unpin TENANT
     tenantctl [global options] export [FILE|-]
     tenantctl [global options] import FILE [--replace]
-    tenantctl [global options] status
+    tenantctl [global options] status [TENANT]
+
+Tasks: a tenant owns named tasks, each its own adapter line with versions, history and rollback
+(`onboard acme ./adapter --task summarize`). `--task` defaults to `default`, the line every tenant had
+before tasks existed (what a request without a task gets). `remove TENANT` removes the whole tenant;
+`remove TENANT --task T` only that task (its last task takes the tenant with it). `disable`/`enable`,
+keys and pins are the tenant's, for all its tasks (a pin keeps the default task's current adapter).
+`show TENANT` and `status TENANT` list the tenant's tasks. Version numbers are one sequence per tenant
+across its tasks (acme@v1, acme:summarize@v2, ...).
 
 Tenant keys: the first `onboard` of a tenant (one without a key) issues its key and prints it once
 ("tenant_key" in --json output; null when no key was issued). Only a salted digest is stored, so the
@@ -71,10 +80,11 @@ from typing import Any, Sequence
 
 from loraplex_common.config import (MODEL_CONFIG_FILE, LoraplexConfig, env_value, find_model_config,
                                     settings_from_env)
-from .errors import (AdapterInvalid, ConfigError, InvalidTenantId, RegistryError, RegistryUnavailable,
-                     TenantNotFound, VersionNotFound)
+from .errors import (AdapterInvalid, ConfigError, InvalidTaskName, InvalidTenantId, RegistryError,
+                     RegistryUnavailable, TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
 from .onboarding import ensure_key, onboard, rotate_key
+from .ids import DEFAULT_TASK, parse_task_adapter_id
 from .registry import TenantRegistry, rollback_version
 from .schema import TenantRecord
 from .store import AdapterStore, open_store
@@ -97,7 +107,7 @@ class ModelNotFound(RegistryError):
 
 
 def _exit_code(e: BaseException) -> int:
-    if isinstance(e, (ConfigError, InvalidTenantId)):
+    if isinstance(e, (ConfigError, InvalidTenantId, InvalidTaskName)):
         return EXIT_USAGE
     if isinstance(e, (TenantNotFound, VersionNotFound, ModelNotFound)):
         return EXIT_NOT_FOUND
@@ -138,15 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("tenant", metavar="TENANT")
         return p
 
-    add("onboard", "validate an adapter and register it as the tenant's next version").add_argument(
+    def task(p: argparse.ArgumentParser, default: str | None = DEFAULT_TASK, what: str = "") -> argparse.ArgumentParser:
+        p.add_argument("--task", default=default, metavar="TASK",
+                       help=what or f"the tenant's task (adapter line); default {default!r}")
+        return p
+
+    task(add("onboard", "validate an adapter and register it as the next version of the tenant's task")).add_argument(
         "adapter_dir", metavar="ADAPTER_DIR")
-    add("list", "list tenants", tenant=False)
-    add("show", "show a tenant's current record and history")
-    add("disable", "disable a tenant (its requests are refused)")
+    add("list", "list tenants (one row per task)", tenant=False)
+    task(add("show", "show a tenant's tasks, and one task's current record and history"))
+    add("disable", "disable a tenant (all its tasks; its requests are refused)")
     add("enable", "re-enable a tenant")
-    add("remove", "remove a tenant: records, history and stored files")
-    add("rollback", "make an older version current").add_argument("--to", type=int, dest="to_version",
-                                                                   metavar="VERSION")
+    task(add("remove", "remove a tenant (records, history, stored files), or only one of its tasks"), None,
+         "remove only this task (its versions and files); without it the whole tenant goes")
+    task(add("rollback", "make an older version of a task current")).add_argument(
+        "--to", type=int, dest="to_version", metavar="VERSION")
     add("rotate-key", "issue a new tenant key (printed once); the old key stops working")
     add("pin", "keep the tenant's current adapter resident on every worker (at most max_pinned_adapters)")
     add("unpin", "let the tenant's adapter be evicted again")
@@ -155,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = add("import", "restore a backup made by export", tenant=False)
     imp.add_argument("file", metavar="FILE", help="backup file ('-': stdin)")
     imp.add_argument("--replace", action="store_true", help="overwrite tenants that already exist")
-    add("status", "ask TorchServe which adapters each worker holds", tenant=False)
+    add("status", "ask TorchServe which adapters each worker holds; with TENANT, list the tenant's tasks",
+        tenant=False).add_argument("tenant", metavar="TENANT", nargs="?")
     return parser
 
 
@@ -184,7 +201,8 @@ def _ts(t: float) -> str:
 
 def _record_text(r: TenantRecord) -> str:
     return "\n".join([
-        f"tenant:      {r.tenant_id}", f"adapter:     {r.adapter_id}", f"status:      {r.status}",
+        f"tenant:      {r.tenant_id}", f"task:        {r.task}", f"adapter:     {r.adapter_id}",
+        f"status:      {r.status}",
         f"version:     {r.version}", f"rank/alpha:  {r.rank}/{r.alpha:g}{' (rslora)' if r.use_rslora else ''}",
         f"targets:     {', '.join(r.target_modules)}", f"base model:  {r.base_model}",
         f"path:        {r.path}", f"sha256:      {r.sha256}", f"bytes:       {r.nbytes}",
@@ -246,7 +264,7 @@ def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> Non
     reg = _registry(cfg)
     store = _store(cfg)
     check_store(reg, store, anchored=args.store_anchored)
-    rec = onboard(reg, store, spec, args.tenant, args.adapter_dir, cfg)
+    rec = onboard(reg, store, spec, args.tenant, args.adapter_dir, cfg, task=args.task)
     key = ensure_key(reg, rec.tenant_id)
     text = f"onboarded {rec.adapter_id}\n{_record_text(rec)}"
     if key is not None:
@@ -301,8 +319,10 @@ def cmd_import(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
         raise BackupInvalid(f"backup {args.file!r} is not JSON: {e}") from e
     n = import_registry(_registry(cfg), data, replace=args.replace)
     store = _store(cfg)
-    missing = sorted({h["adapter_id"] for t in data["tenants"] for h in t["history"] if not _store_has(store, h)},
-                     key=lambda a: (a.split("@")[0], int(a.split("@v")[1])))
+    histories = [h for t in data["tenants"]
+                 for h in [*t["history"], *(h for line in t.get("tasks", {}).values() for h in line["history"])]]
+    missing = sorted({h["adapter_id"] for h in histories if not _store_has(store, h)},
+                     key=lambda a: parse_task_adapter_id(a))
     if missing:
         print(f"tenantctl: warning: the adapter store {cfg.adapter_store} lacks the files of {', '.join(missing)}: "
               "restore the store directory too (workers refuse adapters whose files are missing)", file=sys.stderr)
@@ -315,22 +335,23 @@ def _store_has(store: AdapterStore, record: dict[str, Any]) -> bool:
 
 def cmd_list(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     recs = _registry(cfg).list()
-    rows = [[r.tenant_id, r.adapter_id, r.status, str(r.rank), f"{r.alpha:g}", ",".join(r.target_modules),
+    rows = [[r.tenant_id, r.task, r.adapter_id, r.status, str(r.rank), f"{r.alpha:g}", ",".join(r.target_modules),
              _ts(r.updated_at)] for r in recs]
     out.result({"tenants": [r.to_dict() for r in recs]},
-               _table(rows, ["TENANT", "ADAPTER", "STATUS", "RANK", "ALPHA", "TARGETS", "UPDATED"])
+               _table(rows, ["TENANT", "TASK", "ADAPTER", "STATUS", "RANK", "ALPHA", "TARGETS", "UPDATED"])
                if recs else "no tenants")
 
 
 def cmd_show(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     reg = _registry(cfg)
-    rec = reg.get(args.tenant)
-    hist = reg.history(args.tenant)
+    rec = reg.get(args.tenant, task=args.task)
+    hist = reg.history(args.tenant, task=args.task)
+    tasks = reg.tasks(args.tenant)
     digest = reg.get_key_digest(args.tenant)
     versions = ", ".join(f"v{h.version}{'*' if h.version == rec.version else ''}" for h in hist)
     key = {"created_at": digest.created_at} if digest else None  # never the salt/digest: nothing to gain
-    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist], "key": key},
-               f"{_record_text(rec)}\nhistory:     {versions}\n"
+    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist], "key": key, "tasks": tasks},
+               f"{_record_text(rec)}\nhistory:     {versions}\ntasks:       {', '.join(tasks)}\n"
                f"key:         {'issued ' + _ts(digest.created_at) if digest else 'none (tenantctl rotate-key issues one)'}")
 
 
@@ -341,19 +362,30 @@ def cmd_status_change(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) 
 
 
 def cmd_remove(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
-    removed = _registry(cfg).remove(args.tenant)  # registry first: workers stop resolving it at once
-    _store(cfg).remove_tenant(args.tenant)
-    out.result({"removed": args.tenant, "versions": [r.version for r in removed]},
-               f"removed {args.tenant} ({', '.join(r.adapter_id for r in removed) or 'no versions'})")
+    reg = _registry(cfg)
+    removed = reg.remove(args.tenant, task=args.task)  # registry first: workers stop resolving it at once
+    store = _store(cfg)
+    whole = args.task is None or not reg.exists(args.tenant)
+    if whole:
+        store.remove_tenant(args.tenant)
+    else:  # only that task's versions: the other tasks' files stay
+        for r in removed:
+            store.remove_version(args.tenant, r.version)
+    what = args.tenant if args.task is None else f"task {args.task!r} of {args.tenant}"
+    doc: dict[str, Any] = {"removed": args.tenant, "versions": [r.version for r in removed]}
+    if args.task is not None:
+        doc.update(task=args.task, tenant_removed=whole)
+    out.result(doc,
+               f"removed {what} ({', '.join(r.adapter_id for r in removed) or 'no versions'})")
 
 
 def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     reg = _registry(cfg)
-    cur = reg.get(args.tenant)
-    hist = {h.version: h for h in reg.history(args.tenant)}
+    cur = reg.get(args.tenant, task=args.task)
+    hist = {h.version: h for h in reg.history(args.tenant, task=args.task)}
     target = rollback_version(args.tenant, cur.version, hist, args.to_version)
     _store(cfg).verify(hist[target])  # never point workers at missing/altered files
-    rec = reg.rollback(args.tenant, to_version=target)
+    rec = reg.rollback(args.tenant, to_version=target, task=args.task)
     out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")
 
 
@@ -451,7 +483,27 @@ def fetch_status(management_url: str, model_name: str, token: str | None,
     return out
 
 
+def cmd_tenant_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    """`status TENANT`: the tenant's tasks from the registry (no TorchServe call)."""
+    reg = _registry(cfg)
+    tasks = reg.tasks(args.tenant)
+    if not tasks:
+        raise TenantNotFound(args.tenant)
+    lines = []
+    for task in tasks:
+        rec, hist = reg.get(args.tenant, task=task), reg.history(args.tenant, task=task)
+        lines.append({"task": task, "adapter_id": rec.adapter_id, "status": rec.status,
+                      "versions": [h.version for h in hist], "updated_at": rec.updated_at})
+    rows = [[x["task"], x["adapter_id"], x["status"], ",".join(f"v{v}" for v in x["versions"]), _ts(x["updated_at"])]
+            for x in lines]
+    out.result({"tenant": args.tenant, "tasks": lines},
+               f"tenant {args.tenant}: {len(tasks)} task(s)\n" + _table(rows, ["TASK", "ADAPTER", "STATUS", "VERSIONS",
+                                                                               "UPDATED"]))
+
+
 def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    if getattr(args, "tenant", None):
+        return cmd_tenant_status(args, cfg, out)
     entries = fetch_status(cfg.management_url, cfg.model_name, _token(args, cfg), key_file=cfg.management_key_file)
     now = time.time()
     lines = []

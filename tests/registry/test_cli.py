@@ -351,3 +351,40 @@ def test_cli_without_a_model_config_says_so(project):
     assert rc == 5 and "no model config was read" in text and "--model-config" in text
     rc, _, text = project("list", env_extra={"LORAPLEX_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert rc == 5 and "no model config was read" not in text  # ./model-config.yaml was read
+
+
+def test_cli_tasks(ctl, tiny_adapters, tmp_path):
+    """--task on onboard/show/rollback/remove; status TENANT lists the tasks; default is `default`."""
+    assert ctl("--json", "onboard", "acme", str(tiny_adapters["a"]))[1]["adapter_id"] == "acme@v1"
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["b"]), "--task", "summarize")
+    assert rc == 0 and doc["adapter_id"] == "acme:summarize@v2" and doc["record"]["task"] == "summarize"
+    assert doc["tenant_key"] is None  # the tenant's key was issued with its first task
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["c"]), "--task", "summarize")
+    assert rc == 0 and doc["adapter_id"] == "acme:summarize@v3"
+    rc, doc, _ = ctl("--json", "onboard", "acme", str(tiny_adapters["c"]), "--task", "Bad:Task")
+    assert rc == 2 and doc["error"]["type"] == "InvalidTaskName"
+
+    rc, doc, _ = ctl("--json", "status", "acme")
+    assert rc == 0 and [(t["task"], t["adapter_id"], t["versions"]) for t in doc["tasks"]] == [
+        ("default", "acme@v1", [1]), ("summarize", "acme:summarize@v3", [2, 3])]
+    rc, _, text = ctl("status", "acme")
+    assert rc == 0 and "summarize" in text and "acme:summarize@v3" in text
+    assert ctl("--json", "status", "nobody")[0] == 3
+    rc, doc, _ = ctl("--json", "show", "acme", "--task", "summarize")
+    assert rc == 0 and doc["record"]["adapter_id"] == "acme:summarize@v3" and doc["tasks"] == ["default", "summarize"]
+    assert [h["version"] for h in doc["history"]] == [2, 3]
+    assert ctl("--json", "show", "acme")[1]["record"]["adapter_id"] == "acme@v1"
+    rc, doc, _ = ctl("--json", "show", "acme", "--task", "translate")
+    assert rc == 3 and doc["error"]["type"] == "TaskNotFound"
+    rc, doc, _ = ctl("--json", "list")
+    assert [t["adapter_id"] for t in doc["tenants"]] == ["acme@v1", "acme:summarize@v3"]
+
+    rc, doc, _ = ctl("--json", "rollback", "acme", "--task", "summarize")
+    assert rc == 0 and doc["record"]["adapter_id"] == "acme:summarize@v2"
+    assert ctl("--json", "rollback", "acme")[0] == 3  # the default task has nothing older
+    assert ctl("--json", "rollback", "acme", "--task", "summarize", "--to", "1")[0] == 3  # v1 is default's
+
+    rc, doc, _ = ctl("--json", "remove", "acme", "--task", "summarize")
+    assert rc == 0 and doc == {"removed": "acme", "task": "summarize", "tenant_removed": False, "versions": [2, 3]}
+    assert sorted(p.name for p in (tmp_path / "store" / "acme").iterdir()) == ["v1"]  # only that task's files
+    assert ctl("--json", "show", "acme")[1]["tasks"] == ["default"]
