@@ -113,6 +113,10 @@ class LoraplexConfig:
     model_name: str = "loraplex"
     model_store: str = "model_store"        # TorchServe's model store (tenantctl finds the workers' base model there)
     management_key_file: str = "var/torchserve/key_file.json"  # TorchServe's key file (tenantctl status)
+    onboarding_address: str = "127.0.0.1:8083"  # host:port of the onboarding HTTP service (tenant_registry/http_api.py)
+    quota_max_tasks: int = 8                # tasks one tenant may own (0 = no limit)
+    quota_max_versions: int = 20            # versions kept per task; onboarding one more is refused (0 = no limit)
+    quota_max_bytes: int = 2147483648       # adapter bytes one tenant may keep in the store, all versions (0 = no limit)
 
     @property
     def kv_row_tokens(self) -> int:
@@ -428,6 +432,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "model_name": _nonempty_str,
     "model_store": _nonempty_str,
     "management_key_file": _nonempty_str,
+    "onboarding_address": _host_port,
+    "quota_max_tasks": _int(0),
+    "quota_max_versions": _int(0),
+    "quota_max_bytes": _int(0),
 }
 assert set(_PARSERS) == {f.name for f in fields(LoraplexConfig)}, "every config key needs a parser"
 

@@ -37,6 +37,7 @@ from loraplex_common.config import LoraplexConfig
 from .errors import TenantNotFound
 from .ids import DEFAULT_TASK, adapter_id, validate_task, validate_tenant_id
 from .keys import digest_key, generate_key
+from .quotas import enforce as enforce_quotas
 from .registry import TenantRegistry
 from .schema import TenantRecord
 from .store import AdapterStore
@@ -48,13 +49,14 @@ def onboard(registry: TenantRegistry, store: AdapterStore, spec: BaseModelSpec, 
     """Register the adapter in `src_dir` as the next version of the tenant's `task` and return the
     new record.
 
-    Raises InvalidTenantId, InvalidTaskName, AdapterInvalid (nothing written), RegistryUnavailable,
-    VersionConflict.
+    Raises InvalidTenantId, InvalidTaskName, AdapterInvalid (nothing written), QuotaExceeded (the
+    tenant's quotas, tenant_registry/quotas.py; nothing written), RegistryUnavailable, VersionConflict.
     """
     tenant = validate_tenant_id(tenant_id)
     task = validate_task(task)
     manifest = validate_adapter(src_dir, spec, max_rank=config.max_rank, max_bytes=config.max_adapter_bytes,
                                 base_model_name=config.base_model_name, allowed_targets=config.target_modules)
+    enforce_quotas(registry, config, tenant, task, manifest.nbytes)  # QuotaExceeded: nothing written
     try:
         status = registry.get(tenant, task=task).status  # a new task: put_new_version copies the others' status
     except TenantNotFound:

@@ -63,7 +63,8 @@ def test_config_known_keys():
         "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
         "prefetch_top_n", "prefetch_tenants", "metrics_max_adapters", "epp_metrics_address",
         "scheduler", "kv_rows", "kv_max_len", "prefill_chunk", "graph_batch_sizes", "max_waiting", "retry_after_s",
-        "tenant_max_running", "request_timeout_s"}
+        "tenant_max_running", "request_timeout_s",
+        "onboarding_address", "quota_max_tasks", "quota_max_versions", "quota_max_bytes"}
     with pytest.raises(ConfigError) as ei:
         LoraplexConfig.from_mapping({"require_tenant_keys": True})
     assert ei.value.key == "require_tenant_keys" and "require_tenant_key" in str(ei.value)
