@@ -385,6 +385,76 @@ class TorchServe:
         self.proc, self._guard = None, None
 
 
+PLUGIN_DIR = ROOT / "build" / "plugins"
+
+
+def build_plugin() -> Path:
+    """Build loraplex's TorchServe plugin jar (scripts/build_plugin.sh; a no-op when up to date)."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "build_plugin.sh")], check=True, cwd=ROOT, timeout=300)
+    return PLUGIN_DIR
+
+
+def plugin_config(onboarding_url: str) -> dict[str, str]:
+    """TorchServe config lines that load the plugin (absolute plugins_path) and point it at a service."""
+    return {"plugins_path": str(PLUGIN_DIR), "loraplex_onboarding_url": onboarding_url}
+
+
+class OnboardingService:
+    """tenant_registry/http_api.py as its own process on 127.0.0.1:`port` (free when not given),
+    reading `model_config` and TorchServe's `key_file` (the management token it checks)."""
+
+    def __init__(self, workdir: Path, model_config: Path | None, key_file: Path, *, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.model_config = model_config
+        self.key_file = Path(key_file)
+        self.port = port or free_port()
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self._guard: Guard | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "onboarding.pid"
+
+    def start(self, timeout: float = 60, detach: bool = False) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "tenant_registry.http_api", "--key-file", str(self.key_file),
+               "--address", f"127.0.0.1:{self.port}"]
+        if self.model_config is not None:
+            cmd += ["--model-config", str(self.model_config)]
+        with open(self.workdir / "onboarding.out", "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env={**os.environ, **self.env}, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.pid_file.write_text(str(self.proc.pid))
+            self._guard = None if detach else Guard(self.proc.pid)
+            deadline = time.time() + timeout
+            while not wait_port(self.port, 0.2):
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"onboarding service did not start; {self.workdir}/onboarding.out ends:\n"
+                                       f"{_tail(self.workdir / 'onboarding.out')}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc.pid, leader=self.proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self.pid_file.unlink(missing_ok=True)
+        else:
+            stop_pid_file(self.pid_file)
+        if self._guard is not None:
+            self._guard.release()
+        self.proc, self._guard = None, None
+
+
 def stop_pid_file(pid_file: Path, timeout: float = 30) -> None:
     """Stop the process group whose leader's pid the file holds (a detached service: make stop)."""
     if not pid_file.exists():
@@ -401,6 +471,7 @@ DEMO_TS_PORTS = (8080, 8081, 8082)
 # TorchServe's default is 60 minutes, after which every request gets 400 until the token API
 # renews the keys (README, "Limits"); the demo is meant to be left running and played with.
 DEMO_TOKEN_EXPIRATION_MIN = 7 * 24 * 60
+DEMO_ONBOARDING_PORT = 8083  # onboarding_address's default and config.properties' loraplex_onboarding_url
 
 
 def start_demo_stack(var: Path) -> None:
@@ -411,17 +482,25 @@ def start_demo_stack(var: Path) -> None:
         redis.start(detach=True)
         (var / "redis.pid").write_text(str(redis.proc.pid))
     env = {"LORAPLEX_REDIS_URL": redis.url, "LORAPLEX_ADAPTER_STORE": str(var / "adapters")}
+    onboarding = OnboardingService(var / "onboarding", ROOT / "model-config.yaml", var / "torchserve" / "key_file.json",
+                                   port=DEMO_ONBOARDING_PORT, env=env)
+    if not wait_port(DEMO_ONBOARDING_PORT, 0.2):
+        onboarding.start(detach=True)
+        print(f"onboarding service ready: {onboarding.url} (README 'Onboarding over HTTP')")
     ts = TorchServe(var / "torchserve", ROOT / "model_store", ports=DEMO_TS_PORTS, env=env,
-                    extra_config={"token_expiration_min": str(DEMO_TOKEN_EXPIRATION_MIN)})
+                    extra_config={"token_expiration_min": str(DEMO_TOKEN_EXPIRATION_MIN),
+                                  **plugin_config(onboarding.url)})
     if wait_port(DEMO_TS_PORTS[0], 0.2):
         print(f"torchserve already listening on 127.0.0.1:{DEMO_TS_PORTS[0]}")
         return
+    build_plugin()
     ts.start(detach=True)
     print(f"torchserve ready: {ts.inference_url} (keys in {ts.workdir}/key_file.json)")
 
 
 def stop_demo_stack(var: Path) -> None:
     stop_pid_file(var / "torchserve" / "torchserve.pid")
+    stop_pid_file(var / "onboarding" / "onboarding.pid")
     stop_pid_file(var / "redis.pid")
     print("stopped torchserve and redis-server")
 

@@ -12,6 +12,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v java >/dev/null || apt_missing+=(openjdk-17-jre-headless)
+# javac: builds the TorchServe plugin (/tenants on the management API) below, at install time
+command -v javac >/dev/null || apt_missing+=(openjdk-17-jdk-headless)
 # nginx: the scale-out front (make scaleout, bench/scaleout.py); ~2 s to install from the Debian mirror
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx)
 if [ ${#apt_missing[@]} -gt 0 ]; then
@@ -36,3 +38,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import torch, transformers, peft, ts, redis, gguf, triton, s3fs, moto"
   echo "$want" > "$stamp"
 fi
+# loraplex's TorchServe plugin (plugin/ -> build/plugins/loraplex-plugin.jar), against this TorchServe's jar
+bash scripts/build_plugin.sh
