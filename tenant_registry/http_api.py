@@ -359,11 +359,11 @@ def max_upload_bytes(config: LoraplexConfig) -> int:
 
 
 def _write_parts(content_type: str, body: bytes, dest: Path) -> None:
-    """Write a multipart/form-data body's file parts into `dest` under their plain names.
+    """Write a multipart/form-data body's parts into `dest`, each under its form field name (curl's
+    `-F adapter_config.json=@any/local/file`).
 
-    A part's name is its filename's (or, without one, its field name's) last path component only if
-    that component is already the whole name: "../x", "a/b", "", dot-files, NUL or anything beyond
-    128 plain characters are refused (400) rather than renamed. Files are created with O_EXCL (a name
+    The field name and the filename, when one is sent, must both be plain names: "../x", "a/b",
+    dot-files, NUL or anything beyond 128 plain characters are refused (400) rather than renamed. Files are created with O_EXCL (a name
     twice is 400). Validation then sees exactly these files, as the CLI sees a directory."""
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
@@ -373,10 +373,13 @@ def _write_parts(content_type: str, body: bytes, dest: Path) -> None:
     if not parts or len(parts) > MAX_PARTS:
         raise HttpError(400, "BadRequest", f"multipart body must hold 1-{MAX_PARTS} files")
     for part in parts:
-        name = part.get_filename() or part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise HttpError(400, "BadRequest", f"file name {str(name)[:60]!r} refused: plain names only "
-                                               f"({', '.join(ADAPTER_FILES)}), no paths")
+        name = part.get_param("name", header="content-disposition")
+        for given in (name, part.get_filename()):
+            if given is not None and (not isinstance(given, str) or not _NAME_RE.fullmatch(given)):
+                raise HttpError(400, "BadRequest", f"file name {str(given)[:60]!r} refused: plain names only "
+                                                   f"({', '.join(ADAPTER_FILES)}), no paths")
+        if name is None:
+            raise HttpError(400, "BadRequest", "a multipart part without a form field name")
         data = part.get_payload(decode=True) or b""
         try:
             fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

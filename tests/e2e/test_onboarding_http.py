@@ -256,6 +256,10 @@ def test_upload_path_tricks_are_refused(onb, tiny_adapters):
                    headers={**onb.auth(), "Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
     assert onb.state() == before
+    # The form field names the file (curl -F adapter_config.json=@local/name): any plain local name works.
+    files = [(n, (f"local-{i}.bin", data)) for i, (n, data) in enumerate(sorted(good.items()))]
+    r = onb.direct("POST", "/tenants/curlstyle", files=files, headers=onb.auth())
+    assert r.status_code == 200 and r.json()["adapter_id"] == "curlstyle@v1", r.text
 
 
 def test_tenant_key_publishes_only_to_its_own_tenant(onb, tiny_adapters):
