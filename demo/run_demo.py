@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== tenantctl status (which worker holds which adapter)")
     print(tenantctl(args.base_model, "status").stdout.rstrip())
     print("\nServer still running: inference 127.0.0.1:8080 (token in var/torchserve/key_file.json).")
+    print("Onboarding over HTTP: /tenants on 127.0.0.1:8081 (management token) and the onboarding service on "
+          "127.0.0.1:8083 (uploads; README 'Onboarding over HTTP').")
     print("Stop everything with: make stop")
     return 0
 
