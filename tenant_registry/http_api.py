@@ -53,6 +53,7 @@ registry alone run side by side.
 from __future__ import annotations
 
 import argparse
+import datetime
 import email.parser
 import email.policy
 import hmac
@@ -155,9 +156,19 @@ class OnboardingApi:
 
     # ------------------------------------------------------------------ auth
     def _management_key(self) -> str | None:
+        """The management key in TorchServe's key file, or None when the file is missing, unreadable,
+        or the key's "expiration time" has passed (TorchServe refuses it then too)."""
         try:
-            return json.loads(self.key_file.read_text())["management"]["key"]
-        except (OSError, ValueError, KeyError, TypeError):
+            entry = json.loads(self.key_file.read_text())["management"]
+            key = entry["key"]
+            expires = entry.get("expiration time")
+            if expires is not None:
+                when = datetime.datetime.strptime(str(expires)[:19], "%Y-%m-%dT%H:%M:%S")
+                if when.replace(tzinfo=datetime.timezone.utc) <= datetime.datetime.now(datetime.timezone.utc):
+                    log.warning("the management key in %s has expired", self.key_file)
+                    return None
+            return key if isinstance(key, str) and key else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _check_management(self, req: Request) -> None:
@@ -165,8 +176,8 @@ class OnboardingApi:
         want = self._management_key()
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if want is None:
-            log.error("management key file %s is missing or unreadable: refusing every management request",
-                      self.key_file)
+            log.error("management key file %s is missing, unreadable or expired: refusing every management "
+                      "request", self.key_file)
         if not token or want is None or not hmac.compare_digest(token.encode(), want.encode()):
             raise HttpError(401, "Unauthorized", "TorchServe management token missing or wrong "
                                                  "(Authorization: Bearer <management key from key_file.json>)")

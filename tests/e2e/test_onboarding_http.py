@@ -322,3 +322,22 @@ def test_a_version_onboarded_over_http_is_served(onb, tiny_adapters):
     got = onb.ask("served", prompt)  # the registry event makes the worker drop v1
     assert got["adapter"] == "served@v2" and got["text"] == _expected(onb.model, tiny_adapters["c"], prompt)
     assert got["text"] != _expected(onb.model, None, prompt)
+
+
+def test_the_service_refuses_an_expired_or_missing_management_key(onb, tmp_path):
+    """The loopback service's own token check, in process: the key file's "expiration time" counts,
+    and a missing key file refuses everything (never an open door)."""
+    from tenant_registry.http_api import OnboardingApi, Request
+
+    cfg = LoraplexConfig.load(onb.model_config, env={})
+    kf = tmp_path / "key_file.json"
+    api = OnboardingApi(cfg, key_file=kf)
+    req = Request("GET", "/tenants", {}, {"authorization": ["Bearer sekrit"]}, b"")
+    assert api.handle(req).status == 401  # no key file
+    kf.write_text(json.dumps({"management": {"key": "sekrit", "expiration time": "2999-01-01T00:00:00.1Z"}}))
+    assert api.handle(req).status == 200
+    kf.write_text(json.dumps({"management": {"key": "sekrit", "expiration time": "2001-01-01T00:00:00.1Z"}}))
+    assert api.handle(req).status == 401
+    kf.write_text(json.dumps({"management": {"key": "sekrit"}}))
+    assert api.handle(req).status == 200
+    assert api.handle(Request("GET", "/tenants", {}, {"authorization": ["Bearer sekri"]}, b"")).status == 401
