@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from tenant_registry.errors import (
     AdapterInvalid,
+    InvalidTaskName,
     InvalidTenantId,
     RegistryError,
     RegistryUnavailable,
+    TaskNotFound,
     TenantDisabled,
     TenantNotFound,
 )
@@ -96,6 +98,8 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (UnknownEndpoint, 404, "Not Found"),
     (InvalidRequest, 400, "Bad Request"),
     (InvalidTenantId, 400, "Invalid Tenant Id"),
+    (InvalidTaskName, 400, "Invalid Task Name"),
+    (TaskNotFound, 404, "Unknown Task"),
     (TenantNotFound, 404, "Unknown Tenant"),
     (TenantDisabled, 403, "Tenant Disabled"),
     (RegistryUnavailable, 503, "Registry Unavailable"),

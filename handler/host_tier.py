@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tenant_registry.ids import line_of
 from loraplex_common.adapter_format import AdapterBytes
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,12 @@ class HostTier:
         """These entries are never dropped to make room (the pinned tenants' current adapters)."""
         self._protected = set(adapter_ids)
 
-    def drop_tenant(self, tenant: str, keep: str | None = None) -> list[str]:
+    def drop_tenant(self, tenant: str, keep: str | None = None, *, line: str | None = None) -> list[str]:
         """Forget the tenant's entries (all, or all but `keep`): it was removed, or serves another
-        version now. Returns the dropped ids."""
-        gone = [a for a, h in self._held.items() if h.tenant == tenant and a != keep]
+        version now. With `line` (ids.adapter_line: one task of the tenant), only that task's
+        entries. Returns the dropped ids."""
+        gone = [a for a, h in self._held.items() if h.tenant == tenant and a != keep
+                and (line is None or line_of(a) == line)]
         for adapter_id in gone:
             self._drop(adapter_id)
         return gone

@@ -15,7 +15,7 @@ Two ways out (README "Metrics"):
 
 Label values through TorchServe must not contain "," ":" "|" and must not be empty (dropped the
 same way): tenant ids (`^[a-z0-9][a-z0-9_-]{0,62}$`) and `v<N>` qualify, and the stand-ins below
-("_none", "_base", "_other", "none") were chosen to.
+("_none", "_base", "_other", "none") were chosen to; so do task names (`^[a-z0-9][a-z0-9_-]{0,31}$`).
 
 Cardinality: the first `metrics_max_adapters` distinct (tenant, version) pairs a worker records
 keep their own labels; every later pair is recorded as tenant=version="_other" (TorchServe never
@@ -27,9 +27,9 @@ continuous: the scheduler thread). The own endpoint's HTTP thread (prometheus_cl
 its registry.
 
 Rate: each update through TorchServe is a log line, so the continuous scheduler's per-step gauges
-(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, and sooner (at most every
-NAMES_INTERVAL_S) when the worker goes idle or busy or the LoRA gauge's adapter lists change, so the
-endpoint picker sees a waiting adapter while it waits;
+(`scheduler_step`) go out at most every GAUGE_INTERVAL_S, at once when the worker goes idle or busy,
+and within NAMES_INTERVAL_S when the LoRA gauge's adapter lists change, so the endpoint picker sees
+a waiting adapter while it waits;
 the per-row histograms are one value per row (TTFT, mean inter-token latency), not one per token.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ ADAPTER_LABELS = ("tenant", "task", "version")
 NO_TENANT, BASE_VERSION, OTHER, NO_TASK = "_none", "_base", "_other", "none"
 EMPTY_LIST = " "  # an empty adapter list: TorchServe drops an empty label; the picker trims it to nothing
 GAUGE_INTERVAL_S = 1.0  # the most often the continuous scheduler's row counts and KV use are sent
-NAMES_INTERVAL_S = 0.05  # the most often a change of busy/idle or of the adapter lists is sent
+NAMES_INTERVAL_S = 0.05  # the most often a change of the LoRA gauge's adapter lists is sent
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,20 @@ class WorkerMetrics:
         self.sinks = list(sinks)
         self.max_adapters = max(1, max_adapters)
         self.max_lora = max_lora
-        self._labelled: set[tuple[str, str]] = set()
+        self._labelled: set[tuple[str, str, str]] = set()
         self._wall = wall_clock
         self._gauges_at = float("-inf")  # monotonic time of the last scheduler_step sent
         self._gauges_last: tuple | None = None
 
-    def adapter_labels(self, tenant: str | None, version: int | None) -> tuple[str, str, str]:
-        """(tenant, task, version) under the cap; loraplex records have no task (always "none")."""
-        key = (tenant or NO_TENANT, f"v{version}" if version is not None else BASE_VERSION)
+    def adapter_labels(self, tenant: str | None, version: int | None,
+                       task: str | None = None) -> tuple[str, str, str]:
+        """(tenant, task, version) under the cap: the record's task ("none" for a base-model row)."""
+        key = (tenant or NO_TENANT, task or NO_TASK, f"v{version}" if version is not None else BASE_VERSION)
         if key not in self._labelled:
             if len(self._labelled) >= self.max_adapters:
                 return OTHER, NO_TASK, OTHER
             self._labelled.add(key)
-        return key[0], NO_TASK, key[1]
+        return key
 
     def _emit(self, metric: MetricDef, value: float, labels: Sequence[str] = ()) -> None:
         for sink in self.sinks:
@@ -141,8 +142,9 @@ class WorkerMetrics:
 
     # -- per adapter ---------------------------------------------------------------
 
-    def served(self, tenant: str | None, version: int | None, tokens: int, engine_s: float, reply_s: float) -> None:
-        labels = self.adapter_labels(tenant, version)
+    def served(self, tenant: str | None, version: int | None, tokens: int, engine_s: float, reply_s: float,
+               *, task: str | None = None) -> None:
+        labels = self.adapter_labels(tenant, version, task)
         self._emit(REQUESTS, 1, labels)
         self._emit(GENERATED_TOKENS, tokens, labels)
         self._emit(TTFT_SECONDS, reply_s, labels)
@@ -150,25 +152,25 @@ class WorkerMetrics:
             self._emit(ITL_SECONDS, engine_s / tokens, labels)
 
     def streamed(self, tenant: str | None, version: int | None, tokens: int, ttft_s: float,
-                 itl_s: float | None) -> None:
+                 itl_s: float | None, *, task: str | None = None) -> None:
         """Continuous: one row answered; arrival to first token, and its mean inter-token time."""
-        labels = self.adapter_labels(tenant, version)
+        labels = self.adapter_labels(tenant, version, task)
         self._emit(REQUESTS, 1, labels)
         self._emit(GENERATED_TOKENS, tokens, labels)
         self._emit(TTFT_SECONDS, ttft_s, labels)
         if itl_s is not None:
             self._emit(ITL_SECONDS, itl_s, labels)
 
-    def fallback(self, tenant: str | None, version: int | None, reason: str) -> None:
-        self._emit(FALLBACKS, 1, (*self.adapter_labels(tenant, version), reason))
+    def fallback(self, tenant: str | None, version: int | None, reason: str, *, task: str | None = None) -> None:
+        self._emit(FALLBACKS, 1, (*self.adapter_labels(tenant, version, task), reason))
 
-    def loaded(self, tenant: str, version: int, source: str, seconds: float) -> None:
-        labels = self.adapter_labels(tenant, version)
+    def loaded(self, tenant: str, version: int, source: str, seconds: float, *, task: str | None = None) -> None:
+        labels = self.adapter_labels(tenant, version, task)
         self._emit(LOADS, 1, (*labels, source))
         self._emit(LOAD_SECONDS, seconds, labels)
 
-    def evicted(self, tenant: str, version: int, reason: str) -> None:
-        self._emit(EVICTIONS, 1, (*self.adapter_labels(tenant, version), reason))
+    def evicted(self, tenant: str, version: int, reason: str, *, task: str | None = None) -> None:
+        self._emit(EVICTIONS, 1, (*self.adapter_labels(tenant, version, task), reason))
 
     # -- per worker ----------------------------------------------------------------
 
@@ -183,17 +185,20 @@ class WorkerMetrics:
                        running: Sequence[str], waiting: Sequence[str], now: float | None = None) -> bool:
         """Continuous, after each step: rows running and waiting, KV use, and the LoRA gauge's lists
         (`running`: the tenants whose adapters are loaded and ready, `waiting`: the tenants of waiting
-        rows). Sent when something changed: at most every GAUGE_INTERVAL_S, or every NAMES_INTERVAL_S
-        when the worker went idle or busy or a list changed; True when sent."""
+        rows). Sent when something changed: at once when the worker went idle or busy, at most every
+        NAMES_INTERVAL_S when a list changed, else at most every GAUGE_INTERVAL_S; True when sent."""
         now = time.monotonic() if now is None else now
         values = (running_rows, waiting_rows, round(kv_utilisation, 4), tuple(dict.fromkeys(running)),
                   tuple(dict.fromkeys(waiting)))
         last = self._gauges_last
         idle = running_rows == 0 and waiting_rows == 0
         was_idle = last is None or (last[0] == 0 and last[1] == 0)
-        urgent = idle != was_idle or last is None or values[3:] != last[3:]
-        if values == last or now - self._gauges_at < (NAMES_INTERVAL_S if urgent else GAUGE_INTERVAL_S):
+        if values == last:
             return False
+        if idle == was_idle:  # going idle or busy is sent at once; otherwise rate-limited
+            lists_changed = last is None or values[3:] != last[3:]
+            if now - self._gauges_at < (NAMES_INTERVAL_S if lists_changed else GAUGE_INTERVAL_S):
+                return False
         self._gauges_at, self._gauges_last = now, values
         self._emit(RUNNING, running_rows)
         self._emit(WAITING, waiting_rows)

@@ -6,10 +6,11 @@ JSON API. Pure translation: no TorchServe, no registry, no engine.
     our reply body ─► chat.completion / text_completion (our extra fields under "loraplex")
     any error ─► {"error": {message, type, param, code}} with the status of errors.py's one table
 
-`model` names who is served: "<tenant>" (its current adapter), "<tenant>@v<N>" (a pin of one of
-its own versions, our `adapter` field) or "base" (the base model; the tenant, if any, comes from
-X-Tenant-ID and is checked as for any request). A tenant named in `model` must agree with
-X-Tenant-ID, as our `tenant` field must.
+`model` names who is served: "<tenant>" (its current adapter), "<tenant>:<task>" (the current
+adapter of one of its tasks, our `task` field), "<tenant>@v<N>" / "<tenant>:<task>@v<N>" (a pin of
+one of its own versions, our `adapter` field) or "base" (the base model; the tenant, if any, comes
+from X-Tenant-ID and is checked as for any request). A tenant (task) named in `model` must agree
+with X-Tenant-ID (X-Task), as our `tenant` (`task`) field must. `_tenant_fields` is the one parse.
 
 Sampling follows OpenAI: `temperature: 0` is greedy; any other temperature, or none (OpenAI's
 default is 1), samples. `stream: true` becomes our `stream` field; the chunks
@@ -67,7 +68,8 @@ _EXAMPLE = {Endpoint.CHAT: '{"model": "base", "messages": [{"role": "user", "con
 _TEXT_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt"}
 
 # Our field names in messages -> what an OpenAI caller sent (the only renaming of a message).
-_RENAMES = (("'max_new_tokens'", "'max_tokens'"), ("body field 'tenant'", "'model'"))
+_RENAMES = (("'max_new_tokens'", "'max_tokens'"), ("body field 'tenant'", "'model'"),
+            ("body field 'task'", "'model'"))
 
 # HTTP status (from errors.py's one table) -> OpenAI's error `type`.
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -103,7 +105,7 @@ def parse(endpoint: Endpoint, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     _refuse_not_available(data)
     model = data.get("model")
     if not isinstance(model, str) or not model or model.startswith("@"):
-        raise InvalidRequest("'model' is required: \"<tenant>\", \"<tenant>@v<N>\" or \"base\"")
+        raise InvalidRequest("'model' is required: \"<tenant>\", \"<tenant>:<task>\", \"<tenant>@v<N>\" or \"base\"")
     fields: dict[str, Any] = _tenant_fields(model)
     text_field = _TEXT_FIELD[endpoint]
     if text_field not in data:
@@ -171,7 +173,8 @@ def completion_body(req: OpenAIRequest, body: Mapping[str, Any], *, created: int
         "choices": [choice],
         "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                   "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-        "loraplex": {"tenant": body["tenant"], "adapter": body["adapter"], "fallback": body["fallback"]},
+        "loraplex": {"tenant": body["tenant"], "task": body.get("task"), "adapter": body["adapter"],
+                     "fallback": body["fallback"]},
     }
 
 
@@ -298,12 +301,19 @@ def _completion_logprobs(ours: Mapping[str, Any], k: int, start: int = 0) -> dic
 
 
 def _tenant_fields(model: str) -> dict[str, Any]:
-    """`model` -> our `tenant` / `adapter` fields (validated by request.py like our own)."""
+    """`model` -> our `tenant` / `task` / `adapter` fields (validated by request.py like our own):
+    "acme" -> tenant; "acme:summarize" -> tenant + task; "acme@v2" / "acme:summarize@v2" -> tenant
+    (+ task) + the pin."""
     if model == BASE:
         return {"adapter": BASE}
-    if "@" in model:
-        return {"tenant": model.split("@", 1)[0], "adapter": model}
-    return {"tenant": model}
+    name, at, _ = model.partition("@")
+    tenant, colon, task = name.partition(":")
+    fields: dict[str, Any] = {"tenant": tenant}
+    if colon:
+        fields["task"] = task
+    if at:
+        fields["adapter"] = model
+    return fields
 
 
 def _messages(messages: Any) -> Any:

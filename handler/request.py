@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from tenant_registry.ids import validate_tenant_id
+from tenant_registry.ids import validate_task, validate_tenant_id
 from tenant_registry.keys import MAX_KEY_CHARS
 
 from .engine.api import MAX_LOGPROBS
@@ -23,9 +23,10 @@ from .errors import InvalidRequest, TenantConflict
 
 TENANT_HEADER = "x-tenant-id"
 KEY_HEADER = "x-tenant-key"
+TASK_HEADER = "x-task"
 BASE = "base"
 
-_ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p",
+_ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "task", "max_new_tokens", "temperature", "top_p",
                              "do_sample", "seed", "stop", "adapter", "logprobs", "stream"})
 _ROLES = frozenset({"system", "user", "assistant"})
 MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenising; the token limit is checked later
@@ -39,7 +40,9 @@ MAX_SEED = 2**32 - 1
 @dataclass(frozen=True)
 class InferenceRequest:
     """A validated request. `adapter` is None (the tenant's current adapter),
-    "base", or an explicit `<tenant>@v<N>` of the caller's own."""
+    "base", or an explicit `<tenant>@v<N>` / `<tenant>:<task>@v<N>` of the caller's own.
+    `task` is the task the caller named (X-Task or the `task` field), None when it named none
+    (the service's planning decides what that means: `LoraplexService._task_record`)."""
 
     tenant: str | None
     prompt: str | None
@@ -54,9 +57,11 @@ class InferenceRequest:
     logprobs: int = 0  # 0 = none; k >= 1 = each returned token's log-probability and its top k
     key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
     stream: bool = False  # send the text as it is produced (ts_entry/stream_format.py write the chunks)
+    task: str | None = None  # a valid task name (ids.validate_task) or None
 
     def __repr__(self) -> str:  # never print the key
-        return f"InferenceRequest(tenant={self.tenant!r}, adapter={self.adapter!r}, key={'***' if self.key else None})"
+        return (f"InferenceRequest(tenant={self.tenant!r}, task={self.task!r}, adapter={self.adapter!r}, "
+                f"key={'***' if self.key else None})")
 
 
 def parse_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
@@ -83,7 +88,7 @@ def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
                             stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers),
-                            stream=_bool(data, "stream", False))
+                            stream=_bool(data, "stream", False), task=_task(data, headers, tenant))
 
 
 def logprobs_count(data: Mapping[str, Any], name: str) -> int:
@@ -164,6 +169,23 @@ def _tenant(data: dict, headers: Mapping[str, str]) -> str | None:
         return None
     validate_tenant_id(tenant)  # InvalidTenantId (400) naming the rule
     return tenant
+
+
+def _task(data: dict, headers: Mapping[str, str], tenant: str | None) -> str | None:
+    """X-Task or the body's `task` (they must agree); a task without a tenant is refused."""
+    from_header = header(headers, TASK_HEADER)
+    from_body = data.get("task")
+    if from_body is not None and not isinstance(from_body, str):
+        raise InvalidRequest(f"'task' must be a string, got {json_type(from_body)}")
+    if from_header is not None and from_body is not None and from_header != from_body:
+        raise TenantConflict("X-Task header and body field 'task' name different tasks")
+    task = from_header if from_header is not None else from_body
+    if task is None or task == "":
+        return None
+    validate_task(task)  # InvalidTaskName (400) naming the rule
+    if tenant is None:
+        raise InvalidRequest("a task (X-Task or 'task') needs a tenant: name one with X-Tenant-ID or 'tenant'")
+    return task
 
 
 def _prompt_or_messages(data: dict) -> tuple[str | None, tuple[Mapping[str, str], ...] | None]:
@@ -260,7 +282,7 @@ def _adapter(data: dict) -> str | None:
         return None
     if not isinstance(adapter, str) or not adapter or len(adapter) > 100:
         raise InvalidRequest("'adapter' must be \"base\" or one of your own adapter versions "
-                             "such as \"acme@v2\"")
+                             "such as \"acme@v2\" or \"acme:summarize@v2\"")
     return adapter
 
 

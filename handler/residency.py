@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from loraplex_common.adapter_format import AdapterBytes
-from tenant_registry.ids import adapter_id as make_adapter_id
+from tenant_registry.ids import DEFAULT_TASK, adapter_line, line_of
+from tenant_registry.errors import RegistryError
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
@@ -79,6 +80,7 @@ class ResidentAdapter:
     load_ms: float  # the whole load: the read (store) or the held bytes (host tier), then the engine's copy
     nbytes: int
     source: str = "store"  # where the load took the bytes from: "host" (the host tier) or "store"
+    task: str = DEFAULT_TASK  # the tenant's task (adapter line) this version belongs to
     hits: int = 0  # requests served with it since it was loaded, the loading request included
 
 
@@ -105,35 +107,48 @@ class LastAcquire:
 
 class RegistryChanges:
     """Registry events the residency acts on, handed from the subscriber thread (`on_event`) to
-    the worker thread (`take`, from `AdapterResidency.sync`). A lock guards the two fields."""
+    the worker thread (`take`, from `AdapterResidency.sync`). A lock guards the fields.
+
+    Keys of `_versions` are adapter lines (ids.adapter_line: "acme", "acme:summarize"): a new
+    version or a rollback of one task replaces only that task's resident versions. A tenant-wide
+    change (the whole tenant removed, or re-imported) is keyed by the tenant in `_tenants`: all
+    its tasks' adapters go."""
 
     _PIN_KINDS = ("pin", "unpin", "resync", "import", "onboard", "rollback", "remove", "enable", "disable")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pins_dirty = True  # the pinned set is fetched on the first sync
-        self._versions: dict[str, str | None] = {}  # tenant -> the adapter id it serves now (None: removed)
+        self._versions: dict[str, str | None] = {}  # line -> the adapter id it serves now (None: removed)
+        self._tenants: set[str] = set()  # tenants removed or re-imported as a whole
 
     def on_event(self, event: dict) -> None:
-        kind, tenant, version = event.get("kind"), event.get("tenant"), event.get("version")
+        kind, tenant, version, task = event.get("kind"), event.get("tenant"), event.get("version"), event.get("task")
         with self._lock:
             if kind in self._PIN_KINDS:
                 self._pins_dirty = True  # a pinned tenant's current adapter may have changed too
             if not isinstance(tenant, str):
                 return
-            if kind == "remove":
-                self._versions[tenant] = None
-            elif kind in ("onboard", "rollback", "import") and isinstance(version, int):
-                self._versions[tenant] = make_adapter_id(tenant, version)
+            try:
+                line = adapter_line(tenant, task if isinstance(task, str) else DEFAULT_TASK)
+            except RegistryError:  # an event naming an invalid id or task: nothing of ours
+                return
+            if kind == "remove" and task is None or kind == "import":
+                self._tenants.add(tenant)
+                self._versions = {k: v for k, v in self._versions.items() if k != tenant and not k.startswith(tenant + ":")}
+            elif kind == "remove":
+                self._versions[line] = None
+            elif kind in ("onboard", "rollback") and isinstance(version, int):
+                self._versions[line] = f"{line}@v{version}"
 
     def mark_pins_dirty(self) -> None:
         with self._lock:
             self._pins_dirty = True
 
-    def take(self) -> tuple[bool, dict[str, str | None]]:
+    def take(self) -> tuple[bool, dict[str, str | None], set[str]]:
         with self._lock:
-            out = self._pins_dirty, self._versions
-            self._pins_dirty, self._versions = False, {}
+            out = self._pins_dirty, self._versions, self._tenants
+            self._pins_dirty, self._versions, self._tenants = False, {}, set()
         return out
 
 
@@ -259,11 +274,17 @@ class AdapterResidency:
         versions leave both tiers, a removed tenant's adapters leave both; one a row holds leaves
         its slot at its last release), refresh the pinned set when it may have changed, load
         pinned adapters that are not resident, add the use counts."""
-        pins_dirty, versions = self.changes.take()
-        for tenant, current in versions.items():
-            self.host_tier.drop_tenant(tenant, keep=current)
+        pins_dirty, versions, tenants = self.changes.take()
+        for tenant in tenants:  # removed or re-imported as a whole: every task's adapters go
+            self.host_tier.drop_tenant(tenant)
+            for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant]:
+                self._retire(name)
+        for line, current in versions.items():  # one task moved (or went): its other versions go
+            tenant = line.partition(":")[0]
+            self.host_tier.drop_tenant(tenant, keep=current, line=line)
             self._stale_held.discard(current)
-            for name in [a.adapter_id for a in self._resident.values() if a.tenant == tenant and a.adapter_id != current]:
+            for name in [a.adapter_id for a in self._resident.values()
+                         if line_of(a.adapter_id) == line and a.adapter_id != current]:
                 self._retire(name)
         if pins_dirty and self._fetch_pinned is not None:
             try:
@@ -407,9 +428,9 @@ class AdapterResidency:
         ms = (time.perf_counter() - t0) * 1000.0
         source = "host" if held is not None else "store"
         self.counters.loads += 1
-        self.metrics.loaded(record.tenant_id, record.version, source, ms / 1000.0)
+        self.metrics.loaded(record.tenant_id, record.version, source, ms / 1000.0, task=record.task)
         log.info("adapter %s loaded from the %s in %.1f ms (%d bytes)", name, source, ms, info.nbytes)
-        return ResidentAdapter(name, record.tenant_id, record.version, now, now, ms, info.nbytes, source)
+        return ResidentAdapter(name, record.tenant_id, record.version, now, now, ms, info.nbytes, source, task=record.task)
 
     def _read_into_tier(self, record: TenantRecord) -> None:
         """The store's verified bytes into the host tier only (prefetch beyond the free slots)."""
@@ -465,10 +486,11 @@ class AdapterResidency:
             self._evict_over_capacity({name})
 
     def _drop_stale_versions(self, record: TenantRecord) -> None:
-        """A newer (or rolled-back) version replaces the tenant's resident one (not a pinned tenant's
-        current one; one a row holds leaves at its last release)."""
+        """A newer (or rolled-back) version replaces the resident one of the same task (not a pinned
+        tenant's current one; one a row holds leaves at its last release). Other tasks stay."""
+        line = line_of(record.adapter_id)
         stale = [a.adapter_id for a in self._resident.values()
-                 if a.tenant == record.tenant_id and a.adapter_id != record.adapter_id
+                 if line_of(a.adapter_id) == line and a.adapter_id != record.adapter_id
                  and a.adapter_id not in self._pinned]
         for name in stale:
             self._retire(name)
@@ -497,5 +519,5 @@ class AdapterResidency:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         gone = self._resident.pop(name, None)
         if gone is not None:
-            self.metrics.evicted(gone.tenant, gone.version, reason)
+            self.metrics.evicted(gone.tenant, gone.version, reason, task=gone.task)
         log.info("adapter %s evicted", name)

@@ -56,7 +56,8 @@ from .errors import (
     error_body,
     http_status,
 )
-from tenant_registry.errors import TenantDisabled, TenantNotFound
+from tenant_registry.errors import InvalidTenantId, TaskNotFound, TenantDisabled, TenantNotFound
+from tenant_registry.ids import DEFAULT_TASK, adapter_id, parse_task_adapter_id
 from tenant_registry.keys import verify_key
 from .model_loading import eos_token_ids, load_base_model
 from .prompts import encode_messages
@@ -352,20 +353,21 @@ class LoraplexService:
         arrival to first token, and the mean time between its tokens."""
         record = plan.record
         self.metrics.streamed(_metric_tenant(plan), record.version if record is not None else None, tokens,
-                              ttft_s, itl_s)
+                              ttft_s, itl_s, task=_metric_task(plan))
 
     def _record_served(self, plan: Plan, tokens: int, engine_s: float) -> None:
         """Per-adapter request, token and latency metrics of one answered row. No streaming yet: the
         time to the first token is the time from the batch reaching the worker to the whole reply."""
         record = plan.record
         self.metrics.served(_metric_tenant(plan), record.version if record is not None else None, tokens,
-                            engine_s, time.perf_counter() - self._batch_started)
+                            engine_s, time.perf_counter() - self._batch_started, task=_metric_task(plan))
 
     def _plan(self, req: InferenceRequest) -> Plan:
         """Who may be served, then with what. Every request that names a tenant passes the same
-        checks in the same order, whatever it asks for (`adapter: base`, a pin, sampling, chat):
-        its key (401), the tenant's existence under the unknown-tenant policy (404), its status
-        (403); only then does the `adapter` field choose between current, pinned and base."""
+        checks in the same order, whatever it asks for (a task, `adapter: base`, a pin, sampling,
+        chat): its key (401), the tenant's existence under the unknown-tenant policy (404), its
+        status (403, all its tasks); only then are the task (`_task_record`) and the `adapter`
+        field (current, pinned or base) chosen."""
         cap = self.config.max_new_tokens_cap
         if req.max_new_tokens is not None and req.max_new_tokens > cap:
             raise InvalidRequest(f"'max_new_tokens' is {req.max_new_tokens}; this server allows at most {cap}")
@@ -375,21 +377,46 @@ class LoraplexService:
             return Plan(req, None, "no_tenant")
         if self.config.require_tenant_key:
             self._authenticate(req)
-        record = self.resolver.resolve(req.tenant)
-        if record is None:
+        pin = self._own_pin(req)
+        task = pin[0] if pin is not None else (req.task or DEFAULT_TASK)
+        record = self.resolver.resolve(req.tenant, task)
+        known = record if record is not None else self._any_task_record(req.tenant)
+        if known is None:
             if self.config.unknown_tenant_policy == "reject":
                 raise TenantNotFound(req.tenant)
             if req.adapter not in (None, BASE):
                 self._pinned_version(req)  # 403 if it names another tenant's adapter
                 raise TenantNotFound(req.tenant)  # a pin of an unknown tenant names nothing that exists
             return Plan(req, None, "unknown_tenant")
-        if record.status != "enabled":
+        if known.status != "enabled":
             raise TenantDisabled(req.tenant)
-        if req.adapter is None:
-            return Plan(req, record, None)
         if req.adapter == BASE:
             return Plan(req, None, None)
-        return Plan(req, self._explicit_version(record, self._pinned_version(req)), None)
+        if req.adapter is not None:
+            task, version = self._pinned_version(req)  # 403 unless one of the tenant's own
+            if record is None:
+                raise TaskNotFound(req.tenant, task)  # a pin names a version of a task that must exist
+            return Plan(req, self._explicit_version(record, version), None)
+        return Plan(req, record if record is not None else self._task_record(req, task), None)
+
+    def _task_record(self, req: InferenceRequest, task: str) -> TenantRecord:
+        """The selection rule for a task the (known, enabled) tenant does not have: under
+        `unknown_task_policy: default` its default task serves the request; under `reject` (and
+        when it has no default task either) 404 naming the task."""
+        if self.config.unknown_task_policy == "default" and task != DEFAULT_TASK:
+            record = self.resolver.resolve(req.tenant, DEFAULT_TASK)
+            if record is not None:
+                return record
+        raise TaskNotFound(req.tenant, task)
+
+    def _any_task_record(self, tenant: str) -> TenantRecord | None:
+        """A current record of any of the tenant's tasks (its status is the tenant's), or None when
+        the tenant is not registered."""
+        for task in self.resolver.tasks(tenant):
+            record = self.resolver.resolve(tenant, task)
+            if record is not None:
+                return record
+        return None
 
     def _authenticate(self, req: InferenceRequest) -> None:
         """401 unless X-Tenant-Key matches the tenant's salted digest. Unknown tenants get the same
@@ -399,21 +426,36 @@ class LoraplexService:
             raise TenantUnauthorized(f"tenant {req.tenant!r}: X-Tenant-Key is missing or wrong")
 
     @staticmethod
-    def _pinned_version(req: InferenceRequest) -> int:
-        """The N of `"adapter": "<own tenant>@v<N>"`; anything else is 403 (another tenant's adapter is
-        never looked up, so the answer reveals nothing about it)."""
-        prefix = f"{req.tenant}@v"
-        digits = req.adapter[len(prefix):] if req.adapter.startswith(prefix) else ""
-        if not (digits.isascii() and digits.isdigit()) or len(digits) > 9:
+    def _own_pin(req: InferenceRequest) -> tuple[str, int] | None:
+        """(task, N) of `"adapter": "<own tenant>[:<task>]@v<N>"`, else None (refused later by
+        `_pinned_version`, after the tenant's checks)."""
+        if req.adapter in (None, BASE):
+            return None
+        try:
+            tenant, task, version = parse_task_adapter_id(req.adapter)
+        except InvalidTenantId:
+            return None
+        return (task, version) if tenant == req.tenant else None
+
+    @classmethod
+    def _pinned_version(cls, req: InferenceRequest) -> tuple[str, int]:
+        """(task, N) of `"adapter": "<own tenant>[:<task>]@v<N>"`; anything else is 403 (another
+        tenant's adapter is never looked up, so the answer reveals nothing about it). A pin of one
+        task with another task named (X-Task / `task`) is 400."""
+        pin = cls._own_pin(req)
+        if pin is None:
             raise AdapterNotAllowed(f"'adapter' may be \"base\" or one of tenant {req.tenant!r}'s own versions "
-                                    f"(\"{prefix}N\")")
-        return int(digits)
+                                    f"(\"{req.tenant}@vN\" or \"{req.tenant}:<task>@vN\")")
+        if req.task is not None and req.task != pin[0]:
+            raise InvalidRequest(f"'adapter' {req.adapter!r} is a version of task {pin[0]!r}, "
+                                 f"not of the task named, {req.task!r}")
+        return pin
 
     def _explicit_version(self, current: TenantRecord, version: int) -> TenantRecord:
-        record = self.resolver.resolve_version(current.tenant_id, version)
+        record = self.resolver.resolve_version(current.tenant_id, version, current.task)
         if record is None:
             raise InvalidRequest(f"tenant {current.tenant_id!r} has no adapter version "
-                                 f"'{current.tenant_id}@v{version}'")
+                                 f"'{adapter_id(current.tenant_id, version, current.task)}'")
         return replace(record, status=current.status)
 
     def _tokenize(self, plan: Plan) -> Plan:
@@ -446,10 +488,11 @@ class LoraplexService:
         if plan.fallback:
             kind = plan.fallback.split(":")[0]
             self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
-            self.metrics.fallback(_metric_tenant(plan), None, kind)
+            self.metrics.fallback(_metric_tenant(plan), None, kind, task=_metric_task(plan))
         body = {
             "text": text,
             "tenant": plan.request.tenant,
+            "task": plan.record.task if plan.record is not None else None,  # the task that served it
             "adapter": plan.record.adapter_id if plan.record is not None else "base",
             "fallback": plan.fallback,
             "finish_reason": finish_reason,
@@ -548,3 +591,8 @@ def _metric_tenant(plan: Plan) -> str | None:
     if plan.record is not None:
         return plan.record.tenant_id
     return None if plan.fallback in ("no_tenant", "unknown_tenant") else plan.request.tenant
+
+
+def _metric_task(plan: Plan) -> str | None:
+    """The task label of a row: the served record's task; None ("none") for a base-model row."""
+    return plan.record.task if plan.record is not None else None

@@ -2,7 +2,7 @@
 
     our JSON API, Content-Type application/x-ndjson: one JSON object and "\\n" per chunk
         {"text": "<piece>"}  (+ "logprobs": our shape for the piece's tokens, when asked)  ...
-        {"text": "", "finish_reason", "usage", "tenant", "adapter", "fallback"}          last
+        {"text": "", "finish_reason", "usage", "tenant", "task", "adapter", "fallback"}  last
         {"error": {"message", "type", "status"}}                      last, if it failed after the first chunk
     OpenAI, Content-Type text/event-stream: "data: <chunk>\\n\\n" per chunk
         chat.completion.chunk / text_completion objects (openai_api.py shapes them) ...
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
-_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "adapter", "fallback")
+_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "fallback")
 
 
 class ChunkStream(Protocol):
@@ -82,7 +82,7 @@ class NdjsonStream:
         head = ""
         if rest or not self.started:
             head = self.piece(rest, None if self.started else body.get("logprobs")) or _line({"text": ""})
-        return head + _line({"text": "", **{k: body[k] for k in _FINAL_FIELDS}})
+        return head + _line({"text": "", **{k: body[k] for k in _FINAL_FIELDS if k in body}})
 
 
 class SseStream:

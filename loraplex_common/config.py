@@ -77,6 +77,7 @@ class LoraplexConfig:
     num_slots: int = 10                 # per pool; slot 0 = base, SPARE_SLOTS spare, the rest resident adapters
     idle_ttl_s: float = 600.0
     unknown_tenant_policy: str = "base"     # base | reject
+    unknown_task_policy: str = "reject"     # reject (404 naming the task) | default (the tenant's default task)
     load_failure_policy: str = "base"       # base | error
     require_tenant: bool = False
     require_tenant_key: bool = False        # requests must carry the tenant's key (X-Tenant-Key)
@@ -396,6 +397,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "num_slots": _int(MIN_SLOTS, " (slot 0 is the base model and one slot is the spare)"),
     "idle_ttl_s": _float(0.0),
     "unknown_tenant_policy": _choice("base", "reject"),
+    "unknown_task_policy": _choice("reject", "default"),
     "load_failure_policy": _choice("base", "error"),
     "require_tenant": _bool,
     "require_tenant_key": _bool,

@@ -65,6 +65,11 @@ def adapter_line(tenant: str, task: str = DEFAULT_TASK) -> str:
     return t if k == DEFAULT_TASK else f"{t}:{k}"
 
 
+def line_of(adapter_id: str) -> str:
+    """The line of an adapter id: 'acme:summarize@v2' -> 'acme:summarize', 'acme@v3' -> 'acme'."""
+    return adapter_id.rpartition("@v")[0]
+
+
 def adapter_id(tenant: str, version: int, task: str = DEFAULT_TASK) -> str:
     """The adapter's stable name, e.g. 'acme@v3' or 'acme:summarize@v2'. Also the engine's adapter name."""
     return f"{adapter_line(tenant, task)}@v{int(version)}"

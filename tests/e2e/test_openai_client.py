@@ -68,7 +68,8 @@ def test_completions_and_chat_greedy_equal_our_json_api_and_peft(stack, tenants,
     assert out.choices[0].finish_reason == ours["finish_reason"]
     assert out.usage.prompt_tokens == ours["usage"]["prompt_tokens"]
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    assert out.model_extra["loraplex"] == {"tenant": "oai-a", "adapter": "oai-a@v2", "fallback": None}
+    assert out.model_extra["loraplex"] == {"tenant": "oai-a", "task": "default", "adapter": "oai-a@v2",
+                                              "fallback": None}
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat = client.chat.completions.create(model="oai-a", messages=messages, max_tokens=stack.new_tokens,
@@ -116,7 +117,8 @@ def test_base_pinned_version_and_seeded_sampling(stack, tenants, tiny_adapters):
     args = {"prompt": PROMPT, "max_tokens": stack.new_tokens, "temperature": 0}
     base = client.completions.create(model="base", **args)
     assert base.choices[0].text == stack.expected(None, PROMPT)
-    assert base.model_extra["loraplex"] == {"tenant": None, "adapter": "base", "fallback": "no_tenant"}
+    assert base.model_extra["loraplex"] == {"tenant": None, "task": None, "adapter": "base",
+                                               "fallback": "no_tenant"}
     pinned = client.completions.create(model="oai-a@v1", **args)
     assert pinned.choices[0].text == stack.expected(tiny_adapters["a"], PROMPT)
     assert len({base.choices[0].text, pinned.choices[0].text, stack.expected(tiny_adapters["b"], PROMPT)}) == 3

@@ -143,7 +143,8 @@ def test_openai_client_streams_chat_and_completions(serving, tenant):
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].usage == whole.usage
-    assert chunks[-1].model_extra["loraplex"] == {"tenant": tenant, "adapter": "streamer@v1", "fallback": None}
+    assert chunks[-1].model_extra["loraplex"] == {"tenant": tenant, "task": "default", "adapter": "streamer@v1",
+                                                     "fallback": None}
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat_args = {"model": tenant, "messages": messages, "max_tokens": NEW, "temperature": 0}

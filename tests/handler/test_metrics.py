@@ -40,6 +40,7 @@ def test_label_values_survive_torchserves_line_format():
     m.fallback(None, None, "unknown_tenant")
     m.loaded("acme", 3, "host", 0.01)
     m.evicted("acme", 3, "lru")
+    m.loaded("acme", 4, "store", 0.01, task="summarize")  # a task's name is the task label
     m.wave(2, 1, [], [])
     m.tiers(1, 0)
     for name, _, labels in sink.seen:
@@ -47,6 +48,7 @@ def test_label_values_survive_torchserves_line_format():
             continue
         assert all(v and not set(v) & set(",:|") for v in labels), (name, labels)
     assert ("loraplex_adapter_loads_total", 1, ("acme", "none", "v3", "host")) in sink.seen
+    assert ("loraplex_adapter_loads_total", 1, ("acme", "summarize", "v4", "store")) in sink.seen
     assert not [s for s in sink.seen if s[0] == metrics.ITL_SECONDS.name]  # no tokens: no inter-token time
 
 

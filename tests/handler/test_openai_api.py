@@ -151,7 +151,7 @@ def test_chat_reply_shape():
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Paris"},
                                 "logprobs": None, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-    assert body["loraplex"] == {"tenant": "acme", "adapter": "acme@v1", "fallback": None}
+    assert body["loraplex"] == {"tenant": "acme", "task": None, "adapter": "acme@v1", "fallback": None}
     assert chat().reply(OURS)["id"] != body["id"]
 
 

@@ -473,7 +473,7 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
     time.sleep(0.05)
     assert all(r.status == 200 for r in replies)
     by = lambda m: [(v, labels) for name, v, labels in seen if name == m.name]  # noqa: E731
-    assert [labels for _, labels in by(metrics.REQUESTS)] == [("acme", "none", "v1")] * 4
+    assert [labels for _, labels in by(metrics.REQUESTS)] == [("acme", "default", "v1")] * 4
     assert sum(v for v, _ in by(metrics.GENERATED_TOKENS)) == sum(r.body["usage"]["completion_tokens"] for r in replies)
     ttft, itl = [v for v, _ in by(metrics.TTFT_SECONDS)], [v for v, _ in by(metrics.ITL_SECONDS)]
     assert len(ttft) == len(itl) == 4 and all(0 < v < 5 for v in ttft) and all(0.005 < v < 1 for v in itl)

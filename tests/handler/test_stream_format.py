@@ -149,7 +149,7 @@ def test_chat_stream_as_the_openai_client_reads_it():
     last = chunks[-1]
     assert last.usage.prompt_tokens == 5 and last.usage.completion_tokens == len(ALL_TOKENS)
     assert last.usage.total_tokens == 5 + len(ALL_TOKENS)
-    assert last.model_extra["loraplex"] == {"tenant": "acme", "adapter": "acme@v2", "fallback": None}
+    assert last.model_extra["loraplex"] == {"tenant": "acme", "task": None, "adapter": "acme@v2", "fallback": None}
     assert all(c.usage is None for c in chunks[:-1])
 
 

@@ -14,7 +14,7 @@ class _Registry:
         self.during_fetch = None
         self.fetches = 0
 
-    def get(self, tenant_id: str) -> str:
+    def get(self, tenant_id: str, *, task: str = "default") -> str:
         self.fetches += 1
         value = self.value
         if self.during_fetch is not None:

@@ -56,8 +56,8 @@ def test_config_known_keys():
     """The full set of keys (README's config table documents each); a new key must be added here."""
     assert set(LoraplexConfig().to_dict()) == {
         "redis_url", "redis_prefix", "adapter_store", "base_model_dir", "base_model_name", "max_rank",
-        "max_adapter_bytes", "num_slots", "idle_ttl_s", "unknown_tenant_policy", "load_failure_policy",
-        "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
+        "max_adapter_bytes", "num_slots", "idle_ttl_s", "unknown_tenant_policy", "unknown_task_policy",
+        "load_failure_policy", "require_tenant", "require_tenant_key", "max_new_tokens_cap", "max_prompt_tokens", "device", "dtype",
         "engine", "decode", "decode_graph_buckets", "lora_backend", "triton_pdl", "cpu_gather_workspace_mb",
         "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url", "model_name",
         "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
