@@ -502,7 +502,7 @@ def stop_demo_stack(var: Path) -> None:
     stop_pid_file(var / "torchserve" / "torchserve.pid")
     stop_pid_file(var / "onboarding" / "onboarding.pid")
     stop_pid_file(var / "redis.pid")
-    print("stopped torchserve and redis-server")
+    print("stopped torchserve, the onboarding service and redis-server")
 
 
 @contextlib.contextmanager
