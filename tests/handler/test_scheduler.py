@@ -478,11 +478,13 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
     ttft, itl = [v for v, _ in by(metrics.TTFT_SECONDS)], [v for v, _ in by(metrics.ITL_SECONDS)]
     assert len(ttft) == len(itl) == 4 and all(0 < v < 5 for v in ttft) and all(0.005 < v < 1 for v in itl)
     running = [v for v, _ in by(metrics.RUNNING)]
-    # ~25 steps: an update when it got busy, one when its waiting list emptied (the LoRA gauge's
-    # lists go out at once), at most one a second after, and one going idle
-    assert 2 <= len(running) <= 3 + took / metrics.GAUGE_INTERVAL_S and running[0] >= 1 and running[-1] == 0
+    # ~25 steps: an update when it got busy, one each time its waiting list changed (acme's rows
+    # started waiting, the last of them was admitted: the LoRA gauge's lists go out within 50 ms),
+    # at most one a second after, and one going idle
+    assert 2 <= len(running) <= 4 + took / metrics.GAUGE_INTERVAL_S and running[0] >= 1 and running[-1] == 0
     lora = [labels for _, labels in by(metrics.LORA_INFO)]
-    assert lora[0][2] == "acme" and lora[-1][2] == metrics.EMPTY_LIST  # 2 rows waited at first; none at the end
+    assert any(labels[2] == "acme" for labels in lora)  # 2 of the 4 rows waited for a KV row
+    assert lora[-1][2] == metrics.EMPTY_LIST
     assert all(labels[1] == "acme" for labels in lora)  # its adapter is loaded and ready throughout
     assert by(metrics.WAITING)[-1][0] == 0 and 0 <= max(v for v, _ in by(metrics.KV_CACHE)) <= 1
 
