@@ -4,6 +4,7 @@ PEFT (stack.expected) and our own JSON API are the oracles for the greedy answer
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -188,3 +189,53 @@ def test_bad_openai_requests_fail_alone_in_their_batch(stack, tenants, tiny_adap
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda job: job(), jobs))
     assert results == [want if job is not bad else "refused" for job in jobs]
+
+
+def test_tasks_by_header_and_by_model(stack, tiny_adapters):
+    """Issue 14 item 1 through TorchServe: `tenantctl onboard --task`, then X-Task on our JSON API and
+    `model: "<tenant>:<task>"` (and a pinned "<tenant>:<task>@v<N>") with the openai client; each
+    answer is PEFT's with the adapter of the task that must serve it (a, c and b differ)."""
+    assert _onboard(stack, "oai-t", tiny_adapters["a"])["adapter_id"] == "oai-t@v1"
+    for adapter, want_id in (("b", "oai-t:summarize@v2"), ("c", "oai-t:summarize@v3")):
+        done = stack.tenantctl("onboard", "oai-t", str(tiny_adapters[adapter]), "--task", "summarize")
+        assert done.returncode == 0 and json.loads(done.stdout)["adapter_id"] == want_id, done.stderr
+    want = {k: stack.expected(tiny_adapters[k], PROMPT) for k in ("a", "b", "c")}
+    assert len(set(want.values())) == 3, want  # the three adapters answer differently: the test can tell
+
+    body = {"prompt": PROMPT, "max_new_tokens": stack.new_tokens}
+    plain = stack.ask("oai-t", body).json()
+    header = stack.ask("oai-t", body, headers={"X-Task": "summarize"}).json()
+    field = stack.ask("oai-t", {**body, "task": "summarize"}).json()
+    assert (plain["task"], plain["adapter"], plain["text"]) == ("default", "oai-t@v1", want["a"])
+    for reply in (header, field):
+        assert (reply["task"], reply["adapter"], reply["text"]) == ("summarize", "oai-t:summarize@v3", want["c"])
+    missing = stack.ask("oai-t", body, headers={"X-Task": "translate"})
+    assert missing.status_code == 404 and "'translate'" in missing.json()["error"], missing.text
+
+    client = _client(stack)
+    out = client.completions.create(model="oai-t:summarize", prompt=PROMPT, max_tokens=stack.new_tokens,
+                                    temperature=0)
+    assert out.choices[0].text == want["c"] and out.model == "oai-t:summarize"
+    assert out.model_extra["loraplex"] == {"tenant": "oai-t", "task": "summarize", "adapter": "oai-t:summarize@v3",
+                                           "fallback": None}
+    pinned = client.completions.create(model="oai-t:summarize@v2", prompt=PROMPT, max_tokens=stack.new_tokens,
+                                       temperature=0)
+    assert pinned.choices[0].text == want["b"] and pinned.model_extra["loraplex"]["adapter"] == "oai-t:summarize@v2"
+    by_header = client.completions.create(model="oai-t", prompt=PROMPT, max_tokens=stack.new_tokens, temperature=0,
+                                          extra_headers={"X-Task": "summarize"})
+    assert by_header.choices[0].text == want["c"]
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.completions.create(model="oai-t:translate", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert "'translate'" in ei.value.body["message"]
+    assert stack.tenantctl("disable", "oai-t").returncode == 0
+    try:  # the worker drops its cached record when the change event lands (a moment after tenantctl exits)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.completions.create(model="oai-t:summarize", prompt=PROMPT, max_tokens=2, temperature=0)
+            except openai.PermissionDeniedError:
+                break
+            assert time.monotonic() < deadline, "a disabled tenant's task kept being served"
+            time.sleep(0.1)
+    finally:
+        assert stack.tenantctl("enable", "oai-t").returncode == 0
