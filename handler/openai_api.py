@@ -31,7 +31,9 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+from tenant_registry.ids import DEFAULT_TASK
 
 from . import errors
 from .errors import InvalidRequest
@@ -142,10 +144,12 @@ def models_request(body: Any, headers: Mapping[str, str]) -> InferenceRequest:
                             top_p=1.0, do_sample=False, seed=None, stop=(), adapter=None, key=key)
 
 
-def models_body(tenant: str | None) -> dict:
+def models_body(tenant: str | None, tasks: Sequence[str] = ()) -> dict:
     """What a caller may name in `model`: "base", and its own tenant when it named one that is served
-    with an adapter. Never other tenants: listing them would tell any caller who else is served."""
+    with an adapter ("<tenant>" for its default task, "<tenant>:<task>" for each other task). Never
+    other tenants: listing them would tell any caller who else is served."""
     ids = [BASE] + ([tenant] if tenant else [])
+    ids += [f"{tenant}:{task}" for task in tasks if tenant and task != DEFAULT_TASK]
     return {"object": "list",
             "data": [{"id": i, "object": "model", "created": 0, "owned_by": OWNED_BY} for i in ids]}
 

@@ -284,7 +284,8 @@ class LoraplexService:
         exchange = route.parse(raw.body, raw.headers)
         plan = replace(self._plan(exchange.request), exchange=exchange)
         if route.lists_models:  # the same checks as a completion, then the list
-            listed = models_body(plan.record.tenant_id if plan.record is not None else None)
+            tenant = plan.record.tenant_id if plan.record is not None else None
+            listed = models_body(tenant, self.resolver.tasks(tenant) if tenant is not None else ())
             return Reply(200, "OK", exchange.reply(listed))
         return self._tokenize(plan)
 

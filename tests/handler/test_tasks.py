@@ -237,6 +237,13 @@ def test_bad_task_requests_are_400_alone_in_their_batch(make_service, task_tools
     assert replies[-1].status == 200 and replies[-1].body["task"] == "summarize"
 
 
+def test_model_list_names_the_tasks(make_service, task_tools, tiny_adapters):
+    svc = make_service()
+    _two_tasks(svc, task_tools, tiny_adapters)
+    listed = svc.handle_batch([RawRequest(b"", {"url_path": "v1/models", "X-Tenant-ID": "acme"})])[0]
+    assert [m["id"] for m in listed.body["data"]] == ["base", "acme", "acme:summarize"]
+
+
 def test_metrics_label_rows_with_their_task(make_service, task_tools, tiny_adapters):
     from handler import metrics
 
