@@ -493,7 +493,7 @@ class TenantRegistry:
 
     # ------------------------------------------------------------------ pinning and use counts
     def pin(self, tenant: str, max_pinned: int) -> bool:
-        """Keep the tenant's current adapter resident on every worker; publish "pin". True if it was
+        """Keep the tenant's current adapter (its default task's) resident on every worker; publish "pin". True if it was
         not pinned yet. Refuses (PinLimitReached) when `max_pinned` tenants are pinned already (the
         workers' `max_pinned_adapters`: a worker keeps no more), TenantNotFound without a record."""
         t = validate_tenant_id(tenant)
