@@ -122,7 +122,8 @@ def test_json_api_stream_concatenates_to_the_non_streamed_reply(serving, tenant,
     *pieces, last = chunks
     assert len(pieces) > 1  # streamed, not one reply in disguise
     assert "".join(c["text"] for c in pieces) == whole["text"]
-    assert last == {"text": "", **{k: whole[k] for k in ("finish_reason", "usage", "tenant", "adapter", "fallback")}}
+    assert last == {"text": "", **{k: whole[k] for k in ("finish_reason", "usage", "tenant", "task", "adapter",
+                                                         "fallback")}}
     assert [t for c in pieces for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
     assert [lp for c in pieces for lp in c["logprobs"]["token_logprobs"]] == pytest.approx(
         whole["logprobs"]["token_logprobs"], abs=1e-5)
@@ -227,8 +228,8 @@ def test_static_archive_serves_the_json_api_and_streams_one_chunk(serving):
     assert static.json() == continuous
     chunks = [c for _, c in _ndjson(serving.post({**body, "stream": True}, model="static", stream=True))]
     assert chunks == [{"text": continuous["text"]},
-                      {"text": "", **{k: continuous[k] for k in ("finish_reason", "usage", "tenant", "adapter",
-                                                                  "fallback")}}]
+                      {"text": "", **{k: continuous[k] for k in ("finish_reason", "usage", "tenant", "task",
+                                                                  "adapter", "fallback")}}]
     client = serving.client("static")
     streamed = list(client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=NEW, temperature=0, stream=True))
