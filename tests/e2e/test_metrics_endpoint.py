@@ -95,7 +95,7 @@ def test_every_loraplex_series_parses_with_its_declared_labels(stack, served):
 def test_per_adapter_counts_equal_what_was_sent(stack, served):
     families = _ts_metrics(stack)
     for tenant in TENANTS:
-        labels = {"tenant": tenant, "version": "v1", "task": "none"}
+        labels = {"tenant": tenant, "version": "v1", "task": "default"}  # the record's task
         assert _value(families, "loraplex_adapter_requests", "loraplex_adapter_requests_total",
                       **labels) == served["sent"][tenant]
         assert _value(families, "loraplex_adapter_generated_tokens", "loraplex_adapter_generated_tokens_total",
