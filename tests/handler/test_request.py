@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from handler.errors import InvalidRequest, RequestError, TenantConflict, http_status
 from handler.request import parse_request
-from tenant_registry.errors import InvalidTenantId
+from tenant_registry.errors import InvalidTaskName, InvalidTenantId
 
 H = {"X-Tenant-ID": "acme"}
 
@@ -83,8 +83,8 @@ def test_header_and_body_tenant_must_agree():
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
                      lambda children: st.lists(children, max_size=4)
                      | st.dictionaries(st.text(max_size=12), children, max_size=4), max_leaves=12)
-_fields = st.sampled_from(["prompt", "messages", "tenant", "max_new_tokens", "temperature", "top_p", "do_sample",
-                           "seed", "stop", "adapter", "other"])
+_fields = st.sampled_from(["prompt", "messages", "tenant", "task", "max_new_tokens", "temperature", "top_p",
+                           "do_sample", "seed", "stop", "adapter", "other"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -95,7 +95,7 @@ def test_fuzz_parser_returns_request_or_typed_4xx(body, tenant):
     headers = {} if tenant is None else {"X-Tenant-ID": tenant}
     try:
         req = parse_request(body, headers)
-    except (RequestError, InvalidTenantId) as exc:
+    except (RequestError, InvalidTenantId, InvalidTaskName) as exc:
         code, _ = http_status(exc)
         assert 400 <= code < 500 and str(exc)
     else:

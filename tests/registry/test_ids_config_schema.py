@@ -96,7 +96,7 @@ def test_config_yaml_env_override_precedence(tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("max_rank", "lots"), ("max_rank", 0), ("max_rank", True), ("idle_ttl_s", "nan"), ("idle_ttl_s", -1),
-    ("unknown_tenant_policy", "allow"), ("load_failure_policy", 1), ("require_tenant", "maybe"),
+    ("unknown_tenant_policy", "allow"), ("unknown_task_policy", "base"), ("load_failure_policy", 1), ("require_tenant", "maybe"),
     ("device", "tpu"), ("dtype", "int8"), ("engine", "vllm"), ("target_modules", []),
     ("target_modules", "q_proj;rm -rf"), ("redis_url", "http://x"), ("redis_prefix", "a b"),
     ("management_url", "ftp://x"), ("model_name", ""), ("num_slots", 1.5), ("num_slots", 2),
