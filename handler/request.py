@@ -157,30 +157,31 @@ def decode_body(body: Any) -> dict:
     return body
 
 
-def _tenant(data: dict, headers: Mapping[str, str]) -> str | None:
-    from_header = header(headers, TENANT_HEADER)
-    from_body = data.get("tenant")
+def _header_or_field(data: dict, headers: Mapping[str, str], header_name: str, shown: str, field: str,
+                     what: str) -> str | None:
+    """One name a request may give by header (`shown` in messages) or body field (both: they must
+    agree); "" = none."""
+    from_header = header(headers, header_name)
+    from_body = data.get(field)
     if from_body is not None and not isinstance(from_body, str):
-        raise InvalidRequest(f"'tenant' must be a string, got {json_type(from_body)}")
+        raise InvalidRequest(f"'{field}' must be a string, got {json_type(from_body)}")
     if from_header is not None and from_body is not None and from_header != from_body:
-        raise TenantConflict("X-Tenant-ID header and body field 'tenant' name different tenants")
-    tenant = from_header if from_header is not None else from_body
-    if tenant is None or tenant == "":
-        return None
-    validate_tenant_id(tenant)  # InvalidTenantId (400) naming the rule
+        raise TenantConflict(f"{shown} header and body field '{field}' name different {what}")
+    value = from_header if from_header is not None else from_body
+    return None if value is None or value == "" else value
+
+
+def _tenant(data: dict, headers: Mapping[str, str]) -> str | None:
+    tenant = _header_or_field(data, headers, TENANT_HEADER, "X-Tenant-ID", "tenant", "tenants")
+    if tenant is not None:
+        validate_tenant_id(tenant)  # InvalidTenantId (400) naming the rule
     return tenant
 
 
 def _task(data: dict, headers: Mapping[str, str], tenant: str | None) -> str | None:
     """X-Task or the body's `task` (they must agree); a task without a tenant is refused."""
-    from_header = header(headers, TASK_HEADER)
-    from_body = data.get("task")
-    if from_body is not None and not isinstance(from_body, str):
-        raise InvalidRequest(f"'task' must be a string, got {json_type(from_body)}")
-    if from_header is not None and from_body is not None and from_header != from_body:
-        raise TenantConflict("X-Task header and body field 'task' name different tasks")
-    task = from_header if from_header is not None else from_body
-    if task is None or task == "":
+    task = _header_or_field(data, headers, TASK_HEADER, "X-Task", "task", "tasks")
+    if task is None:
         return None
     validate_task(task)  # InvalidTaskName (400) naming the rule
     if tenant is None:
