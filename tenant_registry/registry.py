@@ -573,7 +573,8 @@ class TenantRegistry:
             if not tasks:
                 return None
             lines = [TaskLine(TenantRecord.from_json(pipe.get(self._k_current(t, k))),
-                              tuple(TenantRecord.from_json(v) for v in pipe.hvals(self._k_history(t, k))))
+                              tuple(sorted((TenantRecord.from_json(v) for v in pipe.hvals(self._k_history(t, k))),
+                                           key=lambda r: r.version)))  # a hash has no order: oldest first
                      for k in tasks]
             key, seq = pipe.get(self._k_key(t)), pipe.get(self._k_seq(t))
             default = lines[0] if tasks[0] == DEFAULT_TASK else None
