@@ -362,11 +362,8 @@ class InProcess:
                                    spec=model_spec(self.base, f"random-{self.a.size}"))
 
     def service(self, scheduler: str) -> Any:
-        from handler.engine import EngineSettings, make_engine
         from handler.service import LoraplexService
         from loraplex_common.config import LoraplexConfig
-        from tenant_registry.registry import TenantRegistry
-        from tenant_registry.store import open_store
 
         a = self.a
         known = serveload.known_handler_keys()
@@ -374,19 +371,7 @@ class InProcess:
                     "adapter_store": str(self.store), "scheduler": scheduler}
         cfg = LoraplexConfig.from_mapping({k: v for k, v in settings.items() if k in known})
         model = harness.clone_sharing_params(self.base)
-        es = EngineSettings(num_slots=cfg.num_slots, max_rank=cfg.max_rank, target_modules=tuple(cfg.target_modules),
-                            decode=cfg.decode, decode_graph_buckets=cfg.decode_graph_buckets,
-                            lora_backend=cfg.lora_backend, triton_pdl=cfg.triton_pdl,
-                            cpu_gather_workspace_mb=cfg.cpu_gather_workspace_mb)
-        engine = make_engine(cfg.engine, model, es, eos_token_ids=[], pad_token_id=0)
-        svc = LoraplexService(cfg, self.tokenizer, engine, TenantRegistry(cfg.redis_url, cfg.redis_prefix),
-                              open_store(cfg.adapter_store, cfg.adapter_store_endpoint))
-        # from here on as `LoraplexService.from_model_dir` does after building its parts
-        svc.start()
-        if svc.scheduler is not None:
-            svc.scheduler.start(setup=lambda: (svc.scheduler.stepper.warmup(), svc.prefetch()))
-        else:
-            svc.prefetch()
+        svc = LoraplexService.from_model(cfg, model, self.tokenizer, eos_token_ids=[], pad_token_id=0)
         self.services.append(svc)
         return svc
 

@@ -168,19 +168,22 @@ class LoraplexService:
         """Build everything a worker needs, once (TorchServe's `initialize`)."""
         base_dir = Path(config.base_model_dir or model_dir)
         model, tokenizer = load_base_model(base_dir, device=config.device, dtype=config.dtype)
-        # slot 0 = the base model, one spare (the residency loads before evicting), the rest resident adapters
-        settings = EngineSettings(
-            num_slots=config.num_slots, max_rank=config.max_rank, target_modules=tuple(config.target_modules),
-            decode=config.decode, decode_graph_buckets=config.decode_graph_buckets,
-            lora_backend=config.lora_backend, triton_pdl=config.triton_pdl,
-            cpu_gather_workspace_mb=config.cpu_gather_workspace_mb)
-        engine = make_engine(config.engine, model, settings, eos_token_ids=eos_token_ids(model, tokenizer),
-                             pad_token_id=int(tokenizer.pad_token_id))
+        return cls.from_model(config, model, tokenizer, eos_token_ids=eos_token_ids(model, tokenizer),
+                              pad_token_id=int(tokenizer.pad_token_id))
+
+    @classmethod
+    def from_model(cls, config: LoraplexConfig, model: Any, tokenizer: Any, *, eos_token_ids: Sequence[int],
+                   pad_token_id: int) -> "LoraplexService":
+        """The engine, registry and store for an already loaded base model, started: the subscriber,
+        then warmup and prefetch (on the scheduler thread when continuous, which owns the engine);
+        returns once both are done. `from_model_dir` and the in-process serving bench use it."""
+        engine = make_engine(config.engine, model, engine_settings(config), eos_token_ids=eos_token_ids,
+                             pad_token_id=pad_token_id)
         registry = TenantRegistry(config.redis_url, config.redis_prefix)
         store = open_store(config.adapter_store, config.adapter_store_endpoint)
         service = cls(config, tokenizer, engine, registry, store)
         service.start()
-        if service.scheduler is not None:  # on its thread: it owns the engine; returns once both are done
+        if service.scheduler is not None:
             service.scheduler.start(setup=lambda: (service.scheduler.stepper.warmup(), service.prefetch()))
         else:
             service.prefetch()
@@ -357,8 +360,9 @@ class LoraplexService:
                               ttft_s, itl_s, task=_metric_task(plan))
 
     def _record_served(self, plan: Plan, tokens: int, engine_s: float) -> None:
-        """Per-adapter request, token and latency metrics of one answered row. No streaming yet: the
-        time to the first token is the time from the batch reaching the worker to the whole reply."""
+        """Static: per-adapter request, token and latency metrics of one answered row. Nothing reaches
+        the client before the whole reply, so its time to first token is the time from the batch
+        reaching the worker to that reply."""
         record = plan.record
         self.metrics.served(_metric_tenant(plan), record.version if record is not None else None, tokens,
                             engine_s, time.perf_counter() - self._batch_started, task=_metric_task(plan))
@@ -569,6 +573,16 @@ def _wait(ticket: Ticket) -> Reply:
         event = ticket.get()
         if isinstance(event, Finished):
             return event.reply
+
+
+def engine_settings(config: LoraplexConfig) -> EngineSettings:
+    """The engine's settings from the one config (slot 0 = the base model, one spare slot the
+    residency loads into before evicting, the rest resident adapters)."""
+    return EngineSettings(
+        num_slots=config.num_slots, max_rank=config.max_rank, target_modules=tuple(config.target_modules),
+        decode=config.decode, decode_graph_buckets=config.decode_graph_buckets,
+        lora_backend=config.lora_backend, triton_pdl=config.triton_pdl,
+        cpu_gather_workspace_mb=config.cpu_gather_workspace_mb)
 
 
 def _config_dict(cfg: Any) -> dict:
