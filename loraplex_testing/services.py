@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from loraplex_testing.reaper import Guard, kill_group
 
@@ -98,6 +98,14 @@ def free_port_range(n: int, low: int = 10000, high: int = 32000, tries: int = 20
             for s in socks:
                 s.close()
     raise RuntimeError(f"no {n} consecutive free ports in [{low}, {high})")
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float, failure: Callable[[], str]) -> None:
+    """Until `proc` listens on 127.0.0.1:`port`; RuntimeError(failure()) if it exits or `timeout` passes."""
+    deadline = time.time() + timeout
+    while not wait_port(port, 0.2):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(failure())
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -433,11 +441,9 @@ class OnboardingService:
         try:
             self.pid_file.write_text(str(self.proc.pid))
             self._guard = None if detach else Guard(self.proc.pid)
-            deadline = time.time() + timeout
-            while not wait_port(self.port, 0.2):
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"onboarding service did not start; {self.workdir}/onboarding.out ends:\n"
-                                       f"{_tail(self.workdir / 'onboarding.out')}")
+            _wait_listening(self.proc, self.port, timeout, lambda: (
+                f"onboarding service did not start; {self.workdir}/onboarding.out ends:\n"
+                f"{_tail(self.workdir / 'onboarding.out')}"))
         except BaseException:
             self.stop()
             raise
@@ -631,11 +637,9 @@ class Nginx:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._guard = None if detach else Guard(self.proc.pid)
-            deadline = time.time() + timeout
-            while not wait_port(self.port, 0.2):
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"nginx did not start on 127.0.0.1:{self.port}:\n"
-                                       f"{_tail(self.workdir / 'logs' / 'error.log')}{_tail(self.workdir / 'nginx.out')}")
+            _wait_listening(self.proc, self.port, timeout, lambda: (
+                f"nginx did not start on 127.0.0.1:{self.port}:\n"
+                f"{_tail(self.workdir / 'logs' / 'error.log')}{_tail(self.workdir / 'nginx.out')}"))
         except BaseException:
             self.stop()
             raise
