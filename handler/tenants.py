@@ -1,12 +1,12 @@
-"""(Tenant, task) -> registry record (and key digest, the tenant's tasks, pinned versions), with a
-small in-worker cache.
+"""(Tenant, task) -> registry record (and key digest, the tenant's tasks, pinned versions, the tenant's
+policy), with a small in-worker cache.
 
 Why a cache: a Redis round trip per request is cheap but not free, and an
 outage of Redis must not stop tenants that were already being served. The cache
 is kept honest by the registry's change events (a new version, a disable, a key
 rotation or a removal is dropped from the cache the moment the event arrives; an event naming a
 task, one line's onboard, rollback or removal, drops that task's entries and the tenant's task list
-only)
+only; a "policy" event drops the tenant's cached policy only)
 and by a refresh interval (`registry_cache_s`) in case events were missed.
 While Redis is unreachable, answers younger than `registry_stale_s` are served
 from the cache; tenants never seen get RegistryUnavailable (503).
@@ -28,12 +28,12 @@ from typing import Any, Callable
 from tenant_registry.errors import RegistryUnavailable, TenantNotFound
 from tenant_registry.ids import DEFAULT_TASK
 from tenant_registry.registry import TenantRegistry
-from tenant_registry.schema import TenantRecord
+from tenant_registry.schema import TenantPolicy, TenantRecord
 
 
 @dataclass(frozen=True)
 class _Entry:
-    value: Any  # a TenantRecord / KeyDigest / tuple of task names, or None when the registry has none
+    value: Any  # a TenantRecord / KeyDigest / tuple of task names / TenantPolicy, or None when the registry has none
     fetched_at: float
 
 
@@ -64,6 +64,11 @@ class TenantResolver:
         """The tenant's KeyDigest, or None when it has none (or does not exist)."""
         return self._cached("key", tenant_id, self._registry.get_key_digest)
 
+    def policy(self, tenant_id: str) -> TenantPolicy:
+        """The tenant's policy (router, A/B splits, fallback chain, examples); TenantPolicy() when it has
+        none. Cached, refreshed and served stale exactly like records; a "policy" event drops it."""
+        return self._cached("policy", tenant_id, self._registry.get_policy)
+
     def resolve_version(self, tenant_id: str, version: int, task: str = DEFAULT_TASK) -> TenantRecord | None:
         """A specific version from the history of the tenant's task (`"adapter": "<tenant>@v<N>"` or
         "<tenant>:<task>@v<N>"), or None. Cached like current records, so a pinned version keeps being
@@ -79,6 +84,9 @@ class TenantResolver:
             self._generation += 1
             if event.get("kind") == "resync" or not isinstance(tenant, str):
                 self._cache.clear()
+                return
+            if event.get("kind") == "policy":  # the policy alone changed: records stay cached
+                self._cache.pop(("policy", tenant, "", 0), None)
                 return
             for key in [k for k in self._cache if k[1] == tenant]:
                 if not isinstance(task, str) or key[2] == task or key[0] == "tasks":

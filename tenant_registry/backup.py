@@ -12,7 +12,9 @@ Document (format_version 1):
                                                              null when the tenant has no default task)
        "history": [<TenantRecord>, ...],                    (oldest first; [] with a null current)
        "tasks": {"<task>": {"current", "history"}, ...},    (named tasks; only when it has some)
-       "key_digest": {"salt", "digest", "created_at"} | null}   (the salted digest, never a key)
+       "key_digest": {"salt", "digest", "created_at"} | null,   (the salted digest, never a key)
+       "policy": <TenantPolicy>}                            (splits, chain, router, examples; only
+                                                             when the tenant has one)
     ],
     "version_seq": {t: n, ...}   (every tenant's version counter, removed tenants included, so an
                                   adapter id "t@vN" is never reused after a restore)
@@ -43,17 +45,17 @@ import math
 import time
 from typing import Any
 
-from .errors import RegistryError, TenantExists
+from .errors import PolicyInvalid, RegistryError, TenantExists
 from .ids import is_valid_tenant_id
 from .keys import KeyDigest
 from .registry import TaskLine, TenantRegistry, TenantSnapshot
-from .schema import RecordError, TenantRecord
+from .schema import RecordError, TenantPolicy, TenantRecord
 
 FORMAT = "loraplex-registry-backup"
 FORMAT_VERSION = 1
 _TOP_FIELDS = {"format", "format_version", "exported_at", "prefix", "tenants", "version_seq"}
 _TENANT_FIELDS = {"tenant_id", "current", "history", "key_digest"}
-_OPTIONAL_TENANT_FIELDS = {"tasks"}  # absent in backups of tenants without named tasks (and in older ones)
+_OPTIONAL_TENANT_FIELDS = {"tasks", "policy"}  # absent for tenants without named tasks / a policy (and in older backups)
 _LINE_FIELDS = {"current", "history"}
 
 
@@ -76,6 +78,8 @@ def export_registry(registry: TenantRegistry) -> dict[str, Any]:
             entry["tasks"] = {line.current.task: {"current": line.current.to_dict(),
                                                   "history": [h.to_dict() for h in line.history]}
                               for line in snap.tasks}
+        if snap.policy is not None:
+            entry["policy"] = snap.policy.to_dict()
         tenants.append((entry, snap.version_seq))
     counters = registry.version_counters()
     for entry, seq in tenants:  # the snapshot's counter is authoritative for tenants read above
@@ -154,9 +158,10 @@ def parse_backup(data: Any) -> tuple[list[TenantSnapshot], dict[str, int]]:
                     raise RecordError(f"current record is of tenant {rec.tenant_id!r}")
             if current is not None and current.task != "default":
                 raise RecordError(f"current record is of task {current.task!r}, not 'default'")
+            policy = TenantPolicy.from_dict(entry["policy"]) if "policy" in entry else None
             snaps.append(TenantSnapshot(current=current, history=history, key_digest=digest,
-                                        version_seq=seqs[t], tasks=tuple(lines)))
-        except (RecordError, TypeError) as e:
+                                        version_seq=seqs[t], tasks=tuple(lines), policy=policy))
+        except (RecordError, PolicyInvalid, TypeError) as e:
             raise BackupInvalid(f"{where}: {e}") from e
     return snaps, {str(t): int(n) for t, n in seqs.items()}
 

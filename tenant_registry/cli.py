@@ -80,7 +80,7 @@ from typing import Any, Sequence
 
 from loraplex_common.config import (MODEL_CONFIG_FILE, LoraplexConfig, env_value, find_model_config,
                                     settings_from_env)
-from .errors import (AdapterInvalid, ConfigError, InvalidTaskName, InvalidTenantId, RegistryError,
+from .errors import (AdapterInvalid, ConfigError, InvalidTaskName, InvalidTenantId, PolicyInvalid, RegistryError,
                      RegistryUnavailable, TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
 from .onboarding import ensure_key, onboard, rotate_key
@@ -107,7 +107,7 @@ class ModelNotFound(RegistryError):
 
 
 def _exit_code(e: BaseException) -> int:
-    if isinstance(e, (ConfigError, InvalidTenantId, InvalidTaskName)):
+    if isinstance(e, (ConfigError, InvalidTenantId, InvalidTaskName, PolicyInvalid)):
         return EXIT_USAGE
     if isinstance(e, (TenantNotFound, VersionNotFound, ModelNotFound)):
         return EXIT_NOT_FOUND

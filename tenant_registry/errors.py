@@ -33,6 +33,12 @@ class InvalidTaskName(RegistryError, ValueError):
     """A task name does not match `^[a-z0-9][a-z0-9_-]{0,31}$` (or is not a string)."""
 
 
+class PolicyInvalid(RegistryError, ValueError):
+    """A tenant policy (A/B splits, fallback chain, router, examples; schema.TenantPolicy) or one of its
+    parts (a chain link's spelling, a split arm) is malformed, or names a task/version the tenant does
+    not have. The message names the part (400 on HTTP, exit 2 from tenantctl)."""
+
+
 class TenantNotFound(RegistryError):
     """No current record for this tenant."""
 

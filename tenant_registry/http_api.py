@@ -74,8 +74,8 @@ from typing import Any
 from loraplex_common.adapter_format import ADAPTER_FILES, MAX_CONFIG_BYTES
 from loraplex_common.config import ConfigError, LoraplexConfig, find_model_config
 from .cli import base_model_dir, check_store
-from .errors import (AdapterInvalid, InvalidTaskName, InvalidTenantId, RegistryError, RegistryUnavailable,
-                     TenantExists, TenantNotFound, VersionConflict, VersionNotFound)
+from .errors import (AdapterInvalid, InvalidTaskName, InvalidTenantId, PolicyInvalid, RegistryError,
+                     RegistryUnavailable, TenantExists, TenantNotFound, VersionConflict, VersionNotFound)
 from .ids import validate_task, validate_tenant_id
 from .keys import verify_key
 from .onboarding import ensure_key, onboard, rotate_key
@@ -109,7 +109,7 @@ def status_of(e: BaseException) -> int:
         return 413 if e.quota == "bytes" else 409
     if isinstance(e, AdapterInvalid):
         return 413 if e.code == "too_large" else 400
-    if isinstance(e, (InvalidTenantId, InvalidTaskName)):
+    if isinstance(e, (InvalidTenantId, InvalidTaskName, PolicyInvalid)):
         return 400
     if isinstance(e, (TenantNotFound, VersionNotFound)):
         return 404

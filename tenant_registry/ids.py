@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidTaskName, InvalidTenantId, shorten
+from typing import TYPE_CHECKING
+
+from .errors import InvalidTaskName, InvalidTenantId, PolicyInvalid, shorten
+
+if TYPE_CHECKING:  # schema.py imports this module; parse_link imports ChainLink when called
+    from .schema import ChainLink
 
 TENANT_ID_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 TASK_PATTERN = r"[a-z0-9][a-z0-9_-]{0,31}"
 DEFAULT_TASK = "default"
+BASE_LINK = "base"  # a chain link (and a compare entry) naming the plain base model
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
 _TASK_RE = re.compile(TASK_PATTERN)
+_LINK_RE = re.compile(rf"({TASK_PATTERN})(?:@v([1-9][0-9]{{0,8}}))?")
 _ADAPTER_RE = re.compile(rf"({TENANT_ID_PATTERN})(?::({TASK_PATTERN}))?@v([1-9][0-9]{{0,8}})")
 
 
@@ -91,3 +98,30 @@ def parse_adapter_id(value: object) -> tuple[str, int]:
     if m is None or m.group(2) is not None:
         raise InvalidTenantId(f"invalid adapter id {shorten(value)}: expected '<tenant>@v<version>'")
     return m.group(1), int(m.group(3))
+
+
+def parse_link(text: object) -> "ChainLink":
+    """One link of a fallback chain as an operator spells it: "base" (the plain base model),
+    "summarize" (the task's current version), "summarize@v3" or "default@v2" (a version of the task).
+    "base" always means the base model; a task that happens to be named "base" is linked with an
+    explicit version ("base@v4"). Raises InvalidTaskName (a bad task part) or PolicyInvalid; both
+    are ValueErrors (400 on HTTP)."""
+    from .schema import ChainLink
+
+    if text == BASE_LINK:
+        return ChainLink(base=True)
+    m = _LINK_RE.fullmatch(text) if isinstance(text, str) and len(text) <= 48 else None
+    if m is None:
+        if isinstance(text, str) and "@" in text and is_valid_task(text.partition("@")[0]):
+            raise PolicyInvalid(f"invalid link {shorten(text)}: the version part must be '@v<N>' (N >= 1)")
+        if isinstance(text, str) and "@" not in text:
+            validate_task(text)  # InvalidTaskName naming the rule
+        raise PolicyInvalid(f"invalid link {shorten(text)}: expected 'base', '<task>' or '<task>@v<N>'")
+    return ChainLink(task=m.group(1), version=None if m.group(2) is None else int(m.group(2)))
+
+
+def format_link(link: "ChainLink") -> str:
+    """The inverse of parse_link: "base", "<task>" or "<task>@v<N>"."""
+    if link.base:
+        return BASE_LINK
+    return link.task if link.version is None else f"{link.task}@v{link.version}"

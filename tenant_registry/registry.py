@@ -19,10 +19,15 @@ record + history); the task `default` keeps the keys it had before tasks existed
                               field, so pinning never rewrites a record or its history
   P:usage             zset    tenant -> requests served with its adapter (workers add their counts;
                               `prefetch_top_n` loads the most used at worker start)
+  P:policy:<t>        string  TenantPolicy JSON (schema.py: router, A/B splits, fallback chain, router
+                              examples); absent = TenantPolicy(). Written only by `update_policy` (and
+                              pruned by `remove`/`rollback` of a task it names, `restore`); deleted by
+                              `remove` of the whole tenant
   P:events            channel JSON events {"tenant": t, "version": v|null, "kind": k, "task": task|null},
-                              k in onboard|disable|enable|remove|rollback|key|import|pin|unpin
+                              k in onboard|disable|enable|remove|rollback|key|import|pin|unpin|policy
                               ("key": the tenant's key digest was set or replaced; "import": the
-                              tenant was written by `backup.import_registry`); "task" names
+                              tenant was written by `backup.import_registry`; "policy": the tenant's
+                              policy changed, version and task null); "task" names
                               the line an onboard/rollback/remove changed, null when the event
                               covers the whole tenant (status, key, import, pins, remove of all)
 
@@ -60,10 +65,11 @@ from redis.retry import Retry
 
 from .errors import (ConfigError, RegistryError, RegistryUnavailable, TenantExists, TenantNotFound,
                      VersionConflict, VersionNotFound)
-from .errors import TaskNotFound
+from .errors import PolicyInvalid, TaskNotFound
 from .ids import DEFAULT_TASK, is_valid_task, is_valid_tenant_id, validate_task, validate_tenant_id
 from .keys import KeyDigest
-from .schema import STATUSES, RecordError, TenantRecord
+from .ids import format_link
+from .schema import STATUSES, RecordError, TenantPolicy, TenantRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ SUBSCRIBER_POLL_S = 0.5          # how often the subscriber thread checks its st
 SUBSCRIBER_HEALTH_CHECK_S = 5    # PING on an idle subscription so a dead connection is noticed
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
-EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback", "key", "import", "pin", "unpin")
+EVENT_KINDS = ("onboard", "disable", "enable", "remove", "rollback", "key", "import", "pin", "unpin", "policy")
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -104,6 +110,7 @@ class TenantSnapshot:
     key_digest: KeyDigest | None
     version_seq: int
     tasks: tuple[TaskLine, ...] = ()
+    policy: TenantPolicy | None = None  # None = no stored policy (TenantPolicy()); checked against the lines
 
     def __post_init__(self) -> None:
         hist = tuple(sorted(self.history, key=lambda r: r.version)) if isinstance(self.history, (tuple, list)) else None
@@ -136,6 +143,13 @@ class TenantSnapshot:
         seq = self.version_seq
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < max(all_versions):
             raise RecordError(f"version counter of {t!r} must be an integer >= v{max(all_versions)}")
+        if self.policy is not None:
+            if not isinstance(self.policy, TenantPolicy):
+                raise RecordError(f"policy of {t!r} must be a TenantPolicy or None")
+            try:
+                check_policy(t, self.policy, {task: {h.version for h in history} for task, _, history in lines})
+            except PolicyInvalid as e:
+                raise RecordError(f"tenant snapshot of {t!r}: {e}") from None
 
     @property
     def tenant_id(self) -> str:
@@ -228,6 +242,9 @@ class TenantRegistry:
     def _k_seq(self, t: str) -> str:
         return f"{self.prefix}:version_seq:{t}"
 
+    def _k_policy(self, t: str) -> str:
+        return f"{self.prefix}:policy:{t}"
+
     def _k_key(self, t: str) -> str:
         return f"{self.prefix}:key:{t}"
 
@@ -310,6 +327,14 @@ class TenantRegistry:
             raw = self._r.get(self._k_key(t))
         return None if raw is None else KeyDigest.from_json(raw)
 
+    def get_policy(self, tenant: str) -> TenantPolicy:
+        """The tenant's policy (one GET); TenantPolicy() when none is stored (an unknown tenant too).
+        Raises InvalidTenantId, RegistryUnavailable, PolicyInvalid (a corrupt stored policy)."""
+        t = validate_tenant_id(tenant)
+        with _redis_errors("get_policy"):
+            raw = self._r.get(self._k_policy(t))
+        return TenantPolicy() if raw is None else TenantPolicy.from_json(raw)
+
     # ------------------------------------------------------------------ writes (control plane)
     def next_version(self, tenant: str) -> int:
         """Reserve and return a version number never handed out before for this tenant.
@@ -369,6 +394,38 @@ class TenantRegistry:
         return self._transact("put_new_version", tx, self._k_current(t, task), self._k_history(t, task),
                               self._k_seq(t), self._k_tasks(t), self._k_current(t))
 
+    def update_policy(self, tenant: str, change: Callable[[TenantPolicy], TenantPolicy]) -> TenantPolicy:
+        """Replace the tenant's policy with `change(current)` in one WATCH/MULTI transaction, checked
+        against the tenant's tasks and histories as they are in that transaction (`check_policy`:
+        PolicyInvalid, nothing written); publish ONE "policy" event, so every worker's resolver drops
+        its cached policy at once. Returns the stored policy. `change` may run more than once (the
+        transaction is retried when a watched key changed): keep it a pure function of its argument.
+        Raises TenantNotFound for an unknown tenant."""
+        t = validate_tenant_id(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> TenantPolicy:
+            tasks = self._watch_lines(pipe, t)
+            if not tasks:
+                raise TenantNotFound(t)
+            raw = pipe.get(self._k_policy(t))
+            new = change(TenantPolicy() if raw is None else TenantPolicy.from_json(raw))
+            if not isinstance(new, TenantPolicy):
+                raise TypeError(f"update_policy's change must return a TenantPolicy, got {type(new).__name__}")
+            check_policy(t, new, {k: {int(v) for v in pipe.hkeys(self._k_history(t, k))} for k in tasks})
+            pipe.multi()
+            self._write_policy(pipe, t, new)
+            return new
+
+        return self._transact("update_policy", tx, self._k_policy(t), self._k_current(t), self._k_tasks(t))
+
+    def _write_policy(self, pipe: Any, t: str, policy: TenantPolicy) -> None:
+        """Inside MULTI: store (an empty policy: delete) the tenant's policy and publish "policy"."""
+        if policy == TenantPolicy():
+            pipe.delete(self._k_policy(t))
+        else:
+            pipe.set(self._k_policy(t), policy.to_json())
+        pipe.publish(self.channel, self._event(t, None, "policy"))
+
     def set_status(self, tenant: str, status: str) -> TenantRecord:
         """Enable or disable the tenant (all its tasks and versions: every task's current record is
         rewritten in one transaction); publish "enable"/"disable". Returns the first task's record
@@ -398,7 +455,9 @@ class TenantRegistry:
         `to_version=None` means the newest version older than the current one. The tenant keeps its
         current status (rollback does not re-enable a disabled tenant). Newer versions stay in the
         history, so rolling forward is `rollback(t, to_version=newer)`. Only the task's own versions
-        are candidates.
+        are candidates. A rollback also ends the task's A/B split, if it has one, in the same
+        transaction (and publishes "policy" too): "serve this version" is what a rollback means, and
+        workers see both changes at once.
         """
         t, k = validate_tenant_id(tenant), validate_task(task)
         missing: list[bool] = []
@@ -412,12 +471,16 @@ class TenantRegistry:
             hist = {int(v): raw for v, raw in pipe.hgetall(self._k_history(t, k)).items()}
             target = rollback_version(t, cur_rec.version, hist, to_version)
             new = TenantRecord.from_json(hist[target]).replace(status=cur_rec.status, updated_at=time.time())
+            raw_policy = pipe.get(self._k_policy(t))
+            policy = TenantPolicy() if raw_policy is None else TenantPolicy.from_json(raw_policy)
             pipe.multi()
             pipe.set(self._k_current(t, k), new.to_json())
             pipe.publish(self.channel, self._event(t, target, "rollback", k))
+            if policy.split(k):
+                self._write_policy(pipe, t, policy.with_split(k, ()))
             return new
 
-        out = self._transact("rollback", tx, self._k_current(t, k), self._k_history(t, k))
+        out = self._transact("rollback", tx, self._k_current(t, k), self._k_history(t, k), self._k_policy(t))
         if missing:
             raise self._not_found(t, k)
         return out
@@ -474,10 +537,14 @@ class TenantRegistry:
             hists = [v for g in gone for v in pipe.hvals(self._k_history(t, g))]
             cur = pipe.get(self._k_current(t, k or (tasks[0] if tasks else DEFAULT_TASK)))
             version = TenantRecord.from_json(cur).version if cur else None
+            raw_policy = None if whole else pipe.get(self._k_policy(t))
+            policy = TenantPolicy() if raw_policy is None else TenantPolicy.from_json(raw_policy)
             pipe.multi()
             pipe.delete(*self._line_keys(t, gone))
+            if not whole and k is not None and without_task(policy, k) != policy:
+                self._write_policy(pipe, t, without_task(policy, k))  # the policy never names a removed task
             if whole:
-                pipe.delete(self._k_key(t), self._k_tasks(t))
+                pipe.delete(self._k_key(t), self._k_tasks(t), self._k_policy(t))
                 pipe.srem(self._k_tenants, t)
                 pipe.zrem(self._k_pinned, t)
                 pipe.zrem(self._k_usage, t)
@@ -486,7 +553,8 @@ class TenantRegistry:
             pipe.publish(self.channel, self._event(t, version, "remove", None if whole else k))
             return sorted((TenantRecord.from_json(v) for v in hists), key=lambda r: r.version)
 
-        out = self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t))
+        out = self._transact("remove", tx, self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t),
+                             self._k_policy(t))
         if missing:
             raise self._not_found(t, k)
         return out
@@ -577,6 +645,7 @@ class TenantRegistry:
                                            key=lambda r: r.version)))  # a hash has no order: oldest first
                      for k in tasks]
             key, seq = pipe.get(self._k_key(t)), pipe.get(self._k_seq(t))
+            raw_policy = pipe.get(self._k_policy(t))
             default = lines[0] if tasks[0] == DEFAULT_TASK else None
             named = lines[1:] if default is not None else lines
             versions = [h.version for line in lines for h in line.history]
@@ -584,9 +653,11 @@ class TenantRegistry:
             return TenantSnapshot(current=default.current if default else None,
                                   history=default.history if default else (), tasks=tuple(named),
                                   key_digest=None if key is None else KeyDigest.from_json(key),
-                                  version_seq=max([int(seq or 0), *versions]))
+                                  version_seq=max([int(seq or 0), *versions]),
+                                  policy=None if raw_policy is None else TenantPolicy.from_json(raw_policy))
 
-        return self._transact("snapshot", tx, self._k_current(t), self._k_tasks(t), self._k_key(t), self._k_seq(t))
+        return self._transact("snapshot", tx, self._k_current(t), self._k_tasks(t), self._k_key(t), self._k_seq(t),
+                              self._k_policy(t))
 
     def tenant_ids(self) -> list[str]:
         """Ids of the tenants with a current record, sorted."""
@@ -616,13 +687,14 @@ class TenantRegistry:
         """Write a snapshot as the tenant's whole state in one transaction; publish "import".
 
         Refuses (TenantExists) if the tenant has a record or history, unless `replace`, which drops its
-        current record, history and key digest first. The version counter is never lowered (max of the
+        current record, history, key digest and policy first (the snapshot's policy, if any, is written). The version counter is never lowered (max of the
         existing and the snapshot's), so a version number is never handed out twice.
         """
         if not isinstance(snap, TenantSnapshot):
             raise TypeError(f"snap must be a TenantSnapshot, got {type(snap).__name__}")
         t = snap.tenant_id
-        keys = (self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t), self._k_seq(t))
+        keys = (self._k_current(t), self._k_history(t), self._k_tasks(t), self._k_key(t), self._k_seq(t),
+                self._k_policy(t))
 
         def tx(pipe: redis.client.Pipeline) -> None:
             if not replace and pipe.exists(self._k_current(t), self._k_history(t), self._k_tasks(t)):
@@ -630,7 +702,7 @@ class TenantRegistry:
             old = list(dict.fromkeys([*self._watch_lines(pipe, t), DEFAULT_TASK]))
             seq = max(int(pipe.get(self._k_seq(t)) or 0), snap.version_seq)
             pipe.multi()
-            pipe.delete(*self._line_keys(t, old), self._k_tasks(t), self._k_key(t))
+            pipe.delete(*self._line_keys(t, old), self._k_tasks(t), self._k_key(t), self._k_policy(t))
             for line in snap.lines():
                 task = line.current.task
                 pipe.set(self._k_current(t, task), line.current.to_json())
@@ -639,6 +711,8 @@ class TenantRegistry:
                     pipe.sadd(self._k_tasks(t), task)
             if snap.key_digest is not None:
                 pipe.set(self._k_key(t), snap.key_digest.to_json())
+            if snap.policy is not None and snap.policy != TenantPolicy():
+                pipe.set(self._k_policy(t), snap.policy.to_json())
             pipe.sadd(self._k_tenants, t)
             pipe.set(self._k_seq(t), seq)
             pipe.publish(self.channel, self._event(t, snap.lines()[0].current.version, "import"))
@@ -714,6 +788,42 @@ class TenantRegistry:
                     with contextlib.suppress(Exception):
                         if closable is not None:
                             closable.close()
+
+
+def check_policy(tenant: str, policy: TenantPolicy, lines: "dict[str, set[int]]") -> None:
+    """PolicyInvalid unless every task and version the policy names is one of the tenant's: `lines`
+    maps each of its tasks to the versions in that task's history. The one rule for update_policy,
+    snapshots and restores."""
+    def known(task: str, where: str) -> set[int]:
+        if task not in lines:
+            raise PolicyInvalid(f"invalid tenant policy: {where}: tenant {tenant!r} has no task {task!r} "
+                                f"(tasks: {', '.join(sorted(lines)) or 'none'})")
+        return lines[task]
+
+    for task, arms in policy.splits.items():
+        versions = known(task, "split")
+        missing = [a.version for a in arms if a.version not in versions]
+        if missing:
+            raise PolicyInvalid(f"invalid tenant policy: split of task {task!r}: no version "
+                                f"{', '.join(f'v{v}' for v in missing)} in its history "
+                                f"(known: {', '.join(f'v{v}' for v in sorted(versions))})")
+    for link in policy.chain:
+        if not link.base:
+            versions = known(link.task, f"chain link {format_link(link)!r}")
+            if link.version is not None and link.version not in versions:
+                raise PolicyInvalid(f"invalid tenant policy: chain link {format_link(link)!r}: task {link.task!r} "
+                                    f"has no version v{link.version}")
+    for task in policy.examples:
+        known(task, "examples")
+
+
+def without_task(policy: TenantPolicy, task: str) -> TenantPolicy:
+    """The policy once `task` is gone: its split and examples dropped, chain links to it dropped (a
+    chain left with only the base link is no chain)."""
+    chain = tuple(c for c in policy.chain if c.base or c.task != task)
+    return policy.replace(splits={k: v for k, v in policy.splits.items() if k != task},
+                          examples={k: v for k, v in policy.examples.items() if k != task},
+                          chain=chain if any(not c.base for c in chain) else ())
 
 
 def rollback_version(tenant: str, current: int, versions: Iterable[int], to_version: int | None) -> int:

@@ -20,13 +20,14 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from .errors import RegistryError
-from .errors import InvalidTaskName
-from .ids import DEFAULT_TASK, validate_task, validate_tenant_id
+from .errors import InvalidTaskName, PolicyInvalid
+from .ids import DEFAULT_TASK, format_link, parse_link, validate_task, validate_tenant_id
 from .ids import adapter_id as make_adapter_id
 
 STATUSES = ("enabled", "disabled")
@@ -149,3 +150,185 @@ def _safe_relpath(p: str) -> bool:
         return False
     pp = PurePosixPath(p)
     return not pp.is_absolute() and ".." not in pp.parts and pp.parts[:1] != (".",) and str(pp) == p
+
+
+# ---------------------------------------------------------------------------- the tenant policy
+# One JSON document per tenant (registry key P:policy:<t>; absent = TenantPolicy()): how its requests
+# pick a task (router, examples), a version (A/B splits) and whether answers fall back (chain). Unlike
+# TenantRecord, unknown JSON fields are ignored and missing ones take their defaults, so a newer
+# control plane may add a field without older workers refusing the whole policy. Everything else is
+# checked as strictly as a record (PolicyInvalid naming the part). Whether the tasks and versions it
+# names exist is the registry's check (registry.check_policy), made whenever a policy is written.
+ROUTERS = ("header", "classify")
+MAX_SPLIT_ARMS = 16
+MAX_SPLIT_WEIGHT = 1_000_000
+MAX_CHAIN_LINKS = 8
+MAX_EXAMPLES_PER_TASK = 64
+MAX_EXAMPLE_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class SplitArm:
+    """One version of a task line in an A/B split. Weights are relative (90/10 and 9/1 alike)."""
+
+    version: int
+    weight: int
+
+    def __post_init__(self) -> None:
+        _policy_check(_is_int(self.version) and self.version >= 1, f"split version must be an integer >= 1, "
+                      f"got {self.version!r}"[:120])
+        _policy_check(_is_int(self.weight) and 0 < self.weight <= MAX_SPLIT_WEIGHT,
+                      f"split weight must be an integer in 1..{MAX_SPLIT_WEIGHT}, got {self.weight!r}"[:120])
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One link of a confidence fallback chain: a task's current version (`version` None), a given
+    version of it, or the plain base model (`base`, the chain's last link; its task/version unused)."""
+
+    task: str = DEFAULT_TASK
+    version: int | None = None
+    base: bool = False
+
+    def __post_init__(self) -> None:
+        _policy_check(isinstance(self.base, bool), "a chain link's base must be true or false")
+        try:
+            validate_task(self.task)
+        except InvalidTaskName as e:
+            raise PolicyInvalid(f"invalid tenant policy: chain link: {e}") from None
+        _policy_check(self.version is None or (_is_int(self.version) and self.version >= 1),
+                      "a chain link's version must be an integer >= 1 or absent")
+        _policy_check(not self.base or (self.version is None and self.task == DEFAULT_TASK),
+                      "the base link names no task or version")
+
+
+def _frozen_map(m: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(sorted(m.items())))
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """Per tenant: router, A/B splits, fallback chain, router examples. Immutable (its mappings are
+    read-only views), so workers share one instance between threads."""
+
+    router: str = "header"  # "header" | "classify"
+    splits: Mapping[str, tuple[SplitArm, ...]] = field(default_factory=dict)  # task -> arms; no entry = no split
+    chain: tuple[ChainLink, ...] = ()  # () = no chain; else ends with the base link
+    chain_threshold: float | None = None  # mean token log-prob a link's answer must reach
+    examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # task -> prompts (router "classify")
+
+    def __post_init__(self) -> None:
+        _policy_check(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {str(self.router)[:40]!r}")
+        _policy_check(isinstance(self.splits, Mapping), "splits must map task names to lists of arms")
+        splits = {}
+        for task, arms in self.splits.items():
+            where = f"split of task {str(task)[:40]!r}"
+            _policy_task(task, where)
+            _policy_check(isinstance(arms, (tuple, list)) and all(isinstance(a, SplitArm) for a in arms),
+                          f"{where}: arms must be a list of (version, weight)")
+            _policy_check(len(arms) <= MAX_SPLIT_ARMS, f"{where}: at most {MAX_SPLIT_ARMS} arms")
+            versions = [a.version for a in arms]
+            _policy_check(len(set(versions)) == len(versions), f"{where}: a version appears twice")
+            if arms:  # an empty list is no split: not kept
+                splits[task] = tuple(arms)
+        object.__setattr__(self, "splits", _frozen_map(splits))
+        chain = self.chain
+        _policy_check(isinstance(chain, (tuple, list)) and all(isinstance(c, ChainLink) for c in chain),
+                      "chain must be a list of links")
+        _policy_check(len(chain) <= MAX_CHAIN_LINKS, f"chain: at most {MAX_CHAIN_LINKS} links")
+        _policy_check(not chain or (chain[-1].base and not any(c.base for c in chain[:-1])),
+                      "chain must end with the 'base' link (and name it only there)")
+        object.__setattr__(self, "chain", tuple(chain))
+        th = self.chain_threshold
+        _policy_check(th is None or _is_num(th), "chain_threshold must be a finite number (a mean log-prob) or null")
+        object.__setattr__(self, "chain_threshold", None if th is None else float(th))
+        _policy_check(isinstance(self.examples, Mapping), "examples must map task names to lists of prompts")
+        examples = {}
+        for task, texts in self.examples.items():
+            where = f"examples of task {str(task)[:40]!r}"
+            _policy_task(task, where)
+            _policy_check(isinstance(texts, (tuple, list)) and len(texts) <= MAX_EXAMPLES_PER_TASK,
+                          f"{where}: a list of at most {MAX_EXAMPLES_PER_TASK} prompts")
+            _policy_check(all(isinstance(x, str) and x.strip() and len(x) <= MAX_EXAMPLE_CHARS and "\x00" not in x
+                              for x in texts),
+                          f"{where}: each prompt must be a non-empty string of at most {MAX_EXAMPLE_CHARS} characters")
+            if texts:
+                examples[task] = tuple(texts)
+        object.__setattr__(self, "examples", _frozen_map(examples))
+
+    def __hash__(self) -> int:  # the mappings are views: hash what they hold
+        return hash((self.router, tuple(self.splits.items()), self.chain, self.chain_threshold,
+                     tuple(self.examples.items())))
+
+    def replace(self, **changes: Any) -> "TenantPolicy":
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def split(self, task: str) -> tuple[SplitArm, ...]:
+        """The task's split arms; () when it has none."""
+        return self.splits.get(task, ())
+
+    def with_split(self, task: str, arms: "tuple[SplitArm, ...] | list[SplitArm]") -> "TenantPolicy":
+        """A copy with the task's split set to `arms` (() clears it)."""
+        return self.replace(splits={**self.splits, validate_task(task): tuple(arms)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"router": self.router,
+                "splits": {t: [{"version": a.version, "weight": a.weight} for a in arms]
+                           for t, arms in self.splits.items()},
+                "chain": [format_link(c) for c in self.chain],
+                "chain_threshold": self.chain_threshold,
+                "examples": {t: list(x) for t, x in self.examples.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TenantPolicy":
+        _policy_check(isinstance(data, dict), "a tenant policy must be a JSON object")
+        splits = data.get("splits", {})
+        _policy_check(isinstance(splits, dict), "splits must be an object of task -> arms")
+        parsed = {}
+        for task, arms in splits.items():
+            _policy_check(isinstance(arms, list) and all(isinstance(a, dict) and set(a) == {"version", "weight"}
+                                                         for a in arms),
+                          f"split of task {str(task)[:40]!r}: arms must be a list of {{version, weight}} objects")
+            parsed[task] = tuple(SplitArm(a["version"], a["weight"]) for a in arms)
+        chain = data.get("chain", [])
+        _policy_check(isinstance(chain, list), "chain must be a list of links")
+        examples = data.get("examples", {})
+        _policy_check(isinstance(examples, dict), "examples must be an object of task -> prompts")
+        return cls(router=data.get("router", "header"), splits=parsed, chain=tuple(parse_link(c) for c in chain),
+                   chain_threshold=data.get("chain_threshold"),
+                   examples={t: tuple(x) if isinstance(x, list) else x for t, x in examples.items()})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "TenantPolicy":
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PolicyInvalid(f"invalid tenant policy: not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def parse_arms(specs: "list[str] | tuple[str, ...]") -> tuple[SplitArm, ...]:
+    """Split arms as an operator writes them: ["v3=90", "v4=10"] (also "3=90"). PolicyInvalid naming
+    the bad one."""
+    arms = []
+    for spec in specs:
+        m = re.fullmatch(r"v?([1-9][0-9]{0,8})=([0-9]{1,7})", spec) if isinstance(spec, str) else None
+        _policy_check(m is not None, f"split arm {str(spec)[:40]!r}: expected 'v<version>=<weight>', e.g. v3=90")
+        arms.append(SplitArm(int(m.group(1)), int(m.group(2))))
+    return tuple(arms)
+
+
+def _policy_task(task: Any, where: str) -> None:
+    try:
+        validate_task(task)
+    except InvalidTaskName as e:
+        raise PolicyInvalid(f"invalid tenant policy: {where}: {e}") from None
+
+
+def _policy_check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PolicyInvalid(f"invalid tenant policy: {msg}")
