@@ -24,6 +24,8 @@ from .errors import InvalidRequest, TenantConflict
 TENANT_HEADER = "x-tenant-id"
 KEY_HEADER = "x-tenant-key"
 TASK_HEADER = "x-task"
+USER_HEADER = "x-user-id"  # the end user, for sticky A/B splits (handler/ab_split.py)
+MAX_USER_ID_CHARS = 128
 BASE = "base"
 
 _ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "task", "max_new_tokens", "temperature", "top_p",
@@ -58,6 +60,7 @@ class InferenceRequest:
     key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
     stream: bool = False  # send the text as it is produced (ts_entry/stream_format.py write the chunks)
     task: str | None = None  # a valid task name (ids.validate_task) or None
+    user_id: str | None = None  # X-User-ID: 1-128 printable characters; same user -> same split version
 
     def __repr__(self) -> str:  # never print the key
         return (f"InferenceRequest(tenant={self.tenant!r}, task={self.task!r}, adapter={self.adapter!r}, "
@@ -88,7 +91,8 @@ def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
     return InferenceRequest(tenant=tenant, prompt=prompt, messages=messages, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
                             stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers),
-                            stream=_bool(data, "stream", False), task=_task(data, headers, tenant))
+                            stream=_bool(data, "stream", False), task=_task(data, headers, tenant),
+                            user_id=_user_id(headers))
 
 
 def logprobs_count(data: Mapping[str, Any], name: str) -> int:
@@ -136,6 +140,16 @@ def _key(headers: Mapping[str, str]) -> str | None:
     if len(key) > MAX_KEY_CHARS:  # not a key we issued; refuse before hashing anything
         raise InvalidRequest(f"X-Tenant-Key is longer than {MAX_KEY_CHARS} characters")
     return key
+
+
+def _user_id(headers: Mapping[str, str]) -> str | None:
+    """X-User-ID: an opaque end-user id (hashed, never stored), or None when absent or empty."""
+    user = header(headers, USER_HEADER)
+    if user is None or user == "":
+        return None
+    if len(user) > MAX_USER_ID_CHARS or not user.isprintable():
+        raise InvalidRequest(f"X-User-ID must be 1-{MAX_USER_ID_CHARS} printable characters")
+    return user
 
 
 def decode_body(body: Any) -> dict:

@@ -70,6 +70,7 @@ from .scheduler import Finished, Scheduler, Ticket
 from .routes import Exchange, JsonExchange, route_for
 from .text_stream import covering, logprobs_body, stop_cut
 from .tenants import TenantResolver
+from .ab_split import PINNED, SplitChooser
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Plan:
     fallback: str | None  # why a tenant request runs on the base model, if it does
     input_ids: tuple[int, ...] = ()
     exchange: Exchange | None = None  # the API it came by (routes.py): writes its reply and errors
+    version_by: str | None = None  # why this version of the task serves it: ab_split.PINNED/SPLIT/SPLIT_MISSING/CURRENT
 
 
 class LoraplexService:
@@ -125,6 +127,7 @@ class LoraplexService:
         self.store = store
         self.resolver = TenantResolver(registry, refresh_s=config.registry_cache_s,
                                        stale_s=config.registry_stale_s)
+        self.splits = SplitChooser()  # step 3 of the planning (pinned > A/B split > current) and its counters
         # Prometheus metrics (handler/metrics.py): ts_entry adds the sinks; recorded on the engine-owning thread
         self.metrics = WorkerMetrics(max_adapters=config.metrics_max_adapters, max_lora=config.resident_adapters)
         self._batch_started = time.perf_counter()
@@ -401,8 +404,15 @@ class LoraplexService:
             task, version = self._pinned_version(req)  # 403 unless one of the tenant's own
             if record is None:
                 raise TaskNotFound(req.tenant, task)  # a pin names a version of a task that must exist
-            return Plan(req, self._explicit_version(record, version), None)
-        return Plan(req, record if record is not None else self._task_record(req, task), None)
+            return Plan(req, self._explicit_version(record, version), None, version_by=PINNED)
+        return self._split_version(req, record if record is not None else self._task_record(req, task))
+
+    def _split_version(self, req: InferenceRequest, current: TenantRecord) -> Plan:
+        """A request that pinned no version: the version its task's A/B split picks (handler/ab_split.py;
+        sticky by X-User-ID), looked up and served exactly like a pinned one, else the current one."""
+        choice = self.splits.choose(self.resolver.policy(current.tenant_id), current, req.user_id,
+                                    lambda version: self._history_version(current, version))
+        return Plan(req, choice.record, None, version_by=choice.by)
 
     def _task_record(self, req: InferenceRequest, task: str) -> TenantRecord:
         """The selection rule for a task the (known, enabled) tenant does not have: under
@@ -457,11 +467,16 @@ class LoraplexService:
         return pin
 
     def _explicit_version(self, current: TenantRecord, version: int) -> TenantRecord:
-        record = self.resolver.resolve_version(current.tenant_id, version, current.task)
+        record = self._history_version(current, version)
         if record is None:
             raise InvalidRequest(f"tenant {current.tenant_id!r} has no adapter version "
                                  f"'{adapter_id(current.tenant_id, version, current.task)}'")
-        return replace(record, status=current.status)
+        return record
+
+    def _history_version(self, current: TenantRecord, version: int) -> TenantRecord | None:
+        """A version of `current`'s task from its history, with the tenant's live status; None if absent."""
+        record = self.resolver.resolve_version(current.tenant_id, version, current.task)
+        return None if record is None else replace(record, status=current.status)
 
     def _tokenize(self, plan: Plan) -> Plan:
         req = plan.request
@@ -499,6 +514,8 @@ class LoraplexService:
             "tenant": plan.request.tenant,
             "task": plan.record.task if plan.record is not None else None,  # the task that served it
             "adapter": plan.record.adapter_id if plan.record is not None else "base",
+            "version": plan.record.version if plan.record is not None else None,  # the version that served it
+            "version_by": plan.version_by if plan.record is not None else None,  # pinned | split | current | ...
             "fallback": plan.fallback,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
@@ -507,6 +524,8 @@ class LoraplexService:
             kept = len(token_ids)
             body["logprobs"] = logprobs_body(self.token_text, out.token_ids[:kept], out.token_logprobs[:kept],
                                              out.top_logprobs[:kept])
+        if plan.record is not None:
+            self.splits.served(plan.record, plan.version_by)
         reply = Reply(200, "OK", (plan.exchange or JsonExchange(plan.request)).reply(body))
         return Answer(reply, text, len(token_ids))
 
@@ -535,6 +554,7 @@ class LoraplexService:
         view["counters"].update(fallbacks=dict(self.fallbacks), requests=self.requests, engine_calls=self.batches,
                                 registry_stale_hits=self.resolver.stale_hits,
                                 registry_events=self.resolver.events_seen)
+        view["splits"] = self.splits.snapshot()  # tenant -> task -> {"v<N>": requests answered by the split}
         return view
 
     def _engine_view(self) -> dict:
