@@ -29,7 +29,7 @@ MAX_USER_ID_CHARS = 128
 BASE = "base"
 
 _ALLOWED_FIELDS = frozenset({"prompt", "messages", "tenant", "task", "max_new_tokens", "temperature", "top_p",
-                             "do_sample", "seed", "stop", "adapter", "logprobs", "stream"})
+                             "do_sample", "seed", "stop", "adapter", "logprobs", "stream", "compare"})
 _ROLES = frozenset({"system", "user", "assistant"})
 MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenising; the token limit is checked later
 MAX_MESSAGES = 256
@@ -37,6 +37,7 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**32 - 1
+MAX_COMPARE_ENTRIES = 64  # a cheap bound before planning; the config's max_fanout_rows is checked there
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class InferenceRequest:
     key: str | None = None  # X-Tenant-Key as presented; checked against the registry's salted hash
     stream: bool = False  # send the text as it is produced (ts_entry/stream_format.py write the chunks)
     task: str | None = None  # a valid task name (ids.validate_task) or None
+    compare: tuple[str, ...] | str | None = None  # compare mode: entries, "all_versions", or None (handler/fanout.py)
     user_id: str | None = None  # X-User-ID: 1-128 printable characters; same user -> same split version
 
     def __repr__(self) -> str:  # never print the key
@@ -92,7 +94,8 @@ def request_from_fields(data: Mapping[str, Any], headers: Mapping[str, str]) -> 
                             temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed,
                             stop=_stops(data), adapter=_adapter(data), logprobs=logprobs, key=_key(headers),
                             stream=_bool(data, "stream", False), task=_task(data, headers, tenant),
-                            user_id=_user_id(headers))
+                            user_id=_user_id(headers),
+                            compare=_compare(data, tenant))
 
 
 def logprobs_count(data: Mapping[str, Any], name: str) -> int:
@@ -289,6 +292,31 @@ def _stops(data: dict) -> tuple[str, ...]:
             raise InvalidRequest(f"each 'stop' entry must be a non-empty string of at most "
                                  f"{MAX_STOP_CHARS} characters")
     return tuple(stop)
+
+
+def _compare(data: dict, tenant: str | None) -> tuple[str, ...] | str | None:
+    """Compare mode: a list of distinct entries ("base", "v2", "summarize@v1", ...) or "all_versions";
+    what each names is checked in the planning (handler/fanout.py), after the tenant's checks."""
+    compare = data.get("compare")
+    if compare is None:
+        return None
+    shape = "'compare' must be a non-empty list of strings (\"base\", \"v2\", \"<task>@vN\", ...) or \"all_versions\""
+    if compare != "all_versions":
+        if not isinstance(compare, list) or not compare or len(compare) > MAX_COMPARE_ENTRIES:
+            raise InvalidRequest(f"{shape}, at most {MAX_COMPARE_ENTRIES} entries")
+        if not all(isinstance(e, str) and 0 < len(e) <= 100 for e in compare):
+            raise InvalidRequest(f"{shape}, each of 1-100 characters")
+        if len(set(compare)) != len(compare):
+            raise InvalidRequest("'compare' names an entry twice")
+        compare = tuple(compare)
+    if tenant is None:
+        raise InvalidRequest("'compare' needs a tenant: name one with X-Tenant-ID or 'tenant'")
+    if data.get("adapter") is not None:
+        raise InvalidRequest("send either 'adapter' or 'compare', not both (compare names the versions itself)")
+    if data.get("stream") is True:
+        raise InvalidRequest("'compare' cannot stream: its rows' answers come together in one reply; "
+                             "send \"stream\": false")
+    return compare
 
 
 def _adapter(data: dict) -> str | None:

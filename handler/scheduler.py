@@ -16,6 +16,13 @@ planned with at submit and holds it while it runs: a version published meanwhile
 requests submitted after it, and the old one leaves its slot at its last row's release.
 Victims for a load are taken among adapters no waiting row needs first (`residency.wanted`).
 
+Fan-out requests (a fallback chain or compare mode, handler/fanout.py) are one `_Group` of rows,
+one `_Job` per row sharing the request's ticket: the group waits as one entry of its tenant's queue
+and is admitted all or none (a KV row for each, each row's adapter held; short of either, nothing
+is taken and it keeps its turn), its rows stream nothing, and the request finishes when its last
+row does, with `fanout.merge`'s reply. A cancel, a timeout or an error of any row ends every row
+of the group (KV rows and holds freed) with that one error reply.
+
 Concurrency (the rules every method here keeps):
 - One scheduler thread owns the engine, its `RowStepper` and the residency: every load,
   eviction, warmup, prefetch, registry-change application and step runs on it.
@@ -42,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 from .engine.api import GenerationOutput, GenerationRow, RowEvent, RowStepper, SamplingParams
 from .engine.errors import CacheFull, RowTooLong
 from .errors import QueueFull, RequestCancelled, RequestTimedOut, RequestTooLarge, WorkerStopping
+from . import fanout
 from .residency import AllSlotsHeld
 from .routes import Exchange
 from .text_stream import Piece, TextStream, logprobs_body
@@ -132,6 +140,19 @@ class _Job:
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
+    group: "_Group | None" = None  # a fan-out request's rows (handler/fanout.py); None = a one-row request
+    index: int = 0  # the row's place in its group (link order)
+
+
+@dataclass(eq=False)
+class _Group:
+    """A fan-out request (scheduler thread, but for the fields set in submit): its rows' jobs in
+    link order (the first one stands in the waiting queue and holds the ticket) and their results."""
+
+    plan: "Plan"
+    jobs: list[_Job]
+    results: dict[int, "fanout.RowResult"] = field(default_factory=dict)
+    finished: bool = False
 
 
 @dataclass(eq=False)
@@ -211,10 +232,21 @@ class Scheduler:
         """Queue a planned, tokenized request; QueueFull when `kv_rows + max_waiting` are in flight."""
         ticket = Ticket(plan.exchange, self, loop)
         now = self._clock()
-        tenant = plan.record.tenant_id if plan.record is not None else BASE_ROWS
-        job = _Job(plan, ticket, tenant, self._service.sampling(plan.request),
-                   TextStream(self._service.decode, tuple(plan.request.stop), hold_spaces=self._service.hold_spaces),
-                   now, now + self.request_timeout_s if self.request_timeout_s > 0 else None)
+        deadline = now + self.request_timeout_s if self.request_timeout_s > 0 else None
+        service = self._service
+
+        def job_for(row: "Plan", tenant: str) -> _Job:
+            return _Job(row, ticket, tenant, fanout.row_sampling(plan, service.sampling(row.request)),
+                        TextStream(service.decode, tuple(row.request.stop), hold_spaces=service.hold_spaces),
+                        now, deadline)
+
+        if plan.fanout is None:
+            job = job_for(plan, plan.record.tenant_id if plan.record is not None else BASE_ROWS)
+        else:  # every row counts as the tenant's, base rows included (all are the tenant's own links)
+            group = _Group(plan, [job_for(row, plan.request.tenant) for row in fanout.row_plans(plan)])
+            for index, member in enumerate(group.jobs):
+                member.group, member.index = group, index
+            job = group.jobs[0]
         ticket._job = job
         with self._lock:
             if self._stopping:
@@ -335,6 +367,8 @@ class Scheduler:
         late = [j for q in self._waiting.values() for j in q if j.deadline is not None and now >= j.deadline]
         late += [j for j in self._running.values() if j.deadline is not None and now >= j.deadline]
         for job in late:
+            if job.done:  # another row of its group timed out first
+                continue
             self._drop(job, RequestTimedOut(f"the request did not finish within request_timeout_s="
                                             f"{self.request_timeout_s:g} s"))
             self.timed_out += 1
@@ -348,7 +382,10 @@ class Scheduler:
                 log.exception("ending a row after repeated failures failed")
 
     def _drop(self, job: _Job | None, error: BaseException) -> None:
-        """End a waiting or running row early (cancel, timeout): KV row and hold freed, Finished(error)."""
+        """End a waiting or running row early (cancel, timeout): KV row and hold freed, Finished(error);
+        a fan-out row: its whole group."""
+        if job is not None and job.group is not None and job.done:  # e.g. the ticket's row ended, others run
+            job = next((m for m in job.group.jobs if not m.done), None)
         if job is None or job.done:
             return
         if job.row_id is not None:
@@ -362,7 +399,7 @@ class Scheduler:
                     del self._waiting[job.tenant]
         if isinstance(error, RequestCancelled):
             self.cancelled += 1
-        self._finish(job, self._service.failed(error, job.plan.exchange.error))
+        self._fail(job, self._service.failed(error, job.plan.exchange.error))
 
     def _admit(self) -> bool:
         """Waiting rows into free KV rows, tenants taking turns; True when any row started."""
@@ -389,7 +426,8 @@ class Scheduler:
 
     def _wanted(self) -> set[str]:
         """Adapters of the rows waiting to run (the residency asks while it picks an LRU victim)."""
-        return {j.plan.record.adapter_id for q in self._waiting.values() for j in q if j.plan.record is not None}
+        return {m.plan.record.adapter_id for q in self._waiting.values() for j in q
+                for m in (j.group.jobs if j.group is not None else (j,)) if m.plan.record is not None}
 
     def _at_cap(self, tenant: str) -> bool:
         return 0 < self.tenant_max_running <= self._running_by_tenant[tenant]
@@ -397,6 +435,8 @@ class Scheduler:
     def _start(self, job: _Job) -> str:
         """'started', 'blocked' (every adapter slot held: wait), 'full' (no KV row after all) or
         'failed' (the request got its error reply)."""
+        if job.group is not None:
+            return self._start_group(job.group)
         service = self._service
         try:
             plan, adapter = service.adapter_for(job.plan, service.residency.hold)
@@ -424,15 +464,56 @@ class Scheduler:
         self.admitted += 1
         return "started"
 
+    def _start_group(self, group: _Group) -> str:
+        """`_start` for a fan-out request: every row or none. 'full' while fewer KV rows are free than
+        it has rows (it keeps its tenant's turn, so smaller requests cannot starve it)."""
+        service, jobs = self._service, group.jobs
+        if self.stepper.free_rows() < len(jobs):
+            return "full"
+        taken: list[_Job] = []
+        try:
+            for job in jobs:  # hold every row's adapter first
+                job.plan, job.adapter = service.adapter_for(job.plan, service.residency.hold)
+                taken.append(job)
+            for job in jobs:
+                row_id = next(self._row_ids)
+                self.stepper.add(row_id, GenerationRow(job.plan.input_ids, job.adapter, job.params))
+                job.row_id = row_id
+        except (AllSlotsHeld, CacheFull) as exc:
+            self._undo(jobs, taken)
+            return "blocked" if isinstance(exc, AllSlotsHeld) else "full"
+        except Exception as exc:  # a load failure under load_failure_policy: error, bad params: this request only
+            self._undo(jobs, taken)
+            if isinstance(exc, RowTooLong):
+                exc = RequestTooLarge(str(exc))
+            self._fail(jobs[0], service.failed(exc, group.plan.exchange.error))
+            return "failed"
+        for job in jobs:
+            self._running[job.row_id] = job
+            self._running_by_tenant[job.tenant] += 1
+        self.admitted += 1
+        return "started"
+
+    def _undo(self, jobs: list[_Job], taken: list[_Job]) -> None:
+        """A group's admission failed part way: its added rows leave the stepper, its holds go."""
+        for job in jobs:
+            if job.row_id is not None:
+                row_id, job.row_id = job.row_id, None
+                self._guard(lambda: self.stepper.cancel(row_id))
+        for job in taken:
+            self._release(job)
+
     def _step(self) -> bool:
         try:
             events = self.stepper.step()
         except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
             log.exception("stepper.step failed with %d rows running", len(self._running))
             for job in list(self._running.values()):
+                if job.done:  # a row of a group already ended by another of its rows
+                    continue
                 self._guard(lambda: self.stepper.cancel(job.row_id))
                 self._retire(job)
-                self._finish(job, self._service.failed(exc, job.plan.exchange.error))
+                self._fail(job, self._service.failed(exc, job.plan.exchange.error))
             return False
         self.steps += 1
         now = self._clock()
@@ -456,7 +537,7 @@ class Scheduler:
                 job.logprobs.append(float(event.logprob))
                 job.top_logprobs.append(tuple(event.top_logprobs or ()))
             piece = job.stream.push(event.token_id)
-            if piece is not None and not self._emit(job, piece):
+            if piece is not None and job.group is None and not self._emit(job, piece):  # fan-out rows stream nothing
                 self._drop(job, RequestCancelled("cancelled: nobody reads the reply"))
                 return
         if event.finished is None and not job.stream.stopped:
@@ -478,15 +559,28 @@ class Scheduler:
             answer = service.answer(job.plan, out)
         except Exception as exc:
             log.exception("building the reply failed")
-            self._finish(job, service.failed(exc, job.plan.exchange.error))
+            self._fail(job, service.failed(exc, job.plan.exchange.error))
             return
-        rest = job.stream.rest(answer.text, answer.tokens)
+        rest = job.stream.rest(answer.text, answer.tokens) if job.group is None else None
         if rest is not None:
             self._emit(job, rest)
         itl = ((job.last_token_at - job.first_token_at) / (len(ids) - 1)) if len(ids) > 1 else None
         ttft = (job.first_token_at if job.first_token_at is not None else self._clock()) - job.arrived
         service.record_streamed(job.plan, answer.tokens, ttft, itl)
-        self._finish(job, answer.reply)
+        if job.group is None:
+            self._finish(job, answer.reply)
+            return
+        group = job.group  # a fan-out row: the request finishes with its last row
+        job.done = True
+        group.results[job.index] = fanout.RowResult(job.plan, out, answer)
+        if len(group.results) == len(group.jobs) and not group.finished:
+            group.finished = True
+            try:
+                reply = fanout.merge(group.plan, [group.results[i] for i in range(len(group.jobs))])
+            except Exception as exc:
+                log.exception("merging a fan-out's rows failed")
+                reply = service.failed(exc, group.plan.exchange.error)
+            self._finish(group.jobs[0], reply)
 
     def _emit(self, job: _Job, piece: Piece) -> bool:
         ids = tuple(job.stream.token_ids[piece.start:piece.end])
@@ -508,6 +602,25 @@ class Scheduler:
         if job.adapter is not None:
             adapter, job.adapter = job.adapter, None
             self._guard(lambda: self._service.residency.release(adapter))
+
+    def _fail(self, job: _Job, reply: "Reply") -> None:
+        """A row ended with an error reply: a one-row request's reply; a fan-out row's ends every other
+        row of its group (KV rows and holds freed) and is the request's one reply."""
+        group = job.group
+        if group is None:
+            self._finish(job, reply)
+            return
+        job.done = True
+        for other in group.jobs:
+            if other.done:
+                continue
+            other.done = True
+            if other.row_id is not None and other.row_id in self._running:
+                self._guard(lambda: self.stepper.cancel(other.row_id))
+                self._retire(other)
+        if not group.finished:
+            group.finished = True
+            self._finish(group.jobs[0], reply)
 
     def _finish(self, job: _Job, reply: "Reply") -> None:
         job.done = True

@@ -67,6 +67,8 @@ from .host_tier import HostTier
 from .metrics import WorkerMetrics
 from .residency import AdapterResidency
 from .scheduler import Finished, Scheduler, Ticket
+from . import fanout
+from .fanout import Fanout, FanoutPlanner, RowResult
 from .routes import Exchange, JsonExchange, route_for
 from .text_stream import covering, logprobs_body, stop_cut
 from .tenants import TenantResolver
@@ -115,6 +117,7 @@ class Plan:
     input_ids: tuple[int, ...] = ()
     exchange: Exchange | None = None  # the API it came by (routes.py): writes its reply and errors
     version_by: str | None = None  # why this version of the task serves it: ab_split.PINNED/SPLIT/SPLIT_MISSING/CURRENT
+    fanout: Fanout | None = None  # a chain / compare request's rows (handler/fanout.py); None = one row
 
 
 class LoraplexService:
@@ -160,6 +163,9 @@ class LoraplexService:
                                            tenant_max_running=config.tenant_max_running,
                                            request_timeout_s=config.request_timeout_s)
         log.info("scheduler: %s", self.scheduler_kind)
+        self.fanout = FanoutPlanner(self.resolver, lambda t, k: registry.history(t, task=k),
+                                    max_rows=config.max_fanout_rows, max_adapters=config.resident_adapters,
+                                    max_running=config.kv_rows if self.scheduler is not None else None)
 
     @property
     def scheduler_kind(self) -> str:
@@ -293,7 +299,7 @@ class LoraplexService:
             tenant = plan.record.tenant_id if plan.record is not None else None
             listed = models_body(tenant, self.resolver.tasks(tenant) if tenant is not None else ())
             return Reply(200, "OK", exchange.reply(listed))
-        return self._tokenize(plan)
+        return self._tokenize(self.fanout.plan(plan))  # step 4: one row, or a chain / compare fan-out
 
     def _check_fits(self, plan: Plan) -> None:
         """Continuous: 413 for a request that can never fit in one KV row (waiting would not help)."""
@@ -308,22 +314,30 @@ class LoraplexService:
         A batch needing more adapters than that is served in several waves, each one
         engine call, rather than falling back to the base model."""
         resident = self.residency.resident_ids()
-        ids = list(dict.fromkeys(p.record.adapter_id for p in pending.values() if p.record is not None))
-        ids.sort(key=lambda a: a not in resident)  # stable: keeps arrival order within each group
-        chosen = set(ids[:self.residency.max_resident])
-        return [i for i, p in pending.items() if p.record is None or p.record.adapter_id in chosen]
+        needs = {i: fanout.adapters(p) for i, p in pending.items()}  # a fan-out's rows go in one wave
+        chosen: set[str] = set()
+        wave: set[int] = set()
+        for i in sorted(pending, key=lambda i: not needs[i] <= resident):  # stable: arrival order in each group
+            if len(chosen | needs[i]) <= self.residency.max_resident:
+                chosen |= needs[i]
+                wave.add(i)
+        return [i for i in pending if i in wave] or list(pending)[:1]
 
     def _serve_wave(self, plans: dict[int, Plan], replies: list) -> None:
         """One engine call for these rows; adapters pinned for its duration."""
         with self.residency.batch() as lease:
-            rows: dict[int, GenerationRow] = {}
+            rows: dict[tuple[int, int], GenerationRow] = {}  # (request, its row): a fan-out has several
+            row_plans: dict[tuple[int, int], Plan] = {}
             for i, plan in plans.items():
                 try:
-                    plans[i], adapter = self.adapter_for(plan, lease.acquire)
+                    served = [self.adapter_for(p, lease.acquire) for p in fanout.row_plans(plan)]
                 except AdapterLoadFailed as exc:
                     replies[i] = self.failed(exc, plan.exchange.error)
                     continue
-                rows[i] = GenerationRow(plans[i].input_ids, adapter, self.sampling(plans[i].request))
+                for j, (row_plan, adapter) in enumerate(served):
+                    row_plans[i, j] = row_plan
+                    rows[i, j] = GenerationRow(row_plan.input_ids, adapter,
+                                               fanout.row_sampling(plan, self.sampling(row_plan.request)))
             if not rows:
                 return
             order = list(rows)
@@ -332,15 +346,18 @@ class LoraplexService:
                 outputs = self.engine.generate([rows[i] for i in order])
             except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
                 log.exception("engine.generate failed for a batch of %d rows", len(order))
-                for i in order:
+                for i, _ in order:
                     replies[i] = self.failed(exc, plans[i].exchange.error)
                 return
             self.batches += 1
             engine_s = time.perf_counter() - started
-            for i, out in zip(order, outputs):
-                answer = self.answer(plans[i], out)
-                replies[i] = answer.reply
-                self._record_served(plans[i], answer.tokens, engine_s)
+            results: dict[int, list[RowResult]] = {}
+            for key, out in zip(order, outputs):
+                answer = self.answer(row_plans[key], out)
+                results.setdefault(key[0], []).append(RowResult(row_plans[key], out, answer))
+                self._record_served(row_plans[key], answer.tokens, engine_s)
+            for i, served_rows in results.items():
+                replies[i] = fanout.merge(plans[i], served_rows)
 
     def adapter_for(self, plan: Plan, acquire: Callable[[TenantRecord], str]) -> tuple[Plan, str | None]:
         """The engine adapter of a planned row, made resident by `acquire` (a hold); None = base.

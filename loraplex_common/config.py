@@ -118,6 +118,7 @@ class LoraplexConfig:
     quota_max_tasks: int = 8                # tasks one tenant may own (0 = no limit)
     quota_max_versions: int = 20            # versions kept per task; onboarding one more is refused (0 = no limit)
     quota_max_bytes: int = 2147483648       # adapter bytes one tenant may keep in the store, all versions (0 = no limit)
+    max_fanout_rows: int = 8                # rows one compare / fallback-chain request may run (handler/fanout.py)
 
     @property
     def kv_row_tokens(self) -> int:
@@ -438,6 +439,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "quota_max_tasks": _int(0),
     "quota_max_versions": _int(0),
     "quota_max_bytes": _int(0),
+    "max_fanout_rows": _int(1),
 }
 assert set(_PARSERS) == {f.name for f in fields(LoraplexConfig)}, "every config key needs a parser"
 
