@@ -172,8 +172,17 @@ def test_every_endpoint_over_http(onb, tiny_adapters):
 
     r = onb.mgmt("POST", "/tenants/acme/rotate-key", headers=a)
     assert r.status_code == 200 and r.json()["tenant_key"] != first["tenant_key"]
-    r = onb.mgmt("PUT", "/tenants/acme/split", headers=a)
-    assert r.status_code == 501 and "not built" in r.json()["error"]["message"]
+    # A/B split through TorchServe (the query form: no body) and with a JSON body on the service itself
+    r = onb.mgmt("PUT", "/tenants/acme/split", params={"task": "default", "arms": "v1=90,v2=10"}, headers=a)
+    assert r.status_code == 200 and r.json()["splits"] == {"default": [{"version": 1, "weight": 90},
+                                                                       {"version": 2, "weight": 10}]}, r.text
+    assert onb.mgmt("PUT", "/tenants/acme/split", headers=a).status_code == 400  # no arms
+    assert onb.mgmt("PUT", "/tenants/acme/split", json={"arms": {"v1": 1}}, headers=a).status_code == 501
+    r = onb.direct("POST", "/tenants/acme/split", json={"task": "qa", "arms": {"v3": 1}}, headers=a)
+    assert r.status_code == 200 and sorted(r.json()["splits"]) == ["default", "qa"], r.text
+    assert onb.mgmt("GET", "/tenants/acme", headers=a).json()["tasks"]["qa"]["split"] == [{"version": 3, "weight": 1}]
+    r = onb.mgmt("DELETE", "/tenants/acme/split", headers=a)
+    assert r.status_code == 200 and r.json()["splits"] == {}
 
     for path, status in (("/tenants/nobody", 404), ("/tenants/Bad..Id", 400), ("/tenants/acme/frobnicate", 404)):
         assert onb.mgmt("GET", path, headers=a).status_code == status, path

@@ -197,3 +197,88 @@ def test_backup_and_restore_carry_the_policy(acme, redis_url, prefix, store, bas
         assert target.get_policy("acme") == TenantPolicy()
     finally:
         target.close()
+
+
+# ---------------------------------------------------------------------------- tenantctl split / HTTP /split
+from .test_cli import ctl  # noqa: E402,F401  (the installed tenantctl against this test's prefix)
+
+
+def test_tenantctl_split(ctl, tiny_adapters, redis_url, prefix, tmp_path):
+    for src, extra in (("a", ()), ("b", ()), ("c", ("--task", "qa"))):
+        assert ctl("onboard", "acme", str(tiny_adapters[src]), *extra)[0] == 0
+    rc, doc, _ = ctl("--json", "split", "acme", "--task", "default", "v1=90", "v2=10")
+    assert rc == 0 and doc["splits"] == {"default": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}
+    assert TenantRegistry(redis_url, prefix).get_policy("acme").split("default") == (SplitArm(1, 90), SplitArm(2, 10))
+    rc, _, text = ctl("show", "acme")
+    assert rc == 0 and "split:       v1=90 v2=10" in text
+    rc, doc, _ = ctl("--json", "show", "acme", "--task", "qa")
+    assert rc == 0 and doc["split"] == []
+    assert ctl("split", "acme", "--task", "qa", "v3=1")[0] == 0
+    rc, _, text = ctl("split", "acme")
+    assert rc == 0 and "task default: split v1=90 v2=10" in text and "task qa: split v3=1" in text
+    # refusals: nothing written, exit 2 (a bad arm or a version not in that task's history), 3 (unknown)
+    for args, code, words in ((("v1=90", "v3=10"), 2, "no version v3"), (("v1=0",), 2, "weight"),
+                              (("v1",), 2, "expected 'v<version>=<weight>'"), ((), 0, "")):
+        rc, _, text = ctl("split", "acme", "--task", "default", *args)
+        assert rc == code and words in text, text
+    assert ctl("split", "nobody", "v1=1")[0] == 3
+    assert ctl("split", "acme", "--task", "nope", "v1=1")[0] == 3
+    assert ctl("split", "acme", "--clear", "v1=1")[0] == 2
+    # a version whose stored files were altered is refused before workers are pointed at it
+    (tmp_path / "store" / "acme" / "v2" / "adapter_model.safetensors").write_bytes(b"x")
+    rc, _, text = ctl("split", "acme", "v1=50", "v2=50")
+    assert rc == 4, text
+    # --clear of one task, then of every task
+    rc, doc, _ = ctl("--json", "split", "acme", "--task", "qa", "--clear")
+    assert rc == 0 and doc["splits"] == {"default": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}
+    assert ctl("split", "acme", "--task", "qa", "v3=1")[0] == 0
+    rc, doc, _ = ctl("--json", "split", "acme", "--clear")
+    assert rc == 0 and doc["splits"] == {}
+    assert TenantRegistry(redis_url, prefix).get_policy("acme") == TenantPolicy()
+
+
+@pytest.fixture
+def api(config, tmp_path, acme):
+    from tenant_registry.http_api import OnboardingApi
+
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"management": {"key": "sekrit"}}))
+    return OnboardingApi(config, key_file=key_file)
+
+
+def _http(api, method, path, query=None, body=None):
+    from tenant_registry.http_api import Request
+
+    raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    reply = api.handle(Request(method, path, query or {}, {"authorization": ["Bearer sekrit"]}, raw))
+    return reply.status, reply.doc
+
+
+def test_http_split_endpoint(api, acme, raw_redis, prefix):
+    assert _http(api, "GET", "/tenants/acme/split") == (200, {"tenant": "acme", "splits": {}})
+    status, doc = _http(api, "POST", "/tenants/acme/split", body={"task": "default", "arms": {"v1": 90, "v2": 10}})
+    assert status == 200 and doc["splits"] == {"default": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}
+    status, doc = _http(api, "PUT", "/tenants/acme/split", {"task": "summarize", "arms": "v3=1"})
+    assert status == 200 and sorted(doc["splits"]) == ["default", "summarize"]
+    assert _http(api, "GET", "/tenants/acme")[1]["tasks"]["default"]["split"] == [{"version": 1, "weight": 90},
+                                                                                  {"version": 2, "weight": 10}]
+    before = raw_redis.get(f"{prefix}:policy:acme")
+    for method, query, body, status, words in (
+            ("POST", None, {"arms": {"v1": 50, "v3": 50}}, 400, "no version v3"),
+            ("POST", None, {"arms": {"v1": True}}, 400, "expected 'v<version>=<weight>'"),
+            ("POST", None, {"arms": {"v1": 1}, "extra": 1}, 400, "JSON body must be"),
+            ("POST", None, [1, 2], 400, "JSON body must be"),
+            ("POST", None, b"{not json", 400, "not JSON"),
+            ("POST", {"task": "nope", "arms": "v1=1"}, None, 404, "no task 'nope'"),
+            ("POST", {"task": "Bad!", "arms": "v1=1"}, None, 400, "invalid task name"),
+            ("POST", {"arms": "v1=1", "x": "1"}, None, 400, "unknown query"),
+            ("POST", {}, None, 400, "needs arms"),
+            ("PATCH", None, None, 405, "not allowed")):
+        got, doc = _http(api, method, "/tenants/acme/split", query, body)
+        assert got == status and words in doc["error"]["message"], (method, query, body, doc)
+    assert raw_redis.get(f"{prefix}:policy:acme") == before  # nothing written by the refusals
+    assert _http(api, "POST", "/tenants/nobody/split", {"arms": "v1=1"})[0] == 404
+    status, doc = _http(api, "DELETE", "/tenants/acme/split", {"task": "summarize"})
+    assert status == 200 and sorted(doc["splits"]) == ["default"]
+    status, doc = _http(api, "DELETE", "/tenants/acme/split")
+    assert status == 200 and doc["splits"] == {} and raw_redis.get(f"{prefix}:policy:acme") is None
