@@ -9,6 +9,7 @@
     tenantctl [global options] export [FILE|-]
     tenantctl [global options] import FILE [--replace]
     tenantctl [global options] status [TENANT]
+    tenantctl [global options] split TENANT [--task TASK] [vN=WEIGHT ...] [--clear]
     tenantctl [global options] chain TENANT [LINK ... --threshold T | --clear]
 
 Tasks: a tenant owns named tasks, each its own adapter line with versions, history and rollback
@@ -32,6 +33,13 @@ fallback chain (links "<task>", "<task>@v<N>", ending with "base"; at most `max_
 a request naming no task, pin or compare runs every link as a row of one batch and is answered by the
 first link whose mean token log-probability reaches the threshold (else base). `--clear` ends it;
 `chain acme` alone shows it. One registry change, which every worker picks up at once.
+
+A/B splits: `split acme --task default v3=90 v4=10` serves the task's requests from v3 and v4 in that
+ratio (weights are relative; every version must be in the task's history and its files intact in the
+store); a request with X-User-ID always gets the same version while the split is unchanged.
+`split acme --task default --clear` ends that task's split, `split acme --clear` every task's; `split
+acme` shows them (so does `show`). A `rollback` of the task ends its split too. Each is one registry
+change, which every worker picks up at once.
 
 Backup: `export` writes every tenant's record, history, status, key digest and version counter as one
 JSON document (to FILE, or stdout for `-` or no FILE); `import` restores it, refusing tenants that
@@ -91,9 +99,9 @@ from .errors import (AdapterInvalid, ConfigError, InvalidTaskName, InvalidTenant
                      RegistryUnavailable, TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
 from .onboarding import ensure_key, onboard, rotate_key
-from .ids import DEFAULT_TASK, format_link, parse_link, parse_task_adapter_id
+from .ids import DEFAULT_TASK, format_link, parse_link, parse_task_adapter_id, validate_task
 from .registry import TenantRegistry, rollback_version
-from .schema import TenantPolicy, TenantRecord
+from .schema import SplitArm, TenantPolicy, TenantRecord, parse_arms
 from .store import AdapterStore, open_store
 from .validate import BaseModelSpec
 
@@ -178,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = add("import", "restore a backup made by export", tenant=False)
     imp.add_argument("file", metavar="FILE", help="backup file ('-': stdin)")
     imp.add_argument("--replace", action="store_true", help="overwrite tenants that already exist")
+    split = task(add("split", "set, show or clear the tenant's A/B splits between versions of a task"), None,
+                 "the task whose split this is (default: 'default' to set; every task to show or --clear)")
+    split.add_argument("arms", metavar="vN=WEIGHT", nargs="*", help="the split's arms, e.g. v3=90 v4=10")
+    split.add_argument("--clear", action="store_true", help="end the split (of --task, else of every task)")
     add("status", "ask TorchServe which adapters each worker holds; with TENANT, list the tenant's tasks",
         tenant=False).add_argument("tenant", metavar="TENANT", nargs="?")
     chain = add("chain", "set, show or clear the tenant's confidence fallback chain")
@@ -359,10 +371,13 @@ def cmd_show(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     hist = reg.history(args.tenant, task=args.task)
     tasks = reg.tasks(args.tenant)
     digest = reg.get_key_digest(args.tenant)
+    splits = reg.get_policy(args.tenant).splits
     versions = ", ".join(f"v{h.version}{'*' if h.version == rec.version else ''}" for h in hist)
     key = {"created_at": digest.created_at} if digest else None  # never the salt/digest: nothing to gain
-    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist], "key": key, "tasks": tasks},
+    out.result({"record": rec.to_dict(), "history": [h.to_dict() for h in hist], "key": key, "tasks": tasks,
+                "split": [{"version": a.version, "weight": a.weight} for a in splits.get(args.task, ())]},
                f"{_record_text(rec)}\nhistory:     {versions}\ntasks:       {', '.join(tasks)}\n"
+               f"split:       {_split_text(splits.get(args.task, ()))}\n"
                f"key:         {'issued ' + _ts(digest.created_at) if digest else 'none (tenantctl rotate-key issues one)'}")
 
 
@@ -398,6 +413,55 @@ def cmd_rollback(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> No
     _store(cfg).verify(hist[target])  # never point workers at missing/altered files
     rec = reg.rollback(args.tenant, to_version=target, task=args.task)
     out.result({"record": rec.to_dict()}, f"{rec.tenant_id}: now serving {rec.adapter_id} (was {cur.adapter_id})")
+
+
+def split_change(reg: TenantRegistry, store: AdapterStore, tenant: str, task: str,
+                 arms: Sequence[SplitArm]) -> Callable[[TenantPolicy], TenantPolicy]:
+    """The policy change that sets the task's A/B split (`tenantctl split`, `POST /tenants/<t>/split`),
+    after checking each arm's stored files as a rollback does (never point workers at missing or
+    altered files). The registry refuses, in `update_policy`, versions not in the task's history."""
+    task = validate_task(task)
+    if not arms:
+        raise PolicyInvalid("a split needs arms, e.g. v3=90 v4=10 (or --clear to end it)")
+    history = {h.version: h for h in reg.history(tenant, task=task)}  # TaskNotFound: exit 3 / 404
+    for arm in arms:
+        if arm.version in history:
+            store.verify(history[arm.version])
+    return lambda policy: policy.with_split(task, tuple(arms))
+
+
+def clear_split(task: str | None) -> Callable[[TenantPolicy], TenantPolicy]:
+    """The policy change that ends the task's split (None: every task's)."""
+    if task is None:
+        return lambda policy: policy.replace(splits={})
+    task = validate_task(task)
+    return lambda policy: policy.with_split(task, ())
+
+
+def split_doc(tenant: str, policy: TenantPolicy) -> dict[str, Any]:
+    return {"tenant": tenant, "splits": policy.to_dict()["splits"]}
+
+
+def _split_text(arms: Sequence[SplitArm]) -> str:
+    return " ".join(f"v{a.version}={a.weight}" for a in arms) or "none"
+
+
+def cmd_split(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    reg = _registry(cfg)
+    if args.clear:
+        if args.arms:
+            raise ConfigError("--clear takes no arms")
+        policy = reg.update_policy(args.tenant, clear_split(args.task))
+    elif args.arms:
+        change = split_change(reg, _store(cfg), args.tenant, args.task or DEFAULT_TASK, parse_arms(args.arms))
+        policy = reg.update_policy(args.tenant, change)
+    else:
+        if not reg.tasks(args.tenant):
+            raise TenantNotFound(args.tenant)
+        policy = reg.get_policy(args.tenant)
+    doc = split_doc(args.tenant, policy)
+    lines = [f"{args.tenant}: task {t}: split {_split_text(arms)}" for t, arms in policy.splits.items()]
+    out.result(doc, "\n".join(lines) or f"{args.tenant}: no A/B split")
 
 
 def cmd_pin(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
@@ -586,12 +650,17 @@ def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
 COMMANDS = {"onboard": cmd_onboard, "list": cmd_list, "show": cmd_show, "disable": cmd_status_change,
             "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status,
             "rotate-key": cmd_rotate_key, "export": cmd_export, "import": cmd_import, "pin": cmd_pin,
-            "unpin": cmd_pin, "chain": cmd_chain}
+            "unpin": cmd_pin, "split": cmd_split, "chain": cmd_chain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tenantctl` console script; returns the exit code (see module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "split" and not any(e.startswith("-") for e in extra):
+        args.arms = [*args.arms, *extra]  # `split acme --task default v3=90 v4=10`: arms after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     out = _Out(bool(getattr(args, "json", False)))
     model_config = None
     try:

@@ -28,7 +28,10 @@ Routes (management token, `Authorization: Bearer <key_file.json management key>`
   POST   /tenants/<t>/disable | /enable           status (covers all tasks)
   POST   /tenants/<t>/rollback[?task=][&to=N]     make an older version current
   POST   /tenants/<t>/rotate-key                  new tenant key (shown once)
-  *      /tenants/<t>/split                       501: A/B splits are not built here
+  GET|POST|PUT|DELETE /tenants/<t>/split[?task=<task>][&arms=v3=90,v4=10]  A/B splits: show | set one
+                                                  task's (JSON {"task", "arms": {"v3": 90, "v4": 10}}, or
+                                                  the query, which passes the 8081 plugin) | clear (?task=:
+                                                  that task's, else every task's)
   GET|POST|DELETE /tenants/<t>/chain[?links=a,b@v2,base&threshold=T]  the fallback chain: show | set
                                                   (query or JSON {"links", "threshold"}) | clear
   DELETE /tenants/<t>[?task=<task>]               remove the tenant (or one task), records and files
@@ -40,7 +43,7 @@ Route for a tenant (its own key, never the management token; this service only, 
 Statuses (the one table: `status_of`): 400 bad input / adapter refused, 401 token or key, 403 another
 tenant's / disabled tenant publishing, 404 unknown tenant, task, version or route, 405 method,
 409 version conflict or quota_max_tasks / quota_max_versions, 413 body over the upload limit, an
-oversized adapter or quota_max_bytes, 501 split, 503 Redis unavailable, 500 anything else (a plain
+oversized adapter or quota_max_bytes, 503 Redis unavailable, 500 anything else (a plain
 sentence; the cause goes to this service's log).
 
 Uploads are written, under names this code chooses from a fixed set of plain file names (never a
@@ -75,13 +78,14 @@ from typing import Any
 
 from loraplex_common.adapter_format import ADAPTER_FILES, MAX_CONFIG_BYTES
 from loraplex_common.config import ConfigError, LoraplexConfig, find_model_config
-from .cli import base_model_dir, chain_doc, chain_policy, check_store, clear_chain
+from .cli import base_model_dir, chain_doc, chain_policy, check_store, clear_chain, clear_split, split_change, split_doc
 from .errors import (AdapterInvalid, InvalidTaskName, InvalidTenantId, PolicyInvalid, RegistryError,
                      RegistryUnavailable, TenantExists, TenantNotFound, VersionConflict, VersionNotFound)
 from .ids import validate_task, validate_tenant_id
 from .keys import verify_key
 from .onboarding import ensure_key, onboard, rotate_key
 from .quotas import QuotaExceeded, QuotaLimits, usage
+from .schema import parse_arms
 from .registry import TenantRegistry, rollback_version
 from .store import AdapterStore, open_store
 from .validate import BaseModelSpec
@@ -251,8 +255,7 @@ class OnboardingApi:
         if len(rest) == 2 and rest[1] == "chain":
             return self._chain(req, tenant)
         if len(rest) == 2 and rest[1] == "split":
-            raise HttpError(501, "NotImplemented", "A/B splits are not built in loraplex's onboarding API "
-                                                   "(issue 14 item 3)")
+            return self._split(req, tenant)
         if len(rest) == 2 and rest[1] in ("disable", "enable", "rollback", "rotate-key"):
             self._allow(m, "POST", "PUT")
             action = rest[1]
@@ -289,6 +292,8 @@ class OnboardingApi:
             out[task] = {"record": rec.to_dict(),
                          "history": [h.to_dict() for h in self.registry.history(tenant, task=task)]}
         digest = self.registry.get_key_digest(tenant)
+        for task, arms in split_doc(tenant, self.registry.get_policy(tenant))["splits"].items():
+            out[task]["split"] = arms  # the task's A/B split, when it has one
         return Reply(200, {"tenant": tenant, "tasks": out,
                            "key": {"created_at": digest.created_at} if digest else None,
                            "quota": {"limits": QuotaLimits.from_config(self.config).to_dict(),
@@ -380,6 +385,41 @@ class OnboardingApi:
         change = chain_policy(links, threshold, self.config)
         with self._lock:
             return Reply(200, chain_doc(tenant, self.registry.update_policy(tenant, change)))
+
+    def _split(self, req: Request, tenant: str) -> Reply:
+        """GET: the tenant's A/B splits; POST/PUT: set one task's (a JSON body {"task": T, "arms":
+        {"v3": 90, "v4": 10}}, or `?task=T&arms=v3=90,v4=10`); DELETE: end one task's (`?task=T`) or
+        every task's. The changes `tenantctl split` makes (cli.split_change / clear_split)."""
+        self._allow(req.method, "GET", "POST", "PUT", "DELETE")
+        if req.method == "GET":
+            self._only(req)
+            if not self.registry.tasks(tenant):
+                raise TenantNotFound(tenant)
+            return Reply(200, split_doc(tenant, self.registry.get_policy(tenant)))
+        if req.method == "DELETE":
+            self._only(req, "task")
+            change = clear_split(req.query.get("task"))
+            with self._lock:
+                return Reply(200, split_doc(tenant, self.registry.update_policy(tenant, change)))
+        self._only(req, "task", "arms")
+        if req.body:
+            try:
+                doc = json.loads(req.body)
+            except ValueError as e:
+                raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
+            arms = doc.get("arms") if isinstance(doc, dict) else None
+            if (req.query or not isinstance(doc, dict) or not set(doc) <= {"task", "arms"} or not isinstance(arms, dict)
+                    or not isinstance(doc.get("task", DEFAULT_TASK), str)):
+                raise HttpError(400, "BadRequest", 'JSON body must be {"task": "<task>", "arms": {"v3": 90, "v4": 10}} '
+                                                   '(and no query)')
+            task = doc.get("task", DEFAULT_TASK)
+            specs = [f"{k}={w}" if isinstance(w, int) and not isinstance(w, bool) else f"{k}=?" for k, w in arms.items()]
+        else:
+            task = req.query.get("task", DEFAULT_TASK)
+            specs = [x for x in req.query.get("arms", "").split(",") if x]
+        with self._lock:
+            change = split_change(self.registry, self.store, tenant, task, parse_arms(specs))
+            return Reply(200, split_doc(tenant, self.registry.update_policy(tenant, change)))
 
     def _remove(self, tenant: str, task: str | None) -> Reply:
         if task is not None:
