@@ -32,7 +32,8 @@ Fallback chain: `chain acme summarize@v3 default base --threshold -1.5` sets the
 fallback chain (links "<task>", "<task>@v<N>", ending with "base"; at most `max_fanout_rows` links):
 a request naming no task, pin or compare runs every link as a row of one batch and is answered by the
 first link whose mean token log-probability reaches the threshold (else base). `--clear` ends it;
-`chain acme` alone shows it. One registry change, which every worker picks up at once.
+`chain acme` alone shows it. One registry change, which every worker picks up at once. (A threshold
+in exponent form needs the `=`: `--threshold=-1e-3`, or argparse takes it for an option.)
 
 A/B splits: `split acme --task default v3=90 v4=10` serves the task's requests from v3 and v4 in that
 ratio (weights are relative; every version must be in the task's history and its files intact in the
