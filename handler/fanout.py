@@ -40,6 +40,7 @@ from tenant_registry.errors import InvalidTenantId, PolicyInvalid, TaskNotFound,
 from tenant_registry.ids import BASE_LINK, DEFAULT_TASK, adapter_id, format_link, parse_link, parse_task_adapter_id
 from tenant_registry.schema import ChainLink, TenantRecord
 
+from .ab_split import CURRENT, PINNED
 from .engine.api import GenerationOutput, SamplingParams
 from .errors import AdapterNotAllowed, InvalidRequest
 from .routes import JsonExchange
@@ -55,11 +56,13 @@ CHAIN, COMPARE = "chain", "compare"
 
 @dataclass(frozen=True)
 class Link:
-    """One row of a fan-out: its name as the reply shows it, and the record that serves it (None =
-    the base model)."""
+    """One row of a fan-out: its name as the reply shows it, the record that serves it (None = the
+    base model) and why that version (ab_split.PINNED: the link names it; CURRENT: the task's
+    current one; None on base), which the row's reply and the split counters read."""
 
     name: str
     record: TenantRecord | None
+    version_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class FanoutPlanner:
         tenant, task = req.tenant, plan.record.task
         if req.compare == ALL_VERSIONS:
             history = self._history(tenant, task)
-            links = [Link(f"v{r.version}", r) for r in history] + [Link(BASE_LINK, None)]
+            links = [Link(f"v{r.version}", r, PINNED) for r in history] + [Link(BASE_LINK, None)]
             if len(links) > self.max_rows:
                 raise InvalidRequest(f"'compare': \"all_versions\" is {len(links)} rows (task {task!r} has "
                                      f"{len(history)} versions, plus base); this server runs at most {self.max_rows} "
@@ -123,7 +126,7 @@ class FanoutPlanner:
         if len(req.compare) > self.max_rows:
             raise InvalidRequest(f"'compare' names {len(req.compare)} rows; this server runs at most "
                                  f"{self.max_rows} per request (max_fanout_rows)")
-        return Fanout(COMPARE, tuple(Link(entry, self._record(tenant, self._compare_link(tenant, task, entry)))
+        return Fanout(COMPARE, tuple(self._link(tenant, entry, self._compare_link(tenant, task, entry))
                                      for entry in req.compare))
 
     @staticmethod
@@ -153,12 +156,16 @@ class FanoutPlanner:
         links, skipped = [], []
         for link in chain:
             try:
-                links.append(Link(format_link(link), self._record(tenant, link)))
+                links.append(self._link(tenant, format_link(link), link))
             except (TenantNotFound, InvalidRequest):  # gone since the chain was set: leave it out
                 skipped.append(format_link(link))
         return Fanout(CHAIN, tuple(links), threshold, tuple(skipped))
 
     # -- both ------------------------------------------------------------------------
+
+    def _link(self, tenant: str, name: str, link: ChainLink) -> Link:
+        record = self._record(tenant, link)
+        return Link(name, record, None if record is None else PINNED if link.version is not None else CURRENT)
 
     def _record(self, tenant: str, link: ChainLink) -> TenantRecord | None:
         """The record serving a link (None: base). TaskNotFound (404) for a task the tenant does not
@@ -201,7 +208,8 @@ def row_plans(plan: "Plan") -> list["Plan"]:
     rows' bodies together before the request's own API shapes the reply."""
     if plan.fanout is None:
         return [plan]
-    return [replace(plan, record=link.record, fallback=None, fanout=None, exchange=JsonExchange(plan.request))
+    return [replace(plan, record=link.record, fallback=None, fanout=None, exchange=JsonExchange(plan.request),
+                    version_by=link.version_by)
             for link in plan.fanout.links]
 
 

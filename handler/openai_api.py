@@ -179,6 +179,7 @@ def completion_body(req: OpenAIRequest, body: Mapping[str, Any], *, created: int
                   "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         "loraplex": {"tenant": body["tenant"], "task": body.get("task"), "adapter": body["adapter"],
                      **{k: body[k] for k in ("version", "version_by") if k in body},  # the served version
+                     **({"route": body["route"]} if "route" in body else {}),  # which task and why (task_router.py)
                      "fallback": body["fallback"], **({"chain": body["chain"]} if "chain" in body else {})},
     }
 

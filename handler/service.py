@@ -67,6 +67,7 @@ from .host_tier import HostTier
 from .metrics import WorkerMetrics
 from .residency import AdapterResidency
 from .scheduler import Finished, Scheduler, Ticket
+from .task_router import RouteDecision, make_routing, routing_text
 from . import fanout
 from .fanout import Fanout, FanoutPlanner, RowResult
 from .routes import Exchange, JsonExchange, route_for
@@ -117,6 +118,7 @@ class Plan:
     input_ids: tuple[int, ...] = ()
     exchange: Exchange | None = None  # the API it came by (routes.py): writes its reply and errors
     version_by: str | None = None  # why this version of the task serves it: ab_split.PINNED/SPLIT/SPLIT_MISSING/CURRENT
+    route: RouteDecision | None = None  # which task and why (handler/task_router.py); None: no tenant task
     fanout: Fanout | None = None  # a chain / compare request's rows (handler/fanout.py); None = one row
 
 
@@ -163,6 +165,8 @@ class LoraplexService:
                                            tenant_max_running=config.tenant_max_running,
                                            request_timeout_s=config.request_timeout_s)
         log.info("scheduler: %s", self.scheduler_kind)
+        self.router = make_routing(config.task_router, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                                   lambda batch: self._on_engine(lambda: self.engine.embed(batch)))
         self.fanout = FanoutPlanner(self.resolver, lambda t, k: registry.history(t, task=k),
                                     max_rows=config.max_fanout_rows, max_adapters=config.resident_adapters,
                                     max_running=config.kv_rows if self.scheduler is not None else None)
@@ -421,8 +425,27 @@ class LoraplexService:
             task, version = self._pinned_version(req)  # 403 unless one of the tenant's own
             if record is None:
                 raise TaskNotFound(req.tenant, task)  # a pin names a version of a task that must exist
-            return Plan(req, self._explicit_version(record, version), None, version_by=PINNED)
-        return self._split_version(req, record if record is not None else self._task_record(req, task))
+            return Plan(req, self._explicit_version(record, version), None, version_by=PINNED,
+                        route=self.router.explicit(task))
+        route = self._route(req)  # step 2: the task (explicit > router > default)
+        if route.task != task:
+            task, record = route.task, self.resolver.resolve(req.tenant, route.task)
+        plan = self._split_version(req, record if record is not None else self._task_record(req, task))
+        return replace(plan, route=route)
+
+    def _route(self, req: InferenceRequest) -> RouteDecision:
+        """The task of a known, enabled tenant's request: the one it named, else its policy's router's
+        pick (`router: classify`, handler/task_router.py; never raises), else the default task."""
+        if req.task is not None:
+            return self.router.explicit(req.task)
+        policy = self.resolver.policy(req.tenant)
+        return self.router.decide(req.tenant, routing_text(req.prompt, req.messages), policy.router,
+                                  policy.examples, self.resolver.tasks(req.tenant))
+
+    def _on_engine(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on the thread that owns the engine: the scheduler's (continuous; between two steps),
+        else the caller's (static: the worker thread serving the batch)."""
+        return fn() if self.scheduler is None else self.scheduler.call(fn)
 
     def _split_version(self, req: InferenceRequest, current: TenantRecord) -> Plan:
         """A request that pinned no version: the version its task's A/B split picks (handler/ab_split.py;
@@ -534,6 +557,7 @@ class LoraplexService:
             "version": plan.record.version if plan.record is not None else None,  # the version that served it
             "version_by": plan.version_by if plan.record is not None else None,  # pinned | split | current | ...
             "fallback": plan.fallback,
+            "route": plan.route.to_dict() if plan.route is not None else None,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(plan.input_ids), "completion_tokens": len(token_ids)},
         }
@@ -571,6 +595,7 @@ class LoraplexService:
         view["counters"].update(fallbacks=dict(self.fallbacks), requests=self.requests, engine_calls=self.batches,
                                 registry_stale_hits=self.resolver.stale_hits,
                                 registry_events=self.resolver.events_seen)
+        view["router"] = self.router.describe()  # task router: routed, errors, unknown_task, cache
         view["splits"] = self.splits.snapshot()  # tenant -> task -> {"v<N>": requests answered by the split}
         return view
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
-_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "fallback")
+_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "fallback", "route")
 
 
 class ChunkStream(Protocol):

@@ -118,6 +118,7 @@ class LoraplexConfig:
     quota_max_tasks: int = 8                # tasks one tenant may own (0 = no limit)
     quota_max_versions: int = 20            # versions kept per task; onboarding one more is refused (0 = no limit)
     quota_max_bytes: int = 2147483648       # adapter bytes one tenant may keep in the store, all versions (0 = no limit)
+    task_router: str = "builtin"            # router of `router: classify` tenants: builtin | "package.module:callable"
     max_fanout_rows: int = 8                # rows one compare / fallback-chain request may run (handler/fanout.py)
 
     @property
@@ -386,6 +387,16 @@ def _prefix(key: str, v: Any) -> str:
     return s
 
 
+def _router(key: str, v: Any) -> str:
+    """"builtin" or a Python callable named "package.module:callable" (imported by the worker at start)."""
+    s = _nonempty_str(key, v)
+    if s.lower() == "builtin":
+        return "builtin"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", s):
+        raise ConfigError(f"config key {key!r} must be 'builtin' or 'package.module:callable', got {s[:80]!r}", key=key)
+    return s
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "redis_url": _url("redis", "rediss", "unix"),
     "redis_prefix": _prefix,
@@ -439,6 +450,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "quota_max_tasks": _int(0),
     "quota_max_versions": _int(0),
     "quota_max_bytes": _int(0),
+    "task_router": _router,
     "max_fanout_rows": _int(1),
 }
 assert set(_PARSERS) == {f.name for f in fields(LoraplexConfig)}, "every config key needs a parser"

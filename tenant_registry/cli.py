@@ -1,6 +1,6 @@
 """tenantctl: the operator's command line for the tenant registry.
 
-    tenantctl [global options] onboard TENANT ADAPTER_DIR [--task TASK]
+    tenantctl [global options] onboard TENANT ADAPTER_DIR [--task TASK] [--examples FILE]
     tenantctl [global options] list | show TENANT [--task TASK] | disable TENANT | enable TENANT
     tenantctl [global options] remove TENANT [--task TASK]
     tenantctl [global options] rollback TENANT [--to VERSION] [--task TASK]
@@ -11,6 +11,7 @@
     tenantctl [global options] status [TENANT]
     tenantctl [global options] split TENANT [--task TASK] [vN=WEIGHT ...] [--clear]
     tenantctl [global options] chain TENANT [LINK ... --threshold T | --clear]
+    tenantctl [global options] router TENANT [header|classify] [--task TASK --examples FILE]
 
 Tasks: a tenant owns named tasks, each its own adapter line with versions, history and rollback
 (`onboard acme ./adapter --task summarize`). `--task` defaults to `default`, the line every tenant had
@@ -19,6 +20,12 @@ before tasks existed (what a request without a task gets). `remove TENANT` remov
 keys and pins are the tenant's, for all its tasks (a pin keeps the default task's current adapter).
 `show TENANT` and `status TENANT` list the tenant's tasks. Version numbers are one sequence per tenant
 across its tasks (acme@v1, acme:summarize@v2, ...).
+
+Task router: `router TENANT classify` lets the worker's router pick the task of a request that names
+none, from each task's example prompts (`onboard ... --examples FILE` or `router TENANT --task T
+--examples FILE`: one prompt per line, or a JSON list; they replace the task's earlier ones);
+`router TENANT header` (the default) serves such requests with the default task. Each change is one
+policy write (one event every worker follows); `router TENANT` shows the router and the examples.
 
 Tenant keys: the first `onboard` of a tenant (one without a key) issues its key and prints it once
 ("tenant_key" in --json output; null when no key was issued). Only a salted digest is stored, so the
@@ -99,7 +106,7 @@ from loraplex_common.config import (MODEL_CONFIG_FILE, LoraplexConfig, env_value
 from .errors import (AdapterInvalid, ConfigError, InvalidTaskName, InvalidTenantId, PolicyInvalid, RegistryError,
                      RegistryUnavailable, TenantNotFound, VersionNotFound)
 from .backup import BackupInvalid, export_registry, import_registry
-from .onboarding import ensure_key, onboard, rotate_key
+from .onboarding import ensure_key, onboard, parse_examples, rotate_key, router_change, router_doc, with_examples
 from .ids import DEFAULT_TASK, format_link, parse_link, parse_task_adapter_id, validate_task
 from .registry import TenantRegistry, rollback_version
 from .schema import SplitArm, TenantPolicy, TenantRecord, parse_arms
@@ -169,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=what or f"the tenant's task (adapter line); default {default!r}")
         return p
 
-    task(add("onboard", "validate an adapter and register it as the next version of the tenant's task")).add_argument(
-        "adapter_dir", metavar="ADAPTER_DIR")
+    onboard_p = task(add("onboard", "validate an adapter and register it as the next version of the tenant's task"))
+    onboard_p.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    onboard_p.add_argument("--examples", metavar="FILE", help="the task's example prompts for the task router "
+                           "(one per line, or a JSON list); replaces the task's earlier ones")
     add("list", "list tenants (one row per task)", tenant=False)
     task(add("show", "show a tenant's tasks, and one task's current record and history"))
     add("disable", "disable a tenant (all its tasks; its requests are refused)")
@@ -197,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("links", metavar="LINK", nargs="*", help="'<task>' or '<task>@v<N>' in order, ending with 'base'")
     chain.add_argument("--threshold", type=float, metavar="T", help="mean token log-prob a link's answer must reach")
     chain.add_argument("--clear", action="store_true", help="end the chain (requests are served by their task again)")
+    router = task(add("router", "set or show the tenant's task router (header or classify) and a task's example "
+                               "prompts"), None, "the task whose --examples these are")
+    router.add_argument("mode", metavar="MODE", nargs="?", choices=("header", "classify"),
+                        help="header: a request without a task gets the default task; classify: the router picks")
+    router.add_argument("--examples", metavar="FILE", help="the task's example prompts (one per line, or a JSON list)")
     return parser
 
 
@@ -285,6 +299,7 @@ def check_store(reg: TenantRegistry, store: AdapterStore, *, anchored: bool) -> 
 
 def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     spec = BaseModelSpec.from_model_dir(base_model_dir(cfg), name=cfg.base_model_name or None)
+    examples = with_examples(args.task, _read_examples(args.examples)) if args.examples else None  # bad: nothing written
     reg = _registry(cfg)
     store = _store(cfg)
     check_store(reg, store, anchored=args.store_anchored)
@@ -293,7 +308,38 @@ def cmd_onboard(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> Non
     text = f"onboarded {rec.adapter_id}\n{_record_text(rec)}"
     if key is not None:
         text += "\n" + _key_text(rec.tenant_id, key)
-    out.result({"adapter_id": rec.adapter_id, "record": rec.to_dict(), "tenant_key": key}, text)
+    doc = {"adapter_id": rec.adapter_id, "record": rec.to_dict(), "tenant_key": key}
+    if examples is not None:  # after the version is committed: the policy may name only tasks that exist
+        doc["examples"] = len(reg.update_policy(rec.tenant_id, examples).examples[rec.task])
+        text += f"\nexample prompts of task {rec.task!r}: {doc['examples']}"
+    out.result(doc, text)
+
+
+def _read_examples(path: str) -> tuple[str, ...]:
+    """Example prompts from FILE (one per line, or a JSON list; PolicyInvalid: exit 2)."""
+    try:
+        return parse_examples(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyInvalid(f"examples file {path!r} is not UTF-8 text") from None
+
+
+def cmd_router(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
+    """`router TENANT [header|classify] [--task T --examples FILE]`: one policy change (one event), or show."""
+    if args.examples and not args.task:
+        raise ConfigError("--examples needs --task (the task the prompts are examples of)")
+    if args.task and not args.examples:
+        raise ConfigError("--task names the task of --examples; give --examples FILE too")
+    reg = _registry(cfg)
+    if args.mode or args.examples:
+        examples = _read_examples(args.examples) if args.examples else None
+        policy = reg.update_policy(args.tenant, router_change(args.mode, args.task, examples))
+    else:
+        if not reg.tasks(args.tenant):
+            raise TenantNotFound(args.tenant)
+        policy = reg.get_policy(args.tenant)
+    doc = router_doc(args.tenant, policy)
+    counts = ", ".join(f"{t}: {len(x)}" for t, x in doc["examples"].items()) or "none"
+    out.result(doc, f"{args.tenant}: router {policy.router}; example prompts per task: {counts}")
 
 
 def _key_text(tenant: str, key: str) -> str:
@@ -651,7 +697,7 @@ def cmd_status(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
 COMMANDS = {"onboard": cmd_onboard, "list": cmd_list, "show": cmd_show, "disable": cmd_status_change,
             "enable": cmd_status_change, "remove": cmd_remove, "rollback": cmd_rollback, "status": cmd_status,
             "rotate-key": cmd_rotate_key, "export": cmd_export, "import": cmd_import, "pin": cmd_pin,
-            "unpin": cmd_pin, "split": cmd_split, "chain": cmd_chain}
+            "unpin": cmd_pin, "split": cmd_split, "chain": cmd_chain, "router": cmd_router}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,12 @@ Routes (management token, `Authorization: Bearer <key_file.json management key>`
                                                   that task's, else every task's)
   GET|POST|DELETE /tenants/<t>/chain[?links=a,b@v2,base&threshold=T]  the fallback chain: show | set
                                                   (query or JSON {"links", "threshold"}) | clear
+  GET|POST /tenants/<t>/router[?mode=header|classify][&task=<task>&examples=<JSON list>]  the task router:
+                                                  show | set the mode and/or one task's example prompts
+                                                  (query, or a body: a JSON list or one prompt per line)
   DELETE /tenants/<t>[?task=<task>]               remove the tenant (or one task), records and files
+Onboarding (both routes) may declare the task's router examples too: a multipart part `examples`, the JSON
+body's "examples" list, or `&examples=<JSON list>`.
 Route for a tenant (its own key, never the management token; this service only, not the plugin):
   POST   /tenant-adapters/<t>[?task=<task>]       multipart upload of a new version of one of the tenant's
                                                   OWN tasks: X-Tenant-Key must be <t>'s key (401), and
@@ -83,7 +88,7 @@ from .errors import (AdapterInvalid, InvalidTaskName, InvalidTenantId, PolicyInv
                      RegistryUnavailable, TenantExists, TenantNotFound, VersionConflict, VersionNotFound)
 from .ids import validate_task, validate_tenant_id
 from .keys import verify_key
-from .onboarding import ensure_key, onboard, rotate_key
+from .onboarding import ensure_key, onboard, parse_examples, rotate_key, router_change, router_doc, with_examples
 from .quotas import QuotaExceeded, QuotaLimits, usage
 from .schema import parse_arms
 from .registry import TenantRegistry, rollback_version
@@ -226,7 +231,7 @@ class OnboardingApi:
             tenant = validate_tenant_id(parts[1])
             if req.method not in ("POST", "PUT"):
                 raise HttpError(405, "MethodNotAllowed", f"{req.method} not allowed on /tenant-adapters/<tenant>")
-            self._only(req, "task")
+            self._only(req, "task", "examples")
             self._check_tenant_key(req, tenant)
             tasks = self.registry.tasks(tenant)
             if tasks and self.registry.get(tenant, task=tasks[0]).status != "enabled":
@@ -246,7 +251,7 @@ class OnboardingApi:
                 self._only(req)
                 return self._show(tenant)
             if m in ("POST", "PUT"):
-                self._only(req, "task", "path")
+                self._only(req, "task", "path", "examples")
                 return self._onboard(req, tenant, allow_path=True)
             if m == "DELETE":
                 self._only(req, "task")
@@ -254,6 +259,8 @@ class OnboardingApi:
             raise HttpError(405, "MethodNotAllowed", f"{m} not allowed on /tenants/<tenant>")
         if len(rest) == 2 and rest[1] == "chain":
             return self._chain(req, tenant)
+        if len(rest) == 2 and rest[1] == "router":
+            return self._router(req, tenant)
         if len(rest) == 2 and rest[1] == "split":
             return self._split(req, tenant)
         if len(rest) == 2 and rest[1] in ("disable", "enable", "rollback", "rotate-key"):
@@ -309,6 +316,7 @@ class OnboardingApi:
         task = validate_task(req.query.get("task", DEFAULT_TASK))
         ctype = req.header("Content-Type") or ""
         path = req.query.get("path")
+        examples = req.query.get("examples")  # the task's router examples (text: a JSON list or lines)
         if ctype.lower().startswith("application/json") and req.body:
             if not allow_path:
                 raise HttpError(400, "BadRequest", "a tenant publishes by multipart upload only")
@@ -316,9 +324,13 @@ class OnboardingApi:
                 doc = json.loads(req.body)
             except ValueError as e:
                 raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
-            if not isinstance(doc, dict) or set(doc) != {"path"} or not isinstance(doc["path"], str):
-                raise HttpError(400, "BadRequest", 'JSON body must be {"path": "<adapter dir on the server>"}')
+            if (not isinstance(doc, dict) or set(doc) - {"examples"} != {"path"} or not isinstance(doc["path"], str)
+                    or not isinstance(doc.get("examples", []), list)):
+                raise HttpError(400, "BadRequest", 'JSON body must be {"path": "<adapter dir on the server>"} '
+                                                   '(and optionally "examples": ["<prompt>", ...])')
             path = doc["path"]
+            if "examples" in doc:
+                examples = json.dumps(doc["examples"])
         if path is not None:
             if not allow_path:
                 raise HttpError(400, "BadRequest", "a tenant publishes by multipart upload only")
@@ -327,7 +339,7 @@ class OnboardingApi:
             src = path[len("file://"):] if path.startswith("file://") else path
             if "://" in src or not os.path.isabs(src):
                 raise HttpError(400, "BadRequest", "path must be an absolute directory on the server (or file://)")
-            return self._do_onboard(tenant, task, Path(src))
+            return self._do_onboard(tenant, task, Path(src), examples)
         if not ctype.lower().startswith("multipart/form-data"):
             raise HttpError(400, "BadRequest", "send the adapter as multipart/form-data (adapter_config.json and "
                                                "adapter_model.safetensors) or name a server directory with ?path=")
@@ -336,17 +348,50 @@ class OnboardingApi:
             src = tmp / "adapter"
             src.mkdir()
             _write_parts(ctype, req.body, src)
-            return self._do_onboard(tenant, task, src)
+            part = src / "examples"  # not an adapter file (validation ignores it): the router examples
+            if part.exists():
+                examples = part.read_bytes().decode("utf-8", "replace")
+            return self._do_onboard(tenant, task, src, examples)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _do_onboard(self, tenant: str, task: str, src: Path) -> Reply:
+    def _do_onboard(self, tenant: str, task: str, src: Path, examples: str | None = None) -> Reply:
         spec = self._spec_()
+        change = with_examples(task, parse_examples(examples)) if examples is not None else None  # 400: nothing written
         with self._lock:
             check_store(self.registry, self.store, anchored=self.store_anchored)
             rec = onboard(self.registry, self.store, spec, tenant, src, self.config, task=task)
             key = ensure_key(self.registry, rec.tenant_id)
-        return Reply(200, {"adapter_id": rec.adapter_id, "task": task, "record": rec.to_dict(), "tenant_key": key})
+            doc = {"adapter_id": rec.adapter_id, "task": task, "record": rec.to_dict(), "tenant_key": key}
+            if change is not None:  # after the version is committed: a policy names only tasks that exist
+                doc["examples"] = len(self.registry.update_policy(tenant, change).examples[task])
+        return Reply(200, doc)
+
+    def _router(self, req: Request, tenant: str) -> Reply:
+        """GET: the tenant's router and examples; POST/PUT: `mode` (header | classify) and/or one
+        task's examples (`task` with `examples` in the query, which passes the 8081 plugin, or the
+        body: a JSON list or one prompt per line), as one policy change: what `tenantctl router` does."""
+        self._allow(req.method, "GET", "POST", "PUT")
+        if req.method == "GET":
+            self._only(req)
+            if not self.registry.tasks(tenant):
+                raise TenantNotFound(tenant)
+            return Reply(200, router_doc(tenant, self.registry.get_policy(tenant)))
+        self._only(req, "mode", "task", "examples")
+        mode, task = req.query.get("mode"), req.query.get("task")
+        text = req.query.get("examples")
+        if req.body:
+            if text is not None:
+                raise HttpError(400, "BadRequest", "send the examples in the query or the body, not both")
+            text = req.body.decode("utf-8", "replace")
+        if (task is None) != (text is None):
+            raise HttpError(400, "BadRequest", "examples need a task (?task=<task>) and a task needs examples")
+        if mode is None and task is None:
+            raise HttpError(400, "BadRequest", "nothing to change: give ?mode=header|classify and/or ?task= with "
+                                               "examples")
+        change = router_change(mode, task, parse_examples(text) if text is not None else None)
+        with self._lock:
+            return Reply(200, router_doc(tenant, self.registry.update_policy(tenant, change)))
 
     def _chain(self, req: Request, tenant: str) -> Reply:
         """GET: the tenant's fallback chain; POST/PUT: set it (`links` comma-separated and `threshold`

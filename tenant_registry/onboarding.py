@@ -30,16 +30,18 @@ Called from the CLI process (one thread). Not for workers.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
+from typing import Callable
 
 from loraplex_common.config import LoraplexConfig
-from .errors import TenantNotFound
+from .errors import PolicyInvalid, TenantNotFound
 from .ids import DEFAULT_TASK, adapter_id, validate_task, validate_tenant_id
 from .keys import digest_key, generate_key
 from .quotas import enforce as enforce_quotas
 from .registry import TenantRegistry
-from .schema import TenantRecord
+from .schema import TenantPolicy, TenantRecord
 from .store import AdapterStore
 from .validate import AdapterManifest, BaseModelSpec, validate_adapter
 
@@ -99,3 +101,58 @@ def rotate_key(registry: TenantRegistry, tenant: str) -> str:
     key = generate_key()
     registry.set_key_digest(t, digest_key(key))
     return key
+
+
+# ---------------------------------------------------------------------------- task router policy
+def parse_examples(text: str) -> tuple[str, ...]:
+    """A task's example prompts for the task router (`router: classify`) as an operator writes them
+    (`tenantctl ... --examples FILE`, the HTTP API's `examples`): a JSON list of strings, or one
+    prompt per line (blank lines skipped). PolicyInvalid when there is none or one is not a string;
+    the policy's own limits (count, length) are checked when it is written."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            doc = json.loads(stripped)
+        except ValueError as e:
+            raise PolicyInvalid(f"examples: not a valid JSON list: {e}") from None
+        if not isinstance(doc, list) or not all(isinstance(x, str) for x in doc):
+            raise PolicyInvalid("examples: a JSON list of strings, or one prompt per line")
+        prompts = [x.strip() for x in doc]
+    else:
+        prompts = [line.strip() for line in stripped.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise PolicyInvalid("examples: no prompt given (a JSON list of strings, or one prompt per line)")
+    return tuple(prompts)
+
+
+def with_examples(task: str, examples: tuple[str, ...]) -> Callable[[TenantPolicy], TenantPolicy]:
+    """`registry.update_policy` change: the task's example prompts set (() removes them)."""
+    task = validate_task(task)
+    TenantPolicy(examples={task: examples})  # the policy's own limits, checked before anything is written
+    return lambda p: p.replace(examples={**p.examples, task: examples})
+
+
+def with_router(router: str) -> Callable[[TenantPolicy], TenantPolicy]:
+    """`registry.update_policy` change: the tenant's router ("header" | "classify")."""
+    TenantPolicy(router=router)
+    return lambda p: p.replace(router=router)
+
+
+def router_change(router: str | None, task: str | None = None,
+                  examples: tuple[str, ...] | None = None) -> Callable[[TenantPolicy], TenantPolicy]:
+    """One `registry.update_policy` change for `tenantctl router` and the HTTP API: the router
+    and/or one task's examples (checked now, before anything is written)."""
+    changes = ([with_router(router)] if router is not None else []) + (
+        [with_examples(task, examples)] if task is not None and examples is not None else [])
+
+    def change(policy: TenantPolicy) -> TenantPolicy:
+        for one in changes:
+            policy = one(policy)
+        return policy
+    return change
+
+
+def router_doc(tenant: str, policy: TenantPolicy) -> dict:
+    """What `tenantctl router` and the HTTP API show of a tenant's routing."""
+    return {"tenant": tenant, "router": policy.router, "examples": {t: list(x) for t, x in policy.examples.items()}}

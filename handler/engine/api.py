@@ -186,3 +186,8 @@ class Engine(Protocol):
     def stepper(self, limits: StepLimits) -> RowStepper:
         """The engine's row stepper for continuous scheduling (`EngineError` where the engine has none)."""
         ...
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> Any:
+        """torch.Tensor [len(batch), hidden] float32 (CPU): each prompt's mean-pooled last hidden state of
+        the base model, no adapter (`embedding.mean_pooled`; the task router's embedding)."""
+        ...

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .api import GenerationOutput, GenerationRow, LoadedAdapter, RowStepper, StepLimits
+from .embedding import mean_pooled
 from .errors import AdapterAlreadyLoaded, AdapterNotLoaded, EngineError, NoFreeSlot
 from .generation import GroupOutput, hf_generate, run_rows
 from .logprobs import StepLogprobs
@@ -117,6 +118,10 @@ class PeftGroupedEngine:
     def stepper(self, limits: StepLimits) -> RowStepper:
         """None here: PEFT's forward splits a batch per adapter, so there is no one-forward decode step."""
         raise EngineError("continuous scheduling needs engine: multilora")
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:  # base only: PEFT's adapters disabled
+        return mean_pooled(self.base, batch, pad_token_id=self.pad_token_id,
+                           base_only=self.peft_model.disable_adapter if self.peft_model is not None else None)
 
     def get_model_status(self) -> Mapping[str, Any]:
         return {

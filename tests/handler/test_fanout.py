@@ -136,6 +136,7 @@ def test_compare_equals_the_separate_runs_row_for_row(acme, oracle, monkeypatch,
     assert [r["link"] for r in rows] == entries
     assert [r["version"] for r in rows] == [None, 1, 2, 3]
     assert [r["adapter"] for r in rows] == ["base", "acme@v1", "acme:summarize@v2", "acme:summarize@v3"]
+    assert [r["version_by"] for r in rows] == [None, "pinned", "pinned", "current"]  # named, or the current one
     for entry, row in zip(entries, rows):
         want = separate[entry].body
         assert separate[entry].status == 200, want

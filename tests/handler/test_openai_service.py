@@ -41,14 +41,15 @@ def test_greedy_answers_equal_our_json_api(make_service, tools, tiny_adapters):
     assert chat.body["usage"]["prompt_tokens"] == ours_chat.body["usage"]["prompt_tokens"]
     assert comp.body["choices"][0]["text"] == ours_comp.body["text"] == tools.expected(svc, tiny_adapters["b"], new=4)
     assert comp.body["loraplex"] == {"tenant": "acme", "task": "default", "adapter": "acme@v2", "version": 2,
-                                     "version_by": "current", "fallback": None}
+                                     "version_by": "current", "fallback": None,
+                                     "route": {"task": "default", "by": "default", "score": None}}
     assert pinned.body["choices"][0]["text"] == tools.expected(svc, tiny_adapters["a"], new=4)
     assert pinned.body["loraplex"]["adapter"] == "acme@v1" and pinned.body["model"] == "acme@v1"
     assert (pinned.body["loraplex"]["version"], pinned.body["loraplex"]["version_by"]) == (1, "pinned")
     assert base_acme.body["loraplex"] == {"tenant": "acme", "task": None, "adapter": "base", "version": None,
-                                          "version_by": None, "fallback": None}
+                                          "version_by": None, "fallback": None, "route": None}
     assert base.body["loraplex"] == {"tenant": None, "task": None, "adapter": "base", "version": None,
-                                     "version_by": None, "fallback": "no_tenant"}
+                                     "version_by": None, "fallback": "no_tenant", "route": None}
     assert base.body["choices"][0]["text"] == tools.expected(svc, None, new=4)
     assert comp.body["usage"]["total_tokens"] == sum(comp.body["usage"][k] for k in ("prompt_tokens", "completion_tokens"))
 
@@ -175,8 +176,8 @@ def test_bad_requests_fail_alone_in_their_batch(make_service, tools, tiny_adapte
     want = tools.expected(svc, tiny_adapters["a"], new=4)
     assert comp.status == 200 and comp.body["choices"][0]["text"] == want
     assert ours.status == 200 and ours.body["text"] == want and set(ours.body) == {
-        "text", "tenant", "task", "adapter", "version", "version_by", "fallback", "finish_reason",
-        "usage"}  # our JSON API (+ the task, the version that served and why)
+        "text", "tenant", "task", "adapter", "version", "version_by", "fallback", "route", "finish_reason",
+        "usage"}  # our JSON API (+ the task and why, the version that served and why)
 
 
 @pytest.mark.parametrize("load_failure_policy, status", [("error", 503), ("base", 200)])

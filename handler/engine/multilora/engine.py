@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..api import GenerationOutput, GenerationRow, LoadedAdapter, StepLimits
+from ..embedding import mean_pooled
 from ..errors import EngineError
 from ..generation import GroupOutput, hf_generate, run_rows
 from ..settings import EngineSettings
@@ -96,6 +97,9 @@ class MultiLoraEngine:
         self._stepper = Stepper(self.model.model, limits, lora=self.model, eos_token_ids=self.eos_token_ids,
                                 pad_token_id=self.pad_token_id, graph_ranks=graph_ranks)
         return self._stepper
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:  # base only: no batch context is set here
+        return mean_pooled(self.model.model, batch, pad_token_id=self.pad_token_id)
 
     def set_adapter(self, adapter_name: str) -> None:
         """PEFT's name, for users of the engine on its own: the adapter `active_adapter` reports and
