@@ -90,9 +90,13 @@ def _alone(static, raw: RawRequest, reply: Reply) -> Reply:
     """The static reference for `raw`, on the adapter version the continuous reply names."""
     body = dict(raw.body)
     adapter = reply.body.get("adapter", "base") if reply.status == 200 else "base"
-    if "@v" in adapter and "adapter" not in body:
-        body["adapter"] = adapter  # a pin of that version gives the same body fields
-    return static.handle_batch([RawRequest(body, raw.headers)])[0]
+    pinned_here = "@v" in adapter and "adapter" not in body
+    if pinned_here:
+        body["adapter"] = adapter  # a pin of that version gives the same body fields,
+    ref = static.handle_batch([RawRequest(body, raw.headers)])[0]
+    if pinned_here and ref.status == 200:  # but for why that version and task (the pin's own reasons)
+        ref = replace(ref, body={**ref.body, "version_by": reply.body["version_by"], "route": reply.body["route"]})
+    return ref
 
 
 def _sample(svc, stop: threading.Event, seen: list) -> None:
