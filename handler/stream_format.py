@@ -2,7 +2,8 @@
 
     our JSON API, Content-Type application/x-ndjson: one JSON object and "\\n" per chunk
         {"text": "<piece>"}  (+ "logprobs": our shape for the piece's tokens, when asked)  ...
-        {"text": "", "finish_reason", "usage", "tenant", "task", "adapter", "fallback"}  last
+        {"text": "", "finish_reason", "usage", "tenant", "task", "adapter", "version", "version_by",
+         "fallback", "route"}                                         last
         {"error": {"message", "type", "status"}}                      last, if it failed after the first chunk
     OpenAI, Content-Type text/event-stream: "data: <chunk>\\n\\n" per chunk
         chat.completion.chunk / text_completion objects (openai_api.py shapes them) ...
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
-_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "fallback", "route")
+_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "version", "version_by", "fallback", "route")
 
 
 class ChunkStream(Protocol):

@@ -271,3 +271,22 @@ def test_split_chooser_counts_only_split_answers():
     chooser.served(rec, "pinned")
     chooser.served(rec, SPLIT)
     assert chooser.snapshot() == {"acme": {"default": {"v3": 1}}}
+
+
+def test_a_streamed_reply_names_the_split_version(make_service, tools, tiny_adapters, expected):
+    import json as json_lib
+
+    from handler.scheduler import Finished
+    from handler.stream_format import NdjsonStream
+
+    svc = make_service(scheduler="continuous")
+    _acme_two_versions(svc, tools, tiny_adapters)
+    split_arms = (SplitArm(1, 50), SplitArm(2, 50))
+    _set_split(svc, (1, 50), (2, 50))
+    ticket = svc.submit(_req(_user_on(1, split_arms), stream=True))
+    while not isinstance(event := ticket.get(timeout=60), Finished):
+        pass
+    assert _served_version(svc, event.reply, expected) == 1
+    stream = NdjsonStream()
+    last = json_lib.loads(stream.finish(200, event.reply.body).splitlines()[-1])
+    assert (last["version"], last["version_by"], last["adapter"]) == (1, "split", "acme@v1")
