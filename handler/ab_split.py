@@ -4,8 +4,10 @@ The split is the tenant's policy (`TenantPolicy.splits`, set by `tenantctl split
 API's `/tenants/<t>/split`): per task, weighted arms (version, weight). A request with X-User-ID is
 sticky: `sha256(f"{tenant}:{task}:{user_id}")` (its first 8 bytes, big-endian) modulo the arms' total
 weight picks the arm, so the same user of the same tenant and task gets the same version on every
-worker for as long as the split is unchanged (changing the weights moves only the users whose point
-falls in a changed range). Without X-User-ID the point is `random.random() * total`.
+worker for as long as the split is unchanged. A change that keeps the total weight (90/10 -> 80/20)
+moves only the users whose point falls in a range that changed hands; one that changes the total
+(90/10 -> 9/1 alike in ratio) deals every user again. Without X-User-ID the point is
+`random.random() * total`.
 
 Ending a split (`--clear`), changing it, or rolling the task back (which ends its split) is one
 registry write with one "policy" event; every worker's resolver drops its cached policy on that
