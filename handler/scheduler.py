@@ -466,10 +466,15 @@ class Scheduler:
 
     def _start_group(self, group: _Group) -> str:
         """`_start` for a fan-out request: every row or none. 'full' while fewer KV rows are free than
-        it has rows (it keeps its tenant's turn, so smaller requests cannot starve it)."""
+        it has rows (it keeps its tenant's turn, so smaller requests cannot starve it); 'blocked' while
+        its rows would take its tenant past `tenant_max_running` (a group wider than the cap runs
+        when none of the tenant's rows do)."""
         service, jobs = self._service, group.jobs
         if self.stepper.free_rows() < len(jobs):
             return "full"
+        running = self._running_by_tenant[jobs[0].tenant]
+        if self.tenant_max_running and running and running + len(jobs) > self.tenant_max_running:
+            return "blocked"
         taken: list[_Job] = []
         try:
             for job in jobs:  # hold every row's adapter first

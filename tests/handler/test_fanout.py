@@ -345,3 +345,18 @@ def test_cancel_and_timeout_end_every_row_of_a_fanout(acme, monkeypatch):
     assert reply.status == 504, reply.body
     assert _settled(svc)
     assert svc.scheduler.snapshot()["in_flight"] == 0
+
+
+def test_a_fanout_waits_rather_than_take_its_tenant_past_tenant_max_running(acme, monkeypatch):
+    svc = acme(scheduler="continuous", tenant_max_running=2)
+    calls = Calls(svc, monkeypatch, step_delay_s=0.01)
+    long = svc.submit(_req(max_new_tokens=32, prompt="the quick brown fox"))
+    first = long.get(timeout=60)  # one of acme's rows runs
+    reply = _finished(svc.submit(_req(compare=["base", "v1"])))
+    assert reply.status == 200, reply.body
+    group = calls.adds[1:]
+    assert len(group) == 2 and group[0][1] == 0, calls.adds  # 1 + 2 > 2: it waited for the long row
+    if not isinstance(first, Finished):
+        assert _finished(long).status == 200
+    wide = _finished(svc.submit(_req(compare=["base", "v1", "summarize"])))  # wider than the cap: runs alone
+    assert wide.status == 200, wide.body
