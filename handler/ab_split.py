@@ -4,9 +4,10 @@ The split is the tenant's policy (`TenantPolicy.splits`, set by `tenantctl split
 API's `/tenants/<t>/split`): per task, weighted arms (version, weight). A request with X-User-ID is
 sticky: `sha256(f"{tenant}:{task}:{user_id}")` (its first 8 bytes, big-endian) modulo the arms' total
 weight picks the arm, so the same user of the same tenant and task gets the same version on every
-worker for as long as the split is unchanged. A change that keeps the total weight (90/10 -> 80/20)
-moves only the users whose point falls in a range that changed hands; one that changes the total
-(90/10 -> 9/1 alike in ratio) deals every user again. Without X-User-ID the point is
+worker for as long as the split is unchanged. The weights are first divided by their greatest common
+divisor, so 90/10 and 9/1 are the same split for every user. A change that keeps that reduced total
+(90/10 -> 80/20: 9/1 -> 8/2, both 10) moves only the users whose point falls in a range that changed
+hands; one that changes it (90/10 -> 85/15: 20) deals every user again. Without X-User-ID the point is
 `random.random() * total`.
 
 Ending a split (`--clear`), changing it, or rolling the task back (which ends its split) is one
@@ -29,6 +30,7 @@ request thread); `served` runs where replies are built (the request thread or th
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -52,13 +54,16 @@ def split_point(tenant: str, task: str, user_id: str, total: int) -> int:
 
 def pick_arm(arms: Sequence[SplitArm], tenant: str, task: str, user_id: str | None,
              rand: Callable[[], float] = random.random) -> SplitArm:
-    """The arm whose weight range [start, start + weight) holds the request's point."""
-    total = sum(a.weight for a in arms)
+    """The arm whose weight range [start, start + weight) holds the request's point (weights reduced
+    by their gcd: relative weights, one split)."""
+    unit = math.gcd(*(a.weight for a in arms))
+    weights = [a.weight // unit for a in arms]
+    total = sum(weights)
     point = split_point(tenant, task, user_id, total) if user_id is not None else min(int(rand() * total), total - 1)
-    for arm in arms:
-        if point < arm.weight:
+    for arm, weight in zip(arms, weights):
+        if point < weight:
             return arm
-        point -= arm.weight
+        point -= weight
     raise AssertionError("a point below the total weight falls in some arm")  # pragma: no cover
 
 

@@ -85,6 +85,10 @@ def test_pick_arm_is_sticky_and_weighted():
     assert abs(no_user[4] / 20_000 - 0.10) < 0.01
     assert pick_arm(arms, "acme", "default", None, lambda: 0.9999999999) == SplitArm(4, 10)  # the top edge
     assert pick_arm((SplitArm(1, 9), SplitArm(2, 1)), "t", "k", None, lambda: 0.0) == SplitArm(1, 9)
+    # relative weights: 90/10 and 9/1 put every user on the same version
+    nine_one = (SplitArm(3, 9), SplitArm(4, 1))
+    assert all(pick_arm(arms, "acme", "default", f"user-{i}").version ==
+               pick_arm(nine_one, "acme", "default", f"user-{i}").version for i in range(2000))
 
 
 @pytest.fixture(scope="module")
