@@ -204,12 +204,13 @@ class FanoutPlanner:
 
 def row_plans(plan: "Plan") -> list["Plan"]:
     """The plan of each row: a plain plan is its own one row; a fan-out's row k is the plan link k
-    alone would have (its record, no fallback) answering in our JSON shape, so `merge` can put the
-    rows' bodies together before the request's own API shapes the reply."""
+    alone would have (its record and version_by, no fallback; no route: the chain or compare chose
+    the task, not the router) answering in our JSON shape, so `merge` can put the rows' bodies
+    together before the request's own API shapes the reply."""
     if plan.fanout is None:
         return [plan]
     return [replace(plan, record=link.record, fallback=None, fanout=None, exchange=JsonExchange(plan.request),
-                    version_by=link.version_by)
+                    version_by=link.version_by, route=None)
             for link in plan.fanout.links]
 
 

@@ -137,6 +137,7 @@ def test_compare_equals_the_separate_runs_row_for_row(acme, oracle, monkeypatch,
     assert [r["version"] for r in rows] == [None, 1, 2, 3]
     assert [r["adapter"] for r in rows] == ["base", "acme@v1", "acme:summarize@v2", "acme:summarize@v3"]
     assert [r["version_by"] for r in rows] == [None, "pinned", "pinned", "current"]  # named, or the current one
+    assert [r["route"] for r in rows] == [None] * 4  # compare chose each row's task, not the router
     for entry, row in zip(entries, rows):
         want = separate[entry].body
         assert separate[entry].status == 200, want
@@ -195,6 +196,7 @@ def test_an_unconfident_first_link_falls_through_to_the_next_in_one_generation(a
     for field in ("text", "task", "adapter", "fallback", "finish_reason", "usage"):
         assert body[field] == hi_alone[field], field  # the answering link's own reply
     assert "logprobs" not in body  # scored with log-probs, shown only when asked
+    assert body["route"] is None  # the chain chose the link, not the router
 
     _set_chain(svc, chain, scores[hi] + 1.0)  # nobody is confident: the last link, base, answers
     body = _one(svc).body
