@@ -70,7 +70,8 @@ def test_completions_and_chat_greedy_equal_our_json_api_and_peft(stack, tenants,
     assert out.usage.prompt_tokens == ours["usage"]["prompt_tokens"]
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     assert out.model_extra["loraplex"] == {"tenant": "oai-a", "task": "default", "adapter": "oai-a@v2",
-                                              "fallback": None}
+                                              "version": 2, "version_by": "current", "fallback": None,
+                                              "route": {"task": "default", "by": "default", "score": None}}
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat = client.chat.completions.create(model="oai-a", messages=messages, max_tokens=stack.new_tokens,
@@ -118,8 +119,8 @@ def test_base_pinned_version_and_seeded_sampling(stack, tenants, tiny_adapters):
     args = {"prompt": PROMPT, "max_tokens": stack.new_tokens, "temperature": 0}
     base = client.completions.create(model="base", **args)
     assert base.choices[0].text == stack.expected(None, PROMPT)
-    assert base.model_extra["loraplex"] == {"tenant": None, "task": None, "adapter": "base",
-                                               "fallback": "no_tenant"}
+    assert base.model_extra["loraplex"] == {"tenant": None, "task": None, "adapter": "base", "version": None,
+                                               "version_by": None, "fallback": "no_tenant", "route": None}
     pinned = client.completions.create(model="oai-a@v1", **args)
     assert pinned.choices[0].text == stack.expected(tiny_adapters["a"], PROMPT)
     assert len({base.choices[0].text, pinned.choices[0].text, stack.expected(tiny_adapters["b"], PROMPT)}) == 3
@@ -217,7 +218,8 @@ def test_tasks_by_header_and_by_model(stack, tiny_adapters):
                                     temperature=0)
     assert out.choices[0].text == want["c"] and out.model == "oai-t:summarize"
     assert out.model_extra["loraplex"] == {"tenant": "oai-t", "task": "summarize", "adapter": "oai-t:summarize@v3",
-                                           "fallback": None}
+                                           "version": 3, "version_by": "current", "fallback": None,
+                                           "route": {"task": "summarize", "by": "header", "score": None}}
     pinned = client.completions.create(model="oai-t:summarize@v2", prompt=PROMPT, max_tokens=stack.new_tokens,
                                        temperature=0)
     assert pinned.choices[0].text == want["b"] and pinned.model_extra["loraplex"]["adapter"] == "oai-t:summarize@v2"

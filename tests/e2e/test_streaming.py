@@ -123,7 +123,7 @@ def test_json_api_stream_concatenates_to_the_non_streamed_reply(serving, tenant,
     assert len(pieces) > 1  # streamed, not one reply in disguise
     assert "".join(c["text"] for c in pieces) == whole["text"]
     assert last == {"text": "", **{k: whole[k] for k in ("finish_reason", "usage", "tenant", "task", "adapter",
-                                                         "fallback")}}
+                                                         "version", "version_by", "fallback", "route")}}
     assert [t for c in pieces for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
     assert [lp for c in pieces for lp in c["logprobs"]["token_logprobs"]] == pytest.approx(
         whole["logprobs"]["token_logprobs"], abs=1e-5)
@@ -145,7 +145,8 @@ def test_openai_client_streams_chat_and_completions(serving, tenant):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].usage == whole.usage
     assert chunks[-1].model_extra["loraplex"] == {"tenant": tenant, "task": "default", "adapter": "streamer@v1",
-                                                     "fallback": None}
+                                                     "version": 1, "version_by": "current", "fallback": None,
+                                                     "route": {"task": "default", "by": "default", "score": None}}
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat_args = {"model": tenant, "messages": messages, "max_tokens": NEW, "temperature": 0}
@@ -229,7 +230,8 @@ def test_static_archive_serves_the_json_api_and_streams_one_chunk(serving):
     chunks = [c for _, c in _ndjson(serving.post({**body, "stream": True}, model="static", stream=True))]
     assert chunks == [{"text": continuous["text"]},
                       {"text": "", **{k: continuous[k] for k in ("finish_reason", "usage", "tenant", "task",
-                                                                  "adapter", "fallback")}}]
+                                                                  "adapter", "version", "version_by", "fallback",
+                                                                  "route")}}]
     client = serving.client("static")
     streamed = list(client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=NEW, temperature=0, stream=True))
