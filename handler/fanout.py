@@ -46,6 +46,7 @@ from .errors import AdapterNotAllowed, InvalidRequest
 from .routes import JsonExchange
 
 if TYPE_CHECKING:
+    from .request import InferenceRequest
     from .service import Answer, Plan, Reply
     from .tenants import TenantResolver
 
@@ -96,16 +97,22 @@ class FanoutPlanner:
         self.max_adapters = max_adapters
         self.max_running = max_running  # continuous: KV rows (a fan-out's rows run at once); None: static
 
+    def chained(self, req: "InferenceRequest") -> bool:
+        """True when the tenant's fallback chain serves this request: its tenant has a chain and it
+        names no task, no `adapter` (pin or base) and no `compare`. The service asks before routing
+        and A/B splits (the chain's links name their own tasks and versions)."""
+        if req.tenant is None or req.adapter is not None or req.task is not None or req.compare is not None:
+            return False
+        return bool(self._resolver.policy(req.tenant).chain)
+
     def plan(self, plan: "Plan") -> "Plan":
         """The plan with its fan-out decided (`Plan.fanout`), or unchanged (one row)."""
         req = plan.request
         if req.compare is not None:
             return replace(plan, fanout=self._checked(self._compare(plan)))
-        if req.tenant is None or req.adapter is not None or req.task is not None or plan.record is None:
-            return plan  # no tenant, an unknown one, a pin, base, or a task the caller chose
+        if plan.record is None or not self.chained(req):
+            return plan  # no tenant, an unknown one, a pin, base, a task the caller chose, or no chain
         policy = self._resolver.policy(req.tenant)
-        if not policy.chain:
-            return plan
         return replace(plan, fanout=self._checked(self._chain(req.tenant, policy.chain, policy.chain_threshold)))
 
     # -- compare ---------------------------------------------------------------------

@@ -427,6 +427,8 @@ class LoraplexService:
                 raise TaskNotFound(req.tenant, task)  # a pin names a version of a task that must exist
             return Plan(req, self._explicit_version(record, version), None, version_by=PINNED,
                         route=self.router.explicit(task))
+        if self.fanout.chained(req):  # step 4 serves it: the chain's links name their tasks (no routing, no split)
+            return Plan(req, known, None)
         route = self._route(req)  # step 2: the task (explicit > router > default)
         if route.task != task:
             task, record = route.task, self.resolver.resolve(req.tenant, route.task)

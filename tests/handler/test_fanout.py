@@ -362,3 +362,18 @@ def test_a_fanout_waits_rather_than_take_its_tenant_past_tenant_max_running(acme
         assert _finished(long).status == 200
     wide = _finished(svc.submit(_req(compare=["base", "v1", "summarize"])))  # wider than the cap: runs alone
     assert wide.status == 200, wide.body
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_chain_serves_a_tenant_without_a_default_task(make_service, tiny_adapters, tiny_model_dir, scheduler):
+    """The chain decides the request before the task would be: a tenant with named tasks only is not
+    refused for lacking a `default` task."""
+    svc = make_service(scheduler=scheduler)
+    spec = BaseModelSpec.from_model_dir(tiny_model_dir)
+    onboard(svc.registry, svc.store, spec, "solo", tiny_adapters["b"], svc.config, task="summarize")
+    plain = svc.handle_batch([_req(tenant="solo")])[0]
+    assert plain.status == 404 and "default" in plain.body["error"]  # no chain: no default task, 404
+    _changed(svc, lambda: svc.registry.update_policy(
+        "solo", lambda p: p.replace(chain=(ChainLink("summarize"), ChainLink(base=True)), chain_threshold=-1e9)))
+    body = svc.handle_batch([_req(tenant="solo")])[0].body
+    assert body["chain"]["answered_by"] == "summarize" and body["adapter"] == "solo:summarize@v1", body
