@@ -8,7 +8,9 @@
 
 Chain: the tenant's `TenantPolicy.chain` (links in order, the last one `base`) and
 `chain_threshold`. It applies to a request that names no task, no `adapter` (pin or base) and no
-`compare`: naming one of those is choosing the adapter yourself. Every link is a row; the answer is
+`compare`: naming one of those is choosing the adapter yourself. The service asks `chained` before
+it routes or splits (the links name their own tasks and versions), so such a plan carries only the
+tenant's checks and a record of one of its tasks. Every link is a row; the answer is
 the first link in chain order whose score, the mean log-probability of its returned tokens (the
 engine's, `SamplingParams.logprobs`: log_softmax of the raw logits, before temperature and top-p),
 is >= the threshold; when none is, the last link (base). An answer with no tokens has no score and
