@@ -433,6 +433,8 @@ class LoraplexService:
         if route.task != task:
             task, record = route.task, self.resolver.resolve(req.tenant, route.task)
         plan = self._split_version(req, record if record is not None else self._task_record(req, task))
+        if plan.record.task != route.task:  # the task named is missing: unknown_task_policy "default" served it
+            route = self.router.default()
         return replace(plan, route=route)
 
     def _route(self, req: InferenceRequest) -> RouteDecision:

@@ -178,12 +178,18 @@ class TaskRouting:
     def explicit(task: str) -> RouteDecision:
         return RouteDecision(task, BY_HEADER)
 
+    @staticmethod
+    def default() -> RouteDecision:
+        """The tenant's default task, no router pick (router header, no examples, a router failure, or
+        a named task the tenant does not have under `unknown_task_policy: default`)."""
+        return RouteDecision(DEFAULT_TASK, BY_DEFAULT)
+
     def decide(self, tenant: str, text: str, router: str, examples: Mapping[str, Sequence[str]],
                tasks: Sequence[str]) -> RouteDecision:
         """The task of a request that named none. `router`: the tenant policy's ("header" |
         "classify"); `examples`: its task -> example prompts; `tasks`: the tasks the tenant has now.
         Never raises: any router failure is the default task, counted."""
-        fallback = RouteDecision(DEFAULT_TASK, BY_DEFAULT)
+        fallback = self.default()
         have = {t: tuple(x) for t, x in examples.items() if t in tasks and x}
         if router != "classify" or not have:
             return fallback

@@ -264,6 +264,18 @@ def test_header_router_and_no_tenant(make_service, tiny_model_dir, tiny_adapters
                                                                        "score": None}
     anon = svc.handle_batch([RawRequest({"prompt": "hello", "max_new_tokens": 2}, {})])[0]
     assert anon.status == 200 and anon.body["route"] is None
+    base = svc.handle_batch([_ask("hello", adapter="base")])[0]
+    assert base.status == 200 and base.body["route"] is None
+    pinned = svc.handle_batch([_ask("hello", adapter="acme:summarize@v2")])[0]
+    assert pinned.body["route"] == {"task": "summarize", "by": "header", "score": None}
+
+
+def test_a_missing_named_task_served_by_default_says_so(make_service, tiny_model_dir, tiny_adapters):
+    svc = make_service(scheduler="static", unknown_task_policy="default")
+    _tenant(svc, tiny_model_dir, tiny_adapters)
+    reply = svc.handle_batch([_ask("hello", headers={"X-Task": "poetry"})])[0]
+    assert reply.status == 200 and reply.body["task"] == "default"
+    assert reply.body["route"] == {"task": "default", "by": "default", "score": None}
 
 
 def test_router_failure_is_the_default_task_never_a_5xx(make_service, tiny_model_dir, tiny_adapters, oracle,
