@@ -1,6 +1,6 @@
 """Fan-out: one request served as several rows of ONE batch (issue 14 items 4 and 5).
 
-    Plan (tenant, task, version decided) ─► FanoutPlanner.plan: step 4 of the planning, one row
+    Plan (the tenant's checks passed) ─► FanoutPlanner.plan: step 4 of the planning, one row
         or a fan-out (`Plan.fanout`): a confidence fallback chain (the tenant's policy) or compare
         mode (the request's `compare`) ─► row_plans: one Plan per link, each exactly the plan that
         link alone would have ─► the rows run together (static: one `engine.generate`; continuous:
@@ -33,28 +33,35 @@ ask the registry for a task's history (all_versions): any thread, like the rest 
 """
 from __future__ import annotations
 
+import enum
 import math
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tenant_registry.errors import InvalidTenantId, PolicyInvalid, TaskNotFound, TenantNotFound
-from tenant_registry.ids import BASE_LINK, DEFAULT_TASK, adapter_id, format_link, parse_link, parse_task_adapter_id
+from tenant_registry.ids import BASE_LINK, adapter_id, format_link, parse_link, parse_task_adapter_id
 from tenant_registry.schema import ChainLink, TenantRecord
 
 from .ab_split import CURRENT, PINNED
 from .engine.api import GenerationOutput, SamplingParams
 from .errors import AdapterNotAllowed, InvalidRequest
+from .request import ALL_VERSIONS, InferenceRequest
 from .routes import JsonExchange
 
 if TYPE_CHECKING:
-    from .request import InferenceRequest
     from .service import Answer, Plan, Reply
     from .tenants import TenantResolver
 
-ALL_VERSIONS = "all_versions"
 _VERSION_RE = re.compile(r"v([1-9][0-9]{0,8})")
-CHAIN, COMPARE = "chain", "compare"
+
+
+class FanoutKind(enum.Enum):
+    CHAIN = "chain"      # the tenant's confidence fallback chain
+    COMPARE = "compare"  # the request's compare mode
+
+
+CHAIN, COMPARE = FanoutKind.CHAIN, FanoutKind.COMPARE
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Fanout:
     """How a request fans out: `kind` CHAIN or COMPARE, its rows' links in order, the chain's
     threshold, and the chain links left out (their task or version is gone)."""
 
-    kind: str
+    kind: FanoutKind
     links: tuple[Link, ...]
     threshold: float | None = None
     skipped: tuple[str, ...] = ()
@@ -99,7 +106,7 @@ class FanoutPlanner:
         self.max_adapters = max_adapters
         self.max_running = max_running  # continuous: KV rows (a fan-out's rows run at once); None: static
 
-    def chained(self, req: "InferenceRequest") -> bool:
+    def chained(self, req: InferenceRequest) -> bool:
         """True when the tenant's fallback chain serves this request: its tenant has a chain and it
         names no task, no `adapter` (pin or base) and no `compare`. The service asks before routing
         and A/B splits (the chain's links name their own tasks and versions)."""

@@ -37,6 +37,7 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 5.0
 MAX_SEED = 2**32 - 1
+ALL_VERSIONS = "all_versions"  # compare every version of the request's task (handler/fanout.py)
 MAX_COMPARE_ENTRIES = 64  # a cheap bound before planning; the config's max_fanout_rows is checked there
 
 
@@ -301,7 +302,7 @@ def _compare(data: dict, tenant: str | None) -> tuple[str, ...] | str | None:
     if compare is None:
         return None
     shape = "'compare' must be a non-empty list of strings (\"base\", \"v2\", \"<task>@vN\", ...) or \"all_versions\""
-    if compare != "all_versions":
+    if compare != ALL_VERSIONS:
         if not isinstance(compare, list) or not compare or len(compare) > MAX_COMPARE_ENTRIES:
             raise InvalidRequest(f"{shape}, at most {MAX_COMPARE_ENTRIES} entries")
         if not all(isinstance(e, str) and 0 < len(e) <= 100 for e in compare):
