@@ -154,7 +154,8 @@ class LoraplexService:
         self.scheduler: Scheduler | None = None
         if config.scheduler == "continuous":
             limits = StepLimits(max_rows=config.kv_rows, max_len=config.kv_row_tokens,
-                                prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes)
+                                prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes,
+                                prefill_wait_steps=config.prefill_wait_steps)
             try:
                 stepper = engine.stepper(limits)
             except EngineError as exc:
@@ -628,6 +629,7 @@ class LoraplexService:
             "last_acquire": snap["last_acquire"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
             "decode": {"mode": status.get("decode", "generate"), **(status.get("decoder") or {})},
+            "kernel_variants": int(status.get("triton_variants", 0)),  # Triton compiles so far (GPU)
             "scheduler": _json_safe(scheduler),
             "counters": dict(snap["counters"]),
         }

@@ -86,11 +86,13 @@ class StepLimits:
     max_len: int = 2304         # tokens one row may hold: prompt + new tokens
     prefill_chunk: int = 512    # most prompt tokens prefilled in one step, all joining rows together (>= 1 chunk of one row per step)
     graph_batch_sizes: tuple[int, ...] = ()   # GPU graphs: decode batch buckets captured at warmup; () = 1,2,4,... up to max_rows
+    prefill_wait_steps: int = 8  # GPU graphs: joining rows may wait up to this many decode steps to be prefilled together (0 = at once)
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1:
+        if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1 or self.prefill_wait_steps < 0:
             raise EngineError(f"bad step limits: max_rows {self.max_rows} (>= 1), max_len {self.max_len} (>= 2), "
-                              f"prefill_chunk {self.prefill_chunk} (>= 1)")
+                              f"prefill_chunk {self.prefill_chunk} (>= 1), prefill_wait_steps "
+                              f"{self.prefill_wait_steps} (>= 0)")
         sizes = tuple(int(b) for b in self.graph_batch_sizes)
         if any(not 1 <= b <= self.max_rows for b in sizes):
             raise EngineError(f"graph_batch_sizes {list(sizes)} must lie in 1..max_rows ({self.max_rows})")

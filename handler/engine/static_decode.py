@@ -72,6 +72,10 @@ class LoraRows(Protocol):
         """Rank bucket for these slots: 0 = no adapter rows, None = not capturable."""
         ...
 
+    def warm_prefill_kernels(self) -> int:
+        """Compile every launch variant an eager prefill's LoRA kernels can take (0 where none run)."""
+        ...
+
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 

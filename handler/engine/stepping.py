@@ -30,7 +30,10 @@ smallest bucket covering its rows' ranks (the rank buckets `MultiLoraModel.decod
 since the kernels' cost grows with the rank they run at. The key length is bucketed for the
 same reason: attention reads every key up to it. `warmup` captures every bucket before
 serving, so a serving run makes no capture (`describe`: ``captures_after_warmup``).
-Prefill stays eager. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
+Prefill stays eager, so its cost is mostly fixed host time: rows joining while others decode
+wait up to ``prefill_wait_steps`` steps to be prefilled in one forward (`_defer_prefill`), and
+one forward takes chunks whose padding stays within `PACK_FLOOR` tokens. `warmup` also compiles every variant of its Triton LoRA kernels
+(`LoraRows.warm_prefill_kernels`), which Triton would otherwise JIT-compile on a request's path. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
 
 Sampling per row: greedy = argmax; sampled rows go through `static_decode.picker` (the
 warpers ``generate`` uses) with their own ``torch.Generator`` seeded by ``params.seed``
@@ -111,13 +114,19 @@ def length_buckets(max_len: int) -> list[int]:
     return out + [max_len]
 
 
-def _pack(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+PACK_FLOOR = 1024  # GPU: a prefill forward of up to this many tokens, padding included, never splits
+
+
+def _pack(chunks: list[tuple[Any, int]], floor: int = 0) -> list[list[tuple[Any, int]]]:
     """Group prefill chunks (item, tokens) into forwards, longest first, so that padding at most
-    doubles a forward's tokens (a 500-token chunk and a 12-token one run apart)."""
+    doubles a forward's tokens (a 500-token chunk and a 12-token one run apart) or the forward
+    stays within `floor` tokens, padding included (where a forward's cost is mostly its fixed
+    host time, one padded forward beats two)."""
     groups: list[list[tuple[Any, int]]] = []
     for item in sorted(chunks, key=lambda c: -c[1]):
         g = groups[-1] if groups else None
-        if g is not None and (len(g) + 1) * g[0][1] <= 2 * (sum(n for _, n in g) + item[1]):
+        padded = (len(g) + 1) * g[0][1] if g is not None else 0
+        if g is not None and (padded <= 2 * (sum(n for _, n in g) + item[1]) or padded <= floor):
             g.append(item)
         else:
             groups.append([item])
@@ -138,6 +147,7 @@ class _Row:
     rank: int  # its rank bucket for captured steps (0: base, or no graphs)
     params: SamplingParams
     pick: Callable[[torch.Tensor], torch.Tensor] | None  # None = greedy (batched argmax)
+    added: int = 0  # the stepper's step count when the row was added
     filled: int = 0  # prompt tokens in the cache
     generated: int = 0  # new tokens produced (EOS excluded)
     last: int = 0  # the last new token: the next decode step's input
@@ -220,6 +230,7 @@ class Stepper:
         self.capture_failures = 0
         self.last_capture_error = ""
         self.warmed_up = False
+        self.prefill_kernel_launches = 0  # `warmup`'s launches compiling the prefill kernels' variants
         self.steps = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
@@ -249,7 +260,7 @@ class Stepper:
             seed = p.seed if p.seed is not None else secrets.randbits(63)
             pick = picker(kw, torch.Generator(device=self.device).manual_seed(int(seed)))
         kv = heapq.heappop(self._free)
-        r = _Row(row_id, kv, prompt, row.adapter, slot, rank, p, pick)
+        r = _Row(row_id, kv, prompt, row.adapter, slot, rank, p, pick, added=self.steps)
         self._rows[row_id] = r
         self._by_kv[kv] = r
         if row.adapter is not None:
@@ -288,11 +299,28 @@ class Stepper:
             return []
         with torch.inference_mode():
             decoding = [r for r in self._by_kv if r is not None and r.decoding]
-            events = self._prefill()
+            events = [] if decoding and self._defer_prefill() else self._prefill()
             if decoding:
                 events += self._decode(decoding)
         self.steps += 1
         return events
+
+    def _defer_prefill(self) -> bool:
+        """With graph-replayed decode steps, an eager prefill forward costs mostly fixed host time
+        (launching every layer's kernels), many decode steps' worth whatever its length: so rows that
+        join while others decode wait up to `prefill_wait_steps` steps and are prefilled together,
+        unless their prompts already fill a `prefill_chunk`, no KV row is left for more to join, or a
+        prompt is part-way prefilled (its next chunk runs at once). Eagerly (a CPU) a forward costs
+        about its tokens, so waiting would only delay the first token: rows join at once."""
+        wait = self.limits.prefill_wait_steps
+        if not self.graphs or not wait:
+            return False
+        pending = [r for r in self._rows.values() if r.filled < len(r.prompt)]
+        if not pending or not self._free or any(r.filled for r in pending):
+            return False
+        if sum(len(r.prompt) for r in pending) >= self.limits.prefill_chunk:
+            return False
+        return self.steps - min(r.added for r in pending) < wait
 
     def _prefill(self) -> list[RowEvent]:
         """This step's chunks (rows in add order, until the budget is spent), in as few forwards as
@@ -307,7 +335,7 @@ class Stepper:
                 budget -= n
                 chunks.append((r, n))
         events: list[RowEvent] = []
-        for group in _pack(chunks):
+        for group in _pack(chunks, PACK_FLOOR if self.graphs else 0):
             logits = self._prefill_forward(group)
             done = [i for i, (r, _) in enumerate(group) if r.filled == len(r.prompt)]
             if done:
@@ -508,6 +536,8 @@ class Stepper:
             return
         if self._rows:
             raise EngineError("warmup needs an idle stepper (the captures write into KV rows)")
+        if self.lora is not None:  # eager prefill's kernels: compiled now, not on a request's path
+            self.prefill_kernel_launches = self.lora.warm_prefill_kernels()
         with torch.inference_mode():
             for B, length, rank in itertools.product(self._batch_buckets, self._len_buckets, self.graph_ranks):
                 g = self._graph(B, length, rank)
@@ -520,6 +550,7 @@ class Stepper:
     def describe(self) -> dict[str, Any]:
         return {"graphs": self.graphs, "graph_ranks": list(self.graph_ranks),
                 "captures": self.captures, "captures_after_warmup": self.captures_after_warmup,
+                "prefill_kernel_launches": self.prefill_kernel_launches,
                 "warmed_up": self.warmed_up, "capture_failures": self.capture_failures,
                 "last_capture_error": self.last_capture_error,
                 "buckets": [{"batch": g.batch, "kv_len": g.length, "rank": g.rank, "captured": g.graph is not None,

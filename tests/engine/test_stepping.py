@@ -493,3 +493,42 @@ def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, t
         want = eng.generate([row])[0]
         assert run.tokens[i] == want.token_ids, i
         assert run.logprobs[i] == pytest.approx(want.token_logprobs, abs=TOL), i
+
+
+def test_joining_rows_wait_to_be_prefilled_together_only_with_graphs(tiny_model_dir, tokenizer, engine_adapters):
+    """`Stepper._defer_prefill`: with graph-replayed decode steps (here only the flag; the GPU tests run
+    the graphs) a short joining prompt waits up to prefill_wait_steps steps while others decode;
+    it starts at once when the waiting prompts fill a chunk, a prompt is part-way in, or no KV row
+    is free; eagerly (graphs off) it never waits."""
+    from handler.engine.stepping import Stepper
+
+    eng = make_engine("multilora", load_base(tiny_model_dir, torch.float32, "cpu"),
+                      EngineSettings(num_slots=4, max_rank=64, decode="static"),
+                      eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+    st: Stepper = eng.stepper(StepLimits(max_rows=3, max_len=128, prefill_chunk=40, prefill_wait_steps=3))
+
+    def defers() -> bool:
+        st.graphs = True  # only the flag: rows are added with it off (add resolves rank buckets by it)
+        try:
+            return st._defer_prefill()
+        finally:
+            st.graphs = False
+
+    st.add(0, GenerationRow([5, 6, 7], None, SamplingParams(max_new_tokens=50)))
+    st.step()
+    assert not defers()  # nothing is waiting
+    st.add(1, GenerationRow([8, 9], None, SamplingParams(max_new_tokens=5)))
+    assert not st._defer_prefill()  # eager: never waits
+    assert defers()  # joined this step: waits
+    st.steps += 3
+    assert not defers()  # waited prefill_wait_steps
+    st.steps -= 3
+    st.add(2, GenerationRow(list(range(3, 43)), None, SamplingParams(max_new_tokens=5)))
+    assert not defers()  # the waiting prompts fill a chunk (and no KV row is free)
+    st.cancel(2)
+    st.add(2, GenerationRow([10, 11], None, SamplingParams(max_new_tokens=5)))
+    assert not defers()  # no KV row left for more to join
+    st.cancel(2)
+    assert defers()
+    st._rows[1].filled = 1
+    assert not defers()  # part-way prefilled: its next chunk runs at once

@@ -73,7 +73,9 @@ def _drive(stepper, rows, seed):
 def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer, engine_adapters):
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
     eager = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
-    limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48)
+    # prefill_wait_steps 0: joining rows start at once on both steppers, so the seeded schedule
+    # (which rows run when a cancel comes) is the same; the deferral is tested below
+    limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48, prefill_wait_steps=0)
     gs, es = graphs.stepper(limits), eager.stepper(limits)
     assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
     assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
@@ -95,6 +97,23 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
         assert g_run.logprobs[i] == pytest.approx(e_run.logprobs[i], abs=LP_TOL), i
         if i not in g_cancel:
             assert g_run.tokens[i] == graphs.generate([row])[0].token_ids, i
+
+
+def test_deferred_prefill_keeps_every_row_equal_to_the_row_alone(tiny_model_dir, tokenizer, engine_adapters):
+    """With graphs, rows joining while others decode wait up to prefill_wait_steps to be prefilled
+    together (`Stepper._defer_prefill`): fewer prefill forwards than rows, and every row's tokens
+    still equal the row alone."""
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
+    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=256, prefill_wait_steps=4))
+    st.warmup()
+    rows = _schedule(8, 24)
+    run, cancelled = _drive(st, rows, seed=9)
+    d = st.describe()
+    assert d["captures_after_warmup"] == 0
+    assert d["prefill_forwards"] < len(rows) - len(cancelled), d  # joiners shared forwards
+    for i, row in rows.items():
+        if i not in cancelled:
+            assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
 
 
 def test_no_warmup_means_captures_on_the_request_path(tiny_model_dir, tokenizer, engine_adapters):

@@ -51,6 +51,15 @@ except Exception:  # pragma: no cover - older triton
 # has no bf16); under it, dots run in fp32. Compiled kernels are unaffected.
 INTERPRET = tl.constexpr(_INTERPRET)  # Triton's own switch, read once (triton_lora.INTERPRET)
 
+# The prefill group kernels take the chunk length ``S`` and the rank ``R`` (and the shrink its
+# members' scaling rows ``S0..S2``, a layer index) as plain values, not as specialisation keys:
+# Triton compiles one variant per key (``== 1``, ``% 16``), and prompt lengths vary per request,
+# so specialising on them compiled kernels on the request path. The other integer arguments
+# are the same for every layer of one shape or multiples of 16 at every length (strides and
+# offsets of 16-aligned widths), so the variants left are the constexpr launch shapes, which
+# `triton_lora.warm_prefill` compiles before serving.
+PREFILL_UNSPECIALIZED = ["S", "R"]
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -324,7 +333,7 @@ def group_expand_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
     tl.store(d_ptrs, res.to(delta_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PREFILL_UNSPECIALIZED + ["S0", "S1", "S2"])
 def group_shrink_rows_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
                              S, IN, R, P, K_SLOTS, K_PER_SPLIT,
                              stride_xn, stride_xs, stride_pm, stride_ps, stride_pt,
@@ -366,7 +375,7 @@ def group_shrink_rows_kernel(x_ptr, pool_ptr, scales_ptr, slots_ptr, p_ptr,
                  mask=m_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PREFILL_UNSPECIALIZED)
 def group_expand_rows_kernel(delta_ptr, p_ptr, pool_ptr, slots_ptr,
                              S, R, P, stride_pm, stride_ps, stride_pt,
                              B0, O0, D0, T0, B1, O1, D1, T1, B2, O2, D2,
@@ -475,7 +484,7 @@ def decode_linear_lora_kernel(x_ptr, w_ptr, xa_ptr, pool_ptr, slots_ptr, y_ptr,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PREFILL_UNSPECIALIZED)
 def gated_act_lora_kernel(g_ptr, u_ptr, h_ptr, p_ptr, pool_ptr, slots_ptr,
                           S, I, R, P, BG, BU, stride_pm, stride_ps, stride_pt,
                           SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,

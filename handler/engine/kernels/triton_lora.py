@@ -506,12 +506,13 @@ def _rows_shrink(x: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, slot
     and ``split, block_m, block_r``."""
     N, S, _ = x.shape
     ieee = x.dtype == torch.float32
-    block_m = cfg.get("block_m") or (16 if S <= 16 else (32 if S <= 32 else 64))
+    block_m = cfg.get("block_m") or prefill_block_m(S)
     block_k = cfg.get("block_k") or (32 if ieee else 64)
     block_r = max(16, _pow2(rank))
     tiles_m = _cdiv(S, block_m)
-    # k-split only when rows x token tiles cannot fill the GPU (short prompts, small batches)
-    split = max(1, min(_cdiv(2 * _sms(x.device), N * tiles_m), d_in // 1024, 8))
+    # k-split only when rows x token tiles cannot fill the GPU (short prompts, small batches);
+    # two values per width, so `warm_prefill` can compile every variant the expand takes
+    split = cfg.get("split") or (prefill_max_split(d_in) if N * tiles_m < _sms(x.device) else 1)
     k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k
     split = _cdiv(d_in, k_per_split)
     partials = torch.empty((len(members), split, N * S, block_r), dtype=torch.float32, device=x.device)
@@ -555,6 +556,68 @@ def group_gated_act(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, pool:
         partials.stride(0), partials.stride(1), partials.stride(2), SPLIT=split, BLOCK_M=block_m,
         BLOCK_O=block_o, BLOCK_R=block_r, IEEE=ieee, num_warps=cfg.get("warps_act", 4))
     return h
+
+
+def compiled_variants() -> int:
+    """How many kernel variants Triton has compiled in this process for the kernels here (every
+    device); 0 without triton or under its interpreter. `describe` reports it, so a serving run
+    can show that it compiled nothing after warmup."""
+    if not available():
+        return 0
+    n = 0
+    for obj in vars(_k()).values():
+        caches = getattr(obj, "device_caches", None)
+        if isinstance(caches, dict):
+            n += sum(len(entry[0]) for entry in caches.values())
+    return n
+
+
+PREFILL_BLOCK_M = (16, 32, 64)  # the prefill kernels' token tiles, by chunk length (`prefill_block_m`)
+
+
+def prefill_block_m(tokens: int) -> int:
+    """The prefill kernels' token tile for a chunk of `tokens` tokens per row."""
+    return next((b for b in PREFILL_BLOCK_M if tokens <= b), PREFILL_BLOCK_M[-1])
+
+
+def prefill_max_split(d_in: int) -> int:
+    """The prefill shrink's k-split when rows x token tiles cannot fill the GPU."""
+    return max(1, min(8, d_in // 1024))
+
+
+def warm_prefill(pool: torch.Tensor, scales: torch.Tensor, members: "list[GroupMember] | tuple[GroupMember, ...]",
+                 d_in: int, max_rank: int, gated: bool = False) -> int:
+    """Compile every variant the prefill group kernels (`group_deltas_triton`'s row layout and,
+    with `gated`, `group_gated_act`) can launch for this group, so that no request waits for
+    Triton's JIT (a compile per variant, on the thread that owns the engine).
+
+    The variants are the constexpr launch shapes: token tile (`PREFILL_BLOCK_M`) x k-split
+    (1 or `prefill_max_split`) x rank tile (16, 32, ... up to `max_rank`); the chunk length and
+    the rank are not specialised on (`_triton_kernels.PREFILL_UNSPECIALIZED`), and the kernels'
+    other integer arguments are multiples of 16 at every shape, so a one-row launch of each
+    shape compiles exactly what a serving prefill of that shape uses. Every row is slot 0, so
+    the launches exit at once and write only zeros into fresh buffers. Returns launches made."""
+    N = 1
+    slots = torch.zeros(N, dtype=torch.long, device=pool.device)
+    ranks, r = [], 16
+    while True:
+        ranks.append(r)
+        if r >= max_rank or r >= MAX_RANK:
+            break
+        r *= 2
+    launches = 0
+    for block_m in PREFILL_BLOCK_M:
+        x = torch.zeros((N, block_m, d_in), dtype=pool.dtype, device=pool.device)
+        for split in sorted({1, prefill_max_split(d_in)}):
+            for rank in ranks:
+                cfg = {"block_m": block_m, "split": split}
+                _group_deltas_rows(x, pool, scales, slots, members, d_in, rank, cfg)
+                launches += 1
+                if gated and len(members) == 2 and members[0].out == members[1].out:
+                    g = torch.zeros((N, block_m, members[0].out), dtype=pool.dtype, device=pool.device)
+                    group_gated_act(x, g, g.clone(), pool, scales, slots, members, d_in, rank, cfg)
+                    launches += 1
+    return launches
 
 
 def _a_args(members) -> list[int]:

@@ -312,6 +312,8 @@ class MultiLoraModel(nn.Module):
             "pool_bytes": self.pool_bytes(),
             "gather_workspace_bytes": self._ctx.workspace.nbytes,
             "device": str(self.device),
+            # kernel variants Triton compiled in this process (0 without CUDA kernels): constant after warmup
+            "triton_variants": self._ctx.backend.kernels.compiled_variants() if self._ctx.backend.kernels else 0,
         }
 
     def release_gather_workspace(self) -> int:
@@ -396,6 +398,27 @@ class MultiLoraModel(nn.Module):
             return 0
         bucket = min(max(16, 1 << (r - 1).bit_length()), self.max_rank)
         return bucket if bucket <= KERNEL_MAX_RANK else None
+
+    def warm_prefill_kernels(self) -> int:
+        """Compile, now, every variant of the Triton kernels an eager CUDA prefill through the layer
+        groups can launch (`kernels.triton_lora.warm_prefill`, once per distinct group shape), so
+        that Triton's JIT (about a second per variant) never runs while a request waits. Call on
+        the engine's thread before serving. Returns the launches made (0: no prefill group runs
+        the kernels here, e.g. a CPU or the torch backend)."""
+        kernels = self._ctx.backend.kernels
+        if kernels is None or self.device.type != "cuda":
+            return 0
+        seen: set[tuple] = set()
+        launches = 0
+        with torch.inference_mode():
+            for g in self._groups:
+                shape = (g.in_features, tuple(m.out for m in g.members))
+                if not g.prefill or shape in seen:
+                    continue
+                seen.add(shape)
+                launches += kernels.warm_prefill(g.pool, g.scales, g.members, g.in_features, self.max_rank,
+                                                 gated=self._gated_mlps > 0)
+        return launches
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
