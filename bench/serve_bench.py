@@ -21,9 +21,12 @@ tenants (--tenants, more than --resident slots) with Zipf(--zipf) popularity; te
 Per scheduler: output_tok_s (output tokens of the 200 replies / (last reply's end - first request's
 start)), TTFT / ITL / e2e p50 and p99 (nearest rank) from the client's own clock, errors_5xx,
 wrong_outputs (after the timed run, a seeded sample of --check requests, or all when there are no
-more, re-sent one at a time; a timed answer must equal its answer alone: `checked` says how many),
+more, re-sent one at a time; a timed answer must equal its answer alone: `checked` says how many;
+in-process in bf16/fp16 an answer that leaves the alone one at a near tie, its token within --tie-tol
+nats of the alone run's best there, counts in `near_ties` instead: `serveload.wrong_outputs`),
 evictions (the worker's eviction counters over the timed run), graph_captures_after_warmup (what the
-worker reports; null where it reports none, e.g. a CPU). TorchServe: the official `openai` client,
+worker reports; null where it reports none, e.g. a CPU), kernel_compiles_during_run (Triton kernel
+variants the worker compiled during the timed run; 0 on a CPU). TorchServe: the official `openai` client,
 streaming completions on /predictions/loraplex/1.0/v1; TTFT = first chunk with text, ITL = gaps
 between text chunks. With `scheduler: static` the text is one chunk: TTFT ~ e2e and ITL is null.
 `prefill_alone_ms`: the TTFT of a median-length prompt sent alone with max_tokens 1 (median of
@@ -45,6 +48,7 @@ Figures: bench/RESULTS.md, never here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -53,7 +57,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import harness
 from harness import log
@@ -103,6 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-reps", type=int, default=5)
     ap.add_argument("--request-timeout", type=float, default=900, help="client timeout per request, seconds")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the run's files here (default: a temp dir)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="inprocess: cProfile the scheduler thread during each timed continuous run and print "
+                         "its top N functions by own time and by cumulative time (stderr)")
+    ap.add_argument("--tie-tol", type=float, default=None,
+                    help="inprocess: a timed answer that leaves the alone answer at a token within this many "
+                         "nats of the alone run's best there counts as a near tie, not wrong (default 0.1 in "
+                         "bf16/fp16, exact in fp32; negative = exact)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     small = a.model == "tiny" if a.target == "torchserve" else a.size == "tiny"
@@ -381,6 +392,46 @@ class InProcess:
         self.redis.stop()
 
 
+@contextlib.contextmanager
+def scheduler_profile(svc: Any, top: int, title: str) -> Iterator[None]:
+    """cProfile on the scheduler thread (enabled and disabled there, between two steps, through
+    `Scheduler.call`) around the block; prints the top `top` rows by tottime and cumtime.
+    Wall-clock profile: a function that waits for the GPU (a `.tolist()`) is charged the wait."""
+    if not top or getattr(svc, "scheduler", None) is None:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    svc.scheduler.call(prof.enable)
+    try:
+        yield
+    finally:
+        svc.scheduler.call(prof.disable)
+        for order in ("tottime", "cumtime"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(top)
+            log(f"--- scheduler thread profile, {title}, by {order} ---\n{buf.getvalue()}")
+
+
+CHECK_TOP_LOGPROBS = 5  # the checked requests re-sent alone ask for this many top log-probs per token
+
+
+def tie_tol(a: argparse.Namespace, dtype: Any) -> float | None:
+    """`serveload.wrong_outputs`' near-tie tolerance: --tie-tol, else HALF_TIE_TOL in bf16/fp16
+    (a row's rounding depends on its batch's shape there), else None (fp32: answers must be equal)."""
+    import torch
+
+    if a.tie_tol is not None:
+        return a.tie_tol if a.tie_tol >= 0 else None
+    return HALF_TIE_TOL if dtype in (torch.bfloat16, torch.float16) else None
+
+
+HALF_TIE_TOL = 0.1  # nats
+
+
 def _sample_running(svc: Any, stop: threading.Event, into: list[int]) -> None:
     """Running rows every 50 ms (the scheduler's own lock-protected snapshot, not a describe)."""
     if getattr(svc, "scheduler", None) is None:
@@ -463,10 +514,12 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
 
                 def send(w, open_loop, max_tokens, svc=svc, kind=kind):
                     return serveload.drive_inprocess(svc, w, scheduler=kind, open_loop=open_loop,
-                                                     max_tokens=max_tokens, event_timeout=a.request_timeout)
+                                                     max_tokens=max_tokens, event_timeout=a.request_timeout,
+                                                     logprobs=0 if open_loop else CHECK_TOP_LOGPROBS)
 
-                res, _ = serveload.timed_phase(send, svc.describe, work, scheduler=kind, rate=rate, check=a.check,
-                                               seed=a.seed)
+                with scheduler_profile(svc, a.profile if kind == "continuous" else 0, f"{sch} at {rate} req/s"):
+                    res, _ = serveload.timed_phase(send, svc.describe, work, scheduler=kind, rate=rate,
+                                                   check=a.check, seed=a.seed, tie_tol=tie_tol(a, ip.dtype))
                 stop.set()
                 sampler.join()
                 res["running_rows_p50"] = serveload.percentile([n for n in running if n], 50)  # while busy

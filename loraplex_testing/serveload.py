@@ -151,6 +151,8 @@ class Outcome:
     end: float = 0.0
     chunk_times: list[float] = field(default_factory=list)  # arrival of every chunk that carried text
     token_ids: tuple[int, ...] | None = None  # in-process only
+    token_texts: tuple[str, ...] | None = None  # in-process only: each token id decoded alone
+    top_logprobs: list[list[tuple[str, float]]] | None = None  # per token, when the request asked (in-process)
     error: str | None = None
 
     @property
@@ -207,19 +209,48 @@ def check_sample(n_requests: int, at_least: int, seed: int) -> list[int]:
     return sorted(random.Random(f"{seed}:check").sample(range(n_requests), at_least))
 
 
-def wrong_outputs(timed: Sequence[Outcome], alone: Sequence[Outcome]) -> tuple[int, list[dict]]:
+def wrong_outputs(timed: Sequence[Outcome], alone: Sequence[Outcome], tie_tol: float | None = None,
+                  ties: list[dict] | None = None) -> tuple[int, list[dict]]:
     """Requests whose answer in the timed run differs from the same request sent alone (text,
-    and token ids where both have them). A request that failed either time counts as wrong."""
+    and token ids where both have them). A request that failed either time counts as wrong.
+
+    `tie_tol` (half-precision runs, where a row's logits depend on its batch mates' shapes by a
+    rounding error): a greedy answer that leaves the alone answer at token d is still right when
+    its token d is among the alone run's top log-probs at d (same context up to there) and at
+    most `tie_tol` below the best: a near tie that rounding broke the other way (vLLM's
+    `check_logprobs_close` accepts any top-k token there). Tokens after d are not compared (the
+    contexts differ). Such requests go to `ties` (with the gap), not to the wrong ones."""
     by_index = {o.request.index: o for o in timed}
     bad = []
     for solo in alone:
         got = by_index[solo.request.index]
         same = got.ok and solo.ok and got.text == solo.text and (
             got.token_ids is None or solo.token_ids is None or got.token_ids == solo.token_ids)
+        if not same and tie_tol is not None and got.ok and solo.ok:
+            gap = _divergence_gap(got, solo)
+            if gap is not None and gap <= tie_tol:
+                if ties is not None:
+                    ties.append({"index": solo.request.index, "gap": round(gap, 4)})
+                continue
         if not same:
             bad.append({"index": solo.request.index, "tenant": solo.request.tenant, "timed": got.text[:80],
-                        "alone": solo.text[:80], "status": [got.status, solo.status]})
+                        "alone": solo.text[:80], "status": [got.status, solo.status],
+                        "gap": _divergence_gap(got, solo) if got.ok and solo.ok else None})
     return len(bad), bad[:5]
+
+
+def _divergence_gap(timed: Outcome, alone: Outcome) -> float | None:
+    """How far below the alone run's best log-prob the timed run's token is at the first token where
+    the two differ; None where that cannot be told (no log-probs, no such token, not in the top-k)."""
+    a, b = timed.token_ids, alone.token_ids
+    if a is None or b is None or timed.token_texts is None or not alone.top_logprobs:
+        return None
+    d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if d is None or d >= len(alone.top_logprobs) or d >= len(timed.token_texts) or not alone.top_logprobs[d]:
+        return None
+    top = alone.top_logprobs[d]
+    mine = next((lp for text, lp in top if text == timed.token_texts[d]), None)
+    return None if mine is None else max(0.0, top[0][1] - mine)
 
 
 # -- driver (a): the openai client against TorchServe ------------------------------------------
@@ -284,11 +315,13 @@ def drive_openai(base_url: str, api_key: str, work: Sequence[ServeRequest], *, t
 
 # -- driver (b): LoraplexService in this process ------------------------------------------------
 
-def _raw(req: ServeRequest, max_tokens: int | None = None) -> Any:
+def _raw(req: ServeRequest, max_tokens: int | None = None, logprobs: int = 0) -> Any:
     from handler.service import RawRequest
 
-    return RawRequest({"prompt": req.prompt, "max_new_tokens": max_tokens or req.max_tokens},
-                      {"X-Tenant-ID": req.tenant})
+    body: dict[str, Any] = {"prompt": req.prompt, "max_new_tokens": max_tokens or req.max_tokens}
+    if logprobs:
+        body["logprobs"] = logprobs
+    return RawRequest(body, {"X-Tenant-ID": req.tenant})
 
 
 def _fill_from_reply(o: Outcome, reply: Any) -> None:
@@ -302,12 +335,14 @@ def _fill_from_reply(o: Outcome, reply: Any) -> None:
         o.error = str(body.get("error", body))[:300]
 
 
-def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_timeout: float) -> Outcome:
+def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_timeout: float,
+                logprobs: int = 0) -> Outcome:
     from handler.scheduler import Finished, TextDelta
 
     o = Outcome(req, start=time.monotonic())
+    top: list[list[tuple[str, float]]] = []
     try:
-        got = service.submit(_raw(req, max_tokens))
+        got = service.submit(_raw(req, max_tokens, logprobs))
         if not hasattr(got, "get"):  # an immediate Reply (an error, 413, 503)
             _fill_from_reply(o, got)
         else:
@@ -317,6 +352,9 @@ def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_t
                 now = time.monotonic()
                 if isinstance(ev, TextDelta):
                     ids.extend(ev.token_ids)
+                    if ev.logprobs:
+                        top.extend([(e["token"], float(e["logprob"])) for e in step]
+                                   for step in ev.logprobs["top_logprobs"])
                     if ev.token_ids or ev.text:
                         o.chunk_times.append(now)
                         if o.first is None:
@@ -324,6 +362,8 @@ def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_t
                 elif isinstance(ev, Finished):
                     _fill_from_reply(o, ev.reply)
                     o.token_ids = tuple(ids)
+                    o.token_texts = tuple(service.token_text(i) for i in ids)
+                    o.top_logprobs = top or None
                     o.tokens = o.tokens or len(ids)
                     break
     except Exception as exc:  # the driver's own failure: recorded, never raised into the run
@@ -334,11 +374,12 @@ def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_t
 
 def drive_inprocess(service: Any, work: Sequence[ServeRequest], *, scheduler: str, open_loop: bool = True,
                     max_tokens: int | None = None, batch_size: int = 8, max_batch_delay_ms: float = 20,
-                    event_timeout: float = 600) -> list[Outcome]:
-    """Module docstring. `open_loop=False`: each request alone, one after the other."""
+                    event_timeout: float = 600, logprobs: int = 0) -> list[Outcome]:
+    """Module docstring. `open_loop=False`: each request alone, one after the other (continuous:
+    asking for `logprobs` top log-probs per token, which `wrong_outputs` can use)."""
     if not open_loop:
         if scheduler == "continuous":
-            return [_submit_one(service, r, max_tokens, event_timeout) for r in work]
+            return [_submit_one(service, r, max_tokens, event_timeout, logprobs) for r in work]
         return [_static_batch(service, [r], max_tokens)[0] for r in work]
     outcomes: list[Outcome | None] = [None] * len(work)
     t0 = time.monotonic()
@@ -527,17 +568,22 @@ class TorchServeStack:
 
 def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[Outcome]],
                 describe: Callable[[], dict], work: Sequence[ServeRequest], *, scheduler: str, rate: float,
-                check: int, seed: int) -> tuple[dict, list[Outcome]]:
+                check: int, seed: int, tie_tol: float | None = None) -> tuple[dict, list[Outcome]]:
     """One scheduler's run: the timed open-loop run, the describe counters around it, then the
-    checked sample re-sent one at a time (`send(work, open_loop, max_tokens)`)."""
+    checked sample re-sent one at a time (`send(work, open_loop, max_tokens)`); `tie_tol` as
+    `wrong_outputs` (`near_ties` counts the answers it accepted, with their gaps)."""
     before = describe()
     outcomes = send(work, True, None)
     after = describe()
     res = summarize(outcomes, scheduler=scheduler, rate=rate)
     picked = [work[i] for i in check_sample(len(work), check, seed)]
     alone = send(picked, False, None)
-    n_wrong, examples = wrong_outputs(outcomes, alone)
+    ties: list[dict] = []
+    n_wrong, examples = wrong_outputs(outcomes, alone, tie_tol, ties)
     res.update({"wrong_outputs": n_wrong, "checked": len(picked), "wrong_examples": examples,
+                "near_ties": len(ties), "near_tie_gaps": sorted(t["gap"] for t in ties), "tie_tol": tie_tol,
                 "evictions": evictions(after.get("counters", {})) - evictions(before.get("counters", {})),
-                "graph_captures_after_warmup": captures_after_warmup(after)})
+                "graph_captures_after_warmup": captures_after_warmup(after),
+                "kernel_compiles_during_run": (int(after["kernel_variants"]) - int(before["kernel_variants"])
+                                               if "kernel_variants" in after and "kernel_variants" in before else None)})
     return res, outcomes

@@ -94,6 +94,28 @@ def test_percentiles_and_summary():
     assert serveload.evictions({"evictions_lru": 2, "evictions_idle": 1, "loads": 9}) == 3
 
 
+def test_near_ties_need_the_timed_token_close_to_the_alone_best():
+    """A half-precision answer leaving the alone answer where the alone run's top two were within
+    the tolerance is a near tie; farther apart, or a token outside the alone top-k, is wrong."""
+    r = ServeRequest(0, 0.0, "t0", "x", 1, 4)
+
+    def timed(ids):
+        return Outcome(r, status=200, text=" ".join(f"w{i}" for i in ids), token_ids=tuple(ids),
+                       token_texts=tuple(f"w{i}" for i in ids), start=0, end=1)
+
+    alone = timed([5, 6, 7])
+    alone.top_logprobs = [[("w5", -0.1)], [("w6", -1.00), ("w9", -1.04), ("w8", -1.5)], [("w7", -0.2)]]
+    for ids, tol, wrong in [([5, 9, 1], 0.1, 0), ([5, 9, 1], 0.01, 1), ([5, 8, 1], 0.1, 1), ([5, 4, 1], 0.1, 1),
+                            ([5, 9, 1], None, 1), ([5, 6, 7], None, 0)]:
+        ties: list[dict] = []
+        n, examples = serveload.wrong_outputs([timed(ids)], [alone], tol, ties)
+        assert n == wrong, (ids, tol, examples)
+        assert len(ties) == (1 if (ids, tol) == ([5, 9, 1], 0.1) else 0)
+    ties = []
+    serveload.wrong_outputs([timed([5, 9, 1])], [alone], 0.1, ties)
+    assert ties[0]["gap"] == pytest.approx(0.04)
+
+
 def _run(*args: str) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), *args, "--request-timeout", "120", "--json"]
     try:
