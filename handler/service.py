@@ -1,6 +1,7 @@
 """The request path of one worker, top to bottom, free of TorchServe.
 
-    raw requests ─► parse_request ─► plan (tenant → record | base + reason)
+    raw requests ─► parse_request ─► plan (tenant → record | base + reason; a fallback chain or
+                    compare mode: several rows of one batch, handler/fanout.py)
                  ─► tokenize (prompt limit) ─► residency (load / hold / evict)
                  ─► static: engine.generate (one call for the whole batch)
                     continuous: scheduler.py (rows join and leave between steps)
