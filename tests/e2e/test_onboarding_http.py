@@ -350,3 +350,32 @@ def test_the_service_refuses_an_expired_or_missing_management_key(onb, tmp_path)
     kf.write_text(json.dumps({"management": {"key": "sekrit"}}))
     assert api.handle(req).status == 200
     assert api.handle(Request("GET", "/tenants", {}, {"authorization": ["Bearer sekri"]}, b"")).status == 401
+
+
+def test_task_router_endpoints_over_http(onb, tiny_adapters):
+    """The task router's endpoints (issue 14 item 2): a task's example prompts declared with its upload
+    (a multipart `examples` part, the service) and with a server path through TorchServe's 8081
+    (`?examples=<JSON list>`: no body passes the plugin), the router set through 8081, and the worker
+    routes by them. The random model ranks only the examples themselves, so the prompt is one."""
+    a = onb.auth()
+    files = [(p.name, (p.name, p.read_bytes())) for p in sorted(tiny_adapters["a"].iterdir()) if p.is_file()]
+    r = onb.direct("POST", "/tenants/rtr", headers=a,
+                   files=files + [("examples", ("examples.txt", b"numbers 0 1 2 3 4 5\n"))])
+    assert r.status_code == 200 and r.json()["examples"] == 1, r.text
+    prompt = "the quick brown fox jumps over the lazy dog."
+    r = onb.mgmt("POST", "/tenants/rtr", headers=a, params={"task": "summarize", "path": str(tiny_adapters["b"]),
+                                                             "examples": json.dumps([prompt])})
+    assert r.status_code == 200 and r.json()["examples"] == 1, r.text
+    r = onb.mgmt("POST", "/tenants/rtr/router", params={"mode": "classify"}, headers=a)
+    assert r.status_code == 200 and r.json()["router"] == "classify", r.text
+    r = onb.mgmt("GET", "/tenants/rtr/router", headers=a)
+    assert r.status_code == 200 and r.json()["examples"] == {"default": ["numbers 0 1 2 3 4 5"], "summarize": [prompt]}
+    got = onb.ask("rtr", prompt)
+    assert got["task"] == "summarize" and got["route"]["by"] == "classify", got
+    assert got["text"] == _expected(onb.model, tiny_adapters["b"], prompt)
+    for params, status in (({"mode": "sometimes"}, 400), ({"task": "nope", "examples": "x"}, 400), ({}, 400)):
+        r = onb.mgmt("POST", "/tenants/rtr/router", params=params, headers=a)
+        assert r.status_code == status, (params, r.text)
+    assert onb.mgmt("GET", "/tenants/rtr/router", headers=a).json()["router"] == "classify"  # unchanged
+    assert onb.mgmt("POST", "/tenants/nobody/router", params={"mode": "classify"}, headers=a).status_code == 404
+    assert onb.mgmt("DELETE", "/tenants/rtr", headers=a).status_code == 200
