@@ -123,7 +123,7 @@ class EmbeddingRouter:
         query, start = vectors[0], 1
         for t in missing:
             n = len(examples[t])
-            known[t] = vectors[start:start + n].float()
+            known[t] = vectors[start:start + n].float().clone()  # not a view: the batch is not kept alive
             start += n
             with self._lock:
                 self._cache[keys[t]] = known[t]
