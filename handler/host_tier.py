@@ -2,8 +2,9 @@
 
 Why: an adapter evicted from the engine's slots comes back often (Zipf-popular tenants on a
 worker with few slots). Reading it again from the store means a file (or object-store) read and a
-sha256 over every byte; from here it is one copy into the engine's staging and the engine's
-host-to-device copy. The bytes entered the tier only after the store checked their sha256 and the
+sha256 over every byte; from here the engine reads the held bytes in place (`AdapterBytes.buffer`):
+on a GPU worker one host-to-device copy from this tier's page-locked memory, on a CPU only the
+copy into the slot. The bytes entered the tier only after the store checked their sha256 and the
 engine accepted them, and an adapter id (`<tenant>@v<N>`) names immutable weights, so a held copy
 is never stale: only the registry's removal (and a tenant moving to another version, like the
 device slots do) drops entries (`drop_tenant`).
@@ -15,8 +16,8 @@ fit beside them is not held (it is served from the store as before).
 
 The copy is taken here because the store's read returns weights in a buffer its next read
 reuses (`ReadBuffer`). On a CUDA worker the copy lives in pinned (page-locked) host memory
-(`_host_bytes`, the one place it is allocated), so the engine's copy into its pinned staging
-buffer and the transfer to the device never touch pageable memory; on a CPU, plain memory.
+(`_host_bytes`, the one place it is allocated), so the transfer to the device reads it directly,
+never pageable memory; on a CPU, plain memory.
 
 Concurrency: owned by the worker's request thread (the residency calls it); no locks.
 """
@@ -103,7 +104,9 @@ class HostTier:
         buf = _host_bytes(n, self.pin)
         view = memoryview(buf.numpy())
         view[:] = memoryview(adapter.weights).cast("B")
-        held = AdapterBytes.of(bytes(adapter.config), view.toreadonly(), adapter.name)
+        # `buffer`: the engine reads these bytes in place (never written again; dropped only by
+        # this tier, and pinned memory is not reused before a pending copy from it completes)
+        held = AdapterBytes.of(bytes(adapter.config), view.toreadonly(), adapter.name, buffer=buf)
         self._held[adapter_id] = _Held(tenant, held, buf, n)
         self.counters.host_bytes += n
         return True

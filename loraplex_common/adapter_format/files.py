@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,19 +77,26 @@ class AdapterBytes:
 
     `weights` is a `bytes`, or a `memoryview` into memory its reader reuses (`ReadBuffer`, an
     engine's staging buffer): then it is valid until that reader's next read, so it is loaded
-    right after it is read and never kept."""
+    right after it is read and never kept.
+
+    `buffer`: a 1-D uint8 torch tensor that owns `weights` (same bytes, same length) and whose
+    memory is never written while anyone holds it: the worker's host tier's copy (page-locked
+    on a GPU worker). An engine may then read the weights in place, with no copy into its own
+    staging memory; None: `weights` only."""
 
     config: bytes = field(repr=False)
     weights: bytes | memoryview = field(repr=False)
     name: str = "adapter"
+    buffer: Any = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.weights).hexdigest()
 
     @classmethod
-    def of(cls, config: bytes, weights: bytes | memoryview, name: str = "adapter") -> "AdapterBytes":
-        return cls(config, weights, name)
+    def of(cls, config: bytes, weights: bytes | memoryview, name: str = "adapter",
+           buffer: Any = None) -> "AdapterBytes":
+        return cls(config, weights, name, buffer)
 
     @classmethod
     def read_dir(cls, directory: str | os.PathLike, into: Into | None = None) -> "AdapterBytes":

@@ -252,3 +252,29 @@ def test_a_cuda_worker_holds_the_bytes_in_pinned_memory():
     tier = HostTier(1 << 20, pin=True)
     assert tier.put("a", "a@v1", AdapterBytes.of(b"{}", b"w" * 1000))
     assert tier._held["a@v1"].buffer.is_pinned() and bytes(tier.get("a@v1").weights) == b"w" * 1000
+
+
+def test_a_reload_from_the_host_tier_reads_the_held_bytes_in_place(make_service, tools, tiny_adapters, monkeypatch):
+    """The host tier's copy is handed to the engine with its buffer (`AdapterBytes.buffer`): the slot
+    copy reads it in place (no copy into the engine's staging memory, which a store read needs), and
+    the slot ends up with exactly the weights a load from the store wrote."""
+    from handler.engine.multilora import slot_loader
+
+    svc = make_service(num_slots=3)  # one resident adapter: every switch evicts
+    for name in ("a", "b"):
+        tools.onboard(svc, f"t-{name}", tiny_adapters[name])
+    copies: list[int] = []
+    real = slot_loader.copy_data
+    monkeypatch.setattr(slot_loader, "copy_data", lambda *args: (copies.append(1), real(*args))[1])
+    facade = svc.engine.model
+
+    def slot_weights(adapter_id: str) -> torch.Tensor:
+        return facade.pool[facade.slot_of(adapter_id)].clone()
+
+    assert tools.ask(svc, "t-a").status == 200
+    from_store = slot_weights("t-a@v1")
+    assert copies == [1] and svc.describe()["last_acquire"]["source"] == "store"
+    assert tools.ask(svc, "t-b").status == 200 and copies == [1, 1]
+    assert tools.ask(svc, "t-a").status == 200
+    assert svc.describe()["last_acquire"]["source"] == "host" and copies == [1, 1]  # no staging copy
+    assert torch.equal(slot_weights("t-a@v1"), from_store)

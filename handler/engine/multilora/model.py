@@ -196,7 +196,8 @@ class MultiLoraModel(nn.Module):
     def _fill_slot(self, slot: int, parsed: ParsedAdapter, read_into: torch.Tensor | None = None) -> None:
         """Copy the adapter's tensors into the (zeroed) slot with one copy of the verified bytes'
         data region into the host staging buffer (none when the file was read straight into it:
-        `read_into`, see `_host_buffer`) and, on CUDA, one host-to-device copy; dtype
+        `read_into`, see `_host_buffer`, or when the bytes come with a buffer nobody writes: the
+        host tier's, `AdapterBytes.buffer`) and, on CUDA, one host-to-device copy; dtype
         conversion and B's transpose happen in the device-side copy into the slot (`slot_loader`
         says why). Called by `load_adapter` only (the owner thread).
 
@@ -215,9 +216,12 @@ class MultiLoraModel(nn.Module):
             self._staging_read.synchronize()  # the previous H2D copy may still be reading _staging
         tensors = parsed.header.tensors
         n = parsed.header.data_len
+        start = parsed.header.data_start
+        held = _held_buffer(parsed.source)
         if read_into is not None:  # the weights file was read into this buffer: its data region is a slice
-            start = parsed.header.data_start
             data = read_into[start:start + n]
+        elif held is not None:  # bytes nobody writes while held (the host tier's copy): read in place
+            data = held[start:start + n]
         else:
             host = slot_loader.ensure_bytes(self._staging, n, pin=on_cuda)
             slot_loader.copy_data(parsed.source.weights, parsed.header, host)
@@ -431,6 +435,16 @@ class MultiLoraModel(nn.Module):
         n = _batch_size(input_ids, kwargs)
         with self.batch(adapter_names, n):
             return self.model.generate(*args, **kwargs)
+
+
+def _held_buffer(source: Any) -> torch.Tensor | None:
+    """`AdapterBytes.buffer` when it is a CPU uint8 tensor holding exactly the weights bytes (the
+    host tier's copy, which the slot copy may read in place), else None."""
+    buf = getattr(source, "buffer", None)
+    if (isinstance(buf, torch.Tensor) and buf.dtype == torch.uint8 and buf.dim() == 1 and buf.device.type == "cpu"
+            and buf.numel() == len(source.weights)):
+        return buf
+    return None
 
 
 def _align(n: int, to: int = 64) -> int:
