@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
-_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "version", "version_by", "fallback", "route")
+_FINAL_FIELDS = ("finish_reason", "usage", "tenant", "task", "adapter", "version", "version_by", "fallback", "route",
+                 "chain")
 
 
 class ChunkStream(Protocol):

@@ -334,9 +334,7 @@ def cmd_router(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
         examples = _read_examples(args.examples) if args.examples else None
         policy = reg.update_policy(args.tenant, router_change(args.mode, args.task, examples))
     else:
-        if not reg.tasks(args.tenant):
-            raise TenantNotFound(args.tenant)
-        policy = reg.get_policy(args.tenant)
+        policy = reg.tenant_policy(args.tenant)
     doc = router_doc(args.tenant, policy)
     counts = ", ".join(f"{t}: {len(x)}" for t, x in doc["examples"].items()) or "none"
     out.result(doc, f"{args.tenant}: router {policy.router}; example prompts per task: {counts}")
@@ -503,9 +501,7 @@ def cmd_split(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
         change = split_change(reg, _store(cfg), args.tenant, args.task or DEFAULT_TASK, parse_arms(args.arms))
         policy = reg.update_policy(args.tenant, change)
     else:
-        if not reg.tasks(args.tenant):
-            raise TenantNotFound(args.tenant)
-        policy = reg.get_policy(args.tenant)
+        policy = reg.tenant_policy(args.tenant)
     doc = split_doc(args.tenant, policy)
     lines = [f"{args.tenant}: task {t}: split {_split_text(arms)}" for t, arms in policy.splits.items()]
     out.result(doc, "\n".join(lines) or f"{args.tenant}: no A/B split")
@@ -560,9 +556,7 @@ def cmd_chain(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None:
     elif args.links or args.threshold is not None:
         policy = reg.update_policy(args.tenant, chain_policy(args.links, args.threshold, cfg))
     else:
-        if not reg.tasks(args.tenant):
-            raise TenantNotFound(args.tenant)
-        policy = reg.get_policy(args.tenant)
+        policy = reg.tenant_policy(args.tenant)
     doc = chain_doc(args.tenant, policy)
     out.result(doc, f"{args.tenant}: " + (f"chain {' -> '.join(doc['chain'])}, threshold {policy.chain_threshold:g}"
                                           if policy.chain else "no fallback chain"))

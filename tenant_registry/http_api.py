@@ -320,10 +320,7 @@ class OnboardingApi:
         if ctype.lower().startswith("application/json") and req.body:
             if not allow_path:
                 raise HttpError(400, "BadRequest", "a tenant publishes by multipart upload only")
-            try:
-                doc = json.loads(req.body)
-            except ValueError as e:
-                raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
+            doc = _json_body(req)
             if (not isinstance(doc, dict) or set(doc) - {"examples"} != {"path"} or not isinstance(doc["path"], str)
                     or not isinstance(doc.get("examples", []), list)):
                 raise HttpError(400, "BadRequest", 'JSON body must be {"path": "<adapter dir on the server>"} '
@@ -374,9 +371,7 @@ class OnboardingApi:
         self._allow(req.method, "GET", "POST", "PUT")
         if req.method == "GET":
             self._only(req)
-            if not self.registry.tasks(tenant):
-                raise TenantNotFound(tenant)
-            return Reply(200, router_doc(tenant, self.registry.get_policy(tenant)))
+            return Reply(200, router_doc(tenant, self.registry.tenant_policy(tenant)))
         self._only(req, "mode", "task", "examples")
         mode, task = req.query.get("mode"), req.query.get("task")
         text = req.query.get("examples")
@@ -400,19 +395,14 @@ class OnboardingApi:
         self._allow(req.method, "GET", "POST", "PUT", "DELETE")
         if req.method == "GET":
             self._only(req)
-            if not self.registry.tasks(tenant):
-                raise TenantNotFound(tenant)
-            return Reply(200, chain_doc(tenant, self.registry.get_policy(tenant)))
+            return Reply(200, chain_doc(tenant, self.registry.tenant_policy(tenant)))
         if req.method == "DELETE":
             self._only(req)
             with self._lock:
                 return Reply(200, chain_doc(tenant, self.registry.update_policy(tenant, clear_chain)))
         self._only(req, "links", "threshold")
         if req.body:
-            try:
-                doc = json.loads(req.body)
-            except ValueError as e:
-                raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
+            doc = _json_body(req)
             if (not isinstance(doc, dict) or set(doc) != {"links", "threshold"} or not isinstance(doc["links"], list)
                     or not all(isinstance(x, str) for x in doc["links"]) or req.query):
                 raise HttpError(400, "BadRequest", 'JSON body must be {"links": ["<task>[@v<N>]", ..., "base"], '
@@ -438,9 +428,7 @@ class OnboardingApi:
         self._allow(req.method, "GET", "POST", "PUT", "DELETE")
         if req.method == "GET":
             self._only(req)
-            if not self.registry.tasks(tenant):
-                raise TenantNotFound(tenant)
-            return Reply(200, split_doc(tenant, self.registry.get_policy(tenant)))
+            return Reply(200, split_doc(tenant, self.registry.tenant_policy(tenant)))
         if req.method == "DELETE":
             self._only(req, "task")
             change = clear_split(req.query.get("task"))
@@ -448,10 +436,7 @@ class OnboardingApi:
                 return Reply(200, split_doc(tenant, self.registry.update_policy(tenant, change)))
         self._only(req, "task", "arms")
         if req.body:
-            try:
-                doc = json.loads(req.body)
-            except ValueError as e:
-                raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
+            doc = _json_body(req)
             arms = doc.get("arms") if isinstance(doc, dict) else None
             if (req.query or not isinstance(doc, dict) or not set(doc) <= {"task", "arms"} or not isinstance(arms, dict)
                     or not isinstance(doc.get("task", DEFAULT_TASK), str)):
@@ -578,6 +563,14 @@ def make_handler(api: OnboardingApi) -> type[BaseHTTPRequestHandler]:
             log.info("%s %s", self.address_string(), fmt % args)
 
     return Handler
+
+
+def _json_body(req: Request) -> Any:
+    """The request's body parsed as JSON; 400 naming the parse error otherwise."""
+    try:
+        return json.loads(req.body)
+    except ValueError as e:
+        raise HttpError(400, "BadRequest", f"body is not JSON: {e}") from None
 
 
 def _err(status: int, type_: str, message: str) -> dict[str, Any]:

@@ -335,6 +335,13 @@ class TenantRegistry:
             raw = self._r.get(self._k_policy(t))
         return TenantPolicy() if raw is None else TenantPolicy.from_json(raw)
 
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        """`get_policy` of a tenant that exists (has a task): what `tenantctl` and the HTTP API show;
+        TenantNotFound otherwise."""
+        if not self.tasks(tenant):
+            raise TenantNotFound(tenant)
+        return self.get_policy(tenant)
+
     # ------------------------------------------------------------------ writes (control plane)
     def next_version(self, tenant: str) -> int:
         """Reserve and return a version number never handed out before for this tenant.

@@ -6,6 +6,7 @@ the first link whose mean token log-prob clears the threshold (scores checked ag
 fan-out requests get their own 4xx while the rest of the batch is served."""
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -241,6 +242,10 @@ def test_a_streamed_chain_sends_the_chosen_answer_once_every_link_is_done(acme):
     body = events[-1].reply.body
     assert events[-1].reply.status == 200 and body["chain"]["answered_by"] == "default"
     assert body["text"] == _one(svc, adapter="acme@v1").body["text"]
+    from handler.stream_format import NdjsonStream  # the wire's last chunk says which link answered
+
+    last = json.loads(NdjsonStream().finish(200, body).splitlines()[-1])
+    assert last["chain"] == body["chain"] and last["adapter"] == "acme@v1"
 
 
 # -- bad input, limits -----------------------------------------------------------------
