@@ -138,4 +138,4 @@ def test_engine_protocol_is_what_serving_uses():
 
     members = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
     assert members == {"kind", "load_adapter", "delete_adapter", "active_adapter", "peft_config",
-                       "get_model_status", "generate", "stepper"}
+                       "get_model_status", "generate", "stepper", "embed"}
