@@ -461,10 +461,12 @@ class LoraplexService:
         return Plan(req, choice.record, None, version_by=choice.by)
 
     def _task_record(self, req: InferenceRequest, task: str) -> TenantRecord:
-        """The selection rule for a task the (known, enabled) tenant does not have: under
-        `unknown_task_policy: default` its default task serves the request; under `reject` (and
-        when it has no default task either) 404 naming the task."""
-        if self.config.unknown_task_policy == "default" and task != DEFAULT_TASK:
+        """The selection rule for a task the (known, enabled) tenant does not have, the tenant's own
+        (`TenantPolicy.unknown_task`, `tenantctl router --unknown-task`) or else the worker's
+        `unknown_task_policy`: under "default" its default task serves the request; under "reject"
+        (and when it has no default task either) 404 naming the task."""
+        rule = self.resolver.policy(req.tenant).unknown_task or self.config.unknown_task_policy
+        if rule == "default" and task != DEFAULT_TASK:
             record = self.resolver.resolve(req.tenant, DEFAULT_TASK)
             if record is not None:
                 return record

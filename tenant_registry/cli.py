@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("mode", metavar="MODE", nargs="?", choices=("header", "classify"),
                         help="header: a request without a task gets the default task; classify: the router picks")
     router.add_argument("--examples", metavar="FILE", help="the task's example prompts (one per line, or a JSON list)")
+    router.add_argument("--unknown-task", choices=("reject", "default", "worker"),
+                        help="a request naming a task the tenant lacks: reject (404), default (its default task "
+                             "serves it) or worker (the worker's unknown_task_policy; the initial setting)")
     return parser
 
 
@@ -330,14 +333,15 @@ def cmd_router(args: argparse.Namespace, cfg: LoraplexConfig, out: _Out) -> None
     if args.task and not args.examples:
         raise ConfigError("--task names the task of --examples; give --examples FILE too")
     reg = _registry(cfg)
-    if args.mode or args.examples:
+    if args.mode or args.examples or args.unknown_task:
         examples = _read_examples(args.examples) if args.examples else None
-        policy = reg.update_policy(args.tenant, router_change(args.mode, args.task, examples))
+        policy = reg.update_policy(args.tenant, router_change(args.mode, args.task, examples, args.unknown_task))
     else:
         policy = reg.tenant_policy(args.tenant)
     doc = router_doc(args.tenant, policy)
     counts = ", ".join(f"{t}: {len(x)}" for t, x in doc["examples"].items()) or "none"
-    out.result(doc, f"{args.tenant}: router {policy.router}; example prompts per task: {counts}")
+    out.result(doc, f"{args.tenant}: router {policy.router}; example prompts per task: {counts}; "
+                    f"unknown task: {doc['unknown_task']}")
 
 
 def _key_text(tenant: str, key: str) -> str:

@@ -372,8 +372,8 @@ class OnboardingApi:
         if req.method == "GET":
             self._only(req)
             return Reply(200, router_doc(tenant, self.registry.tenant_policy(tenant)))
-        self._only(req, "mode", "task", "examples")
-        mode, task = req.query.get("mode"), req.query.get("task")
+        self._only(req, "mode", "task", "examples", "unknown_task")
+        mode, task, unknown_task = req.query.get("mode"), req.query.get("task"), req.query.get("unknown_task")
         text = req.query.get("examples")
         if req.body:
             if text is not None:
@@ -381,10 +381,12 @@ class OnboardingApi:
             text = req.body.decode("utf-8", "replace")
         if (task is None) != (text is None):
             raise HttpError(400, "BadRequest", "examples need a task (?task=<task>) and a task needs examples")
-        if mode is None and task is None:
-            raise HttpError(400, "BadRequest", "nothing to change: give ?mode=header|classify and/or ?task= with "
-                                               "examples")
-        change = router_change(mode, task, parse_examples(text) if text is not None else None)
+        if mode is None and task is None and unknown_task is None:
+            raise HttpError(400, "BadRequest", "nothing to change: give ?mode=header|classify, ?task= with "
+                                               "examples and/or ?unknown_task=reject|default|worker")
+        if unknown_task is not None and unknown_task not in ("reject", "default", "worker"):
+            raise HttpError(400, "BadRequest", "unknown_task must be reject, default or worker")
+        change = router_change(mode, task, parse_examples(text) if text is not None else None, unknown_task)
         with self._lock:
             return Reply(200, router_doc(tenant, self.registry.update_policy(tenant, change)))
 

@@ -139,12 +139,24 @@ def with_router(router: str) -> Callable[[TenantPolicy], TenantPolicy]:
     return lambda p: p.replace(router=router)
 
 
-def router_change(router: str | None, task: str | None = None,
-                  examples: tuple[str, ...] | None = None) -> Callable[[TenantPolicy], TenantPolicy]:
-    """One `registry.update_policy` change for `tenantctl router` and the HTTP API: the router
-    and/or one task's examples (checked now, before anything is written)."""
+WORKER_POLICY = "worker"  # `tenantctl router --unknown-task worker`: the tenant follows the worker's config
+
+
+def with_unknown_task(value: str) -> Callable[[TenantPolicy], TenantPolicy]:
+    """`registry.update_policy` change: what serves a request naming a task the tenant lacks
+    ("reject" | "default"; "worker" = the worker's `unknown_task_policy`)."""
+    stored = None if value == WORKER_POLICY else value
+    TenantPolicy(unknown_task=stored)
+    return lambda p: p.replace(unknown_task=stored)
+
+
+def router_change(router: str | None, task: str | None = None, examples: tuple[str, ...] | None = None,
+                  unknown_task: str | None = None) -> Callable[[TenantPolicy], TenantPolicy]:
+    """One `registry.update_policy` change for `tenantctl router` and the HTTP API: the router,
+    one task's examples and/or the unknown-task rule (checked now, before anything is written)."""
     changes = ([with_router(router)] if router is not None else []) + (
-        [with_examples(task, examples)] if task is not None and examples is not None else [])
+        [with_examples(task, examples)] if task is not None and examples is not None else []) + (
+        [with_unknown_task(unknown_task)] if unknown_task is not None else [])
 
     def change(policy: TenantPolicy) -> TenantPolicy:
         for one in changes:
@@ -155,4 +167,5 @@ def router_change(router: str | None, task: str | None = None,
 
 def router_doc(tenant: str, policy: TenantPolicy) -> dict:
     """What `tenantctl router` and the HTTP API show of a tenant's routing."""
-    return {"tenant": tenant, "router": policy.router, "examples": {t: list(x) for t, x in policy.examples.items()}}
+    return {"tenant": tenant, "router": policy.router, "examples": {t: list(x) for t, x in policy.examples.items()},
+            "unknown_task": policy.unknown_task or WORKER_POLICY}

@@ -160,6 +160,7 @@ def _safe_relpath(p: str) -> bool:
 # checked as strictly as a record (PolicyInvalid naming the part). Whether the tasks and versions it
 # names exist is the registry's check (registry.check_policy), made whenever a policy is written.
 ROUTERS = ("header", "classify")
+UNKNOWN_TASK_POLICIES = ("reject", "default")  # a tenant's own choice; None in the policy = the worker's config
 MAX_SPLIT_ARMS = 16
 MAX_SPLIT_WEIGHT = 1_000_000
 MAX_CHAIN_LINKS = 8
@@ -216,9 +217,13 @@ class TenantPolicy:
     chain: tuple[ChainLink, ...] = ()  # () = no chain; else ends with the base link
     chain_threshold: float | None = None  # mean token log-prob a link's answer must reach
     examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # task -> prompts (router "classify")
+    unknown_task: str | None = None  # a request naming a task the tenant lacks: "reject" | "default"; None = worker's
 
     def __post_init__(self) -> None:
         _policy_check(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {str(self.router)[:40]!r}")
+        _policy_check(self.unknown_task is None or self.unknown_task in UNKNOWN_TASK_POLICIES,
+                      f"unknown_task must be one of {UNKNOWN_TASK_POLICIES} or null (the worker's "
+                      f"unknown_task_policy), got {str(self.unknown_task)[:40]!r}")
         _policy_check(isinstance(self.splits, Mapping), "splits must map task names to lists of arms")
         splits = {}
         for task, arms in self.splits.items():
@@ -258,7 +263,7 @@ class TenantPolicy:
 
     def __hash__(self) -> int:  # the mappings are views: hash what they hold
         return hash((self.router, tuple(self.splits.items()), self.chain, self.chain_threshold,
-                     tuple(self.examples.items())))
+                     tuple(self.examples.items()), self.unknown_task))
 
     def replace(self, **changes: Any) -> "TenantPolicy":
         """A copy with `changes` applied (validated again)."""
@@ -278,7 +283,8 @@ class TenantPolicy:
                            for t, arms in self.splits.items()},
                 "chain": [format_link(c) for c in self.chain],
                 "chain_threshold": self.chain_threshold,
-                "examples": {t: list(x) for t, x in self.examples.items()}}
+                "examples": {t: list(x) for t, x in self.examples.items()},
+                "unknown_task": self.unknown_task}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -300,7 +306,8 @@ class TenantPolicy:
         _policy_check(isinstance(examples, dict), "examples must be an object of task -> prompts")
         return cls(router=data.get("router", "header"), splits=parsed, chain=tuple(parse_link(c) for c in chain),
                    chain_threshold=data.get("chain_threshold"),
-                   examples={t: tuple(x) if isinstance(x, list) else x for t, x in examples.items()})
+                   examples={t: tuple(x) if isinstance(x, list) else x for t, x in examples.items()},
+                   unknown_task=data.get("unknown_task"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "TenantPolicy":

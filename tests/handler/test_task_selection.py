@@ -158,6 +158,30 @@ def test_unknown_task_under_each_policy(make_service, task_tools, tiny_adapters,
     assert pin.status == 404 and pin.body["type"] == "TaskNotFound"
 
 
+@pytest.mark.parametrize("worker", ["reject", "default"])
+def test_a_tenants_own_unknown_task_rule_overrides_the_workers(make_service, task_tools, tiny_adapters, oracle,
+                                                               worker):
+    """`TenantPolicy.unknown_task` (tenantctl router --unknown-task) decides for its tenant; "worker"
+    (None) falls back to the worker's unknown_task_policy. One registry change, seen by the next request."""
+    from tenant_registry.onboarding import router_change
+
+    svc = make_service(unknown_task_policy=worker)
+    _two_tasks(svc, task_tools, tiny_adapters)
+    own = "default" if worker == "reject" else "reject"
+    for rule in (own, "worker"):
+        svc.registry.update_policy("acme", router_change(None, unknown_task=rule))
+        svc.resolver.on_event({"kind": "policy", "tenant": "acme"})  # what its event does (it may come later)
+        effective = worker if rule == "worker" else rule
+        for reply in svc.handle_batch([_ours({"X-Task": "translate"}), _comp("acme:translate")]):
+            if effective == "reject":
+                assert reply.status == 404, reply.body
+            else:
+                shown = reply.body.get("loraplex", reply.body)
+                assert reply.status == 200 and (shown["task"], shown["adapter"]) == ("default", "acme@v1")
+                _assert_served_by(svc, oracle, reply, "a")
+    assert svc.registry.get_policy("acme").unknown_task is None
+
+
 def test_a_tenant_without_a_default_task(make_service, task_tools, tiny_adapters, oracle):
     svc = make_service(unknown_task_policy="default")
     task_tools.onboard_task(svc, "acme", tiny_adapters["b"], "summarize")

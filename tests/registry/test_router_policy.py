@@ -73,6 +73,10 @@ def test_tenantctl_examples_and_router(ctl, registry, raw_redis, prefix, tiny_ad
     assert rc == 0 and doc["router"] == "classify"
     rc, doc = ctl("router", "acme", "header")
     assert rc == 0 and doc["router"] == "header" and registry.get_policy("acme").router == "header"
+    assert doc["unknown_task"] == "worker" and registry.get_policy("acme").unknown_task is None
+    rc, doc = ctl("router", "acme", "--unknown-task", "default")
+    assert rc == 0 and doc["unknown_task"] == "default" and registry.get_policy("acme").unknown_task == "default"
+    assert registry.get_policy("acme").router == "header"  # only the rule changed
 
     # refusals: nothing written (no new version, the policy unchanged)
     before = {k: raw_redis.dump(k) for k in keys_under(raw_redis, prefix)}
@@ -134,7 +138,12 @@ def test_http_api_examples_and_router(redis_url, prefix, tmp_path, tiny_model_di
     r = api.handle(_req("GET", "/tenants/web/router"))
     assert r.status == 200 and r.doc == {"tenant": "web", "router": "header",
                                          "examples": {"default": ["x", "y"], "summarize": ["a", "b"],
-                                                      "translate": ["translate this", "say it in German"]}}
+                                                      "translate": ["translate this", "say it in German"]},
+                                         "unknown_task": "worker"}
+    r = api.handle(_req("POST", "/tenants/web/router", {"unknown_task": "default"}))
+    assert r.status == 200 and r.doc["unknown_task"] == "default" and registry.get_policy("web").unknown_task == "default"
+    r = api.handle(_req("POST", "/tenants/web/router", {"unknown_task": "worker"}))
+    assert r.status == 200 and r.doc["unknown_task"] == "worker" and registry.get_policy("web").unknown_task is None
 
     before = {k: raw_redis.dump(k) for k in keys_under(raw_redis, prefix)}
     store_before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
@@ -147,6 +156,7 @@ def test_http_api_examples_and_router(redis_url, prefix, tmp_path, tiny_model_di
         (_req("POST", "/tenants/web/router"), 400),                                  # nothing to change
         (_req("POST", "/tenants/web/router", {"task": "summarize", "examples": "x"}, b"y"), 400),
         (_req("POST", "/tenants/web/router", {"color": "red"}), 400),
+        (_req("POST", "/tenants/web/router", {"unknown_task": "base"}), 400),
         (_req("DELETE", "/tenants/web/router"), 405),
         (_req("POST", "/tenants/nobody/router", {"mode": "classify"}), 404),
         (_req("GET", "/tenants/nobody/router"), 404),
