@@ -108,6 +108,16 @@ class RowCache(Cache):
         at position ``pos[i, j]``; it attends over keys ``[0, length)`` of those rows."""
         self.view = _View(length=int(length), pos=pos, index=rows, decode=False)
 
+    def move_row(self, src: int, dst: int, tokens: int) -> None:
+        """Copy KV row `src`'s first `tokens` keys and values into KV row `dst`, every layer (the
+        stepper moves a row down into a free one; `src` is then free and its contents unread)."""
+        if tokens <= 0:
+            return
+        for lay in self.layers:
+            if lay.is_initialized:
+                lay.keys[dst, :, :tokens].copy_(lay.keys[src, :, :tokens])
+                lay.values[dst, :, :tokens].copy_(lay.values[src, :, :tokens])
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers if lay.is_initialized
                    for t in (lay.keys, lay.values))

@@ -10,9 +10,10 @@ Rows join and leave between any two steps. Each step (`Stepper.step`):
 2. decode: ONE forward ``[B, 1]`` for every row that was decoding when the step began, each
    row at its own position, with its own LoRA slot, sampling rule and stop condition.
 
-KV rows (`row_cache.RowCache`): a row takes the LOWEST free KV row, so the decode batch is
-the contiguous slice ``[0, B)`` of the cache (B = highest decoding row + 1): nothing is
-gathered or copied per step. A hole in that slice (a free row, or one still prefilling)
+KV rows (`row_cache.RowCache`): a row takes the LOWEST free KV row, and before each step a row
+above a free KV row moves down into it (`_compact`: its keys/values copied once), so the rows
+fill ``[0, rows)`` and the decode batch is the contiguous slice ``[0, B)`` of the cache
+(B = highest decoding row + 1): nothing is gathered or copied per step. A hole in that slice (a free row, or one still prefilling)
 runs as a dummy base-model row fed the pad token, writing only where its own row is free
 or will be overwritten (its next write position), output dropped.
 
@@ -231,6 +232,7 @@ class Stepper:
         self.last_capture_error = ""
         self.warmed_up = False
         self.prefill_kernel_launches = 0  # `warmup`'s launches compiling the prefill kernels' variants
+        self.rows_moved = 0  # rows moved down into a free KV row (`_compact`)
         self.steps = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
@@ -298,12 +300,31 @@ class Stepper:
         if not self._rows:
             return []
         with torch.inference_mode():
+            self._compact()
             decoding = [r for r in self._by_kv if r is not None and r.decoding]
             events = [] if decoding and self._defer_prefill() else self._prefill()
             if decoding:
                 events += self._decode(decoding)
         self.steps += 1
         return events
+
+    def _compact(self) -> None:
+        """Keep the rows in KV rows ``[0, rows)``: a row above a free KV row moves down into it (its
+        cached keys and values copied once, `RowCache.move_row`). Without it a row leaving below
+        others leaves a hole the decode batch ``[0, B)`` still computes as a dummy row at every
+        step until the row above finishes: work in proportion to the rows on a CPU, and a larger
+        graph bucket on a GPU."""
+        while self._free and self._rows:
+            low = self._free[0]
+            high = max(r.kv for r in self._rows.values())
+            if low > high:
+                return
+            r = self._by_kv[high]
+            self.cache.move_row(high, low, r.held)
+            heapq.heapreplace(self._free, high)
+            self._by_kv[low], self._by_kv[high] = r, None
+            r.kv = low
+            self.rows_moved += 1
 
     def _defer_prefill(self) -> bool:
         """With graph-replayed decode steps, an eager prefill forward costs mostly fixed host time
@@ -558,4 +579,4 @@ class Stepper:
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
-                "prefill_forwards": self.prefill_forwards}
+                "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved}

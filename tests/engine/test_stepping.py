@@ -202,6 +202,33 @@ def test_decode_of_many_rows_is_one_forward_per_step(eng):
     assert st.rows() == 0
 
 
+def test_a_row_leaving_below_others_leaves_no_dummy_row_in_the_decode_batch(eng):
+    """`Stepper._compact`: when rows 0 and 1 finish, the two rows above move down into their KV rows
+    (keys and values copied once), so the next decode forward has 2 rows, not 4 with 2 dummies, and
+    the moved rows' tokens still equal each row alone."""
+    st = eng.stepper(StepLimits(max_rows=4, max_len=64, prefill_chunk=64))
+    rng = random.Random(11)
+    rows = {i: GenerationRow(_prompt(rng, 4 + i), a, SamplingParams(max_new_tokens=n))
+            for i, (a, n) in enumerate([("r4", 2), (None, 3), ("r8qv", 12), ("r16mlp", 9)])}
+    calls = []
+    hook = eng.model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                                     with_kwargs=True)
+    run = Run(st)
+    try:
+        for i, row in rows.items():
+            run.add(i, row)
+        while st.rows():
+            calls.clear()
+            run.step()
+            if run.steps == 4:  # rows 0 and 1 have left (2 and 3 new tokens)
+                assert sorted(r.kv for r in st._rows.values()) == [0, 1] and st.rows_moved == 2
+                assert calls == [(2, 1)], calls  # the decode ran over 2 rows: no dummy for a hole
+    finally:
+        hook.remove()
+    for i, row in rows.items():
+        assert run.tokens[i] == eng.generate([row])[0].token_ids, i
+
+
 def test_long_prompt_is_prefilled_in_chunks_without_stalling_running_rows(eng):
     st = eng.stepper(StepLimits(max_rows=4, max_len=96, prefill_chunk=10))
     run = Run(st)
