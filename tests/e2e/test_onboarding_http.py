@@ -183,6 +183,21 @@ def test_every_endpoint_over_http(onb, tiny_adapters):
     assert onb.mgmt("GET", "/tenants/acme", headers=a).json()["tasks"]["qa"]["split"] == [{"version": 3, "weight": 1}]
     r = onb.mgmt("DELETE", "/tenants/acme/split", headers=a)
     assert r.status_code == 200 and r.json()["splits"] == {}
+    # fallback chain through TorchServe (query form), with a JSON body on the service itself; refusals
+    r = onb.mgmt("PUT", "/tenants/acme/chain", params={"links": "qa,default@v1,base", "threshold": "-2"}, headers=a)
+    assert r.status_code == 200 and r.json()["chain"] == ["qa", "default@v1", "base"], r.text
+    assert onb.mgmt("GET", "/tenants/acme/chain", headers=a).json()["chain_threshold"] == -2
+    r = onb.direct("POST", "/tenants/acme/chain", json={"links": ["default", "base"], "threshold": -1.5}, headers=a)
+    assert r.status_code == 200 and r.json()["chain"] == ["default", "base"], r.text
+    for params in ({"links": "default,base"}, {"links": "nosuch,base", "threshold": "-1"},
+                   {"links": "default", "threshold": "-1"}):
+        assert onb.mgmt("PUT", "/tenants/acme/chain", params=params, headers=a).status_code in (400, 404), params
+    no_token = onb.mgmt("PUT", "/tenants/acme/chain", params={"links": "default,base", "threshold": "-1"})
+    assert no_token.status_code in (400, 401) and "Token Authorization failed" in no_token.text  # TorchServe's check
+    assert onb.direct("PUT", "/tenants/acme/chain", json={"links": ["base"], "threshold": -1}).status_code == 401
+    assert onb.mgmt("GET", "/tenants/acme/chain", headers=a).json()["chain"] == ["default", "base"]  # unchanged
+    r = onb.mgmt("DELETE", "/tenants/acme/chain", headers=a)
+    assert r.status_code == 200 and r.json()["chain"] == []
 
     for path, status in (("/tenants/nobody", 404), ("/tenants/Bad..Id", 400), ("/tenants/acme/frobnicate", 404)):
         assert onb.mgmt("GET", path, headers=a).status_code == status, path
