@@ -93,3 +93,36 @@ def test_split_through_torchserve(stack, tiny_adapters, expected):
     assert _eventually(lambda: _served(stack, expected, on_v2), (1, "current")) == (1, "current")
     assert {_served(stack, expected, u) for u in users} == {(1, "current")}
     assert _ctl(stack, "split", TENANT)["splits"] == {}
+
+
+def test_a_90_10_split_over_1000_requests_through_torchserve(stack, tiny_adapters):
+    """1,000 requests, one per end user (X-User-ID), through TorchServe on a 90/10 split: v1's share
+    within 90 ± 3 points (the per-user draw is sha256-based, so the run is repeatable), and 100 of
+    those users asked again each get the version they got before. The describe counters count them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenant = "ab1k"
+    for name in ("a", "b"):
+        _ctl(stack, "onboard", tenant, str(tiny_adapters[name]))
+    _ctl(stack, "split", tenant, "v1=90", "v2=10")
+
+    def version(user: str) -> int:
+        r = stack.ask(tenant, {"prompt": PROMPT, "max_new_tokens": 1}, headers={"X-User-ID": user})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["adapter"] == f"{tenant}@v{body['version']}", body
+        return body["version"] if body["version_by"] == "split" else -1
+
+    assert _eventually(lambda: version("probe") > 0, True)
+    users = [f"user-{i}" for i in range(1000)]
+    with ThreadPoolExecutor(16) as pool:
+        got = dict(zip(users, pool.map(version, users)))
+        assert set(got.values()) == {1, 2}
+        share = sum(v == 1 for v in got.values()) / len(got)
+        assert 0.87 <= share <= 0.93, share
+        again = dict(zip(users[::10], pool.map(version, users[::10])))
+    assert all(again[u] == got[u] for u in again)  # sticky
+    meta = stack.ts.describe()[0]["customizedMetadata"]
+    counts = (json.loads(meta) if isinstance(meta, str) else meta)["splits"][tenant]["default"]
+    assert counts["v1"] + counts["v2"] >= 1100 and counts["v2"] >= 1100 * 0.07
+    _ctl(stack, "remove", tenant)
