@@ -125,11 +125,15 @@ class TenantRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "TenantRecord":
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RecordError(f"record is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_json_loads(text, RecordError, "record is not valid JSON"))
+
+
+def _json_loads(text: str | bytes, error: type[Exception], what: str) -> Any:
+    """`text` parsed as JSON; `error` naming `what` and the parse error otherwise."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{what}: {e}") from None
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -311,11 +315,7 @@ class TenantPolicy:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "TenantPolicy":
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise PolicyInvalid(f"invalid tenant policy: not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_json_loads(text, PolicyInvalid, "invalid tenant policy: not valid JSON"))
 
 
 def parse_arms(specs: "list[str] | tuple[str, ...]") -> tuple[SplitArm, ...]:
