@@ -379,15 +379,7 @@ class TorchServe:
 
     def stop(self) -> None:
         """Stop the whole group (launcher, frontend, workers); safe to call twice or after a failed start."""
-        if self.proc is not None:
-            kill_group(self.proc.pid, leader=self.proc)  # also when the launcher is gone: the rest of its group may not be
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
-            self.pid_file.unlink(missing_ok=True)
-        else:
-            stop_pid_file(self.pid_file)
-        if self._guard is not None:
-            self._guard.release()
+        _stop_started(self.proc, self.pid_file, self._guard)
         if self._own_short_tmp and self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         self.proc, self._guard = None, None
@@ -449,16 +441,22 @@ class OnboardingService:
             raise
 
     def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc.pid, leader=self.proc)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
-            self.pid_file.unlink(missing_ok=True)
-        else:
-            stop_pid_file(self.pid_file)
-        if self._guard is not None:
-            self._guard.release()
+        _stop_started(self.proc, self.pid_file, self._guard)
         self.proc, self._guard = None, None
+
+
+def _stop_started(proc: subprocess.Popen | None, pid_file: Path, guard: "Guard | None") -> None:
+    """Stop a service's process group: the one this object started (`proc`; also when its leader is
+    gone, the rest of its group may not be), else the detached one `pid_file` names; release its guard."""
+    if proc is not None:
+        kill_group(proc.pid, leader=proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        pid_file.unlink(missing_ok=True)
+    else:
+        stop_pid_file(pid_file)
+    if guard is not None:
+        guard.release()
 
 
 def stop_pid_file(pid_file: Path, timeout: float = 30) -> None:
