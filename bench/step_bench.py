@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     long = SamplingParams(max_new_tokens=a.max_len // 2)
     for i in range(a.rows):  # the decoding rows: prefilled and one token in before anything is timed
         stepper.add(i, GenerationRow(prompt(32, i), names[i % len(names)], long))
-    while any(r.filled < len(r.prompt) for r in stepper._rows.values()):
-        stepper.step()
+    started: set[int] = set()
+    while len(started) < a.rows:  # until every row has its first token (its prompt is in the cache)
+        started.update(e.row_id for e in stepper.step())
     stepper.step()
 
     def step_ms() -> float:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             _synced(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         log(prof.key_averages().table(sort_by=key, row_limit=25))
-    for rid in list(stepper._rows):
+    for rid in range(a.rows):
         stepper.cancel(rid)
     for length in [int(x) for x in a.prompts.split(",") if x.strip()]:
         res[f"prefill_alone_{length}_ms"] = statistics.median([join(length) for _ in range(a.reps)])

@@ -226,16 +226,15 @@ def wrong_outputs(timed: Sequence[Outcome], alone: Sequence[Outcome], tie_tol: f
         got = by_index[solo.request.index]
         same = got.ok and solo.ok and got.text == solo.text and (
             got.token_ids is None or solo.token_ids is None or got.token_ids == solo.token_ids)
-        if not same and tie_tol is not None and got.ok and solo.ok:
-            gap = _divergence_gap(got, solo)
-            if gap is not None and gap <= tie_tol:
-                if ties is not None:
-                    ties.append({"index": solo.request.index, "gap": round(gap, 4)})
-                continue
-        if not same:
-            bad.append({"index": solo.request.index, "tenant": solo.request.tenant, "timed": got.text[:80],
-                        "alone": solo.text[:80], "status": [got.status, solo.status],
-                        "gap": _divergence_gap(got, solo) if got.ok and solo.ok else None})
+        if same:
+            continue
+        gap = _divergence_gap(got, solo) if got.ok and solo.ok else None
+        if tie_tol is not None and gap is not None and gap <= tie_tol:
+            if ties is not None:
+                ties.append({"index": solo.request.index, "gap": round(gap, 4)})
+            continue
+        bad.append({"index": solo.request.index, "tenant": solo.request.tenant, "timed": got.text[:80],
+                    "alone": solo.text[:80], "status": [got.status, solo.status], "gap": gap})
     return len(bad), bad[:5]
 
 
