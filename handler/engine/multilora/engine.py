@@ -44,6 +44,7 @@ from ..static_decode import NotCapturable, StaticDecoder
 from ..stepping import Stepper
 from .adapter_file import AdapterSource
 from .model import MultiLoraModel
+from .slot_loader import SlotImage
 
 
 class MultiLoraEngine:
@@ -70,6 +71,16 @@ class MultiLoraEngine:
 
     def load_adapter(self, source: AdapterSource, adapter_name: str) -> LoadedAdapter:
         ms = self.model.load_adapter(source, adapter_name)
+        return LoadedAdapter(name=adapter_name, nbytes=self.model.adapter_nbytes(adapter_name), load_ms=ms)
+
+    def slot_image(self, adapter_name: str) -> SlotImage:
+        """A host copy of the loaded adapter in the pool's layout (`slot_loader.SlotImage`), which
+        `load_image` loads back with contiguous copies: what the worker's host tier keeps."""
+        return self.model.slot_image(adapter_name)
+
+    def load_image(self, image: SlotImage, adapter_name: str) -> LoadedAdapter:
+        """Load a `slot_image` of this engine into a free slot, as `load_adapter` would the adapter's bytes."""
+        ms = self.model.load_image(image, adapter_name)
         return LoadedAdapter(name=adapter_name, nbytes=self.model.adapter_nbytes(adapter_name), load_ms=ms)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -63,8 +63,12 @@ class MultiLoraLinear(nn.Module):
         r = a.shape[0]
         self.lora_A[slot, :r].copy_(a, non_blocking=non_blocking)
         self.lora_Bt[slot, :r].copy_(b.t(), non_blocking=non_blocking)
+        self.mark_slot(slot, r, scale)
+
+    def mark_slot(self, slot: int, rank: int, scale: float) -> None:
+        """The slot now holds rank-`rank` weights (already written into `lora_A`/`lora_Bt`) at `scale`."""
         self.scaling[slot].fill_(scale)
-        self.slot_rank[slot] = r
+        self.slot_rank[slot] = rank
         self.slot_scale[slot] = float(scale)
 
     # -- hot path -----------------------------------------------------------

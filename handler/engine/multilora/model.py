@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -158,19 +158,70 @@ class MultiLoraModel(nn.Module):
         """Copy a PEFT adapter (a directory, or the verified bytes of one: `AdapterBytes`) into a free
         slot; returns elapsed ms. Does not activate it."""
         t0 = time.perf_counter()
+        self._check_loadable(adapter_name)
+        host: list[torch.Tensor] = []  # the host buffer a directory's weights file is read into
+        parsed = read_adapter(source, self._linear_layers, self.max_rank,
+                              into=lambda nbytes: self._host_buffer(nbytes, host))
+        lora_config = _to_lora_config(dict(parsed.config.raw))
+        self._into_free_slot(adapter_name, lora_config, lambda slot: self._fill_slot(slot, parsed, host[0] if host else None))
+        return (time.perf_counter() - t0) * 1000.0
+
+    def slot_image(self, adapter_name: str) -> slot_loader.SlotImage:
+        """A host copy of the loaded adapter exactly as its slot holds it (`slot_loader.SlotImage`:
+        each layer's A[:r] and Bt[:r] in the pool's dtype, the scalings, the config), which
+        `load_image` puts back into a free slot with contiguous copies only. On CUDA the copy is
+        in page-locked memory (gathered on the device, one device-to-host copy) and this waits for it."""
+        slot = self._slot_of(adapter_name)
+        row = self._pool[slot]
+        base = row.storage_offset()
+        spans: list[tuple[int, int]] = []
+        for layer in self._layers.values():
+            r = layer.slot_rank[slot]
+            if r:
+                spans.append((layer.lora_A[slot].storage_offset() - base, r * layer.in_features))
+                spans.append((layer.lora_Bt[slot].storage_offset() - base, r * layer.out_features))
+        runs = slot_loader.coalesce(spans)
+        n = sum(k for _, k in runs)
+        on_cuda = self.device.type == "cuda"
+        data = torch.empty(n, dtype=self._pool.dtype, pin_memory=on_cuda)
+        if on_cuda:
+            staged = self._device_staging(n)
+            slot_loader.gather_runs(row, runs, staged)
+            data.copy_(staged, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+            copied.synchronize()
+        else:
+            slot_loader.gather_runs(row, runs, data)
+        layers = self._layers.values()
+        return slot_loader.SlotImage(data, runs, tuple(l.slot_rank[slot] for l in layers),
+                                     tuple(l.slot_scale[slot] for l in layers), self._configs[adapter_name],
+                                     self._image_layout())
+
+    def load_image(self, image: slot_loader.SlotImage, adapter_name: str) -> float:
+        """Load a `slot_image` of this pool's layout into a free slot (what `load_adapter` of the
+        same adapter would leave there, bit for bit); returns elapsed ms. Does not activate it.
+        On CUDA one host-to-device copy of the image, then device copies into the slot."""
+        t0 = time.perf_counter()
+        self._check_loadable(adapter_name)
+        if image.layout != self._image_layout():
+            raise EngineError(f"slot image for a pool of layout {image.layout}, this pool's is {self._image_layout()}")
+        self._into_free_slot(adapter_name, image.config, lambda slot: self._write_image(slot, image))
+        return (time.perf_counter() - t0) * 1000.0
+
+    def _check_loadable(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_MARKER:
             raise EngineError(f"invalid adapter name {adapter_name!r}")
         if adapter_name in self._slots:
             raise AdapterAlreadyLoaded(f"adapter {adapter_name!r} is already loaded; delete it first")
         if not self._free:
             raise NoFreeSlot(f"no free adapter slot: all {self.num_slots - 1} are in use; delete one first")
-        host: list[torch.Tensor] = []  # the host buffer a directory's weights file is read into
-        parsed = read_adapter(source, self._linear_layers, self.max_rank,
-                              into=lambda nbytes: self._host_buffer(nbytes, host))
-        lora_config = _to_lora_config(dict(parsed.config.raw))
+
+    def _into_free_slot(self, adapter_name: str, lora_config: Any, fill: Callable[[int], None]) -> None:
+        """`fill` a free slot for `adapter_name`; a failed fill leaves the slot zeroed and free again."""
         slot = self._free.pop()
         try:
-            self._fill_slot(slot, parsed, host[0] if host else None)
+            fill(slot)
         except BaseException:
             self._clear_slot(slot)
             self._free.append(slot)
@@ -178,7 +229,28 @@ class MultiLoraModel(nn.Module):
         self._slots[adapter_name] = slot
         self._configs[adapter_name] = lora_config
         self._ctx.invalidate()
-        return (time.perf_counter() - t0) * 1000.0
+
+    def _image_layout(self) -> tuple[int, torch.dtype, int]:
+        return (int(self._pool.shape[1]), self._pool.dtype, len(self._layers))
+
+    def _device_staging(self, n: int) -> torch.Tensor:
+        """The first `n` elements (pool dtype) of the reusable device staging buffer (CUDA only)."""
+        nbytes = n * self._pool.element_size()
+        self._staging_dev = slot_loader.ensure_bytes(self._staging_dev, nbytes, device=self.device)
+        return self._staging_dev[:nbytes].view(self._pool.dtype)
+
+    def _write_image(self, slot: int, image: slot_loader.SlotImage) -> None:
+        """Copy the image into the (zeroed) slot: the runs of its row, each layer's scaling and rank."""
+        row = self._pool[slot]
+        if self.device.type == "cuda":
+            staged = self._device_staging(image.data.numel())
+            staged.copy_(image.data, non_blocking=True)  # one H2D copy (from page-locked memory)
+            slot_loader.scatter_runs(staged, image.runs, row)
+        else:
+            slot_loader.scatter_runs(image.data, image.runs, row)
+        for layer, r, scale in zip(self._layers.values(), image.ranks, image.scales):
+            if r:
+                layer.mark_slot(slot, r, scale)
 
     def _host_buffer(self, nbytes: int, keep: list) -> memoryview:
         """Where an adapter loaded from a directory has its weights file read: the host buffer the
