@@ -17,10 +17,12 @@ Idle adapters (unused for `idle_ttl_s`) are evicted at the start of each batch
 and on describe; there is no timer thread because only the worker thread may
 touch the engine.
 
-Beneath the slots, a host-memory tier (`host_tier.HostTier`) keeps the verified
-bytes of recently loaded adapters, so a load is: device slots (hit) → host tier
-(no store read, no hash: the bytes were checked when they entered) → the store
-(`read`, then a copy goes into the tier).
+Beneath the slots, a host-memory tier (`host_tier.HostTier`) keeps recently loaded
+adapters, so a load is: device slots (hit) → host tier (no store read, no hash: the
+bytes were checked when they entered) → the store (`read`; then the engine's slot
+image of the adapter goes into the tier where the engine makes them, a copy of the
+bytes otherwise, and an adapter the tier held as bytes is replaced by its image
+once it is loaded from them).
 
 Pinned tenants (`tenantctl pin`, the registry's pinned set, the first
 `max_pinned` of it) have their current adapter kept in both tiers: LRU and idle
@@ -57,6 +59,7 @@ from tenant_registry.errors import RegistryError
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
+from .engine.multilora.slot_loader import LoadsSlotImages, SlotImage
 from .errors import AdapterLoadFailed
 from .host_tier import HostTier
 from .metrics import WorkerMetrics
@@ -419,12 +422,15 @@ class AdapterResidency:
         t0 = time.perf_counter()
         held = self.host_tier.get(name)
         try:
-            adapter = held if held is not None else self._read(record)
-            info = self._engine.load_adapter(adapter, name)
+            if isinstance(held, SlotImage):
+                info = self._engine.load_image(held, name)
+            else:
+                adapter = held if held is not None else self._read(record)
+                info = self._engine.load_adapter(adapter, name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
             raise self._quarantine_failure(name, now, exc) from exc
-        if held is None:
-            self._hold(record, adapter)  # after the engine accepted them: only loadable bytes enter the tier
+        if not isinstance(held, SlotImage):
+            self._hold(record, adapter, loaded=True)  # after the engine accepted them: only loadable adapters enter
         ms = (time.perf_counter() - t0) * 1000.0
         source = "host" if held is not None else "store"
         self.counters.loads += 1
@@ -438,11 +444,19 @@ class AdapterResidency:
             adapter = self._read(record)
         except Exception as exc:
             raise self._quarantine_failure(record.adapter_id, self._clock(), exc) from exc
-        self._hold(record, adapter)
+        self._hold(record, adapter, loaded=False)
 
-    def _hold(self, record: TenantRecord, adapter: AdapterBytes) -> None:
+    def _hold(self, record: TenantRecord, adapter: AdapterBytes, *, loaded: bool) -> None:
+        """Into the host tier: the engine's slot image when the adapter is `loaded` in an engine that
+        makes them (it replaces held bytes), else a copy of its verified bytes."""
+        if not self.host_tier.enabled:
+            return
         try:
-            self.host_tier.put(record.tenant_id, record.adapter_id, adapter)
+            if loaded and isinstance(self._engine, LoadsSlotImages):
+                self.host_tier.put_image(record.tenant_id, record.adapter_id,
+                                         self._engine.slot_image(record.adapter_id))
+            else:
+                self.host_tier.put(record.tenant_id, record.adapter_id, adapter)
         except Exception:  # e.g. no pinned memory left: the adapter is served, only not kept
             log.exception("host tier could not hold %s", record.adapter_id)
 

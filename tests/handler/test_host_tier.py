@@ -1,6 +1,8 @@
 """The host-memory tier beneath the device slots, pinning and prefetch at worker start, through the
 worker's request path (LoraplexService over the tiny Llama, a real redis-server, the real store).
-PEFT is the oracle for every text; store reads are counted through a wrapper of the residency's read."""
+PEFT is the oracle for every text; store reads are counted through a wrapper of the residency's read.
+The multilora engine's slot images (what the tier holds for it): a reload from one gives the logits
+a load from the store gives, bit for bit, and PEFT's."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +11,13 @@ import time
 import pytest
 import torch
 
+from handler.engine import EngineSettings, make_engine
+from handler.engine.errors import EngineError
+from handler.engine.multilora.slot_loader import SlotImage
 from handler.host_tier import HostTier
 from handler.service import LoraplexService
-from loraplex_common.adapter_format import WEIGHTS_FILE, AdapterBytes
+from loraplex_common.adapter_format import WEIGHTS_FILE, AdapterBytes, parse_header
+from loraplex_testing.oracle import PeftOracle, rel_err
 from loraplex_common.config import LoraplexConfig
 from tenant_registry.registry import PinLimitReached
 
@@ -49,6 +55,15 @@ def _weights(adapter_dir) -> bytes:
     return (adapter_dir / WEIGHTS_FILE).read_bytes()
 
 
+def _tensor_bytes(adapter_dir) -> int:
+    """The adapter's weights without the file's header: what its fp32 slot image holds in an fp32 pool."""
+    return parse_header(_weights(adapter_dir)).data_len
+
+
+def _image(nbytes: int) -> SlotImage:
+    return SlotImage(torch.zeros(nbytes, dtype=torch.uint8), ((0, nbytes),), (1,), (1.0,), None, (nbytes, torch.uint8, 1))
+
+
 # -- the tier alone ------------------------------------------------------------------
 
 def test_tier_is_an_lru_by_bytes_that_copies_and_protects():
@@ -71,6 +86,80 @@ def test_tier_is_an_lru_by_bytes_that_copies_and_protects():
     off = HostTier(0, pin=False)
     assert not off.put("a", "a@v1", AdapterBytes.of(b"{}", b"x")) and off.get("a@v1") is None
     assert off.counters.host_misses == 0
+    assert not off.put_image("a", "a@v1", _image(1)) and len(off) == 0
+
+
+def test_a_slot_image_replaces_the_held_bytes_and_counts_its_own():
+    tier = HostTier(250, pin=False)
+    assert tier.put("a", "a@v1", AdapterBytes.of(b"{}", b"a" * 100))
+    assert tier.put("b", "b@v1", AdapterBytes.of(b"{}", b"b" * 100))
+    image = _image(80)
+    assert tier.put_image("a", "a@v1", image)  # in place of a's bytes: 80 + 100 held
+    assert tier.get("a@v1") is image and tier.counters.host_bytes == 180 and len(tier) == 2
+    assert [(e["adapter"], e["form"]) for e in tier.snapshot()["adapters"]] == [("a@v1", "image"), ("b@v1", "bytes")]
+    assert tier.put_image("a", "a@v1", _image(10)) and tier.get("a@v1") is image  # an image is kept as it is
+    tier.protect({"a@v1"})
+    assert not tier.put_image("b", "b@v1", _image(200))  # 80 protected + 200 > 250: b's bytes stay
+    assert bytes(tier.get("b@v1").weights) == b"b" * 100 and tier.counters.host_bytes == 180
+    assert tier.put_image("c", "c@v1", _image(170))  # b (the LRU unprotected) goes to make room
+    assert "b@v1" not in tier and tier.counters.host_bytes == 250 and tier.counters.host_evictions == 1
+    assert tier.drop_tenant("a") == ["a@v1"] and tier.counters.host_bytes == 170
+
+
+# -- slot images in the engine -------------------------------------------------------
+
+def _engine(model_dir, *, rank: int = 16, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return make_engine("multilora", model, EngineSettings(num_slots=4, max_rank=rank), eos_token_ids=[0],
+                       pad_token_id=0)
+
+
+def test_a_reload_from_a_slot_image_gives_the_store_loads_logits_exactly_and_peft_s(tiny_model_dir, tiny_adapters):
+    """Every tiny adapter (ranks 4/8/16, all or some targets, rsLoRA): loaded from its bytes, its
+    slot image taken, evicted, another adapter loaded so the image lands in another slot; the
+    reloaded adapter's fp32 logits equal the store load's bit for bit and PEFT's within 1e-5."""
+    engine = _engine(tiny_model_dir)
+    oracle = PeftOracle(tiny_model_dir, tiny_adapters)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 2]])
+    for name, adapter_dir in tiny_adapters.items():
+        engine.load_adapter(AdapterBytes.read_dir(adapter_dir), name)
+        with torch.inference_mode():
+            from_store = engine.model(input_ids=ids, adapter_names=[name]).logits[0]
+        slot, config, nbytes = engine.model.slot_of(name), engine.peft_config[name], engine.model.adapter_nbytes(name)
+        image = engine.slot_image(name)
+        assert image.nbytes == nbytes == _tensor_bytes(adapter_dir)  # true rank, fp32: the file's tensors
+        engine.delete_adapter(name)
+        engine.load_adapter(tiny_adapters["b"], "other")  # takes the freed slot: the image goes elsewhere
+        loaded = engine.load_image(image, name)
+        assert engine.model.slot_of(name) != slot and loaded.nbytes == nbytes and engine.peft_config[name] is config
+        with torch.inference_mode():
+            reloaded = engine.model(input_ids=ids, adapter_names=[name]).logits[0]
+        assert torch.equal(reloaded, from_store), name
+        assert rel_err(reloaded, oracle.logits(name, ids[0].tolist())) <= 1e-5, name
+        engine.delete_adapter(name)
+        engine.delete_adapter("other")
+
+
+def test_a_slot_image_is_the_slot_bit_for_bit_in_a_bf16_pool_and_fits_only_its_own_layout(tiny_model_dir,
+                                                                                           tiny_adapters):
+    engine = _engine(tiny_model_dir, dtype=torch.bfloat16)
+    engine.load_adapter(tiny_adapters["c"], "c")
+    facade = engine.model
+    slot = facade.slot_of("c")
+    row, scales = facade.pool[slot].clone(), facade._scales[:, slot].clone()
+    image = engine.slot_image("c")
+    assert image.data.dtype == torch.bfloat16 and image.nbytes == _tensor_bytes(tiny_adapters["c"]) // 2
+    engine.delete_adapter("c")
+    engine.load_image(image, "c")
+    slot = facade.slot_of("c")
+    assert torch.equal(facade.pool[slot], row) and torch.equal(facade._scales[:, slot], scales)
+    assert [l.slot_rank[slot] for l in facade.lora_layers.values()] == list(image.ranks)
+    other = _engine(tiny_model_dir, rank=8, dtype=torch.bfloat16)  # another pool layout
+    with pytest.raises(EngineError, match="slot image for a pool of layout"):
+        other.load_image(image, "c")
+    assert other.model.get_model_status()["free_slots"] == 3 and other.peft_config == {}
 
 
 # -- through the service -----------------------------------------------------------------
@@ -92,10 +181,8 @@ def test_evicted_adapter_reloads_from_the_host_tier_without_a_store_read(make_se
     assert state["last_acquire"]["adapter"] == "t-a@v1" and state["last_acquire"]["source"] == "host"
     assert {a["adapter"] for a in state["host_tier"]["adapters"]} == {"t-a@v1", "t-b@v1"}
     assert state["host_tier"]["pinned_memory"] is False  # a CPU worker: plain memory
-    for name in ("a", "b"):  # the held bytes are the stored file's
-        held = svc.residency.host_tier.get(f"t-{name}@v1")
-        assert bytes(held.weights) == _weights(tiny_adapters[name])
-    assert c["host_bytes"] == sum(len(_weights(tiny_adapters[n])) for n in ("a", "b"))
+    assert {a["form"] for a in state["host_tier"]["adapters"]} == {"image"}  # the engine's slot images
+    assert c["host_bytes"] == sum(_tensor_bytes(tiny_adapters[n]) for n in ("a", "b"))  # fp32, at true rank
     again = tools.ask(svc, "t-a")
     assert svc.describe()["last_acquire"]["source"] == "device" and again.body["text"] == expected["a"]
 
@@ -188,12 +275,15 @@ def test_prefetch_of_a_list_and_the_most_used_at_start(make_service, tools, tiny
         assert worker.requests == 0
         assert [r["adapter"] for r in state["resident"]] == ["t-c@v1", "t-a@v1"]  # the list first, then top-N
         assert {a["adapter"] for a in state["host_tier"]["adapters"]} == {"t-a@v1", "t-c@v1", "t-b@v1"}
+        assert {e["adapter"]: e["form"] for e in state["host_tier"]["adapters"]}["t-b@v1"] == "bytes"  # no slot yet
         assert "t-broken@v1" in state["quarantined"] and state["counters"]["load_failures"] == 1
         reads = _count_reads(worker)
         for name in ("a", "c", "b"):
             reply = tools.ask(worker, f"t-{name}")
             assert reply.status == 200 and reply.body["text"] == tools.expected(worker, tiny_adapters[name])
         assert reads == []  # a and c were resident, b in the tier
+        forms = {e["adapter"]: e["form"] for e in worker.describe()["host_tier"]["adapters"]}
+        assert forms == {"t-a@v1": "image", "t-c@v1": "image", "t-b@v1": "image"}  # b's bytes: an image once loaded
         assert worker.describe()["last_acquire"] == {"adapter": "t-b@v1", "source": "host",
                                                      "load_ms": worker.describe()["last_acquire"]["load_ms"]}
     finally:
@@ -251,21 +341,24 @@ def test_an_unreachable_registry_at_start_is_logged_not_fatal(tiny_model_dir, tm
 def test_a_cuda_worker_holds_the_bytes_in_pinned_memory():
     tier = HostTier(1 << 20, pin=True)
     assert tier.put("a", "a@v1", AdapterBytes.of(b"{}", b"w" * 1000))
-    assert tier._held["a@v1"].buffer.is_pinned() and bytes(tier.get("a@v1").weights) == b"w" * 1000
+    assert tier.get("a@v1").buffer.is_pinned() and bytes(tier.get("a@v1").weights) == b"w" * 1000
 
 
-def test_a_reload_from_the_host_tier_reads_the_held_bytes_in_place(make_service, tools, tiny_adapters, monkeypatch):
-    """The host tier's copy is handed to the engine with its buffer (`AdapterBytes.buffer`): the slot
-    copy reads it in place (no copy into the engine's staging memory, which a store read needs), and
-    the slot ends up with exactly the weights a load from the store wrote."""
-    from handler.engine.multilora import slot_loader
+def test_a_reload_from_the_host_tier_loads_the_slot_image(make_service, tools, tiny_adapters, monkeypatch):
+    """What the tier holds for the multilora engine is the slot image the store load left: a reload
+    parses nothing and copies no bytes into the engine's staging memory (`load_image`, not
+    `load_adapter`), and the slot ends up with exactly the weights a load from the store wrote."""
+    from handler.engine.multilora import model as model_module, slot_loader
 
     svc = make_service(num_slots=3)  # one resident adapter: every switch evicts
     for name in ("a", "b"):
         tools.onboard(svc, f"t-{name}", tiny_adapters[name])
-    copies: list[int] = []
-    real = slot_loader.copy_data
-    monkeypatch.setattr(slot_loader, "copy_data", lambda *args: (copies.append(1), real(*args))[1])
+    calls: list[str] = []
+    for fn in ("copy_data", "tensor_view"):
+        real = getattr(slot_loader, fn)
+        monkeypatch.setattr(slot_loader, fn, lambda *a, _r=real, _n=fn, **k: (calls.append(_n), _r(*a, **k))[1])
+    real_read = model_module.read_adapter
+    monkeypatch.setattr(model_module, "read_adapter", lambda *a, **k: (calls.append("parse"), real_read(*a, **k))[1])
     facade = svc.engine.model
 
     def slot_weights(adapter_id: str) -> torch.Tensor:
@@ -273,8 +366,9 @@ def test_a_reload_from_the_host_tier_reads_the_held_bytes_in_place(make_service,
 
     assert tools.ask(svc, "t-a").status == 200
     from_store = slot_weights("t-a@v1")
-    assert copies == [1] and svc.describe()["last_acquire"]["source"] == "store"
-    assert tools.ask(svc, "t-b").status == 200 and copies == [1, 1]
+    assert calls[:2] == ["parse", "copy_data"] and svc.describe()["last_acquire"]["source"] == "store"
+    assert tools.ask(svc, "t-b").status == 200
+    n = len(calls)
     assert tools.ask(svc, "t-a").status == 200
-    assert svc.describe()["last_acquire"]["source"] == "host" and copies == [1, 1]  # no staging copy
+    assert svc.describe()["last_acquire"]["source"] == "host" and len(calls) == n  # no parse, no views, no copy
     assert torch.equal(slot_weights("t-a@v1"), from_store)
