@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-rows", type=int, default=None, help="KV rows (config kv_rows; default 16, inprocess 32)")
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="config prefill_chunk: most prompt tokens prefilled per step (default: the config's)")
+    ap.add_argument("--prefill-wait-steps", type=int, default=None,
+                    help="config prefill_wait_steps (GPU graphs only; default: the config's)")
+    ap.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
+                    help="config prefill_graphs (GPU graphs only; default: the config's, on)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-files", type=int, default=8, help="inprocess: distinct random adapter files "
                                                                 "(tenants share them round robin; each tenant is "
@@ -145,7 +149,9 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
     return {**capacity_setting(a.resident), "base_model_name": "", "idle_ttl_s": 3600, "registry_cache_s": 30,
             "max_prompt_tokens": max_prompt_tokens, "max_new_tokens_cap": a.output.high, "kv_rows": a.kv_rows,
             "max_rank": max(64, a.rank), "max_waiting": max(64, a.requests),
-            **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk else {})}
+            **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk else {}),
+            **({"prefill_wait_steps": a.prefill_wait_steps} if a.prefill_wait_steps is not None else {}),
+            **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {})}
 
 
 def saturated(res: dict, ref_e2e_ms: float | None = None) -> bool:

@@ -11,7 +11,10 @@ tokens on the host), median of --reps:
 - ``join_<L>_ms``: a step in which one new row with an L-token prompt joins (its prefill, then
   the same decode), for each L of --prompts; the row is cancelled after, so every rep joins anew;
 - ``prefill_alone_<L>_ms``: the same L-token prefill in a step with no row decoding;
-- ratios over ``decode_ms`` in the same run.
+- ratios over ``decode_ms`` in the same run;
+- with ``--prefill graphs,eager`` (the default) all of it twice in one run: captured prefill graphs,
+  then every prefill eager (``eager_prefill_*``), and ``eager_prefill_over_graphs_join_<L>``. On a
+  CPU both modes run eagerly (no graphs).
 
 `--profile L` also prints torch.profiler's top device kernels of one join step of length L.
 Figures: bench/RESULTS.md, never here.
@@ -46,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", default="16,50,200,500", help="joining prompt lengths")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--profile", type=int, default=0, metavar="L")
+    ap.add_argument("--prefill", default="graphs,eager",
+                    help="prefill modes, each measured on its own stepper in this run: graphs (captured prefill "
+                         "shapes, the default serving path) and/or eager (prefill_graphs off); eager keys get the "
+                         "prefix eager_prefill_")
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 
@@ -57,7 +64,7 @@ def _synced(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from handler.engine import GenerationRow, SamplingParams, StepLimits, make_engine
+    from handler.engine import StepLimits, make_engine
     from handler.engine.settings import EngineSettings
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,16 +79,37 @@ def main(argv: list[str] | None = None) -> int:
         for i, f in enumerate(files):
             engine.load_adapter(str(f), f"a{i}")
             names.append(f"a{i}")
-    # prefill_wait_steps 0: a joining row is prefilled in the step it joins (the cost timed here)
-    limits = StepLimits(max_rows=a.kv_rows, max_len=a.max_len, prefill_chunk=a.prefill_chunk, prefill_wait_steps=0)
-    stepper = engine.stepper(limits)
-    t0 = time.monotonic()
-    stepper.warmup()
-    warm_s = time.monotonic() - t0
+    lengths = [int(x) for x in a.prompts.split(",") if x.strip()]
 
     def prompt(n: int, salt: int) -> list[int]:
         return [3 + (7 * salt + 13 * j) % (vocab - 3) for j in range(n)]
 
+    res: dict[str, Any] = {"size": a.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                           "rows": a.rows, "adapters": a.adapters, "rank": a.rank}
+    for mode in [m.strip() for m in a.prefill.split(",") if m.strip()]:
+        # prefill_wait_steps 0: a joining row is prefilled in the step it joins (the cost timed here)
+        limits = StepLimits(max_rows=a.kv_rows, max_len=a.max_len, prefill_chunk=a.prefill_chunk, prefill_wait_steps=0,
+                            prefill_graphs=mode == "graphs")
+        stepper = engine.stepper(limits)  # rebuilt (idle) when the limits differ from the last mode's
+        part = _measure(stepper, names, prompt, lengths, a, device)
+        prefix = "" if mode == "graphs" else "eager_prefill_"
+        res.update({prefix + k: v for k, v in part.items()})
+    for length in lengths:
+        if f"join_{length}_ms" in res and f"eager_prefill_join_{length}_ms" in res:
+            res[f"eager_prefill_over_graphs_join_{length}"] = res[f"eager_prefill_join_{length}_ms"] / res[f"join_{length}_ms"]
+    res.update(harness.env_info(device))
+    harness.emit(res, a.json)
+    return 0
+
+
+def _measure(stepper: Any, names: list[str], prompt: Any, lengths: list[int], a: argparse.Namespace,
+             device: torch.device) -> dict[str, Any]:
+    """One stepper's figures: warm-up, a decode step, join steps, prefills alone (see the module docstring)."""
+    from handler.engine import GenerationRow, SamplingParams
+
+    t0 = time.monotonic()
+    stepper.warmup()
+    res: dict[str, Any] = {"warmup_s": round(time.monotonic() - t0, 1)}
     long = SamplingParams(max_new_tokens=a.max_len // 2)
     for i in range(a.rows):  # the decoding rows: prefilled and one token in before anything is timed
         stepper.add(i, GenerationRow(prompt(32, i), names[i % len(names)], long))
@@ -96,13 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         stepper.step()
         return (time.perf_counter() - t) * 1000
 
-    res: dict[str, Any] = {"size": a.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                           "rows": a.rows, "adapters": a.adapters, "rank": a.rank, "warmup_s": round(warm_s, 1)}
-    decode = [step_ms() for _ in range(a.reps)]
-    res["decode_ms"] = statistics.median(decode)
+    res["decode_ms"] = statistics.median([step_ms() for _ in range(a.reps)])
     next_id = [10_000]
 
-    def join(length: int, *, alone: bool = False) -> float:
+    def join(length: int) -> float:
         rid = next_id[0]
         next_id[0] += 1
         stepper.add(rid, GenerationRow(prompt(length, rid), names[rid % len(names)], SamplingParams(max_new_tokens=4)))
@@ -110,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         stepper.cancel(rid)
         return ms
 
-    for length in [int(x) for x in a.prompts.split(",") if x.strip()]:
+    for length in lengths:
         res[f"join_{length}_ms"] = statistics.median([join(length) for _ in range(a.reps)])
         res[f"join_{length}_over_decode"] = res[f"join_{length}_ms"] / res["decode_ms"]
     if a.profile:
@@ -124,12 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         log(prof.key_averages().table(sort_by=key, row_limit=25))
     for rid in range(a.rows):
         stepper.cancel(rid)
-    for length in [int(x) for x in a.prompts.split(",") if x.strip()]:
+    for length in lengths:
         res[f"prefill_alone_{length}_ms"] = statistics.median([join(length) for _ in range(a.reps)])
-    res["describe"] = {k: v for k, v in stepper.describe().items() if k != "buckets"}
-    res.update(harness.env_info(device))
-    harness.emit(res, a.json)
-    return 0
+    res["describe"] = {k: v for k, v in stepper.describe().items() if k not in ("buckets", "prefill_buckets")}
+    return res
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class LoraplexService:
         if config.scheduler == "continuous":
             limits = StepLimits(max_rows=config.kv_rows, max_len=config.kv_row_tokens,
                                 prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes,
-                                prefill_wait_steps=config.prefill_wait_steps)
+                                prefill_wait_steps=config.prefill_wait_steps, prefill_graphs=config.prefill_graphs)
             try:
                 stepper = engine.stepper(limits)
             except EngineError as exc:

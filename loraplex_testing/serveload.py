@@ -584,5 +584,14 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                 "evictions": evictions(after.get("counters", {})) - evictions(before.get("counters", {})),
                 "graph_captures_after_warmup": captures_after_warmup(after),
                 "kernel_compiles_during_run": (int(after["kernel_variants"]) - int(before["kernel_variants"])
-                                               if "kernel_variants" in after and "kernel_variants" in before else None)})
+                                               if "kernel_variants" in after and "kernel_variants" in before else None),
+                **{f"{key}_during_run": stepper_delta(before, after, key)
+                   for key in ("prefill_forwards", "prefill_replays", "decode_steps")}})
     return res, outcomes
+
+
+def stepper_delta(before: dict, after: dict, key: str) -> int | None:
+    """How much the continuous stepper's counter `key` grew between two describes (None: not reported)."""
+    b = ((before.get("scheduler") or {}).get("stepper") or {}).get(key)
+    a = ((after.get("scheduler") or {}).get("stepper") or {}).get(key)
+    return int(a) - int(b) if a is not None and b is not None else None

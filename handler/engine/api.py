@@ -87,6 +87,7 @@ class StepLimits:
     prefill_chunk: int = 512    # most prompt tokens prefilled in one step, all joining rows together (>= 1 chunk of one row per step)
     graph_batch_sizes: tuple[int, ...] = ()   # GPU graphs: decode batch buckets captured at warmup; () = 1,2,4,... up to max_rows
     prefill_wait_steps: int = 8  # GPU graphs: joining rows may wait up to this many decode steps to be prefilled together (0 = at once)
+    prefill_graphs: bool = True  # GPU graphs: prefill chunks of up to 8 rows replay captured graphs too (False: eager)
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1 or self.prefill_wait_steps < 0:

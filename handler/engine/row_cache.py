@@ -49,7 +49,7 @@ class _RowLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         o = self._owner
         self.dtype, self.device = key_states.dtype, key_states.device
-        shape = (o.max_rows, key_states.shape[1], o.max_len)
+        shape = (o.max_rows + o.spare_rows, key_states.shape[1], o.max_len)
         self.keys = torch.zeros(*shape, key_states.shape[-1], dtype=self.dtype, device=self.device)
         self.values = torch.zeros(*shape, value_states.shape[-1], dtype=self.dtype, device=self.device)
         self.is_initialized = True
@@ -85,11 +85,14 @@ def _write(store: torch.Tensor, new: torch.Tensor, v: _View) -> torch.Tensor:
 
 
 class RowCache(Cache):
-    """``max_rows`` KV rows of ``max_len`` tokens each, for every layer of the model."""
+    """``max_rows`` KV rows of ``max_len`` tokens each, for every layer of the model, plus
+    `spare_rows` more that no request owns: a captured prefill's padding rows write there
+    (`scratch_row`), so a graph's fixed row count never touches a live row."""
 
-    def __init__(self, num_layers: int, max_rows: int, max_len: int) -> None:
+    def __init__(self, num_layers: int, max_rows: int, max_len: int, spare_rows: int = 0) -> None:
         self.max_rows = int(max_rows)
         self.max_len = int(max_len)
+        self.spare_rows = int(spare_rows)
         self.view: _View | None = None
         self._arange: torch.Tensor | None = None  # [max_rows], made once (never inside a graph capture)
         super().__init__(layers=[_RowLayer(self) for _ in range(int(num_layers))])
@@ -107,6 +110,13 @@ class RowCache(Cache):
         """The next forward is ``[n, S]`` tokens: batch row i goes to KV row ``rows[i]``, its token j
         at position ``pos[i, j]``; it attends over keys ``[0, length)`` of those rows."""
         self.view = _View(length=int(length), pos=pos, index=rows, decode=False)
+
+    @property
+    def scratch_row(self) -> int:
+        """The first spare KV row (needs ``spare_rows >= 1``): written by padding rows, never read."""
+        if not self.spare_rows:
+            raise RuntimeError("this RowCache has no spare row")
+        return self.max_rows
 
     def move_row(self, src: int, dst: int, tokens: int) -> None:
         """Copy KV row `src`'s first `tokens` keys and values into KV row `dst`, every layer (the

@@ -31,10 +31,21 @@ smallest bucket covering its rows' ranks (the rank buckets `MultiLoraModel.decod
 since the kernels' cost grows with the rank they run at. The key length is bucketed for the
 same reason: attention reads every key up to it. `warmup` captures every bucket before
 serving, so a serving run makes no capture (`describe`: ``captures_after_warmup``).
-Prefill stays eager, so its cost is mostly fixed host time: rows joining while others decode
-wait up to ``prefill_wait_steps`` steps to be prefilled in one forward (`_defer_prefill`), and
-one forward takes chunks whose padding stays within `PACK_FLOOR` tokens. `warmup` also compiles every variant of its Triton LoRA kernels
-(`LoraRows.warm_prefill_kernels`), which Triton would otherwise JIT-compile on a request's path. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
+Prefill on a GPU replays captured graphs too (`prefill_graphs`): an eager prefill forward costs
+mostly fixed host time (launching every layer's kernels), many decode steps' worth whatever its
+length. Chunks are packed into forwards of (rows, tokens per row) shapes `prefill_shapes` (rows
+1, 2, 4, 8 x tokens 16, 32, ... up to the chunk, at most `PREFILL_GRAPH_TOKENS` in all), each
+row left-padded to the shape's tokens and the shape's spare rows fed pad tokens that write into
+the cache's scratch row; key lengths are the decode buckets up to `PREFILL_GRAPH_MAX_LEN`, and
+the LoRA kernels run at the top rank bucket (serving every rank; prefill is compute-bound, so a
+smaller bucket would save little). One graph reads the chunk's ids, positions, KV rows and LoRA
+slots from one device tensor (one host-to-device copy). What no shape holds (a longer key
+length, a longer chunk) runs eagerly. Rows that join while others decode still wait up to
+``prefill_wait_steps`` steps to be prefilled in one forward (`_defer_prefill`), and an eager
+forward takes chunks whose padding stays within `PACK_FLOOR` tokens. `warmup` captures every
+prefill shape and compiles every variant of the eager path's Triton LoRA kernels
+(`LoraRows.warm_prefill_kernels`), which Triton would otherwise JIT-compile on a request's
+path. Without CUDA the same loop runs eagerly: that is how CPU tests check it.
 
 Sampling per row: greedy = argmax; sampled rows go through `static_decode.picker` (the
 warpers ``generate`` uses) with their own ``torch.Generator`` seeded by ``params.seed``
@@ -117,6 +128,32 @@ def length_buckets(max_len: int) -> list[int]:
 
 PACK_FLOOR = 1024  # GPU: a prefill forward of up to this many tokens, padding included, never splits
 
+# GPU prefill graphs: chunks of up to 8 rows, padded to (rows, tokens) buckets of at most this many tokens
+PREFILL_GRAPH_ROWS = (1, 2, 4, 8)
+PREFILL_GRAPH_MIN_TOKENS = 16  # token buckets 16, 32, 64, ... (per row) up to the chunk
+PREFILL_GRAPH_TOKENS = 512  # a captured prefill computes at most rows x tokens = this many
+PREFILL_GRAPH_MAX_LEN = 1024  # key lengths above this prefill eagerly (long prompts' later chunks)
+
+
+def prefill_shapes(limits: StepLimits) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of the prefill forwards captured as graphs: rows 1, 2, 4, 8 (up to
+    `max_rows`) x tokens 16, 32, ... (up to `prefill_chunk` rounded up to a power of two), at most
+    `PREFILL_GRAPH_TOKENS` in all; [] when `prefill_graphs` is off."""
+    if not limits.prefill_graphs:
+        return []
+    tokens, t = [], PREFILL_GRAPH_MIN_TOKENS
+    while True:
+        tokens.append(t)
+        if t >= limits.prefill_chunk or t >= PREFILL_GRAPH_TOKENS:
+            break
+        t *= 2
+    return [(n, s) for n in PREFILL_GRAPH_ROWS if n <= limits.max_rows for s in tokens if n * s <= PREFILL_GRAPH_TOKENS]
+
+
+def prefill_length_buckets(max_len: int) -> list[int]:
+    """Key lengths of the captured prefill forwards: the decode buckets up to `PREFILL_GRAPH_MAX_LEN`."""
+    return [t for t in length_buckets(max_len) if t <= PREFILL_GRAPH_MAX_LEN] or [length_buckets(max_len)[0]]
+
 
 def _pack(chunks: list[tuple[Any, int]], floor: int = 0) -> list[list[tuple[Any, int]]]:
     """Group prefill chunks (item, tokens) into forwards, longest first, so that padding at most
@@ -188,6 +225,47 @@ class _Graph:
     def slots(self) -> torch.Tensor:
         return self.inputs[2]
 
+    def forward(self, st: "Stepper") -> torch.Tensor:
+        """The step the graph captures (and an emulated replay reruns)."""
+        return st._decode_forward(self.ids, self.pos, self.length)
+
+
+@dataclass(eq=False)
+class _PrefillGraph:
+    """One captured prefill forward of `rows` x `tokens` (left-padded chunks; rows beyond the real
+    ones write into the cache's scratch row), attending over `length` keys, LoRA kernels at `rank`."""
+
+    rows: int
+    tokens: int
+    length: int
+    rank: int
+    inputs: torch.Tensor  # [2 n S + 2 n] long: ids [n, S], positions [n, S], KV row [n], LoRA slot [n]
+    graph: Any = None
+    logits: torch.Tensor | None = None
+    replays: int = 0
+    failed: bool = False
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.inputs[: self.rows * self.tokens].view(self.rows, self.tokens)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        n = self.rows * self.tokens
+        return self.inputs[n: 2 * n].view(self.rows, self.tokens)
+
+    @property
+    def kv(self) -> torch.Tensor:
+        n = 2 * self.rows * self.tokens
+        return self.inputs[n: n + self.rows]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.inputs[2 * self.rows * self.tokens + self.rows:]
+
+    def forward(self, st: "Stepper") -> torch.Tensor:
+        return st._chunk_forward(self.ids, self.pos, self.kv, self.length)
+
 
 class Stepper:
     """`api.RowStepper` for one causal LM (sdpa or eager attention).
@@ -216,7 +294,10 @@ class Stepper:
         self.graph_ranks = sorted({int(r) for r in graph_ranks}) if self.graphs else []
         self.float_mask = attn == "eager"
         self.mask_dtype = next(model.parameters()).dtype
-        self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len)
+        self._prefill_shapes = prefill_shapes(limits) if self.graphs else []
+        # a spare KV row for the padding rows of captured prefills
+        self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len,
+                              spare_rows=1 if self._prefill_shapes else 0)
         self._arange = torch.arange(limits.max_len, device=self.device)
         self._rows: dict[int, _Row] = {}  # add order = prefill order
         self._by_kv: list[_Row | None] = [None] * limits.max_rows
@@ -225,6 +306,8 @@ class Stepper:
         self._batch_buckets = batch_buckets(limits)
         self._len_buckets = length_buckets(limits.max_len)
         self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (batch, key length, rank)
+        self._prefill_lens = prefill_length_buckets(limits.max_len)
+        self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}  # (rows, tokens, key length)
         self._pool = None  # one CUDA graph memory pool for every bucket (replays never overlap)
         self.captures = 0
         self.captures_after_warmup = 0
@@ -236,6 +319,7 @@ class Stepper:
         self.steps = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
+        self.prefill_replays = 0  # prefill forwards served by a captured graph
 
     # -- rows -----------------------------------------------------------------
     def add(self, row_id: int, row: GenerationRow) -> None:
@@ -345,7 +429,8 @@ class Stepper:
 
     def _prefill(self) -> list[RowEvent]:
         """This step's chunks (rows in add order, until the budget is spent), in as few forwards as
-        padding allows; rows whose prompt completes get their first token."""
+        padding allows (captured graphs where a bucket fits, else eager); rows whose prompt
+        completes get their first token."""
         budget = self.limits.prefill_chunk
         chunks: list[tuple[_Row, int]] = []
         for r in self._rows.values():
@@ -356,37 +441,109 @@ class Stepper:
                 budget -= n
                 chunks.append((r, n))
         events: list[RowEvent] = []
-        for group in _pack(chunks, PACK_FLOOR if self.graphs else 0):
-            logits = self._prefill_forward(group)
+        groups = self._pack_for_graphs(chunks) if self._prefill_shapes else _pack(chunks, PACK_FLOOR if self.graphs else 0)
+        for group in groups:
+            logits = self._replay_prefill(group) if self._prefill_shapes else None
+            if logits is None:
+                logits = self._prefill_forward(group)
+            for r, n in group:
+                r.filled += n
+            self.prefill_forwards += 1
             done = [i for i, (r, _) in enumerate(group) if r.filled == len(r.prompt)]
             if done:
                 events += self._emit([group[i][0] for i in done],
                                      logits.index_select(0, torch.tensor(done, device=logits.device)))
         return events
 
-    def _prefill_forward(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
-        """One forward over these rows' chunks, left-padded to the longest: a pad token sits at the
-        row's first position after its chunk (not written yet: the row's next token overwrites it
-        before anything reads it), so every row's last real token is the last column. -> [n, V]."""
-        S = max(n for _, n in group)
+    def _chunk_ids(self, group: list[tuple[_Row, int]], S: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and positions of these chunks left-padded to `S`: a pad token sits at the row's
+        first position after its chunk (not written yet: the row's next token overwrites it before
+        anything reads it), so every row's last real token is the last column."""
         ids, pos = [], []
         for r, n in group:
             s, pad = r.filled, S - n
             ids.append([self.pad_token_id] * pad + r.prompt[s: s + n])
             pos.append([s + n] * pad + list(range(s, s + n)))
+        return ids, pos
+
+    def _prefill_forward(self, group: list[tuple[_Row, int]]) -> torch.Tensor:
+        """One eager forward over these rows' chunks, left-padded to the longest -> [n, V]."""
+        S = max(n for _, n in group)
+        ids, pos = self._chunk_ids(group, S)
         length = min(round_up(max(r.filled + n for r, n in group) + 1, EAGER_LEN), self.limits.max_len)
         host = torch.tensor([ids, pos], dtype=torch.long)
         ids_t, pos_t = host.to(self.device).unbind(0)
-        mask = (self._arange[:length].view(1, 1, length) <= pos_t.unsqueeze(-1)).unsqueeze(1)  # [n, 1, S, T]
         rows = [r for r, _ in group]
-        self.cache.for_prefill(torch.tensor([r.kv for r in rows], device=self.device), pos_t, length)
         with self._eager(rows):
-            out = self.model(input_ids=ids_t, attention_mask=self._as_mask(mask), position_ids=pos_t,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        for r, n in group:
-            r.filled += n
-        self.prefill_forwards += 1
+            return self._chunk_forward(ids_t, pos_t, torch.tensor([r.kv for r in rows], device=self.device), length)
+
+    def _chunk_forward(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, length: int) -> torch.Tensor:
+        """[n, S] chunk tokens at positions [n, S] of KV rows [n], keys [0, length) -> [n, V] logits of
+        each row's last column; what a prefill graph captures (mask built inside)."""
+        mask = (self._arange[:length].view(1, 1, length) <= pos.unsqueeze(-1)).unsqueeze(1)  # [n, 1, S, T]
+        self.cache.for_prefill(kv, pos, length)
+        out = self.model(input_ids=ids, attention_mask=self._as_mask(mask), position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    # -- captured prefill -------------------------------------------------------
+    def _prefill_shape(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        """The smallest captured (rows, tokens) shape holding `rows` chunks of at most `tokens`."""
+        fits = [(n, S) for n, S in self._prefill_shapes if n >= rows and S >= tokens]
+        return min(fits, key=lambda sh: (sh[0] * sh[1], sh[0])) if fits else None
+
+    def _pack_for_graphs(self, chunks: list[tuple[_Row, int]]) -> list[list[tuple[_Row, int]]]:
+        """Chunks into prefill forwards, longest first: a chunk joins the forward before it while
+        a captured shape holds them all and the padded tokens stay within twice the real ones
+        (or one `PREFILL_GRAPH_MIN_TOKENS` x 8 forward); a chunk no shape holds runs alone."""
+        groups: list[list[tuple[_Row, int]]] = []
+        for item in sorted(chunks, key=lambda c: -c[1]):
+            g = groups[-1] if groups else None
+            shape = self._prefill_shape(len(g) + 1, g[0][1]) if g is not None else None
+            if shape is not None and (shape[0] * shape[1] <= 2 * (sum(n for _, n in g) + item[1])
+                                      or shape[0] * shape[1] <= PREFILL_GRAPH_MIN_TOKENS * PREFILL_GRAPH_ROWS[-1]):
+                g.append(item)
+            else:
+                groups.append([item])
+        return groups
+
+    def _replay_prefill(self, group: list[tuple[_Row, int]]) -> torch.Tensor | None:
+        """These chunks through a captured prefill graph -> [len(group), V] logits; None where no
+        captured shape or key length holds them, or the bucket cannot be captured (then eager)."""
+        shape = self._prefill_shape(len(group), max(n for _, n in group))
+        need = max(r.filled + n for r, n in group) + 1
+        length = next((t for t in self._prefill_lens if t >= need), None)
+        if shape is None or length is None:
+            return None
+        n_rows, S = shape
+        g = self._prefill_graph(n_rows, S, length)
+        if g.failed:
+            return None
+        rows = [r for r, _ in group]
+        self._check(rows)
+        ids, pos = self._chunk_ids(group, S)
+        pad = n_rows - len(group)
+        flat = [t for row in ids for t in row] + [self.pad_token_id] * (pad * S)
+        flat += [p for row in pos for p in row] + [0] * (pad * S)
+        flat += [r.kv for r in rows] + [self.cache.scratch_row] * pad
+        flat += [r.slot for r in rows] + [0] * pad
+        g.inputs.copy_(torch.tensor(flat, dtype=torch.long), non_blocking=False)
+        if g.graph is None:
+            if not self._try_capture(g):
+                return None
+            self.captures_after_warmup += 1
+        g.graph.replay()
+        g.replays += 1
+        self.prefill_replays += 1
+        return g.logits[: len(group)]
+
+    def _prefill_graph(self, rows: int, tokens: int, length: int) -> _PrefillGraph:
+        g = self._prefill_graphs.get((rows, tokens, length))
+        if g is None:
+            g = self._prefill_graphs[(rows, tokens, length)] = _PrefillGraph(
+                rows, tokens, length, self.graph_ranks[-1],
+                torch.zeros(2 * rows * tokens + 2 * rows, dtype=torch.long, device=self.device))
+        return g
 
     def _decode(self, decoding: list[_Row]) -> list[RowEvent]:
         """One forward over KV rows [0, B); rows not in `decoding` are dummies that write at their
@@ -481,7 +638,7 @@ class Stepper:
             raise EngineError("a running row's adapter moved to another slot (deleted while in use?)")
         return names
 
-    def _static(self, g: _Graph) -> ContextManager[None]:
+    def _static(self, g: _Graph | _PrefillGraph) -> ContextManager[None]:
         if self.lora is None or not g.rank:
             return contextlib.nullcontext()
         return self.lora.static_batch(g.slots, g.rank)
@@ -522,7 +679,7 @@ class Stepper:
             raise EngineError(f"adapter rank {rank} is beyond what the captured LoRA kernels serve")
         return rank
 
-    def _try_capture(self, g: _Graph) -> bool:
+    def _try_capture(self, g: _Graph | _PrefillGraph) -> bool:
         try:
             self._capture(g)
             return True
@@ -532,26 +689,27 @@ class Stepper:
             self.last_capture_error = f"{type(exc).__name__}: {exc}"[:300]
             return False
 
-    def _capture(self, g: _Graph) -> None:
-        """Run the step once on a side stream (kernel JIT, workspaces), then capture it. The run
-        writes the same keys/values the captured step writes (same inputs), so it is harmless."""
+    def _capture(self, g: _Graph | _PrefillGraph) -> None:
+        """Run the forward once on a side stream (kernel JIT, workspaces), then capture it. The run
+        writes the same keys/values the captured forward writes (same inputs), so it is harmless."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), self._static(g):
-            self._decode_forward(g.ids, g.pos, g.length)
+            g.forward(self)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: a status thread touching CUDA meanwhile does not invalidate the capture
         with self._static(g), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            g.logits = self._decode_forward(g.ids, g.pos, g.length)
+            g.logits = g.forward(self)
         g.graph = graph
         self.captures += 1
 
     def warmup(self) -> None:
-        """Capture every (batch, key-length, rank) bucket's decode step now. Needs no row running:
-        the captures write dummy keys at position 0 of rows [0, B)."""
+        """Capture every (batch, key-length, rank) bucket's decode step and every (rows, tokens,
+        key-length) prefill shape now. Needs no row running: the decode captures write dummy keys
+        at position 0 of rows [0, B), the prefill captures into the scratch row."""
         if not self.graphs:
             self.warmed_up = True
             return
@@ -566,6 +724,13 @@ class Stepper:
                     g.inputs.zero_()
                     g.inputs[0].fill_(self.pad_token_id)
                     self._try_capture(g)
+            for (n, S), length in itertools.product(self._prefill_shapes, self._prefill_lens):
+                p = self._prefill_graph(n, S, length)
+                if p.graph is None and not p.failed:  # every row a padding row: writes only the scratch row
+                    p.inputs.zero_()
+                    p.ids.fill_(self.pad_token_id)
+                    p.kv.fill_(self.cache.scratch_row)
+                    self._try_capture(p)
         self.warmed_up = True
 
     def describe(self) -> dict[str, Any]:
@@ -576,6 +741,10 @@ class Stepper:
                 "last_capture_error": self.last_capture_error,
                 "buckets": [{"batch": g.batch, "kv_len": g.length, "rank": g.rank, "captured": g.graph is not None,
                              "replays": g.replays} for g in list(self._graphs.values())],
+                "prefill_buckets": [{"rows": p.rows, "tokens": p.tokens, "kv_len": p.length, "rank": p.rank,
+                                     "captured": p.graph is not None, "replays": p.replays}
+                                    for p in list(self._prefill_graphs.values())],
+                "prefill_replays": self.prefill_replays,
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,

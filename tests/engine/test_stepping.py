@@ -20,7 +20,8 @@ from conftest import load_base
 from handler.engine import (AdapterNotLoaded, CacheFull, EngineError, GenerationRow, RowTooLong, SamplingParams,
                             StepLimits, make_engine)
 from handler.engine.settings import EngineSettings
-from handler.engine.stepping import Stepper
+from handler.engine.row_cache import RowCache
+from handler.engine.stepping import Stepper, prefill_shapes
 from loraplex_testing.oracle import PeftOracle
 
 ADAPTERS = ["r4", "r8qv", "r16rs", "r16mlp"]
@@ -461,42 +462,52 @@ class _EagerGraph:
 
     def replay(self):
         with self.st._static(self.g):
-            self.g.logits = self.st._decode_forward(self.g.ids, self.g.pos, self.g.length)
+            self.g.logits = self.g.forward(self.st)
 
 
 class EmulatedGraphs(Stepper):
-    """The `graphs` decode path (batch/key-length/rank buckets, dummy rows padding a batch up to
-    its bucket, one [3, B] input tensor, LoRA slots read from a tensor by the Triton kernels,
-    here through Triton's interpreter) on the CPU: only the capture itself is replaced."""
+    """The `graphs` decode and prefill paths (batch/key-length/rank buckets, dummy rows padding a
+    batch up to its bucket, prefill chunks padded to captured (rows, tokens) shapes with spare rows
+    writing the scratch KV row, one input tensor per graph, LoRA slots read from a tensor by the
+    Triton kernels, here through Triton's interpreter) on the CPU: only the capture itself is replaced."""
 
-    def __init__(self, *args, ranks, fail_batch=None, **kw):
+    def __init__(self, *args, ranks, fail_batch=None, fail_prefill_rows=None, **kw):
         super().__init__(*args, **kw)
         self.graphs = True
         self.graph_ranks = list(ranks)
-        self.fail_batch = fail_batch  # captures of this batch bucket raise (as an OOM would)
+        self._prefill_shapes = prefill_shapes(self.limits)
+        self.cache = RowCache(len(self.cache.layers), self.limits.max_rows, self.limits.max_len,
+                              spare_rows=1)
+        self.fail_batch = fail_batch  # captures of this decode batch bucket raise (as an OOM would)
+        self.fail_prefill_rows = fail_prefill_rows  # and of prefill shapes of this many rows
 
     def _rank_of(self, slot):  # `decode_rank` answers None off CUDA; the same rule by hand
         r = max((lay.slot_rank[slot] for lay in self.lora.lora_layers.values()), default=0) if slot else 0
         return next(b for b in self.graph_ranks if b >= r)
 
     def _capture(self, g):
-        if g.batch == self.fail_batch:
+        size, failing = (g.batch, self.fail_batch) if hasattr(g, "batch") else (g.rows, self.fail_prefill_rows)
+        if size == failing:
             raise torch.OutOfMemoryError("emulated")
         g.graph = _EagerGraph(self, g)
         self.captures += 1
 
 
-@pytest.mark.parametrize("fail_batch", [None, 4])
-def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, tokenizer, engine_adapters, fail_batch):
-    """fail_batch: that bucket's captures fail at warmup; its steps run eagerly, rows unaffected."""
+@pytest.mark.parametrize("fail_batch,fail_prefill_rows", [(None, None), (4, 2)])
+def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, tokenizer, engine_adapters, fail_batch,
+                                                               fail_prefill_rows):
+    """fail_*: those buckets' captures fail at warmup; their steps run eagerly, rows unaffected."""
     pytest.importorskip("triton")
     eng = _engine(tiny_model_dir, tokenizer, engine_adapters, adapters=["r4", "r16rs", "r64"])
-    limits = StepLimits(max_rows=5, max_len=300, prefill_chunk=40, graph_batch_sizes=(2, 4))
+    limits = StepLimits(max_rows=5, max_len=300, prefill_chunk=40, graph_batch_sizes=(2, 4), prefill_wait_steps=0)
     st = EmulatedGraphs(eng.model.model, limits, lora=eng.model, eos_token_ids=eng.eos_token_ids,
-                        pad_token_id=eng.pad_token_id, ranks=[16, 64], fail_batch=fail_batch)
+                        pad_token_id=eng.pad_token_id, ranks=[16, 64], fail_batch=fail_batch,
+                        fail_prefill_rows=fail_prefill_rows)
+    # prefill: rows 1, 2, 4 (<= max_rows 5) x tokens 16, 32, 64 (the chunk 40 rounded up) x keys 256, 300
+    assert prefill_shapes(limits) == [(n, t) for n in (1, 2, 4) for t in (16, 32, 64)]
     st.warmup()
-    failed = 0 if fail_batch is None else 2 * 2
-    assert st.captures == 3 * 2 * 2 - failed  # batch 2, 4, 5 (max_rows) x keys 256, 300 x ranks 16, 64
+    failed = 0 if fail_batch is None else 2 * 2 + 3 * 2
+    assert st.captures == 3 * 2 * 2 + 9 * 2 - failed  # decode: batch 2, 4, 5 (max_rows) x keys 256, 300 x ranks 16, 64
     assert st.describe()["capture_failures"] == failed
     rng = random.Random(23)
     rows = {i: GenerationRow(_prompt(rng, n), a, SamplingParams(max_new_tokens=m, logprobs=1))
@@ -504,15 +515,24 @@ def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, t
                                            (5, None, 6), (266, "r4", 6), (8, "r64", 5)])}
     run = Run(st)
     pending = list(rows)
+    waves = {0: 2, 3: 3}  # at step 3 three rows join while two decode: a 4-row prefill shape with a padding row
     while pending or st.rows():
-        if pending and st.free_rows():
-            i = pending.pop(0)
-            run.add(i, rows[i])
+        for _ in range(waves.get(run.steps, 1 if run.steps > 3 else 0)):
+            if pending and st.free_rows():
+                i = pending.pop(0)
+                run.add(i, rows[i])
         run.step()
     d = st.describe()
     replays = sum(b["replays"] for b in d["buckets"])
     assert d["captures_after_warmup"] == 0 and d["capture_failures"] == failed
     assert d["decode_steps"] == replays if fail_batch is None else d["decode_steps"] > replays
+    prefilled = {(b["rows"], b["tokens"], b["kv_len"]) for b in d["prefill_buckets"] if b["replays"]}
+    assert d["prefill_replays"] == sum(b["replays"] for b in d["prefill_buckets"]) > 0
+    assert {n for n, _, _ in prefilled} >= {1, 4}, prefilled
+    if fail_prefill_rows is None:  # every chunk fits a captured shape and key length
+        assert d["prefill_replays"] == d["prefill_forwards"] and {k for _, _, k in prefilled} == {256, 300}
+    else:
+        assert fail_prefill_rows not in {n for n, _, _ in prefilled} and d["prefill_forwards"] > d["prefill_replays"]
     served = {(b["batch"], b["kv_len"], b["rank"]) for b in d["buckets"] if b["replays"]}
     assert {b for b, _, _ in served} >= {2, 4} - {fail_batch} and {r for _, _, r in served} == {16, 64}
     assert {k for _, k, _ in served} == {256, 300}

@@ -4,7 +4,8 @@
 - rows joining and leaving at random steps give the same tokens as the same schedule run
   eagerly (``decode: static`` on the same GPU) and as each row alone (`engine.generate`), and
   log-probabilities within 1e-3 of the eager run (the Triton LoRA kernels' fp32 dots may use TF32);
-- `warmup` captures every (batch bucket, key-length bucket) and a serving run after it makes none;
+- `warmup` captures every (batch bucket, key-length bucket) decode step and every prefill shape, and a
+  serving run after it makes none; prefill chunks replay their graphs;
 - a new adapter loaded into another slot mid-run, or a freed slot refilled, does not change the
   rows already running (vLLM #47724) through the graphs' slot tensor.
 """
@@ -18,7 +19,7 @@ import torch
 from conftest import load_base
 from handler.engine import GenerationRow, SamplingParams, StepLimits, make_engine
 from handler.engine.settings import EngineSettings
-from handler.engine.stepping import batch_buckets, length_buckets
+from handler.engine.stepping import batch_buckets, length_buckets, prefill_length_buckets, prefill_shapes
 from test_stepping import Run, _prompt
 
 pytestmark = [pytest.mark.gpu,
@@ -81,7 +82,8 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
     gs.warmup()
     expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len)) * 3
-    assert gs.describe()["captures"] == expected  # 1, 2, 4, 6 rows x 256, 320 keys x ranks 16, 32, 64
+    expected += len(prefill_shapes(limits)) * len(prefill_length_buckets(limits.max_len))  # at the top rank only
+    assert gs.describe()["captures"] == expected  # decode 1, 2, 4, 6 rows x 256, 320 keys x ranks 16, 32, 64
     rows = _schedule(3, 24, long_prompts=True)
     g_run, g_cancel = _drive(gs, rows, seed=4)
     e_run, e_cancel = _drive(es, rows, seed=4)
@@ -89,6 +91,9 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     d = gs.describe()
     assert d["captures_after_warmup"] == 0 and d["captures"] == expected, d
     assert sum(b["replays"] for b in d["buckets"]) == d["decode_steps"] > 0
+    # every prefill chunk fits a captured shape here (chunk 48, keys <= 320): all replayed graphs
+    assert d["prefill_replays"] == d["prefill_forwards"] > 0
+    assert len({p["rows"] for p in d["prefill_buckets"] if p["replays"]}) >= 2  # several rows in one prefill graph
     assert len({b["kv_len"] for b in d["buckets"] if b["replays"]}) == 2  # both key-length buckets served
     assert {b["rank"] for b in d["buckets"] if b["replays"]} == {16, 64}  # rows of rank <= 16 only, or with r64
     for i, row in rows.items():
