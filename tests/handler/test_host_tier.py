@@ -344,6 +344,27 @@ def test_a_cuda_worker_holds_the_bytes_in_pinned_memory():
     assert tier.get("a@v1").buffer.is_pinned() and bytes(tier.get("a@v1").weights) == b"w" * 1000
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_slot_image_is_pinned_and_reloads_the_slot_bit_for_bit(tiny_model_dir, tiny_adapters):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).to("cuda").eval()
+    engine = make_engine("multilora", model, EngineSettings(num_slots=4, max_rank=16), eos_token_ids=[0],
+                         pad_token_id=0)
+    facade = engine.model
+    for name in ("a", "c"):
+        engine.load_adapter(AdapterBytes.read_dir(tiny_adapters[name]), name)
+    row = facade.pool[facade.slot_of("c")].clone()
+    image = engine.slot_image("c")
+    assert image.data.is_pinned() and image.data.device.type == "cpu"
+    engine.delete_adapter("c")
+    engine.load_adapter(tiny_adapters["b"], "b")  # the image lands in another slot
+    engine.load_image(image, "c")
+    torch.cuda.synchronize()
+    assert facade.slot_of("c") != facade.slot_of("b") and torch.equal(facade.pool[facade.slot_of("c")], row)
+
+
 def test_a_reload_from_the_host_tier_loads_the_slot_image(make_service, tools, tiny_adapters, monkeypatch):
     """What the tier holds for the multilora engine is the slot image the store load left: a reload
     parses nothing and copies no bytes into the engine's staging memory (`load_image`, not
