@@ -71,6 +71,66 @@ def prepare_mixed(slots: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling
     return MixedPlan(a_rows=a_rows, bt_rows=bt_rows)
 
 
+@dataclass
+class SlotGroups:
+    """A batch's adapter rows grouped by slot, the layout `by_slot_delta` computes in: slot
+    ``lo + g`` has its rows at places ``0 .. width - 1`` of group g (the rest of a group is padding,
+    zeros in, never read out). Depends only on the rows' slots: built once per batch, shared by
+    every layer."""
+
+    lo: int  # the lowest adapter slot of the batch
+    count: int  # slots lo .. lo + count - 1 (the highest adapter slot's), used or not
+    width: int  # most rows on one slot
+    group: torch.Tensor  # [M] long: slot - lo of each adapter row
+    place: torch.Tensor  # [M] long: its place in its group
+    rows: torch.Tensor | None  # [M] long: which batch rows those are; None: every row has an adapter
+
+
+def group_by_slot(slots: list[int], device: torch.device | None = None) -> SlotGroups | None:
+    """`SlotGroups` of a batch (one slot per row, 0 = base); None when no row has an adapter."""
+    adapter_rows = [i for i, s in enumerate(slots) if s]
+    if not adapter_rows:
+        return None
+    lo = min(slots[i] for i in adapter_rows)
+    seen: dict[int, int] = {}
+    group, place = [], []
+    for i in adapter_rows:
+        g = slots[i] - lo
+        group.append(g)
+        place.append(seen.get(g, 0))
+        seen[g] = place[-1] + 1
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return SlotGroups(lo=lo, count=max(group) + 1, width=max(seen.values()), group=as_long(group),
+                      place=as_long(place), rows=None if len(adapter_rows) == len(slots) else as_long(adapter_rows))
+
+
+def by_slot_delta(x: torch.Tensor, groups: SlotGroups, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
+                  rank: int | None = None) -> torch.Tensor:
+    """``delta[n] = scale[n] * (x[n] @ A[n].T) @ B[n].T`` as a fresh tensor, reading each slot's
+    weights in place in the pool (batched GEMMs over the pool's slots ``lo .. lo + count - 1``,
+    the rows placed by `groups`; nothing gathered).
+
+    Why: in a forward of one token per row (a decode step) each row's weights are read once, so
+    gathering them per row first (`prepare_mixed`) costs more memory traffic than the LoRA
+    GEMMs themselves, on every step; here each slot is read once, however many rows use it.
+    Isolation: a row is multiplied by its own slot's weights only (a slot in the range that no row
+    uses computes on zeros into padding that is never read), so even non-finite weights in one
+    slot cannot reach another slot's rows."""
+    n, s, d = x.shape
+    r = A.shape[1] if rank is None else rank
+    c, w = groups.count, groups.width
+    a = A[groups.lo:groups.lo + c, :r]  # [C, r, in] views of the pool: batched GEMMs honour its slot stride
+    bt = B.transpose(1, 2)[groups.lo:groups.lo + c, :r]  # [C, r, out]
+    xg = x.new_zeros(c, w, s, d)
+    xg[groups.group, groups.place] = x if groups.rows is None else x.index_select(0, groups.rows)
+    xa = torch.bmm(xg.view(c, w * s, d), a.transpose(1, 2))  # [C, W*S, r]
+    xa.mul_(scaling[groups.lo:groups.lo + c].view(c, 1, 1))
+    y = torch.bmm(xa, bt).view(c, w, s, bt.shape[2])[groups.group, groups.place]  # [M, S, out]
+    if groups.rows is None:
+        return y
+    return x.new_zeros(n, s, bt.shape[2]).index_copy_(0, groups.rows, y)
+
+
 def add_mixed_(out: torch.Tensor, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
     """``out[n] += scale[n] * (x[n] @ A[n].T) @ B[n].T`` for 3-D ``x``/``out``; in place."""
     xa = torch.bmm(x, plan.a_rows.transpose(1, 2))  # [N, S, r]; BLAS reads A transposed, no copy

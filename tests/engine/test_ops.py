@@ -58,3 +58,46 @@ def test_add_mixed_adds_in_place_onto_base_output():
     ret = ops.add_mixed_(out, x, ops.prepare_mixed(torch.tensor([1, 0]), A, B, s))
     assert ret.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, base + ops.lora_delta_reference(x, torch.tensor([1, 0]), A, B, s))
+
+
+def test_by_slot_delta_matches_reference_for_mixed_rows_one_token_or_more():
+    A, B, s = _pool(K=6)
+    for slots in ([3, 0, 1, 3, 4, 2], [5, 5, 1, 5, 3], [2, 0, 2, 0]):  # base rows, gaps, a slot on many rows
+        for tokens in (1, 3):
+            x = torch.randn(len(slots), tokens, 12)
+            groups = ops.group_by_slot(slots)
+            got = ops.by_slot_delta(x, groups, A, B, s)
+            want = ops.lora_delta_reference(x, torch.tensor(slots), A, B, s)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert not got[torch.tensor(slots) == 0].any()  # base rows get exact zeros
+
+
+def test_by_slot_groups_rows_by_slot_and_trims_rank_exactly():
+    groups = ops.group_by_slot([0, 4, 2, 4, 0, 4])
+    assert (groups.lo, groups.count, groups.width) == (2, 3, 3)
+    assert groups.group.tolist() == [2, 0, 2, 2] and groups.place.tolist() == [0, 0, 1, 2]
+    assert groups.rows.tolist() == [1, 2, 3, 5]
+    assert ops.group_by_slot([1, 2]).rows is None and ops.group_by_slot([0, 0]) is None
+    A, B, s = _pool(r=8)
+    A[:, 3:] = 0
+    B[:, :, 3:] = 0
+    x = torch.randn(3, 1, 12)
+    g = ops.group_by_slot([1, 2, 4])
+    torch.testing.assert_close(ops.by_slot_delta(x, g, A, B, s, rank=3), ops.by_slot_delta(x, g, A, B, s))
+
+
+def test_by_slot_a_non_finite_slot_reaches_no_other_slots_rows():
+    """Slots 2 (used by one row) and 3 (inside the batch's slot range, used by none) hold inf/NaN:
+    the other rows' deltas are exactly what they are alone."""
+    A, B, s = _pool(K=6)
+    A[2, 0, 0] = float("inf")
+    A[3] = float("nan")
+    B[3] = float("nan")
+    slots = [1, 2, 4, 0, 1]
+    x = torch.randn(5, 1, 12)
+    got = ops.by_slot_delta(x, ops.group_by_slot(slots), A, B, s)
+    clean = [0, 2, 3, 4]
+    assert torch.isfinite(got[clean]).all()
+    for i in clean:
+        alone = ops.lora_delta_reference(x[i:i + 1], torch.tensor([slots[i]]), A, B, s)
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-5)

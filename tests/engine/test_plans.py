@@ -9,7 +9,7 @@ import torch
 
 from conftest import load_base
 from handler.engine.multilora import MultiLoraModel
-from handler.engine.multilora.plans import BASE_ONLY, GatheredPlan, KernelPlan, UniformPlan, plan_layer
+from handler.engine.multilora.plans import BASE_ONLY, BySlotPlan, GatheredPlan, KernelPlan, UniformPlan, plan_layer
 from handler.engine.settings import EngineSettings
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -24,11 +24,11 @@ def ml(tiny_model_dir, engine_adapters):
     return m
 
 
-def _plans(ml, names):
-    """Each layer's cached plan after one eager forward of a batch naming `names`."""
-    ids = torch.arange(5, 5 + 3 * len(names)).view(len(names), 3)
+def _plans(ml, names, tokens=(3,)):
+    """Each layer's cached plan after eager forwards of `tokens` tokens per row, in one batch naming `names`."""
     with torch.no_grad(), ml.batch(names, len(names)):
-        ml.model(input_ids=ids)
+        for n in tokens:
+            ml.model(input_ids=torch.arange(5, 5 + n * len(names)).view(len(names), n))
         layers = ml.lora_layers
         return {n: ml._ctx.layer_plans[l.index] for n, l in layers.items()}
 
@@ -61,3 +61,32 @@ def test_kernel_forwards_and_static_batches_take_the_kernel_plan(ml):
         assert isinstance(plan, KernelPlan) and plan.rank == 16
     finally:
         ctx.clear()
+
+
+def test_a_batch_that_starts_with_one_token_per_row_reads_slots_in_place(ml):
+    """A stepper's decode step (one token per row, a new batch every step) takes `BySlotPlan`: no
+    per-row gather; a batch that starts with a prompt (`generate`) gathers once and keeps that plan
+    for its one-token steps after; one slot on every row stays uniform."""
+    step = _plans(ml, ["r4", "qv", None], tokens=(1,))
+    assert isinstance(step[Q], BySlotPlan) and step[Q].rank == 8
+    assert isinstance(step[K], BySlotPlan) and step[K].rank == 4  # only r4 targets k_proj
+    assert step[Q].groups is step[K].groups  # rows grouped once for the batch
+    assert step[Q].groups.rows.tolist() == [0, 1]
+    call = _plans(ml, ["r4", "qv", None], tokens=(3, 1, 1))
+    assert isinstance(call[Q], GatheredPlan)
+    assert isinstance(_plans(ml, ["qv", "qv"], tokens=(1,))[Q], UniformPlan)
+    assert ml._ctx.empty and ml._ctx.held_tensors() == []  # nothing outlives the batch
+
+
+def test_one_token_steps_by_slot_equal_the_rows_alone(ml):
+    """Each row of a mixed one-token forward gets the logits it gets alone (fp32, rounding only)."""
+    names = ["r4", None, "qv", "r4", "qv"]
+    ids = torch.tensor([[7], [9], [11], [13], [7]])
+    with torch.no_grad():
+        with ml.batch(names, len(names)):
+            mixed = ml.model(input_ids=ids).logits
+            assert isinstance(ml._ctx.layer_plans[ml.lora_layers[Q].index], BySlotPlan)
+        for i, name in enumerate(names):
+            with ml.batch([name], 1):
+                alone = ml.model(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)

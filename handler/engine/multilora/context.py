@@ -25,6 +25,7 @@ import torch
 from .backend import LoraBackend
 
 if TYPE_CHECKING:
+    from ..lora_ops import SlotGroups
     from .plans import LayerPlan
 
 
@@ -107,13 +108,14 @@ class BatchContext:
       reads `slots` at run time, whatever adapters the slots name now); `layer_plans` /
       `kernel_plans` each layer's `plans.LayerPlan` by layer index (eager / kernel forwards);
       `group_ranks` a group's rank for the batch and `group_outputs` its outputs for the current
-      input, by group id.
+      input, by group id; `slot_groups` the rows grouped by slot (`lora_ops.SlotGroups`, built by the
+      first `plans.BySlotPlan` of the batch, shared by the others).
     Per engine: `workspace` (where plans gather into; None: fresh tensors) and `backend` (which LoRA
     path the layers take, fixed at build from `EngineSettings.lora_backend`).
     """
 
     __slots__ = ("slots", "unique", "kernel_rank", "layer_plans", "kernel_plans", "group_ranks", "group_outputs",
-                 "workspace", "backend")
+                 "slot_groups", "workspace", "backend")
 
     def __init__(self, workspace: GatherWorkspace | None = None, backend: LoraBackend | None = None) -> None:
         self.slots: torch.Tensor | None = None
@@ -123,6 +125,7 @@ class BatchContext:
         self.kernel_plans: dict[int, LayerPlan] = {}
         self.group_ranks: dict[int, int] = {}
         self.group_outputs: dict[int, GroupOutputs] = {}
+        self.slot_groups: SlotGroups | None = None
         self.workspace = workspace
         self.backend = backend if backend is not None else LoraBackend()
 
@@ -151,17 +154,22 @@ class BatchContext:
         held = [t for cache in (self.layer_plans, self.kernel_plans) for p in cache.values() for t in p.tensors()]
         for g in self.group_outputs.values():
             held += [g.x, *g.outputs]
+        if self.slot_groups is not None:
+            g = self.slot_groups
+            held += [g.group, g.place] + ([g.rows] if g.rows is not None else [])
         if self.slots is not None:
             held.append(self.slots)
         return held
 
     @property
     def empty(self) -> bool:
-        """No plan, rank or output cached."""
-        return not (self.layer_plans or self.kernel_plans or self.group_ranks or self.group_outputs)
+        """No plan, rank, output or row grouping cached."""
+        return not (self.layer_plans or self.kernel_plans or self.group_ranks or self.group_outputs
+                    or self.slot_groups is not None)
 
     def _drop(self) -> None:
         self.layer_plans = {}
         self.kernel_plans = {}
         self.group_ranks = {}
         self.group_outputs = {}
+        self.slot_groups = None

@@ -7,6 +7,9 @@ Plans (one class per kind, each knows how to run itself):
 * `UniformPlan` — every row uses the same slot: two plain GEMMs on that slot's weights.
 * `GatheredPlan` — rows use different slots, torch path: each row's adapter gathered once per
   batch (`lora_ops.prepare_mixed`), then two batched GEMMs per forward.
+* `BySlotPlan` — rows use different slots, torch path, in a batch whose first forward is one
+  token per row (a stepper's decode step: every step is a new batch): each slot's weights read in
+  place in the pool, rows grouped by slot (`lora_ops.by_slot_delta`); nothing gathered per row.
 * `KernelPlan` — rows' slots read inside the Triton kernel (`handler.engine.kernels`) at `rank`;
   nothing gathered. A static batch (graph-captured decode) always takes it, at the batch's rank.
 * `GroupPlan` — this linear's output comes from its `groups.SharedInputGroup` (one launch pair
@@ -90,6 +93,20 @@ class GatheredPlan(LayerPlan):
         return (self.rows.a_rows, self.rows.bt_rows)
 
 
+class BySlotPlan(LayerPlan):
+    """Rows use different slots (torch path), read per slot in place: no per-row gather."""
+
+    __slots__ = ("groups", "rank")
+
+    def __init__(self, groups: ops.SlotGroups, rank: int) -> None:
+        self.groups, self.rank = groups, rank
+
+    def run(self, layer, x, ctx, args, kwargs):
+        _check_rows(x, ctx)
+        delta = ops.by_slot_delta(x, self.groups, layer.lora_A, layer.lora_B, layer.scaling, rank=self.rank)
+        return _plus_base(layer, x, delta, args, kwargs)
+
+
 class KernelPlan(LayerPlan):
     """The Triton kernel adds each row's adapter (read by its slot on the device) into the base output."""
 
@@ -135,12 +152,15 @@ def route(layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext, args: tu
     cache = ctx.kernel_plans if kernel else ctx.layer_plans  # eager and captured forwards keep their own
     plan = cache.get(layer.index)
     if plan is None:
-        plan = cache[layer.index] = plan_layer(layer, ctx, kernel)
+        plan = cache[layer.index] = plan_layer(layer, ctx, kernel, one_token=x.dim() == 3 and x.shape[1] == 1)
     return plan
 
 
-def plan_layer(layer: "MultiLoraLinear", ctx: BatchContext, kernel: bool) -> LayerPlan:
-    """The layer's plan for the whole batch; `kernel`: the forward runs through the Triton kernels."""
+def plan_layer(layer: "MultiLoraLinear", ctx: BatchContext, kernel: bool, one_token: bool = False) -> LayerPlan:
+    """The layer's plan for the whole batch; `kernel`: the forward runs through the Triton kernels;
+    `one_token`: the batch's first forward of this layer has one token per row. Such a batch (a
+    stepper's decode step, the whole batch) reads its rows' slots in place (`BySlotPlan`); one that
+    starts with a prompt (`generate`) gathers its rows once and reuses them for every step after."""
     if ctx.kernel_rank is not None:  # static batch: the plan must not depend on today's adapters
         return KernelPlan(ctx.kernel_rank)
     used = [s for s in ctx.unique if layer.slot_rank[s]]
@@ -152,6 +172,10 @@ def plan_layer(layer: "MultiLoraLinear", ctx: BatchContext, kernel: bool) -> Lay
     if len(ctx.unique) == 1:
         s = used[0]
         return UniformPlan(layer.lora_A[s, :r], layer.lora_Bt[s, :r], layer.slot_scale[s])
+    if one_token:
+        if ctx.slot_groups is None:  # once per batch, shared by every layer
+            ctx.slot_groups = ops.group_by_slot(ctx.slots.tolist(), ctx.slots.device)
+        return BySlotPlan(ctx.slot_groups, r)
     return GatheredPlan(ops.prepare_mixed(ctx.slots, layer.lora_A, layer.lora_B, layer.scaling, rank=r,
                                           workspace=ctx.workspace))
 
@@ -171,5 +195,5 @@ def _plus_base(layer: "MultiLoraLinear", x: torch.Tensor, delta: torch.Tensor, a
     return ops.base_plus_delta(delta, x, layer.base_layer.weight, layer.base_layer.bias)
 
 
-__all__ = ["LayerPlan", "BaseOnly", "BASE_ONLY", "UniformPlan", "GatheredPlan", "KernelPlan", "GroupPlan", "route",
+__all__ = ["LayerPlan", "BaseOnly", "BASE_ONLY", "UniformPlan", "GatheredPlan", "BySlotPlan", "KernelPlan", "GroupPlan", "route",
            "plan_layer"]
