@@ -61,7 +61,8 @@ def _tensor_bytes(adapter_dir) -> int:
 
 
 def _image(nbytes: int) -> SlotImage:
-    return SlotImage(torch.zeros(nbytes, dtype=torch.uint8), ((0, nbytes),), (1,), (1.0,), None, (nbytes, torch.uint8, 1))
+    return SlotImage(torch.zeros(nbytes, dtype=torch.uint8), ((0, nbytes),), ranks=(1,), scales=(1.0,), config=None,
+                     layout=(nbytes, torch.uint8, 1))
 
 
 # -- the tier alone ------------------------------------------------------------------

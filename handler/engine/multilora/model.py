@@ -163,7 +163,8 @@ class MultiLoraModel(nn.Module):
         parsed = read_adapter(source, self._linear_layers, self.max_rank,
                               into=lambda nbytes: self._host_buffer(nbytes, host))
         lora_config = _to_lora_config(dict(parsed.config.raw))
-        self._into_free_slot(adapter_name, lora_config, lambda slot: self._fill_slot(slot, parsed, host[0] if host else None))
+        read_into = host[0] if host else None
+        self._into_free_slot(adapter_name, lora_config, lambda slot: self._fill_slot(slot, parsed, read_into))
         return (time.perf_counter() - t0) * 1000.0
 
     def slot_image(self, adapter_name: str) -> slot_loader.SlotImage:
