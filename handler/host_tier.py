@@ -6,9 +6,9 @@ sha256 over every byte. An entry is one of two forms:
 
 - a slot image (`slot_loader.SlotImage`, `put_image`): the adapter as the engine's slot held it,
   in the pool's layout and dtype, taken from an engine that makes them (the multilora engine)
-  right after it loaded the adapter. A reload (`Engine.load_image`) is then contiguous copies into
-  the slot, no parse, no dtype conversion, no transpose (on a GPU one host-to-device copy: the
-  engine allocates images in page-locked memory there);
+  right after it loaded the adapter. A reload (`MultiLoraEngine.load_image`) is then contiguous
+  copies into the slot, no parse, no dtype conversion, no transpose (on a GPU one host-to-device
+  copy: the engine allocates images in page-locked memory there);
 - the verified bytes (`put`): for an engine without images (PEFT's) and for adapters prefetched
   into the tier without a slot; the engine reads them in place (`AdapterBytes.buffer`), and the
   residency replaces them by an image once they are loaded.
