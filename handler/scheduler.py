@@ -31,8 +31,8 @@ Concurrency (the rules every method here keeps):
   result: the service's describe) and `Scheduler.snapshot` (counters read under the lock).
   They only touch the inbox and the counters, both under `_lock`.
 - A ticket's events go to its own queue: a `queue.SimpleQueue` (`Ticket.get`), or the asyncio
-  queue of the event loop it was submitted with, through `loop.call_soon_threadsafe`
-  (`Ticket.next`).
+  queue of the event loop it was submitted with (`Ticket.next`), handed over at the end of each
+  scheduler iteration with one `loop.call_soon_threadsafe` per loop for all of them (`_Outbox`).
 """
 from __future__ import annotations
 
@@ -111,15 +111,41 @@ class Ticket:
         return await self._async.get()
 
     def _put(self, event: Event) -> bool:
-        """Scheduler thread: deliver; False when the ticket's event loop is gone (nobody reads)."""
+        """Scheduler thread: deliver (an event-loop ticket's at the scheduler's next `_Outbox.flush`,
+        the end of its loop iteration); False when the ticket's event loop is gone (nobody reads)."""
         if self._sync is not None:
             self._sync.put(event)
             return True
-        try:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-        except RuntimeError:  # the loop is closed
+        if self._loop.is_closed():
             return False
+        self._scheduler._outbox.add(self._loop, self._async, event)
         return True
+
+
+class _Outbox:
+    """Events for tickets read on event loops, handed over once per scheduler iteration: ONE
+    ``call_soon_threadsafe`` per loop for every event of the iteration (in order), instead of one per
+    token, each of which wakes the loop's thread (a self-pipe write) to contend for the GIL while the
+    scheduler thread runs the next step. Scheduler thread only."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, event: Event) -> None:
+        self._by_loop.setdefault(loop, []).append((q, event))
+
+    def flush(self) -> None:
+        pending, self._by_loop = self._by_loop, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed since: nobody reads these (their rows end at their next token)
+                log.warning("an event loop closed with %d undelivered events", len(items))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)
 
 
 @dataclass(eq=False)
@@ -197,6 +223,7 @@ class Scheduler:
         self._running_by_tenant: Counter[str] = Counter()
         self._row_ids = itertools.count()
         self._synced_at = float("-inf")
+        self._outbox = _Outbox()  # event-loop tickets' events, flushed once per loop iteration
         service.residency.wanted = self._wanted  # victims are taken among adapters no waiting row needs first
         # counters (written by the scheduler thread, read by snapshot)
         self.steps = 0
@@ -316,7 +343,9 @@ class Scheduler:
                 if failures >= MAX_FAILED_ITERATIONS:  # nor retry forever: end every row with 500, start clean
                     self._fail_all(exc)
                     failures = 0
+            self._outbox.flush()
         self._shutdown()
+        self._outbox.flush()
 
     def _iterate(self, idle: bool) -> bool:
         """Registry changes and idle eviction (now and then), timeouts, admission, one step;
