@@ -16,6 +16,15 @@ planned with at submit and holds it while it runs: a version published meanwhile
 requests submitted after it, and the old one leaves its slot at its last row's release.
 Victims for a load are taken among adapters no waiting row needs first (`residency.wanted`).
 
+Which adapter gets a slot (`_slot_plan`, once per iteration): while the slots are all held, rows
+on other adapters wait; when one frees, the adapter that the most waiting rows need is loaded
+first (one load then starts them all), not the first tenant's in turn, because on a CPU a decode
+step costs about the same for few rows as for many. So that no tenant starves, an adapter whose
+oldest waiting row has waited `admission_max_wait_s` goes before every other (oldest first), and
+while such an adapter finds every slot held, one resident adapter is drained: its new rows wait
+(its running rows finish) until its slot is free for the overdue one. `tenant_max_running` and
+the turns between tenants apply as before among the rows that may start.
+
 Fan-out requests (a fallback chain or compare mode, handler/fanout.py) are one `_Group` of rows,
 one `_Job` per row sharing the request's ticket: the group waits as one entry of its tenant's queue
 and is admitted all or none (a KV row for each, each row's adapter held; short of either, nothing
@@ -44,7 +53,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from .engine.api import GenerationOutput, GenerationRow, RowEvent, RowStepper, SamplingParams
 from .engine.errors import CacheFull, RowTooLong
@@ -195,10 +204,21 @@ class _Cancel:
     error: BaseException
 
 
+@dataclass(frozen=True)
+class _SlotPlan:
+    """Which waiting rows may take a slot this iteration (`Scheduler._slot_plan`): rows on a resident
+    adapter may start, except on a `draining` one; a row on another adapter only when it is one of
+    `loads` (the adapters the free slots go to, best first)."""
+
+    loads: frozenset[str] = frozenset()
+    draining: str | None = None
+
+
 class Scheduler:
     """`service`: the LoraplexService whose plans it serves (its `answer`, `adapter_for`, `failed`,
-    `record_streamed`, `residency`, `metrics`, tokenizer text). `stepper`: built from the engine by
-    the constructing thread and touched only by the scheduler thread once `start` ran."""
+    `record_streamed`, `residency`, `metrics`, tokenizer text, and `config.admission_max_wait_s`).
+    `stepper`: built from the engine by the constructing thread and touched only by the scheduler
+    thread once `start` ran."""
 
     def __init__(self, service: "LoraplexService", stepper: RowStepper, *, max_waiting: int,
                  retry_after_s: int, tenant_max_running: int, request_timeout_s: float,
@@ -209,6 +229,7 @@ class Scheduler:
         self.retry_after_s = retry_after_s
         self.tenant_max_running = tenant_max_running
         self.request_timeout_s = request_timeout_s
+        self.admission_max_wait_s = service.config.admission_max_wait_s
         self._clock = clock
         self._lock = threading.Condition()
         self._inbox: deque[_Job | _Cancel | _Call] = deque()
@@ -224,6 +245,7 @@ class Scheduler:
         self._row_ids = itertools.count()
         self._synced_at = float("-inf")
         self._outbox = _Outbox()  # event-loop tickets' events, flushed once per loop iteration
+        self._draining: str | None = None  # the resident adapter drained for an overdue one (`_slot_plan`)
         service.residency.wanted = self._wanted  # victims are taken among adapters no waiting row needs first
         # counters (written by the scheduler thread, read by snapshot)
         self.steps = 0
@@ -232,6 +254,7 @@ class Scheduler:
         self.cancelled = 0
         self.timed_out = 0
         self.rejected_full = 0
+        self.drains = 0  # resident adapters drained for an overdue one
         self.waiting_rows = 0
         self.running_rows = 0
 
@@ -317,7 +340,8 @@ class Scheduler:
                 "max_in_flight": self.max_in_flight, "tenant_max_running": self.tenant_max_running,
                 "request_timeout_s": self.request_timeout_s, "steps": self.steps, "admitted": self.admitted,
                 "finished": self.finished, "cancelled": self.cancelled, "timed_out": self.timed_out,
-                "rejected_queue_full": self.rejected_full}
+                "rejected_queue_full": self.rejected_full, "admission_max_wait_s": self.admission_max_wait_s,
+                "drains": self.drains}
 
     # -- the scheduler thread ----------------------------------------------------
 
@@ -434,11 +458,15 @@ class Scheduler:
         """Waiting rows into free KV rows, tenants taking turns; True when any row started."""
         started = False
         blocked: set[str] = set()  # tenants whose next row cannot start this iteration
+        plan = self._slot_plan() if self.stepper.free_rows() > 0 else _SlotPlan()
         while self.stepper.free_rows() > 0:
             tenant = next((t for t in self._waiting if t not in blocked and not self._at_cap(t)), None)
             if tenant is None:
                 break
             q = self._waiting[tenant]
+            if not self._may_take_slot(q[0], plan):
+                blocked.add(tenant)
+                continue
             outcome = self._start(q[0])
             if outcome == "blocked":
                 blocked.add(tenant)
@@ -453,10 +481,47 @@ class Scheduler:
             started = started or outcome == "started"
         return started
 
+    def _slot_plan(self) -> _SlotPlan:
+        """Where the free adapter slots go this iteration (see the module docstring): the adapters
+        waiting heads need that are not resident, overdue ones first (oldest first), then by the
+        waiting rows each would serve; as many as slots are not held. With none free and one
+        overdue, a resident adapter drains (the same one until its slot frees): the one the fewest
+        waiting rows need, then the fewest running."""
+        residency = self._service.residency
+        resident, held = residency.resident_ids(), residency.held_ids()
+        now, bound = self._clock(), self.admission_max_wait_s
+        rows: Counter[str] = Counter()
+        oldest: dict[str, float] = {}
+        heads: set[str] = set()
+        for q in self._waiting.values():
+            for i, job in enumerate(q):
+                for adapter in _adapters(job):
+                    rows[adapter] += 1
+                    oldest[adapter] = min(oldest.get(adapter, job.arrived), job.arrived)
+                    if i == 0:
+                        heads.add(adapter)
+        overdue = lambda a: bound > 0 and now - oldest[a] >= bound  # noqa: E731
+        ranked = sorted((a for a in heads if a not in resident),
+                        key=lambda a: (not overdue(a), oldest[a] if overdue(a) else -rows[a], oldest[a]))
+        free = residency.max_resident - len(held)
+        if self._draining is not None and (self._draining not in held or not ranked or not overdue(ranked[0])):
+            self._draining = None  # its slot is free (or nobody is overdue any more)
+        if free <= 0 and ranked and overdue(ranked[0]) and self._draining is None and held:
+            running = Counter(j.adapter for j in self._running.values() if j.adapter is not None)
+            self._draining = min(held, key=lambda a: (rows[a], running[a]))
+            self.drains += 1
+            log.info("admission: draining %s for %s (waiting %.1f s)", self._draining, ranked[0], now - oldest[ranked[0]])
+        return _SlotPlan(frozenset(ranked[:max(free, 0)]), self._draining)
+
+    def _may_take_slot(self, job: _Job, plan: _SlotPlan) -> bool:
+        """`job`'s adapters (a fan-out's: every row's) are resident and not draining, or are among
+        the plan's loads."""
+        resident = self._service.residency.resident_ids()
+        return all(a != plan.draining and (a in resident or a in plan.loads) for a in _adapters(job))
+
     def _wanted(self) -> set[str]:
         """Adapters of the rows waiting to run (the residency asks while it picks an LRU victim)."""
-        return {m.plan.record.adapter_id for q in self._waiting.values() for j in q
-                for m in (j.group.jobs if j.group is not None else (j,)) if m.plan.record is not None}
+        return {a for q in self._waiting.values() for j in q for a in _adapters(j)}
 
     def _at_cap(self, tenant: str) -> bool:
         return 0 < self.tenant_max_running <= self._running_by_tenant[tenant]
@@ -690,3 +755,10 @@ class Scheduler:
                 self._finish(item, self._service.failed(error, item.plan.exchange.error))
             elif isinstance(item, _Call):
                 self._run_call(item)
+
+
+def _adapters(job: _Job) -> Iterator[str]:
+    """The adapters a waiting request's rows were planned with (a fan-out: each row's; base rows none)."""
+    for member in (job.group.jobs if job.group is not None else (job,)):
+        if member.plan.record is not None:
+            yield member.plan.record.adapter_id

@@ -109,6 +109,7 @@ class LoraplexConfig:
     retry_after_s: int = 1                  # the Retry-After of that 503
     tenant_max_running: int = 0             # continuous: most rows one tenant runs at once (0 = no cap)
     request_timeout_s: float = 300.0        # continuous: a request not finished this long after arrival gets 504 (0 = none)
+    admission_max_wait_s: float = 5.0       # continuous: a waiting row's adapter goes before busier ones after this long (0 = never)
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
     registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
@@ -443,6 +444,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "retry_after_s": _int(0),
     "tenant_max_running": _int(0),
     "request_timeout_s": _float(0.0),
+    "admission_max_wait_s": _float(0.0),
     "negative_cache_s": _float(0.0),
     "registry_cache_s": _float(0.0),
     "registry_stale_s": _float(0.0),

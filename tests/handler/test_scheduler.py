@@ -396,6 +396,71 @@ def test_every_slot_held_keeps_the_row_waiting_while_others_run(pair, tools, tin
         _same(reply.body, _alone(static, raw, reply).body)
 
 
+def _finish_order(tickets: list[tuple[str, Ticket]]) -> tuple[list[str], dict[int, Reply]]:
+    """Drain every ticket on its own thread: the labels in the order their requests finished, and
+    the replies by position."""
+    order: list[str] = []
+    replies: dict[int, Reply] = {}
+    lock = threading.Lock()
+
+    def wait(i, label, ticket):
+        reply = _drain(ticket)[1]
+        with lock:
+            order.append(label)
+            replies[i] = reply
+
+    threads = [threading.Thread(target=wait, args=(i, *lt)) for i, lt in enumerate(tickets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return order, replies
+
+
+def test_a_freed_slot_goes_to_the_adapter_the_most_waiting_rows_need(pair, tools, tiny_adapters, more_adapters):
+    """2 slots held by t-a and t-b; t-c (1 row, first in turn) and t-d (2 rows) wait. When t-b's
+    slot frees, t-d's adapter is loaded first (one load starts both its rows); t-c follows."""
+    cont, static = pair(num_slots=4, kv_rows=4, admission_max_wait_s=60)
+    for tenant, path in (("t-a", tiny_adapters["a"]), ("t-b", tiny_adapters["b"]), ("t-c", more_adapters["d"]),
+                         ("t-d", more_adapters["e"])):
+        tools.onboard(cont, tenant, path)
+    slow = _slow_steps(cont, 0.02)
+    raws = [_raw("hello world", "t-a", max_new_tokens=32), _raw("hello world", "t-b", max_new_tokens=10)]
+    tickets = [(r.headers["X-Tenant-ID"], cont.submit(r)) for r in raws]
+    assert all(isinstance(t.get(timeout=10), TextDelta) for _, t in tickets)  # both running, both slots held
+    raws += [_raw("hello world", "t-c", max_new_tokens=4)] + [_raw(p, "t-d", max_new_tokens=4) for p in PROMPTS[:2]]
+    tickets += [(r.headers["X-Tenant-ID"], cont.submit(r)) for r in raws[2:]]
+    order, replies = _finish_order(tickets)
+    slow.undo()
+    assert order.index("t-c") > max(i for i, t in enumerate(order) if t == "t-d"), order  # turn order: t-c first
+    for i, raw in enumerate(raws[2:], 2):
+        assert replies[i].status == 200
+        _same(replies[i].body, _alone(static, raw, replies[i]).body)
+
+
+@pytest.mark.parametrize("max_wait", [0.3, 0])
+def test_an_overdue_adapter_drains_a_busy_one(pair, tools, tiny_adapters, more_adapters, max_wait):
+    """One slot, held without a break by a flood of t-a rows (2 KV rows). t-c's row waits for a slot;
+    past admission_max_wait_s t-a drains (its new rows wait) and t-c runs long before the flood
+    ends. With no bound (0) it would wait for the whole flood."""
+    cont, static = pair(num_slots=3, kv_rows=2, admission_max_wait_s=max_wait)
+    tools.onboard(cont, "t-a", tiny_adapters["a"])
+    tools.onboard(cont, "t-c", more_adapters["d"])
+    slow = _slow_steps(cont, 0.03)
+    flood = [("t-a", cont.submit(_raw("hello world", "t-a", max_new_tokens=8))) for _ in range(16)]
+    assert isinstance(flood[0][1].get(timeout=10), TextDelta)  # t-a holds the one slot
+    late = _raw("hello world", "t-c", max_new_tokens=4)
+    order, replies = _finish_order(flood + [("t-c", cont.submit(late))])
+    slow.undo()
+    drains = cont.scheduler.snapshot()["drains"]
+    if max_wait:
+        assert order.index("t-c") < 10 and drains >= 1, order
+    else:
+        assert order[-1] == "t-c" and drains == 0, order
+    assert all(r.status == 200 for r in replies.values())
+    _same(replies[16].body, _alone(static, late, replies[16]).body)
+
+
 def test_a_ticket_submitted_with_an_event_loop_is_read_with_await(pair):
     cont, static = pair()
     raw = _raw("hello world", max_new_tokens=10, stream=True, logprobs=1)
