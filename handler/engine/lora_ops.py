@@ -14,7 +14,7 @@ for it. Pool layout (what every backend receives):
 * ``scaling``: ``[K]`` - ``lora_alpha / r`` (or ``/ sqrt(r)`` for rslora), 0 for empty slots.
 * ``slots``: ``[N]`` int64, one slot per batch row; slot 0 is all zeros (base model).
 
-Two entry points:
+Entry points:
 
 * :func:`lora_delta` - functional, ``delta[N, S, out]``; the contract a kernel
   must meet, used by tests against :func:`lora_delta_reference`.
@@ -23,6 +23,10 @@ Two entry points:
   and B happens once per call (``prepare``) and each prefill/decode step only
   runs two batched GEMMs that add into the base output in place (``add``): no
   per-step gather, no per-step delta allocation.
+* :func:`group_by_slot` + :func:`by_slot_delta` - for a batch that is one forward of one
+  token per row (a continuous-batching decode step is a new batch every step, so a
+  per-call gather would run every step): rows grouped by slot once, each slot's weights
+  read in place in the pool.
 
 On CUDA the layers use the Triton kernel `handler.engine.kernels.add_mixed_triton_`
 (same pool layout, reads each row's slot inside the kernel, so no gather at
