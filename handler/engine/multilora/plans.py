@@ -7,7 +7,7 @@ Plans (one class per kind, each knows how to run itself):
 * `UniformPlan` — every row uses the same slot: two plain GEMMs on that slot's weights.
 * `GatheredPlan` — rows use different slots, torch path: each row's adapter gathered once per
   batch (`lora_ops.prepare_mixed`), then two batched GEMMs per forward.
-* `BySlotPlan` — rows use different slots, torch path, in a batch whose first forward is one
+* `BySlotPlan` — rows use different slots, torch path on a CPU, in a batch whose first forward is one
   token per row (a stepper's decode step: every step is a new batch): each slot's weights read in
   place in the pool, rows grouped by slot (`lora_ops.by_slot_delta`); nothing gathered per row.
 * `KernelPlan` — rows' slots read inside the Triton kernel (`handler.engine.kernels`) at `rank`;
@@ -152,7 +152,10 @@ def route(layer: "MultiLoraLinear", x: torch.Tensor, ctx: BatchContext, args: tu
     cache = ctx.kernel_plans if kernel else ctx.layer_plans  # eager and captured forwards keep their own
     plan = cache.get(layer.index)
     if plan is None:
-        plan = cache[layer.index] = plan_layer(layer, ctx, kernel, one_token=x.dim() == 3 and x.shape[1] == 1)
+        # BySlotPlan on a CPU only: CUDA's eager one-token forwards keep the path the GPU tests and
+        # graph comparisons were measured against (GatheredPlan)
+        plan = cache[layer.index] = plan_layer(layer, ctx, kernel,
+                                               one_token=x.dim() == 3 and x.shape[1] == 1 and not x.is_cuda)
     return plan
 
 
