@@ -87,6 +87,7 @@ class SlotGroups:
     width: int  # most rows on one slot
     group: torch.Tensor  # [M] long: slot - lo of each adapter row
     place: torch.Tensor  # [M] long: its place in its group
+    flat: torch.Tensor  # [M] long: group * width + place, its row in the flattened groups
     rows: torch.Tensor | None  # [M] long: which batch rows those are; None: every row has an adapter
 
 
@@ -104,8 +105,10 @@ def group_by_slot(slots: list[int], device: torch.device | None = None) -> SlotG
         place.append(seen.get(g, 0))
         seen[g] = place[-1] + 1
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return SlotGroups(lo=lo, count=max(group) + 1, width=max(seen.values()), group=as_long(group),
-                      place=as_long(place), rows=None if len(adapter_rows) == len(slots) else as_long(adapter_rows))
+    width = max(seen.values())
+    return SlotGroups(lo=lo, count=max(group) + 1, width=width, group=as_long(group), place=as_long(place),
+                      flat=as_long([g * width + p for g, p in zip(group, place)]),
+                      rows=None if len(adapter_rows) == len(slots) else as_long(adapter_rows))
 
 
 def by_slot_delta(x: torch.Tensor, groups: SlotGroups, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
@@ -125,14 +128,15 @@ def by_slot_delta(x: torch.Tensor, groups: SlotGroups, A: torch.Tensor, B: torch
     c, w = groups.count, groups.width
     a = A[groups.lo:groups.lo + c, :r]  # [C, r, in] views of the pool: batched GEMMs honour its slot stride
     bt = B.transpose(1, 2)[groups.lo:groups.lo + c, :r]  # [C, r, out]
-    xg = x.new_zeros(c, w, s, d)
-    xg[groups.group, groups.place] = x if groups.rows is None else x.index_select(0, groups.rows)
+    out = bt.shape[2]
+    src = x if groups.rows is None else x.index_select(0, groups.rows)
+    xg = x.new_zeros(c * w, s * d).index_copy_(0, groups.flat, src.reshape(-1, s * d))
     xa = torch.bmm(xg.view(c, w * s, d), a.transpose(1, 2))  # [C, W*S, r]
     xa.mul_(scaling[groups.lo:groups.lo + c].view(c, 1, 1))
-    y = torch.bmm(xa, bt).view(c, w, s, bt.shape[2])[groups.group, groups.place]  # [M, S, out]
+    y = torch.bmm(xa, bt).view(c * w, s * out).index_select(0, groups.flat).view(-1, s, out)  # [M, S, out]
     if groups.rows is None:
         return y
-    return x.new_zeros(n, s, bt.shape[2]).index_copy_(0, groups.rows, y)
+    return x.new_zeros(n, s, out).index_copy_(0, groups.rows, y)
 
 
 def add_mixed_(out: torch.Tensor, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:

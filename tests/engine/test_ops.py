@@ -76,6 +76,7 @@ def test_by_slot_groups_rows_by_slot_and_trims_rank_exactly():
     groups = ops.group_by_slot([0, 4, 2, 4, 0, 4])
     assert (groups.lo, groups.count, groups.width) == (2, 3, 3)
     assert groups.group.tolist() == [2, 0, 2, 2] and groups.place.tolist() == [0, 0, 1, 2]
+    assert groups.flat.tolist() == [6, 0, 7, 8]
     assert groups.rows.tolist() == [1, 2, 3, 5]
     assert ops.group_by_slot([1, 2]).rows is None and ops.group_by_slot([0, 0]) is None
     A, B, s = _pool(r=8)

@@ -156,7 +156,7 @@ class BatchContext:
             held += [g.x, *g.outputs]
         if self.slot_groups is not None:
             g = self.slot_groups
-            held += [g.group, g.place] + ([g.rows] if g.rows is not None else [])
+            held += [g.group, g.place, g.flat] + ([g.rows] if g.rows is not None else [])
         if self.slots is not None:
             held.append(self.slots)
         return held
