@@ -21,9 +21,10 @@ on other adapters wait; when one frees, the adapter that the most waiting rows n
 first (one load then starts them all), not the first tenant's in turn, because on a CPU a decode
 step costs about the same for few rows as for many. So that no tenant starves, an adapter whose
 oldest waiting row has waited `admission_max_wait_s` goes before every other (oldest first), and
-while such an adapter finds every slot held, one resident adapter is drained: its new rows wait
-(its running rows finish) until its slot is free for the overdue one. `tenant_max_running` and
-the turns between tenants apply as before among the rows that may start.
+while such an adapter finds every slot held, one resident adapter is drained (few waiting rows,
+running rows that finish soon): its new rows wait (its running rows finish) until its slot is free
+for the overdue one. `tenant_max_running` and the turns between tenants apply as before among
+the rows that may start.
 
 Fan-out requests (a fallback chain or compare mode, handler/fanout.py) are one `_Group` of rows,
 one `_Job` per row sharing the request's ticket: the group waits as one entry of its tenant's queue
@@ -208,7 +209,7 @@ class _Cancel:
 class _SlotPlan:
     """Which waiting rows may take a slot this iteration (`Scheduler._slot_plan`): rows on a resident
     adapter may start, except on a `draining` one; a row on another adapter only when it is one of
-    `loads` (the adapters the free slots go to, best first)."""
+    `loads` (the adapters the free slots go to)."""
 
     loads: frozenset[str] = frozenset()
     draining: str | None = None
@@ -486,7 +487,8 @@ class Scheduler:
         waiting heads need that are not resident, overdue ones first (oldest first), then by the
         waiting rows each would serve; as many as slots are not held. With none free and one
         overdue, a resident adapter drains (the same one until its slot frees): the one the fewest
-        waiting rows need, then the fewest running."""
+        waiting rows need (their rows would wait), then the one whose running rows have the fewest
+        tokens left to generate at most (its slot frees soonest)."""
         residency = self._service.residency
         resident, held = residency.resident_ids(), residency.held_ids()
         now, bound = self._clock(), self.admission_max_wait_s
@@ -503,15 +505,18 @@ class Scheduler:
         overdue = lambda a: bound > 0 and now - oldest[a] >= bound  # noqa: E731
         ranked = sorted((a for a in heads if a not in resident),
                         key=lambda a: (not overdue(a), oldest[a] if overdue(a) else -rows[a], oldest[a]))
-        free = residency.max_resident - len(held)
+        free = max(residency.max_resident - len(held), 0)
         if self._draining is not None and (self._draining not in held or not ranked or not overdue(ranked[0])):
             self._draining = None  # its slot is free (or nobody is overdue any more)
-        if free <= 0 and ranked and overdue(ranked[0]) and self._draining is None and held:
-            running = Counter(j.adapter for j in self._running.values() if j.adapter is not None)
-            self._draining = min(held, key=lambda a: (rows[a], running[a]))
+        if not free and ranked and overdue(ranked[0]) and self._draining is None and held:
+            left: Counter[str] = Counter()  # adapter -> most tokens one of its running rows may still generate
+            for job in self._running.values():
+                if job.adapter is not None:
+                    left[job.adapter] = max(left[job.adapter], job.params.max_new_tokens - len(job.stream.token_ids))
+            self._draining = min(held, key=lambda a: (rows[a], left[a]))
             self.drains += 1
             log.info("admission: draining %s for %s (waiting %.1f s)", self._draining, ranked[0], now - oldest[ranked[0]])
-        return _SlotPlan(frozenset(ranked[:max(free, 0)]), self._draining)
+        return _SlotPlan(frozenset(ranked[:free]), self._draining)
 
     def _may_take_slot(self, job: _Job, plan: _SlotPlan) -> bool:
         """`job`'s adapters (a fan-out's: every row's) are resident and not draining, or are among
