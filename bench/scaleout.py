@@ -7,8 +7,10 @@ nginx over the same instances, every answer checked against PEFT.
 
     python bench/scaleout.py --json
 
-The last line is one JSON object: cold_loads_hash, cold_loads_round_robin, their ratio and
-cut, rollout_s (tenantctl onboard of a new version until every instance answers with it),
+The last line is one JSON object: cold_loads_hash, cold_loads_round_robin (loads that read
+the shared store: the adapter was in neither the instance's slots nor its host-memory tier),
+their ratio and cut, slot_loads_* and slot_load_cut (every load into a device slot, reloads
+from the host tier included), rollout_s (tenantctl onboard of a new version until every instance answers with it),
 host_tier_reload_ms / storage_reload_ms, wrong_outputs, errors_5xx, ... Exit status 0 when
 nothing failed (no transport error, 4xx, 5xx or wrong output) and every instance rolled
 over; the targets (cut >= 0.6, rollout_s <= 2) are reported in `targets`, not enforced.
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                                      and r["storage_reload_ms"] >= 5 * r["host_tier_reload_ms"])}
     if not args.json:
         print(f"{'PASS' if ok else 'FAIL'}: cold loads hash {r['cold_loads_hash']} vs round robin "
-              f"{r['cold_loads_round_robin']} (cut {r['cold_load_cut']}), rollout {r['rollout_s']} s, "
+              f"{r['cold_loads_round_robin']} (cut {r['cold_load_cut']}), slot loads {r['slot_loads_hash']} vs "
+              f"{r['slot_loads_round_robin']} (cut {r['slot_load_cut']}), rollout {r['rollout_s']} s, "
               f"reload host tier {r['host_tier_reload_ms']} ms vs storage {r['storage_reload_ms']} ms, "
               f"{r['wrong_outputs']} wrong, {r['errors_5xx']} 5xx, {r['wall_s']} s")
     print(json.dumps({"passed": ok, **r}))

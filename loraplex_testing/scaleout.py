@@ -5,11 +5,15 @@ tenant-hashing nginx and once through a round-robin nginx, every answer checked.
 What it reports (`run_scaleout`; CLI: bench/scaleout.py; a short run is
 tests/e2e/test_scaleout_short.py):
 
-- cold loads per routing = the sum over instances of the residency's `loads` counter
-  (describe, `GET /models/loraplex?customized=true`, each instance's management token),
-  counted over the phase. Each phase starts on freshly started instances (nothing in a
-  slot or in the host-memory tier), so both start equally cold; where the workers have a
-  host-memory tier, the loads that read the store (`host_misses`) are counted too;
+- per routing, summed over instances and counted over the phase (describe, `GET
+  /models/loraplex?customized=true`, each instance's management token): cold loads = loads
+  of an adapter the instance held in neither its device slots nor its host-memory tier, so
+  read from the shared store and hashed (`host_misses`; the cache textbook's compulsory
+  misses: an instance's first use of an adapter, plus what the tier had to drop); slot loads
+  = every load into a device slot (the residency's `loads`), the cold ones and the reloads
+  from the host tier (a copy from host memory). Without a host tier (no `host_misses`
+  counter) every slot load is cold. Each phase starts on freshly started instances
+  (nothing in a slot or in the host-memory tier), so both start equally cold;
 - where each tenant went (nginx's access log: the upstream socket per request);
 - `rollout_s`: after `tenantctl onboard` of a new version of a tenant every instance had
   served (cached), the time until each instance, polled directly, answers with it;
@@ -81,12 +85,14 @@ def _describe(ts: Any) -> dict:
     return json.loads(meta) if isinstance(meta, str) else meta
 
 
-def load_counts(instances: Sequence[Any]) -> tuple[int, int | None]:
-    """(loads, loads read from the store) summed over instances; the second is None when the
-    workers have no host-memory tier (no `host_misses` counter), where every load is a store read."""
+def load_counts(instances: Sequence[Any]) -> tuple[int, int]:
+    """(slot loads, cold loads = loads read from the store) summed over instances; without a
+    host-memory tier (no `host_misses` counter) every slot load is a store read."""
     counters = [_describe(ts)["counters"] for ts in instances]
-    store = None if any("host_misses" not in c for c in counters) else sum(c["host_misses"] for c in counters)
-    return sum(c["loads"] for c in counters), store
+    slot = sum(c["loads"] for c in counters)
+    if any("host_misses" not in c for c in counters):
+        return slot, slot
+    return slot, sum(c["host_misses"] for c in counters)
 
 
 def _post(session: Any, url: str, token: str, tenant: str | None, prompt: str, n_new: int, timeout: float):
@@ -282,13 +288,12 @@ def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, reques
             if phases:  # every phase starts on fresh instances: no adapter in a slot or in the host tier
                 stack.restart_instances(start_timeout)
             log = front.workdir / "logs" / "access.log"
-            skip, (loads0, store0) = _log_lines(log), load_counts(stack.instances)
+            skip, (slot0, cold0) = _log_lines(log), load_counts(stack.instances)
             t0 = time.monotonic()
             stats = drive(f"{front.url}/predictions/loraplex", front.front_key(), work, expected, max_new_tokens,
                           concurrency=concurrency)
-            loads1, store1 = load_counts(stack.instances)
-            phases[name] = {**stats.summary(), "cold_loads": loads1 - loads0,
-                            "store_loads": None if store0 is None else store1 - store0,
+            slot1, cold1 = load_counts(stack.instances)
+            phases[name] = {**stats.summary(), "cold_loads": cold1 - cold0, "slot_loads": slot1 - slot0,
                             "wall_s": round(time.monotonic() - t0, 1), "routes": routes(log, skip)}
         hash_routes, rr_routes = phases["hash"].pop("routes"), phases["round_robin"].pop("routes")
         reload = measure_reload(stack.instances[0], reloaded, evictors, setup.prompts[0], max_new_tokens)
@@ -303,14 +308,16 @@ def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, reques
             stack.stop()
         redis.stop()
     hash_loads, rr_loads = phases["hash"]["cold_loads"], phases["round_robin"]["cold_loads"]
+    hash_slot, rr_slot = phases["hash"]["slot_loads"], phases["round_robin"]["slot_loads"]
     return {
         "instances": instances, "resident_slots_total": slots, "tenants": n_tenants, "requests": requests,
         "zipf_s": zipf_s, "concurrency": concurrency, "max_new_tokens": max_new_tokens,
         "cold_loads_hash": hash_loads, "cold_loads_round_robin": rr_loads,
         "cold_loads_ratio": round(hash_loads / rr_loads, 3) if rr_loads else None,
         "cold_load_cut": round(1 - hash_loads / rr_loads, 3) if rr_loads else None,
-        # the loads that read the store (the rest came from the host-memory tier), where the workers have one
-        "store_loads_hash": phases["hash"]["store_loads"], "store_loads_round_robin": phases["round_robin"]["store_loads"],
+        # every load into a device slot: the cold ones and the reloads from the host-memory tier
+        "slot_loads_hash": hash_slot, "slot_loads_round_robin": rr_slot,
+        "slot_load_cut": round(1 - hash_slot / rr_slot, 3) if rr_slot else None,
         "hash_tenants_on_one_instance": sum(len(v) == 1 for v in hash_routes.values()),
         "hash_tenants_seen": len(hash_routes),
         "hash_tenants_per_instance": [sum(i in v for v in hash_routes.values()) for i in range(instances)],
