@@ -411,9 +411,10 @@ class Stepper:
             self.rows_moved += 1
 
     def _defer_prefill(self) -> bool:
-        """With graph-replayed decode steps, an eager prefill forward costs mostly fixed host time
-        (launching every layer's kernels), many decode steps' worth whatever its length: so rows that
-        join while others decode wait up to `prefill_wait_steps` steps and are prefilled together,
+        """With graph-replayed decode steps a prefill forward costs mostly a fixed amount whatever its
+        rows (a captured one its kernels' device floor, an eager one the host time launching every
+        layer's kernels): so rows that join while others decode wait up to `prefill_wait_steps`
+        steps and are prefilled together,
         unless their prompts already fill a `prefill_chunk`, no KV row is left for more to join, or a
         prompt is part-way prefilled (its next chunk runs at once). Eagerly (a CPU) a forward costs
         about its tokens, so waiting would only delay the first token: rows join at once."""
