@@ -528,15 +528,11 @@ class Stepper:
         flat += [p for row in pos for p in row] + [0] * (pad * S)
         flat += [r.kv for r in rows] + [self.cache.scratch_row] * pad
         flat += [r.slot for r in rows] + [0] * pad
-        g.inputs.copy_(torch.tensor(flat, dtype=torch.long), non_blocking=False)
-        if g.graph is None:
-            if not self._try_capture(g):
-                return None
-            self.captures_after_warmup += 1
-        g.graph.replay()
-        g.replays += 1
+        logits = self._run_graph(g, torch.tensor(flat, dtype=torch.long))
+        if logits is None:
+            return None
         self.prefill_replays += 1
-        return g.logits[: len(group)]
+        return logits[: len(group)]
 
     def _prefill_graph(self, rows: int, tokens: int, length: int) -> _PrefillGraph:
         g = self._prefill_graphs.get((rows, tokens, length))
@@ -655,7 +651,12 @@ class Stepper:
         bucket cannot be captured (the step then runs eagerly)."""
         if g.failed:
             return None
-        g.inputs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long), non_blocking=False)
+        return self._run_graph(g, torch.tensor([ids, pos, slots], dtype=torch.long))
+
+    def _run_graph(self, g: _Graph | _PrefillGraph, host_inputs: torch.Tensor) -> torch.Tensor | None:
+        """Copy `host_inputs` into the graph's input tensor (one host-to-device copy), capture it if
+        warmup did not, replay; its logits, or None when it cannot be captured."""
+        g.inputs.copy_(host_inputs.view(g.inputs.shape), non_blocking=False)
         if g.graph is None:
             if not self._try_capture(g):
                 return None
