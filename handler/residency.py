@@ -8,7 +8,10 @@ pop the oldest) with three additions a multi-tenant server needs:
   (`batch()`); the per-step scheduler holds each row's while it runs, so a row
   keeps the version it started with when a newer one is published (the old one
   leaves its slot when its last row releases it). When every slot is held, a
-  load raises `AllSlotsHeld` and the scheduler keeps the row waiting;
+  load raises `AllSlotsHeld` and the scheduler keeps the row waiting; with the
+  scheduler's `AdapterFetcher`, an adapter in neither tier is read from the
+  store on the fetch thread meanwhile (`AdapterFetching`: the row waits, the
+  others keep stepping) and only its copy into a slot runs here;
 - a failed verify/load is quarantined for `negative_cache_s` so a broken
   adapter is not re-read on every request;
 - the new adapter is loaded *before* an old one is evicted (the engine is
@@ -59,6 +62,7 @@ from tenant_registry.errors import RegistryError
 from tenant_registry.schema import TenantRecord
 
 from .engine.api import Engine
+from .adapter_fetch import AdapterFetcher, FetchedAdapter
 from .engine.multilora.slot_loader import LoadsSlotImages, SlotImage
 from .errors import AdapterLoadFailed
 from .host_tier import HostTier
@@ -69,8 +73,16 @@ USES_FLUSH_S = 5.0  # how often a worker adds its per-tenant request counts to t
 log = logging.getLogger(__name__)
 
 
-class AllSlotsHeld(RuntimeError):
+class AdapterNotReady(RuntimeError):
+    """The row cannot have its adapter yet: it waits, and the scheduler tries it again later."""
+
+
+class AllSlotsHeld(AdapterNotReady):
     """Every resident slot is held by rows being served: nothing can be evicted for another adapter now."""
+
+
+class AdapterFetching(AdapterNotReady):
+    """The adapter is being read from the store on the fetch thread (`adapter_fetch.AdapterFetcher`)."""
 
 
 @dataclass
@@ -178,7 +190,8 @@ class BatchLease:
 class AdapterResidency:
     """`host_tier`: the tier beneath the slots (None or budget 0: none). `fetch_pinned`: the pinned
     tenants' current records, first pinned first (the registry; may raise). `record_uses`: adds
-    {tenant: requests} to the registry's use counts (may raise)."""
+    {tenant: requests} to the registry's use counts (may raise). Loads read the store on the
+    calling thread unless `read_in_background` gave the residency a fetcher."""
 
     def __init__(self, engine: Engine, *, read: Callable[[TenantRecord], AdapterBytes], max_resident: int,
                  idle_ttl_s: float, negative_cache_s: float, host_tier: HostTier | None = None,
@@ -190,6 +203,7 @@ class AdapterResidency:
             raise ValueError("max_resident must be at least 1 (num_slots - 2 resident adapters)")
         self._engine = engine
         self._read = read  # the record's adapter bytes, sha256-checked (AdapterStore.read); loaded as they are
+        self._fetcher: AdapterFetcher | None = None  # `read_in_background`
         self.max_resident = max_resident
         self.idle_ttl_s = idle_ttl_s
         self.negative_cache_s = negative_cache_s
@@ -214,6 +228,18 @@ class AdapterResidency:
         self.last_acquire: LastAcquire | None = None
         self.counters = ResidencyCounters()
         self.metrics = metrics if metrics is not None else WorkerMetrics()  # loads, evictions (worker thread)
+
+    def read_in_background(self) -> AdapterFetcher:
+        """From now on store reads for loads run on a fetch thread (the continuous scheduler calls
+        this before it starts; only it retries a row on `AdapterFetching`); returns the fetcher (its
+        owner stops it). The fetcher reads through `_read`; the reads left here (pins, prefetch)
+        take its read lock."""
+        self._fetcher = AdapterFetcher(lambda record: self._read(record))
+        return self._fetcher
+
+    def _read_now(self, record: TenantRecord) -> AdapterBytes:
+        """A store read on this thread (under the fetcher's read lock when there is one)."""
+        return self._fetcher.read_now(record) if self._fetcher is not None else self._read(record)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[BatchLease]:
@@ -376,6 +402,7 @@ class AdapterResidency:
             # scheduler keeps the row waiting until a running row releases a slot.
             raise AllSlotsHeld(f"{len(held)} adapters are held by running rows and {name} is not resident; "
                                f"at most {self.max_resident} can be resident")
+        prepared = None if hit is not None or self._quarantined(name, now) is not None else self._prepared(record)
         self._uses[record.tenant_id] += 1
         self._stale_held.discard(name)
         if hit is not None:
@@ -390,7 +417,7 @@ class AdapterResidency:
             self.counters.quarantine_hits += 1
             raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
         self._drop_stale_versions(record)
-        loaded = self._load(record, now)  # into the spare slot: a failed load costs no resident adapter
+        loaded = self._load(record, now, prepared)  # into the spare slot: a failed load costs no resident adapter
         loaded.hits = 1  # the request that loaded it is its first use
         self.counters.hits += 1
         self._resident[name] = loaded
@@ -415,33 +442,54 @@ class AdapterResidency:
             return None
         return quarantined
 
-    def _load(self, record: TenantRecord, now: float) -> ResidentAdapter:
-        """Into a free slot: the host tier's bytes when it holds them, else the store's (a copy
-        then enters the tier). Any failure quarantines the adapter."""
+    def _prepared(self, record: TenantRecord) -> FetchedAdapter | Exception | None:
+        """With a fetcher, for an adapter in neither tier: its finished background read (the bytes,
+        or the read's exception), else start the read (a host-tier miss, counted once) and raise
+        `AdapterFetching`. None: `_load` takes it from the host tier, or reads it itself (no fetcher)."""
+        name = record.adapter_id
+        if self._fetcher is None or name in self.host_tier:
+            return None
+        got = self._fetcher.take(name)
+        if got is not None:
+            return got
+        if not self._fetcher.pending(name):
+            self.host_tier.get(name)  # the miss that sends it to the store
+            self._fetcher.start(record)
+        raise AdapterFetching(f"{name} is being read from the adapter store")
+
+    def _load(self, record: TenantRecord, now: float, prepared: FetchedAdapter | Exception | None = None
+              ) -> ResidentAdapter:
+        """Into a free slot: `prepared` (the fetch thread's read of the store, or its failure), else
+        the host tier's image or bytes when it holds them, else the store's (read here); what came
+        from the store then enters the tier. Any failure quarantines the adapter."""
         name = record.adapter_id
         t0 = time.perf_counter()
-        held = self.host_tier.get(name)
+        held = self.host_tier.get(name) if prepared is None else None
         try:
+            if isinstance(prepared, Exception):
+                raise prepared
             if isinstance(held, SlotImage):
                 info = self._engine.load_image(held, name)
             else:
-                adapter = held if held is not None else self._read(record)
+                adapter = prepared.adapter if prepared is not None else held if held is not None else self._read_now(record)
                 info = self._engine.load_adapter(adapter, name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
             raise self._quarantine_failure(name, now, exc) from exc
         if not isinstance(held, SlotImage):
             self._hold(record, adapter, loaded=True)  # after the engine accepted them: only loadable adapters enter
-        ms = (time.perf_counter() - t0) * 1000.0
+        here_ms = (time.perf_counter() - t0) * 1000.0  # what the load held this thread for
+        ms = here_ms + (prepared.read_ms if isinstance(prepared, FetchedAdapter) else 0.0)  # + its background read
         source = "host" if held is not None else "store"
         self.counters.loads += 1
         self.metrics.loaded(record.tenant_id, record.version, source, ms / 1000.0, task=record.task)
-        log.info("adapter %s loaded from the %s in %.1f ms (%d bytes)", name, source, ms, info.nbytes)
+        log.info("adapter %s loaded from the %s in %.1f ms (%.1f ms of it on this thread; %d bytes)", name, source,
+                 ms, here_ms, info.nbytes)
         return ResidentAdapter(name, record.tenant_id, record.version, now, now, ms, info.nbytes, source, task=record.task)
 
     def _read_into_tier(self, record: TenantRecord) -> None:
         """The store's verified bytes into the host tier only (prefetch beyond the free slots)."""
         try:
-            adapter = self._read(record)
+            adapter = self._read_now(record)
         except Exception as exc:
             raise self._quarantine_failure(record.adapter_id, self._clock(), exc) from exc
         self._hold(record, adapter, loaded=False)

@@ -35,7 +35,9 @@ of the group (KV rows and holds freed) with that one error reply.
 
 Concurrency (the rules every method here keeps):
 - One scheduler thread owns the engine, its `RowStepper` and the residency: every load,
-  eviction, warmup, prefetch, registry-change application and step runs on it.
+  eviction, warmup, prefetch, registry-change application and step runs on it. A load's store
+  read (file or object-store read, sha256) runs on the residency's fetch thread
+  (`adapter_fetch.AdapterFetcher`); the row waits meanwhile (`AdapterFetching`) and the others step.
 - Any thread may call `Scheduler.submit` (through `LoraplexService.submit`), `Ticket.cancel`,
   `Scheduler.call` (runs a function on the scheduler thread between two steps and waits for its
   result: the service's describe) and `Scheduler.snapshot` (counters read under the lock).
@@ -60,7 +62,7 @@ from .engine.api import GenerationOutput, GenerationRow, RowEvent, RowStepper, S
 from .engine.errors import CacheFull, RowTooLong
 from .errors import QueueFull, RequestCancelled, RequestTimedOut, RequestTooLarge, WorkerStopping
 from . import fanout
-from .residency import AllSlotsHeld
+from .residency import AdapterNotReady
 from .routes import Exchange
 from .text_stream import Piece, TextStream, logprobs_body
 
@@ -248,6 +250,8 @@ class Scheduler:
         self._outbox = _Outbox()  # event-loop tickets' events, flushed once per loop iteration
         self._draining: str | None = None  # the resident adapter drained for an overdue one (`_slot_plan`)
         service.residency.wanted = self._wanted  # victims are taken among adapters no waiting row needs first
+        # store reads off this thread: a row whose adapter is in neither tier waits while it is read
+        self.fetcher = service.residency.read_in_background()
         # counters (written by the scheduler thread, read by snapshot)
         self.steps = 0
         self.admitted = 0
@@ -371,6 +375,7 @@ class Scheduler:
             self._outbox.flush()
         self._shutdown()
         self._outbox.flush()
+        self.fetcher.stop()
 
     def _iterate(self, idle: bool) -> bool:
         """Registry changes and idle eviction (now and then), timeouts, admission, one step;
@@ -539,7 +544,7 @@ class Scheduler:
         service = self._service
         try:
             plan, adapter = service.adapter_for(job.plan, service.residency.hold)
-        except AllSlotsHeld:
+        except AdapterNotReady:  # every slot held, or its store read still running: wait
             return "blocked"
         except Exception as exc:  # AdapterLoadFailed under load_failure_policy: error, or a bug
             self._finish(job, service.failed(exc, job.plan.exchange.error))
@@ -583,9 +588,9 @@ class Scheduler:
                 row_id = next(self._row_ids)
                 self.stepper.add(row_id, GenerationRow(job.plan.input_ids, job.adapter, job.params))
                 job.row_id = row_id
-        except (AllSlotsHeld, CacheFull) as exc:
+        except (AdapterNotReady, CacheFull) as exc:
             self._undo(jobs, taken)
-            return "blocked" if isinstance(exc, AllSlotsHeld) else "full"
+            return "blocked" if isinstance(exc, AdapterNotReady) else "full"
         except Exception as exc:  # a load failure under load_failure_policy: error, bad params: this request only
             self._undo(jobs, taken)
             if isinstance(exc, RowTooLong):

@@ -447,8 +447,11 @@ def test_an_overdue_adapter_drains_a_busy_one(pair, tools, tiny_adapters, more_a
     tools.onboard(cont, "t-a", tiny_adapters["a"])
     tools.onboard(cont, "t-c", more_adapters["d"])
     slow = _slow_steps(cont, 0.03)
-    flood = [("t-a", cont.submit(_raw("hello world", "t-a", max_new_tokens=8))) for _ in range(16)]
+    flood = [("t-a", cont.submit(_raw("hello world", "t-a", max_new_tokens=8)))]
     assert isinstance(flood[0][1].get(timeout=10), TextDelta)  # t-a holds the one slot
+    # the rest of the flood once the first row runs: its two KV rows start (and so end) at different
+    # steps, so the slot never frees between two t-a rows and only a drain can give it to t-c
+    flood += [("t-a", cont.submit(_raw("hello world", "t-a", max_new_tokens=8))) for _ in range(15)]
     late = _raw("hello world", "t-c", max_new_tokens=4)
     order, replies = _finish_order(flood + [("t-c", cont.submit(late))])
     slow.undo()
@@ -526,6 +529,8 @@ def test_scheduler_metrics_per_row_and_rate_limited_gauges(pair, tools, tiny_ada
 
     cont, _ = pair(kv_rows=2)
     tools.onboard(cont, "acme", tiny_adapters["a"])
+    assert _drain(cont.submit(_raw("hello", "acme", max_new_tokens=2)))[1].status == 200  # acme's adapter in a slot
+    time.sleep(0.05)
     seen = []
 
     class Sink:
