@@ -69,10 +69,13 @@ def served(stack, tiny_adapters):
         with ThreadPoolExecutor(3) as pool:  # frontend's batch; continuous: its adapter cannot load
             list(pool.map(ask, TENANTS, [32] * 3))  # while both slots are held by running rows)
         info = _epp_metrics(stack)[LORA_INFO.name]
-        # a series with both slots' adapters running and the third waiting (other series show an
-        # adapter waiting for its store read before the others arrived, or the idle ones)
+        # a series of these tenants with both slots' adapters running and the third waiting (other
+        # series: an adapter waiting for its store read before the others arrived, idle ones, or
+        # other tests' tenants on the shared server)
         one_waiting = next((s for s in info.samples if s.labels["waiting_lora_adapters"]
-                            and len(s.labels["running_lora_adapters"].split(",")) == 2), None)
+                            and len(s.labels["running_lora_adapters"].split(",")) == 2
+                            and {*s.labels["running_lora_adapters"].split(","),
+                                 *s.labels["waiting_lora_adapters"].split(",")} <= set(TENANTS)), None)
         if one_waiting is not None:
             break
     before = _ts_metrics(stack)
