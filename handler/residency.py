@@ -388,6 +388,8 @@ class AdapterResidency:
             "quarantined": {k: {"reason": q.reason, "seconds_left": round(q.until - now_mono, 1)}
                             for k, q in self._quarantine.items() if q.until > now_mono},
             "counters": {**vars(self.counters), **vars(self.host_tier.counters)},
+            # store reads on the fetch thread (continuous scheduler): under way, read and not taken yet
+            "fetch": self._fetcher.describe() if self._fetcher is not None else None,
         }
 
     # -- internals (worker thread) -------------------------------------------------

@@ -629,6 +629,7 @@ class LoraplexService:
             "pinned": snap["pinned"],
             "held": snap["held"],
             "host_tier": snap["host_tier"],
+            "fetch": snap["fetch"],
             "last_acquire": snap["last_acquire"],
             "peft_config": {name: _json_safe(_config_dict(cfg)) for name, cfg in self.engine.peft_config.items()},
             "decode": {"mode": status.get("decode", "generate"), **(status.get("decoder") or {})},

@@ -132,8 +132,10 @@ def test_running_rows_keep_stepping_while_another_adapter_is_read(monkeypatch, m
         assert reads == ["loraplex-adapter-fetch"], log
         assert max(gaps) < SLOW_S / 2, gaps
         assert slow_reply.body["text"] == tools.expected(cont, tiny_adapters["b"], new=4)
-        loaded = next(a for a in cont.describe()["resident"] if a["tenant"] == "t-slow")
+        state = cont.describe()
+        loaded = next(a for a in state["resident"] if a["tenant"] == "t-slow")
         assert loaded["source"] == "store" and loaded["load_ms"] >= SLOW_S * 1000  # its read counts in load_ms
+        assert state["fetch"]["fetches"] == 2 and state["fetch"]["fetching"] == state["fetch"]["ready"] == []
     else:
         assert reads == ["loraplex-scheduler"] and max(gaps) >= SLOW_S * 0.9, (log, gaps)
 
