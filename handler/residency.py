@@ -404,7 +404,8 @@ class AdapterResidency:
             # scheduler keeps the row waiting until a running row releases a slot.
             raise AllSlotsHeld(f"{len(held)} adapters are held by running rows and {name} is not resident; "
                                f"at most {self.max_resident} can be resident")
-        prepared = None if hit is not None or self._quarantined(name, now) is not None else self._prepared(record)
+        quarantined = None if hit is not None else self._quarantined(name, now)
+        prepared = self._prepared(record) if hit is None and quarantined is None else None
         self._uses[record.tenant_id] += 1
         self._stale_held.discard(name)
         if hit is not None:
@@ -414,7 +415,6 @@ class AdapterResidency:
             self.counters.hits += 1
             self.last_acquire = LastAcquire(name, "device", 0.0)
             return name
-        quarantined = self._quarantined(name, now)
         if quarantined is not None:
             self.counters.quarantine_hits += 1
             raise AdapterLoadFailed(name, f"quarantined after a failed load: {quarantined.reason}")
