@@ -152,7 +152,7 @@ def prefill_shapes(limits: StepLimits) -> list[tuple[int, int]]:
 
 def prefill_length_buckets(max_len: int) -> list[int]:
     """Key lengths of the captured prefill forwards: the decode buckets up to `PREFILL_GRAPH_MAX_LEN`."""
-    return [t for t in length_buckets(max_len) if t <= PREFILL_GRAPH_MAX_LEN] or [length_buckets(max_len)[0]]
+    return [t for t in length_buckets(max_len) if t <= PREFILL_GRAPH_MAX_LEN]  # never empty: the first is 256 or less
 
 
 def _pack(chunks: list[tuple[Any, int]], floor: int = 0) -> list[list[tuple[Any, int]]]:
