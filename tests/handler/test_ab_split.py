@@ -151,6 +151,16 @@ def _set_split(svc, *arms):
     assert _wait_for(lambda: svc.resolver.events_seen > seen)
 
 
+EVEN_SPLIT = (SplitArm(1, 50), SplitArm(2, 50))
+
+
+def _acme_even_split(svc, tools, tiny_adapters):
+    """acme's two versions (`_acme_two_versions`) under a 50/50 split; returns the split's arms."""
+    _acme_two_versions(svc, tools, tiny_adapters)
+    _set_split(svc, *((a.version, a.weight) for a in EVEN_SPLIT))
+    return EVEN_SPLIT
+
+
 def test_split_90_10_over_1000_requests(make_service, tools, tiny_adapters, expected):
     svc = make_service(scheduler="static")
     _acme_two_versions(svc, tools, tiny_adapters)
@@ -229,9 +239,7 @@ def test_an_arm_gone_from_the_history_serves_the_current_version(make_service, t
     import redis as redis_lib
 
     svc = make_service(scheduler="static")
-    _acme_two_versions(svc, tools, tiny_adapters)
-    split_arms = (SplitArm(1, 50), SplitArm(2, 50))
-    _set_split(svc, (1, 50), (2, 50))
+    split_arms = _acme_even_split(svc, tools, tiny_adapters)
     u1 = _user_on(1, split_arms)
     # v1 vanishes from the history behind the registry's back (an old backup restored, a hand edit)
     r = redis_lib.Redis.from_url(svc.config.redis_url)
@@ -247,9 +255,7 @@ def test_an_arm_gone_from_the_history_serves_the_current_version(make_service, t
 
 def test_openai_reply_names_the_version_and_the_split(make_service, tools, tiny_adapters, expected):
     svc = make_service(scheduler="static")
-    _acme_two_versions(svc, tools, tiny_adapters)
-    split_arms = (SplitArm(1, 50), SplitArm(2, 50))
-    _set_split(svc, (1, 50), (2, 50))
+    split_arms = _acme_even_split(svc, tools, tiny_adapters)
     u1 = _user_on(1, split_arms)
     raw = RawRequest({"model": "acme", "prompt": PROMPT, "max_tokens": NEW, "temperature": 0, "logprobs": 1},
                      {"url_path": "v1/completions", "X-User-ID": u1})
@@ -284,9 +290,7 @@ def test_a_streamed_reply_names_the_split_version(make_service, tools, tiny_adap
     from handler.stream_format import NdjsonStream
 
     svc = make_service(scheduler="continuous")
-    _acme_two_versions(svc, tools, tiny_adapters)
-    split_arms = (SplitArm(1, 50), SplitArm(2, 50))
-    _set_split(svc, (1, 50), (2, 50))
+    split_arms = _acme_even_split(svc, tools, tiny_adapters)
     ticket = svc.submit(_req(_user_on(1, split_arms), stream=True))
     while not isinstance(event := ticket.get(timeout=60), Finished):
         pass
