@@ -24,6 +24,8 @@ Two ways TorchServe calls `handle`, chosen by model-config.yaml's `asyncCommunic
   Ticket; a non-streamed request awaits its `Finished`; a streamed one sends each
   `TextDelta` as one HTTP chunk (`send_intermediate_predict_response`) and returns
   the last chunk. A describe runs `service.describe()` (thread-safe) in the pool.
+  Every inference reply ends with a message marked ``ts_stream_next: false``
+  (`_release_job`), without which TorchServe's frontend never forgets the job.
   The frontend does not tell the worker when a client goes away: an abandoned row
   runs until it finishes or `request_timeout_s`.
 
@@ -76,6 +78,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.protocol.otf_message_handler import create_predict_response
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -164,7 +167,8 @@ class LoraplexHandler(BaseHandler):
             else:
                 batch = _raw_requests(data, context)
                 replies = await loop.run_in_executor(self._serial, self._serve_batch, batch)
-                output = [self._write(context, idx, reply, _stream_of(batch[idx])) for idx, reply in enumerate(replies)]
+                output = [self._release_job(context, idx, self._write(context, idx, reply, _stream_of(batch[idx])))
+                          for idx, reply in enumerate(replies)]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.SUBMIT_THREADS, thread_name_prefix="loraplex-submit")
@@ -172,8 +176,8 @@ class LoraplexHandler(BaseHandler):
                 output = [await loop.run_in_executor(self._pool, self.describe_handle)]
             else:
                 batch = _raw_requests(data, context)
-                output = list(await asyncio.gather(*(self._serve_one(context, idx, raw, loop)
-                                                     for idx, raw in enumerate(batch))))
+                outputs = await asyncio.gather(*(self._serve_one(context, idx, raw, loop) for idx, raw in enumerate(batch)))
+                output = [self._release_job(context, idx, out) for idx, out in enumerate(outputs)]
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return output
 
@@ -204,6 +208,40 @@ class LoraplexHandler(BaseHandler):
                 raise
             log.exception("streaming a reply failed")
             return self._write(context, idx, Reply.error(exc), stream)
+
+    @staticmethod
+    def _release_job(context, idx: int, body: str) -> str:
+        """Request idx's final message body, after making sure the frontend will forget the job.
+
+        TorchServe 0.12's asynchronous frontend (`AsyncBatchAggregator.sendResponse`) drops a job from
+        its in-backend map only at a reply whose ``ts_stream_next`` header is ``false``, and
+        `create_predict_response` writes ``false`` only for a request that already had an
+        intermediate message (``true``). A reply sent whole as the final message has no such header:
+        the frontend answers the client but keeps the job (its request payload included) for the
+        server's lifetime, so the map grows by one per non-streamed request, and a lookup racing
+        the growing map's resize (a plain LinkedHashMap that the frontend's worker thread and its
+        netty thread share) finds no job and makes the frontend restart the worker.
+
+        So a request that had no intermediate message is closed here:
+        - status below 400: its whole body (status, headers and content type as set) goes out as
+          one intermediate message, and the final message is empty: the client gets the same
+          status, headers and body, sent chunked, exactly as a one-chunk stream;
+        - an error: the frontend closes the connection right after an error's head, so it cannot be
+          chunked; the error goes out whole first (no ``ts_stream_next``: an ordinary response),
+          and the final message, marked ``false``, only closes the job (its empty writes go to the
+          closed connection).
+        Inference requests only: a describe job takes one reply."""
+        if context.get_response_headers(idx).get("ts_stream_next") == "true":
+            return body  # streamed: the final message (marked false by TorchServe) closes the job
+        status = context.get_response_status(idx)[0] or 200
+        if status < 400:
+            send_intermediate_predict_response({idx: body}, {idx: context.request_ids[idx]},
+                                               "Intermediate Prediction success", 200, context)
+        else:
+            context.cl_socket.sendall(create_predict_response({idx: body}, {idx: context.request_ids[idx]},
+                                                              "Prediction success", 200, context))
+            context.set_response_header(idx, "ts_stream_next", "false")
+        return ""
 
     def _serialise_sends(self, context) -> None:
         """Make every `sendall` on TorchServe's socket whole (see the module docstring). Called on the

@@ -353,6 +353,17 @@ class TorchServe:
     def keys(self) -> dict:
         return json.loads((self.workdir / "key_file.json").read_text())
 
+    def frontend_pid(self) -> int:
+        """The Java frontend's pid: the child of the `torchserve --foreground` launcher."""
+        if self.proc is None:
+            raise RuntimeError("torchserve is not running")
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid and "java" in stat.read_text().split(")", 1)[0]:
+                    return int(stat.parent.name)
+        raise RuntimeError(f"no java child of torchserve pid {self.proc.pid}")
+
     def wait_ready(self, timeout: float) -> None:
         """Ready = the model has a READY worker (the handler's initialize finished)."""
         deadline = time.time() + timeout

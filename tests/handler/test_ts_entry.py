@@ -197,6 +197,46 @@ def _frames(data: bytes) -> list[list[_Pred]]:
     return frames
 
 
+@dataclass
+class _Seen:
+    """One request's response as its client gets it, and whether the frontend dropped the job."""
+
+    status: int
+    content_type: str
+    headers: dict
+    body: bytes
+    chunked: bool
+    released: bool = False
+
+
+def _client_view(messages: list[list[_Pred]]) -> dict[str, _Seen]:
+    """What TorchServe 0.12's asynchronous frontend makes of the worker's messages, per request
+    (`AsyncBatchAggregator.sendResponse`, `RestJob.responseInference`): a first message without
+    ``ts_stream_next`` is a whole response; one marked ``true`` starts a chunked response whose head
+    is that message's status, headers and content type and whose body is every message's body
+    up to the one marked ``false``; a message marked ``false`` drops the job. Fails on what would
+    break a response there: a last chunk with no head, anything after the job was dropped, and
+    anything after a whole response but a ``false`` closer of an error (whose connection the
+    frontend closes, so the closer's empty writes go nowhere)."""
+    seen: dict[str, _Seen] = {}
+    for frame in messages:
+        for p in frame:
+            mark = p.headers.get("ts_stream_next")
+            s = seen.get(p.request_id)
+            if s is None:
+                assert mark != "false", f"{p.request_id}: a last chunk with no head"
+                s = seen[p.request_id] = _Seen(p.status, p.content_type, dict(p.headers), p.body, mark == "true")
+            else:
+                assert not s.released, f"{p.request_id}: a message after the frontend dropped the job"
+                if s.chunked:
+                    s.body += p.body
+                else:
+                    assert mark == "false" and s.status >= 400 and not p.body, \
+                        f"{p.request_id}: more after a whole {s.status} response"
+            s.released = s.released or mark == "false"
+    return seen
+
+
 class _Ticket:
     def __init__(self, exchange, events):
         self.exchange, self.stream = exchange, exchange.request.stream
@@ -297,7 +337,8 @@ def test_async_openai_stream_is_sse():
 
 def test_async_replies_keep_status_headers_and_their_own_requests():
     """A 503 with Retry-After (an immediate Reply), a non-streamed ticket and a streamed one in one
-    message: each gets its own status and headers; only the streamed one sends chunks."""
+    message: each client gets its own status, headers and body, and the frontend drops every job
+    (`LoraplexHandler._release_job`: the plain reply goes out as one chunk, the error whole then closed)."""
     full = Reply(503, "Queue Full", {"error": "queue full", "type": "QueueFull", "status": 503},
                  headers={"Retry-After": "1"})
     svc = _AsyncService({"busy": full, "plain": [TextDelta("Hello", (1,), None), Finished(Reply(200, "OK", FINAL))],
@@ -305,31 +346,37 @@ def test_async_replies_keep_status_headers_and_their_own_requests():
     batch = [_request(0, {"prompt": "busy"}), _request(1, {"prompt": "plain"}),
              _request(2, {"prompt": "s", "stream": True})]
     chunks, final, _ = _run_async(svc, batch)
-    assert [[p.request_id for p in f] for f in chunks] == [["req-2"]]
-    busy, plain, streamed = final
+    assert sorted(p.request_id for f in chunks for p in f) == ["req-0", "req-1", "req-2"]  # one message each
+    view = _client_view([*chunks, final])
+    busy, plain, streamed = view["req-0"], view["req-1"], view["req-2"]
     assert busy.status == 503 and busy.headers["Retry-After"] == "1" and busy.content_type == "application/json"
-    assert json.loads(busy.body)["type"] == "QueueFull"
-    assert plain.status == 200 and json.loads(plain.body) == FINAL and "ts_stream_next" not in plain.headers
-    assert streamed.headers["ts_stream_next"] == "false"
-    assert [json.loads(line)["text"] for line in streamed.body.decode().splitlines()] == ["lo", ""]
+    assert json.loads(busy.body)["type"] == "QueueFull" and not busy.chunked
+    assert plain.status == 200 and json.loads(plain.body) == FINAL and plain.content_type == "application/json"
+    assert streamed.status == 200 and streamed.content_type == NDJSON
+    assert [json.loads(line)["text"] for line in streamed.body.decode().splitlines()] == ["Hel", "lo", ""]
+    assert all(s.released for s in view.values())
 
 
 def test_async_failure_before_the_first_chunk_is_an_ordinary_error_after_it_the_last_chunk():
     bad = Reply(404, "Unknown Tenant", {"error": "no such tenant", "type": "TenantNotFound", "status": 404})
     svc = _AsyncService({"early": [Finished(bad)], "late": [TextDelta("Hel", (1,), None), RuntimeError("/secret")]})
-    chunks, (early, late), _ = _run_async(svc, [_request(0, {"prompt": "early", "stream": True}),
-                                                _request(1, {"prompt": "late", "stream": True})])
-    assert early.status == 404 and early.content_type == "application/json"
+    chunks, final, _ = _run_async(svc, [_request(0, {"prompt": "early", "stream": True}),
+                                        _request(1, {"prompt": "late", "stream": True})])
+    view = _client_view([*chunks, final])
+    early, late = view["req-0"], view["req-1"]
+    assert early.status == 404 and early.content_type == "application/json" and not early.chunked
     assert json.loads(early.body)["type"] == "TenantNotFound"
     assert late.status == 200 and late.content_type == NDJSON
-    assert json.loads(late.body) == {"error": {"message": "internal error; see the worker log",
-                                               "type": "RuntimeError", "status": 500}}
+    assert json.loads(late.body.decode().splitlines()[-1]) == {
+        "error": {"message": "internal error; see the worker log", "type": "RuntimeError", "status": 500}}
+    assert early.released and late.released
     assert svc.tickets[1].cancelled and not svc.tickets[0].cancelled  # a failed stream frees its row
 
 
 def test_async_describe_and_static_scheduler():
     svc = _AsyncService({})
-    _, final, _ = _run_async(svc, [_management_describe()])
+    chunks, final, _ = _run_async(svc, [_management_describe()])
+    assert chunks == []  # a describe job takes exactly one reply
     assert svc.describes == 1 and json.loads(final[0].body)["resident"] == [{"adapter": "secret@v1"}]
 
     class Static(_FakeService):
@@ -341,11 +388,13 @@ def test_async_describe_and_static_scheduler():
 
     svc = Static()
     chunks, final, _ = _run_async(svc, [_request(0, {"prompt": "x"}), _request(1, {"prompt": "y", "stream": True})])
-    assert len(svc.batches) == 1 and chunks == []  # one handle_batch call, no chunks on the way
-    assert json.loads(final[0].body) == FINAL and final[0].content_type == "application/json"
+    assert len(svc.batches) == 1  # one handle_batch call
+    view = _client_view([*chunks, final])
+    assert json.loads(view["req-0"].body) == FINAL and view["req-0"].content_type == "application/json"
     # A stream on the static path: the whole answer in the stream's format (one text chunk, then the last)
-    assert final[1].content_type == NDJSON
-    assert [json.loads(line)["text"] for line in final[1].body.decode().splitlines()] == ["Hello", ""]
+    assert view["req-1"].content_type == NDJSON
+    assert [json.loads(line)["text"] for line in view["req-1"].body.decode().splitlines()] == ["Hello", ""]
+    assert view["req-0"].released and view["req-1"].released
 
 
 def test_sync_stream_is_one_text_chunk_then_the_last():
