@@ -414,15 +414,17 @@ class Stepper:
         """With graph-replayed decode steps a prefill forward costs mostly a fixed amount whatever its
         rows (a captured one its kernels' device floor, an eager one the host time launching every
         layer's kernels): so rows that join while others decode wait up to `prefill_wait_steps`
-        steps and are prefilled together,
-        unless their prompts already fill a `prefill_chunk`, no KV row is left for more to join, or a
-        prompt is part-way prefilled (its next chunk runs at once). Eagerly (a CPU) a forward costs
-        about its tokens, so waiting would only delay the first token: rows join at once."""
+        steps and are prefilled together, unless their prompts already fill a `prefill_chunk` or a
+        prompt is part-way prefilled (its next chunk runs at once). They wait even when no KV row is
+        free: under saturation a decoding row ends at almost every step and its KV row is refilled
+        at once, so waiting gathers those joins into one forward instead of one prefill forward (as
+        dear as a decode step or more) in nearly every step. Eagerly (a CPU) a forward costs about
+        its tokens, so waiting would only delay the first token: rows join at once."""
         wait = self.limits.prefill_wait_steps
         if not self.graphs or not wait:
             return False
         pending = [r for r in self._rows.values() if r.filled < len(r.prompt)]
-        if not pending or not self._free or any(r.filled for r in pending):
+        if not pending or any(r.filled for r in pending):
             return False
         if sum(len(r.prompt) for r in pending) >= self.limits.prefill_chunk:
             return False

@@ -545,8 +545,9 @@ def test_bucketed_graph_path_emulated_on_cpu_equals_rows_alone(tiny_model_dir, t
 def test_joining_rows_wait_to_be_prefilled_together_only_with_graphs(tiny_model_dir, tokenizer, engine_adapters):
     """`Stepper._defer_prefill`: with graph-replayed decode steps (here only the flag; the GPU tests run
     the graphs) a short joining prompt waits up to prefill_wait_steps steps while others decode;
-    it starts at once when the waiting prompts fill a chunk, a prompt is part-way in, or no KV row
-    is free; eagerly (graphs off) it never waits."""
+    it starts at once when the waiting prompts fill a chunk or a prompt is part-way in, and waits
+    even with every KV row taken (rows that end free theirs for more to join); eagerly (graphs
+    off) it never waits."""
     from handler.engine.stepping import Stepper
 
     eng = make_engine("multilora", load_base(tiny_model_dir, torch.float32, "cpu"),
@@ -574,7 +575,8 @@ def test_joining_rows_wait_to_be_prefilled_together_only_with_graphs(tiny_model_
     assert not defers()  # the waiting prompts fill a chunk (and no KV row is free)
     st.cancel(2)
     st.add(2, GenerationRow([10, 11], None, SamplingParams(max_new_tokens=5)))
-    assert not defers()  # no KV row left for more to join
+    assert not st.free_rows()
+    assert defers()  # no KV row free: still waits (a row that ends frees one for another join)
     st.cancel(2)
     assert defers()
     st._rows[1].filled = 1
