@@ -5,7 +5,8 @@ What counts as a failure (any one fails the soak): a transport error (connection
 refused/reset, timeout), any 4xx or 5xx, a reply whose ``adapter`` is not the
 tenant's ``<tenant>@v1`` (``base`` for requests without a tenant), whose ``fallback``
 is not None (``no_tenant`` without a tenant), or whose text is not PEFT's greedy text
-for that prompt alone. The tenants' adapters and the prompts come from
+for that prompt alone; and a worker restart (its pid changed by the end: TorchServe's
+frontend restarts a worker it gave up on). The tenants' adapters and the prompts come from
 `isolation.build_setup`, which asserts that every two tenants (and the base model)
 give different texts on every prompt, so a reply served with another tenant's
 adapter cannot pass the text check.
@@ -32,7 +33,8 @@ from typing import Any, Callable, Sequence
 from .isolation import IsolationSetup, build_setup, reply_failures
 
 ROOT = Path(__file__).resolve().parent.parent
-FAILURE_KEYS = ("transport_errors", "errors_4xx", "errors_5xx", "wrong_adapter", "wrong_fallback", "wrong_text")
+FAILURE_KEYS = ("transport_errors", "errors_4xx", "errors_5xx", "wrong_adapter", "wrong_fallback", "wrong_text",
+                "worker_restarts")
 
 
 @dataclass
@@ -43,12 +45,18 @@ class SoakTarget:
     token: str
     describe: Callable[[], dict]  # the worker's customized describe (counters)
     worker_pid: int | None = None
+    current_pid: Callable[[], int | None] = lambda: None  # the worker's pid now (a restart changes it)
 
 
 def rss_mb(pid: int | None) -> float:
+    """The process's resident memory in MB; NaN without a pid or when the process is gone."""
     if pid is None:
         return float("nan")
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -61,9 +69,11 @@ def target_for(ts: Any) -> SoakTarget:
         meta = ts.describe()[0]["customizedMetadata"]
         return json.loads(meta) if isinstance(meta, str) else meta
 
-    pid = ts.describe(customized=False)[0]["workers"][0]["pid"]
+    def current_pid() -> int | None:
+        return ts.describe(customized=False)[0]["workers"][0]["pid"]
+
     return SoakTarget(f"{ts.inference_url}/predictions/{ts.model_name}", ts.keys()["inference"]["key"], describe,
-                      pid)
+                      current_pid(), current_pid)
 
 
 def run_soak(target: SoakTarget, setup: IsolationSetup, duration: float, *, tenants: Sequence[str] | None = None,
@@ -139,6 +149,10 @@ def run_soak(target: SoakTarget, setup: IsolationSetup, duration: float, *, tena
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
     rss_end = rss_mb(target.worker_pid)
+    now_pid = target.current_pid()
+    if target.worker_pid is not None and now_pid is not None and now_pid != target.worker_pid:
+        record("worker_restarts", {"pid_before": target.worker_pid, "pid_after": now_pid,
+                                   "why": "TorchServe restarted the worker; see its ts_log.log"})
     after = target.describe()["counters"]
     lat = sorted(latencies) or [float("nan")]
     rss0 = rss_start[0] if rss_start else float("nan")
