@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="tenant-hashing nginx vs round robin over several torchserves")
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--capacity", type=int, default=2, help="resident adapters per instance")
-    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--requests", type=int, default=500)
     p.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of tenant popularity")
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)

@@ -241,7 +241,7 @@ def measure_reload(ts: Any, tenant: str, others: Sequence[str], prompt: str, n_n
             "reload_load_ms": [first["load_ms"], *(a["load_ms"] for a in reloads)]}
 
 
-def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, requests: int = 300, zipf_s: float = 1.2,
+def run_scaleout(workdir: Path, *, instances: int = 3, capacity: int = 2, requests: int = 500, zipf_s: float = 1.2,
                  concurrency: int = 6, prompts: int = 3, max_new_tokens: int = 6, seed: int = 0,
                  start_timeout: float = 300) -> dict:
     """Start Redis + `instances` TorchServes (`capacity` resident adapters each) + two nginx
