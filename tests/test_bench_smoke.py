@@ -53,3 +53,17 @@ def test_engine_bench_tiny_prints_every_figure():
     assert res["cycles_done"] == 20 and res["mem_drift_bytes"] == 0
     for key in ("torch", "transformers", "peft"):
         assert res[key]
+
+
+def test_prefill_pack_bench_tiny_prints_its_figures():
+    """bench/prefill_pack.py (the figures behind `stepping.CPU_FORWARD_TOKENS`): every case timed, its
+    forwards counted as `_pack` grouped them, and the fixed/per-token split from the single rows."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_pack.py"), "--size", "tiny", "--json",
+                           "--reps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = {k: v for k, v in res.items() if k.startswith("prefill_")}
+    assert len(cases) == 10 and all(v["ms"] > 0 and v["forwards"] >= 1 for v in cases.values())
+    assert cases["prefill_64"]["forwards"] == 1 and cases["prefill_64+64"]["forwards"] == 1
+    assert res["apart_128+64_ms"] > 0
+    assert res["fixed_in_tokens"] is None or res["fixed_in_tokens"] > 0  # None: a tiny model's slope drowned in noise

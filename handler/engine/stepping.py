@@ -4,8 +4,9 @@ Rows join and leave between any two steps. Each step (`Stepper.step`):
 
 1. prefill: at most ``prefill_chunk`` prompt tokens of joining rows, in the order they were
    added (a long prompt takes several steps, so it never stalls the running rows for more
-   than one chunk); the chunks run eagerly, several rows per forward (left-padded, grouped
-   so padding at most doubles a forward: `_pack`); the chunk that completes a prompt gives
+   than one chunk); the chunks run eagerly, several rows per forward (left-padded, grouped by
+   `_pack`: on a CPU only while the padding costs less than the forward it saves); the chunk
+   that completes a prompt gives
    that row its first token in this step's events;
 2. decode: ONE forward ``[B, 1]`` for every row that was decoding when the step began, each
    row at its own position, with its own LoRA slot, sampling rule and stop condition.
@@ -127,6 +128,7 @@ def length_buckets(max_len: int) -> list[int]:
 
 
 PACK_FLOOR = 1024  # GPU: a prefill forward of up to this many tokens, padding included, never splits
+CPU_FORWARD_TOKENS = 16  # CPU: a prefill forward's fixed cost in prompt tokens' worth (`_pack`'s `spare`; bench/RESULTS.md)
 
 # GPU prefill graphs: chunks of up to 8 rows, padded to (rows, tokens) buckets of at most this many tokens
 PREFILL_GRAPH_ROWS = (1, 2, 4, 8)
@@ -155,19 +157,27 @@ def prefill_length_buckets(max_len: int) -> list[int]:
     return [t for t in length_buckets(max_len) if t <= PREFILL_GRAPH_MAX_LEN]  # never empty: the first is 256 or less
 
 
-def _pack(chunks: list[tuple[Any, int]], floor: int = 0) -> list[list[tuple[Any, int]]]:
-    """Group prefill chunks (item, tokens) into forwards, longest first, so that padding at most
-    doubles a forward's tokens (a 500-token chunk and a 12-token one run apart) or the forward
-    stays within `floor` tokens, padding included (where a forward's cost is mostly its fixed
-    host time, one padded forward beats two)."""
+def _pack(chunks: list[tuple[Any, int]], floor: int = 0, spare: int | None = None) -> list[list[tuple[Any, int]]]:
+    """Group prefill chunks (item, tokens) into forwards, longest first, each left-padded to its
+    longest chunk.
+
+    - `spare` given (eager on a CPU, where a forward costs a fixed part plus about its tokens,
+      padding included): a chunk joins the group while the group's padding stays within `spare`
+      tokens per chunk beyond the first, `spare` being a forward's fixed part counted in tokens
+      (what one forward fewer saves);
+    - else (eager on a GPU): while the padded forward has at most twice the group's real tokens
+      or stays within `floor` tokens, padding included (a forward's cost is mostly its fixed host
+      time, so one padded forward beats two)."""
     groups: list[list[tuple[Any, int]]] = []
     for item in sorted(chunks, key=lambda c: -c[1]):
         g = groups[-1] if groups else None
-        padded = (len(g) + 1) * g[0][1] if g is not None else 0
-        if g is not None and (padded <= 2 * (sum(n for _, n in g) + item[1]) or padded <= floor):
-            g.append(item)
-        else:
-            groups.append([item])
+        if g is not None:
+            padded, real = (len(g) + 1) * g[0][1], sum(n for _, n in g) + item[1]
+            joins = (padded - real <= spare * len(g)) if spare is not None else (padded <= 2 * real or padded <= floor)
+            if joins:
+                g.append(item)
+                continue
+        groups.append([item])
     return groups
 
 
@@ -444,7 +454,10 @@ class Stepper:
                 budget -= n
                 chunks.append((r, n))
         events: list[RowEvent] = []
-        groups = self._pack_for_graphs(chunks) if self._prefill_shapes else _pack(chunks, PACK_FLOOR if self.graphs else 0)
+        if self._prefill_shapes:
+            groups = self._pack_for_graphs(chunks)
+        else:
+            groups = _pack(chunks, PACK_FLOOR) if self.graphs else _pack(chunks, spare=CPU_FORWARD_TOKENS)
         for group in groups:
             logits = self._replay_prefill(group) if self._prefill_shapes else None
             if logits is None:

@@ -581,3 +581,21 @@ def test_joining_rows_wait_to_be_prefilled_together_only_with_graphs(tiny_model_
     assert defers()
     st._rows[1].filled = 1
     assert not defers()  # part-way prefilled: its next chunk runs at once
+
+
+def test_pack_groups_cpu_chunks_only_while_padding_costs_less_than_a_forward():
+    """`stepping._pack`: eagerly on a CPU (``spare`` = a forward's fixed cost in tokens) a chunk joins a
+    forward only while its padding stays within ``spare`` tokens per chunk beyond the first; on a GPU
+    (no ``spare``) padding may double a forward, or fill it up to ``floor``."""
+    from handler.engine.stepping import _pack
+
+    def shapes(chunks, **kw):
+        return [[n for _, n in g] for g in _pack([(i, n) for i, n in enumerate(chunks)], **kw)]
+
+    assert shapes([64, 64], spare=16) == [[64, 64]]
+    assert shapes([64, 128], spare=16) == [[128], [64]]  # 64 tokens of padding to save one forward: apart
+    assert shapes([40, 48, 40], spare=16) == [[48, 40, 40]]  # 16 tokens of padding saves two forwards
+    assert shapes([48, 30, 30], spare=16) == [[48], [30, 30]]  # 18 padding for one forward saved: too much
+    assert shapes([64, 128]) == [[128, 64]]  # GPU rule: padding at most doubles the forward
+    assert shapes([500, 12, 12]) == [[500, 12], [12]]  # a third row would pad 1500 for 524 real tokens
+    assert shapes([500, 12, 12], floor=1536) == [[500, 12, 12]]
