@@ -109,6 +109,7 @@ class ResidencyCounters:
     evictions_idle: int = 0
     evictions_stale: int = 0  # a newer version, a rollback or the tenant's removal replaced it
     evictions_pinned: int = 0  # a pinned adapter evicted because one wave needed every slot (reloaded by `sync`)
+    load_thread_ms: float = 0.0  # time loads held the owner thread (continuous: the scheduler's, every row waiting)
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,8 @@ class AdapterResidency:
                                                        "load_ms": round(last.load_ms, 3)},
             "quarantined": {k: {"reason": q.reason, "seconds_left": round(q.until - now_mono, 1)}
                             for k, q in self._quarantine.items() if q.until > now_mono},
-            "counters": {**vars(self.counters), **vars(self.host_tier.counters)},
+            "counters": {**{k: round(v, 1) if isinstance(v, float) else v for k, v in vars(self.counters).items()},
+                         **vars(self.host_tier.counters)},
             # store reads on the fetch thread (continuous scheduler): under way, read and not taken yet
             "fetch": self._fetcher.describe() if self._fetcher is not None else None,
         }
@@ -480,6 +482,7 @@ class AdapterResidency:
         if not isinstance(held, SlotImage):
             self._hold(record, adapter, loaded=True)  # after the engine accepted them: only loadable adapters enter
         here_ms = (time.perf_counter() - t0) * 1000.0  # what the load held this thread for
+        self.counters.load_thread_ms += here_ms
         ms = here_ms + (prepared.read_ms if isinstance(prepared, FetchedAdapter) else 0.0)  # + its background read
         source = "host" if held is not None else "store"
         self.counters.loads += 1

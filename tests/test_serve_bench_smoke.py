@@ -155,6 +155,7 @@ def test_inprocess_tiny():
     _assert_clean(res, 16)
     assert res["scheduler"] == "continuous" and res["itl_p50_ms"] is not None
     assert res["graph_captures_after_warmup"] == 0  # a CPU stepper captures nothing
+    assert res["load_thread_ms_during_run"] > 0  # 12 tenants on 4 slots: loads held the scheduler thread
     # the GPU targets' yardsticks, computed here on the CPU too
     for key in ("engine_static_batch_tok_s", "one_tenant_output_tok_s"):
         assert res[key] > 0, key
