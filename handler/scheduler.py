@@ -2,8 +2,9 @@
 any two steps, and their text streams out as it is produced.
 
     submit (any thread) ─► inbox ─► waiting (per tenant, FIFO) ─► admitted round-robin across
-    tenants while the stepper has free KV rows (adapter held through the residency) ─► one
-    `RowStepper.step()` for every running row ─► tokens → `TextStream` → `TextDelta`s ─► the
+    tenants while the stepper has free KV rows (adapter held through the residency) ─► one step
+    for every running row (its prefill half's first tokens handed out before its decode half
+    runs) ─► tokens → `TextStream` → `TextDelta`s ─► the
     row's end (EOS, length, a stop string, cancel, timeout) ─► `Finished` with the reply the
     static path would give (built by the same service code) ─► hold released, KV row free.
 
@@ -613,18 +614,37 @@ class Scheduler:
             self._release(job)
 
     def _step(self) -> bool:
+        """One step in its two halves (`RowStepper.prefill_phase`, `decode_phase`). The first tokens of
+        rows whose prompt completed are handed out, and sent to their event loops, before the decode
+        forward runs: a new row's first token does not wait for the running rows' next ones."""
         try:
-            events = self.stepper.step()
-        except Exception as exc:  # the engine failed as a whole: these rows get 500, the worker lives
-            log.exception("stepper.step failed with %d rows running", len(self._running))
-            for job in list(self._running.values()):
-                if job.done:  # a row of a group already ended by another of its rows
-                    continue
-                self._guard(lambda: self.stepper.cancel(job.row_id))
-                self._retire(job)
-                self._fail(job, self._service.failed(exc, job.plan.exchange.error))
+            events = self.stepper.prefill_phase()
+        except Exception as exc:
+            self._engine_failed(exc)
+            return False
+        if events:
+            self._hand_out(events)
+            self._outbox.flush()
+        try:
+            events = self.stepper.decode_phase()
+        except Exception as exc:
+            self._engine_failed(exc)
             return False
         self.steps += 1
+        self._hand_out(events)
+        return True
+
+    def _engine_failed(self, exc: Exception) -> None:
+        """The engine failed as a whole: every running row gets 500, the worker lives."""
+        log.exception("the stepper failed with %d rows running", len(self._running))
+        for job in list(self._running.values()):
+            if job.done:  # a row of a group already ended by another of its rows
+                continue
+            self._guard(lambda: self.stepper.cancel(job.row_id))
+            self._retire(job)
+            self._fail(job, self._service.failed(exc, job.plan.exchange.error))
+
+    def _hand_out(self, events: list[RowEvent]) -> None:
         now = self._clock()
         for event in events:
             job = self._running.get(event.row_id)
@@ -635,7 +655,6 @@ class Scheduler:
             except Exception as exc:  # a bug handing out this row's token: this row gets 500, not the others
                 log.exception("handing out a token failed; its row ends with 500")
                 self._drop(job, exc)
-        return True
 
     def _on_event(self, job: _Job, event: RowEvent, now: float) -> None:
         if event.token_id is not None:

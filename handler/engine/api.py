@@ -134,7 +134,18 @@ class RowStepper(Protocol):
     def step(self) -> list[RowEvent]:
         """Prefill at most ``prefill_chunk`` prompt tokens of joining rows (a row whose prompt completes
         gets its first token in this step's events), then ONE decode forward for every row that was
-        decoding when the step began. [] when idle. A finished row's KV row is free when step returns."""
+        decoding when the step began. [] when idle. A finished row's KV row is free when step returns.
+        The same as `prefill_phase()` then `decode_phase()`, their events concatenated."""
+        ...
+
+    def prefill_phase(self) -> list[RowEvent]:
+        """A step's first half: its prefill, and the first-token events of rows whose prompt completed.
+        Between the two halves the caller may hand those out and `cancel` rows, but not `add` any."""
+        ...
+
+    def decode_phase(self) -> list[RowEvent]:
+        """A step's second half: the decode forward of the rows that were decoding when
+        `prefill_phase` began and are not cancelled since; [] without a `prefill_phase` before it."""
         ...
 
     def rows(self) -> int:

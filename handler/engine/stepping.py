@@ -11,6 +11,9 @@ Rows join and leave between any two steps. Each step (`Stepper.step`):
 2. decode: ONE forward ``[B, 1]`` for every row that was decoding when the step began, each
    row at its own position, with its own LoRA slot, sampling rule and stop condition.
 
+`prefill_phase` and `decode_phase` are those two halves (`step` runs both), so a caller can hand
+out the first tokens of rows that completed their prompt before the decode forward runs.
+
 KV rows (`row_cache.RowCache`): a row takes the LOWEST free KV row, and before each step a row
 above a free KV row moves down into it (`_compact`: its keys/values copied once), so the rows
 fill ``[0, rows)`` and the decode batch is the contiguous slice ``[0, B)`` of the cache
@@ -329,6 +332,7 @@ class Stepper:
         self.steps = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
+        self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
         self.prefill_replays = 0  # prefill forwards served by a captured graph
 
     # -- rows -----------------------------------------------------------------
@@ -391,14 +395,32 @@ class Stepper:
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RowEvent]:
+        return self.prefill_phase() + self.decode_phase()
+
+    def prefill_phase(self) -> list[RowEvent]:
+        """A step's first half: compact the KV rows, note the rows decoding now, prefill (unless
+        deferred): the events of rows whose prompt completed (their first tokens)."""
+        self._decoding = None
         if not self._rows:
             return []
         with torch.inference_mode():
             self._compact()
             decoding = [r for r in self._by_kv if r is not None and r.decoding]
             events = [] if decoding and self._defer_prefill() else self._prefill()
-            if decoding:
-                events += self._decode(decoding)
+        self._decoding = decoding
+        return events
+
+    def decode_phase(self) -> list[RowEvent]:
+        """A step's second half: one decode forward for the rows that were decoding when
+        `prefill_phase` began (those cancelled since left out; their KV rows run as holes)."""
+        if self._decoding is None:
+            return []
+        decoding = [r for r in self._decoding if self._rows.get(r.row_id) is r]
+        self._decoding = None
+        events: list[RowEvent] = []
+        if decoding:
+            with torch.inference_mode():
+                events = self._decode(decoding)
         self.steps += 1
         return events
 

@@ -115,8 +115,8 @@ def test_running_rows_keep_stepping_while_another_adapter_is_read(monkeypatch, m
     if not background:
         cont.scheduler.call(lambda: setattr(cont.residency, "_fetcher", None))  # reads on the scheduler thread
     stepper = cont.scheduler.stepper
-    step = stepper.step
-    monkeypatch.setattr(stepper, "step", lambda: (time.sleep(0.02), step())[1])  # t-a runs ~0.6 s in all
+    decode = stepper.decode_phase
+    monkeypatch.setattr(stepper, "decode_phase", lambda: (time.sleep(0.02), decode())[1])  # t-a runs ~0.6 s in all
     running = _stream(cont, "t-a", 30)
     first = running.get(timeout=30)
     assert isinstance(first, TextDelta)

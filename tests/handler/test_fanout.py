@@ -90,20 +90,20 @@ class Calls:
         monkeypatch.setattr(engine, "generate", counting_generate)
         if svc.scheduler is not None:
             stepper = svc.scheduler.stepper
-            add, step = stepper.add, stepper.step
+            add, decode = stepper.add, stepper.decode_phase
 
             def counting_add(row_id, row):
                 self.adds.append((self.steps, stepper.rows(), row.adapter))
                 return add(row_id, row)
 
-            def slow_step():
+            def slow_step():  # a step's second half: once per step
                 self.steps += 1
                 if step_delay_s:
                     time.sleep(step_delay_s)
-                return step()
+                return decode()
 
             monkeypatch.setattr(stepper, "add", counting_add)
-            monkeypatch.setattr(stepper, "step", slow_step)
+            monkeypatch.setattr(stepper, "decode_phase", slow_step)
 
     def assert_one_batch(self, svc, rows: int) -> None:
         if svc.scheduler is None:

@@ -278,16 +278,16 @@ class _slow_steps:
 
     def __init__(self, svc, seconds):
         self.stepper = svc.scheduler.stepper
-        self.real = self.stepper.step
+        self.real = self.stepper.decode_phase
 
-        def step():
+        def decode_phase():
             time.sleep(seconds)
             return self.real()
 
-        self.stepper.step = step
+        self.stepper.decode_phase = decode_phase
 
     def undo(self):
-        self.stepper.step = self.real
+        self.stepper.decode_phase = self.real
 
 
 def test_cancel_and_timeout_free_the_kv_row_and_the_adapter_hold(pair, tools, tiny_adapters):
@@ -315,16 +315,16 @@ def test_a_step_failure_fails_its_rows_with_500_and_the_worker_lives(pair, tools
     cont, static = pair()
     tools.onboard(cont, "acme", tiny_adapters["a"])
     stepper = cont.scheduler.stepper
-    real = stepper.step
+    real = stepper.prefill_phase
 
     def broken():
         raise RuntimeError("kernel exploded at /secret/path/model.bin")
 
-    stepper.step = broken
+    stepper.prefill_phase = broken
     tickets = [cont.submit(_raw("hello world", t, max_new_tokens=6)) for t in ("acme", None)]
     replies = [_drain(t)[1] for t in tickets]
     assert [r.status for r in replies] == [500, 500] and all("/secret" not in r.body["error"] for r in replies)
-    stepper.step = real
+    stepper.prefill_phase = real
     raw = _raw("hello world", "acme", max_new_tokens=6)
     reply = cont.handle_batch([raw])[0]
     _same(reply.body, _alone(static, raw, reply).body)
@@ -622,3 +622,38 @@ def test_openai_routes_get_the_static_paths_replies(pair, tools, tiny_adapters):
     too_big = cont.submit(RawRequest({"model": "acme", "prompt": PROMPTS[4], "max_tokens": 32},
                                      {"url_path": "v1/completions"}))
     assert too_big.status == 413 and "kv_max_len" in too_big.body["error"]["message"]
+
+
+def test_a_new_rows_first_token_goes_out_before_the_steps_decode_forward(pair):
+    """A row whose prompt completes in a step is handed out after the step's prefill half, before its
+    decode half runs the other rows' forward: here every decode half that follows a first token is
+    slowed by DECODE_S, and a one-token request joining a running row still finishes well within it
+    (handing events out after the whole step, it would wait DECODE_S)."""
+    DECODE_S = 2.0
+    cont, _ = pair(kv_rows=4)
+    stepper = cont.scheduler.stepper
+    real_prefill, real_decode = stepper.prefill_phase, stepper.decode_phase
+    gave_first_tokens = []
+
+    def prefill_phase():
+        events = real_prefill()
+        gave_first_tokens.append(bool(events))
+        return events
+
+    def decode_phase():
+        if gave_first_tokens and gave_first_tokens[-1]:
+            time.sleep(DECODE_S)
+        return real_decode()
+
+    stepper.prefill_phase, stepper.decode_phase = prefill_phase, decode_phase
+    try:
+        running = cont.submit(_raw("hello world", max_new_tokens=30))
+        assert isinstance(running.get(timeout=30), TextDelta)  # it decodes
+        t0 = time.monotonic()
+        _, reply = _drain(cont.submit(_raw("the quick brown fox", max_new_tokens=1)))
+        elapsed = time.monotonic() - t0
+        assert reply.status == 200 and reply.body["usage"]["completion_tokens"] == 1
+        assert elapsed < DECODE_S / 2, elapsed
+        assert _drain(running)[1].status == 200
+    finally:
+        stepper.prefill_phase, stepper.decode_phase = real_prefill, real_decode
