@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # bench/ is first on sys.path when this script runs
 
-import harness  # noqa: E402
-
-from handler.engine import EngineSettings, GenerationRow, SamplingParams, StepLimits, make_engine  # noqa: E402
+from handler.engine import EngineSettings, GenerationRow, SamplingParams, StepLimits, make_engine
 
 SINGLE = (16, 32, 64, 128, 256)
 GROUPS = ((64, 64), (32, 32, 32, 32), (16,) * 8, (128, 64), (48, 30, 30))
