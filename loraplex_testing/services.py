@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,18 +62,34 @@ def wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+# Every port this process has handed out (free_ports, free_port_range), never handed out again: a
+# port is free when picked but may be bound only later (a TorchServe's gRPC ports at its start),
+# and in between it must not go to another component. Without this a stack restart could give
+# an instance's new gRPC port the just-stopped nginx's port, which the restarted nginx then
+# found "listening" (tests/e2e/test_scaleout_short.py saw HTTP/2 frames for every request).
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct loopback ports free right now (all held open until all are picked)."""
+    """`n` distinct loopback ports free right now and never handed out before by this process
+    (all held open until all are picked)."""
     socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    with _HANDED_OUT_LOCK:
+        try:
+            ports: list[int] = []
+            while len(ports) < n:
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+                if port not in _HANDED_OUT:
+                    ports.append(port)
+            _HANDED_OUT.update(ports)
+            return ports
+        finally:
+            for s in socks:
+                s.close()
 
 
 def free_port() -> int:
@@ -80,23 +97,28 @@ def free_port() -> int:
 
 
 def free_port_range(n: int, low: int = 10000, high: int = 32000, tries: int = 200) -> int:
-    """First port of `n` consecutive loopback ports all free right now. Drawn below Linux's
-    ephemeral range (32768+), so connections and `free_port()` do not take them meanwhile."""
+    """First port of `n` consecutive loopback ports all free right now and never handed out before
+    by this process. Drawn below Linux's ephemeral range (32768+), so connections and
+    `free_port()` do not take them meanwhile."""
     rng = random.Random()
-    for _ in range(tries):
-        base = rng.randrange(low, high - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    with _HANDED_OUT_LOCK:
+        for _ in range(tries):
+            base = rng.randrange(low, high - n)
+            if _HANDED_OUT.intersection(range(base, base + n)):
+                continue
+            socks = []
+            try:
+                for port in range(base, base + n):
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("127.0.0.1", port))
+                _HANDED_OUT.update(range(base, base + n))
+                return base
+            except OSError:
+                continue
+            finally:
+                for s in socks:
+                    s.close()
     raise RuntimeError(f"no {n} consecutive free ports in [{low}, {high})")
 
 

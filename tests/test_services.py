@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex_testing.services import WORKER_PORT_RANGE, RedisServer, TorchServe, free_port, free_ports
+from loraplex_testing.services import WORKER_PORT_RANGE, RedisServer, TorchServe, free_port, free_port_range, free_ports
 
 
 def _alive(pid: int) -> bool:
@@ -129,3 +129,12 @@ def test_torchserve_temp_dir_is_short_enough_for_the_worker_socket(tmp_path):
 def test_free_ports_are_distinct():
     ports = free_ports(50)
     assert len(set(ports)) == 50
+
+
+def test_a_port_is_never_handed_out_twice_even_once_free_again():
+    """A picked port stays unbound until its user binds it, so a later pick must not return it (the
+    kernel would: 2000 one-port picks from ~28k ephemeral ports repeat some with near certainty)."""
+    picks = [free_port() for _ in range(2000)] + free_ports(10)
+    base = free_port_range(WORKER_PORT_RANGE)
+    assert len(set(picks)) == len(picks)
+    assert free_port_range(WORKER_PORT_RANGE) not in range(base - WORKER_PORT_RANGE + 1, base + WORKER_PORT_RANGE)
