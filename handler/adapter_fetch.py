@@ -79,9 +79,12 @@ class AdapterFetcher:
             return self._done.pop(adapter_id, None)
 
     def read_now(self, record: TenantRecord) -> AdapterBytes:
-        """A synchronous read on the calling thread (valid until the next read, like the store's)."""
+        """A synchronous read on the calling thread: its own copy of the bytes, as the fetch thread's
+        (a view of the store's reused buffer would change under the caller as soon as the fetch
+        thread's next read takes the lock)."""
         with self._read_lock:
-            return self._read(record)
+            got = self._read(record)
+            return AdapterBytes.of(got.config, bytes(got.weights), got.name)
 
     def stop(self) -> None:
         self._queue.put(None)

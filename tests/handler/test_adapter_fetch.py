@@ -67,6 +67,24 @@ def test_a_fetch_hands_back_its_own_copy_or_its_failure():
         f.stop()
 
 
+def test_a_read_now_is_its_own_copy_while_the_fetch_thread_reads_on():
+    """`read_now` (pins, prefetch: the owner thread) and the fetch thread share the store's reused
+    buffer; what read_now returned must not change when the fetch thread's next read refills it."""
+    reader = _Reader()
+    reader.gate.set()
+    f = AdapterFetcher(reader.read)
+    try:
+        mine = f.read_now(_Rec("a@v1"))
+        reader.buf[:] = b"y" * 64  # the next read (here: by hand) refills the shared buffer
+        f.start(_Rec("b@v1"))
+        deadline = time.monotonic() + 5
+        while f.take("b@v1") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bytes(mine.weights) == b"w" * 64
+    finally:
+        f.stop()
+
+
 def _slow_reads(monkeypatch, slow_tenants: set[str], fail_tenants: set[str] = frozenset()) -> list[tuple[str, str]]:
     """AdapterStore.read takes SLOW_S for these tenants (and raises for `fail_tenants`); returns a
     log of (thread name, adapter id) per read."""
