@@ -585,20 +585,16 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                 "graph_captures_after_warmup": captures_after_warmup(after),
                 "kernel_compiles_during_run": (int(after["kernel_variants"]) - int(before["kernel_variants"])
                                                if "kernel_variants" in after and "kernel_variants" in before else None),
-                "load_thread_ms_during_run": counter_delta(before, after, "load_thread_ms"),
-                **{f"{key}_during_run": stepper_delta(before, after, key)
+                "load_thread_ms_during_run": describe_delta(before, after, "counters", "load_thread_ms"),
+                **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
                    for key in ("prefill_forwards", "prefill_replays", "decode_steps")}})
     return res, outcomes
 
 
-def counter_delta(before: dict, after: dict, key: str) -> float | None:
-    """How much the describe counter `key` grew between two describes (None: not reported)."""
-    b, a = (before.get("counters") or {}).get(key), (after.get("counters") or {}).get(key)
-    return round(float(a) - float(b), 1) if a is not None and b is not None else None
-
-
-def stepper_delta(before: dict, after: dict, key: str) -> int | None:
-    """How much the continuous stepper's counter `key` grew between two describes (None: not reported)."""
-    b = ((before.get("scheduler") or {}).get("stepper") or {}).get(key)
-    a = ((after.get("scheduler") or {}).get("stepper") or {}).get(key)
-    return int(a) - int(b) if a is not None and b is not None else None
+def describe_delta(before: dict, after: dict, *path: str) -> float | int | None:
+    """How much the describe value at `path` (e.g. "counters", "load_thread_ms") grew between two
+    describes, to 0.1 (None: not reported)."""
+    b, a = before, after
+    for key in path:
+        b, a = (b or {}).get(key), (a or {}).get(key)
+    return round(a - b, 1) if a is not None and b is not None else None

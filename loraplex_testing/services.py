@@ -379,10 +379,10 @@ class TorchServe:
         """The Java frontend's pid: the child of the `torchserve --foreground` launcher."""
         if self.proc is None:
             raise RuntimeError("torchserve is not running")
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for stat in Path("/proc").glob("[0-9]*/stat"):  # "<pid> (<comm>) <state> <ppid> ..."
             with contextlib.suppress(OSError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.proc.pid and "java" in stat.read_text().split(")", 1)[0]:
+                head, tail = stat.read_text().rsplit(")", 1)
+                if int(tail.split()[1]) == self.proc.pid and head.endswith("(java"):
                     return int(stat.parent.name)
         raise RuntimeError(f"no java child of torchserve pid {self.proc.pid}")
 

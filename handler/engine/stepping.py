@@ -332,8 +332,8 @@ class Stepper:
         self.steps = 0
         self.decode_steps = 0
         self.prefill_forwards = 0
-        self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
         self.prefill_replays = 0  # prefill forwards served by a captured graph
+        self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
 
     # -- rows -----------------------------------------------------------------
     def add(self, row_id: int, row: GenerationRow) -> None:
