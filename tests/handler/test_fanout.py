@@ -63,8 +63,14 @@ def _set_chain(svc, links, threshold):
 
 
 def _changed(svc, change):
-    """Make a registry change and wait until the worker's resolver saw its event."""
-    seen = svc.resolver.events_seen
+    """Make a registry change and wait until the worker's resolver saw its event. Events of earlier
+    changes (an onboarding just before) may still be arriving: they settle first, so that the
+    count this waits past is this change's own event."""
+    seen, quiet_until = svc.resolver.events_seen, time.monotonic() + 0.3
+    while time.monotonic() < quiet_until:
+        time.sleep(0.02)
+        if svc.resolver.events_seen != seen:
+            seen, quiet_until = svc.resolver.events_seen, time.monotonic() + 0.3
     change()
     deadline = time.monotonic() + 10
     while svc.resolver.events_seen == seen and time.monotonic() < deadline:
