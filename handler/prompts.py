@@ -14,7 +14,8 @@ A template that changes content (trims or reformats it) breaks the marker
 round trip; then content holding a special-token string is refused (400) and
 other content goes through the template as usual.
 
-Pure function of its inputs (the tokenizer is only read): any thread.
+Any thread, with the service's `tokenizing.SerialTokenizer` (a bare transformers tokenizer is not
+safe to encode with from two threads: `handler/tokenizing.py`).
 """
 from __future__ import annotations
 

@@ -74,6 +74,7 @@ from .fanout import Fanout, FanoutPlanner, RowResult
 from .routes import Exchange, JsonExchange, route_for
 from .text_stream import covering, logprobs_body, stop_cut
 from .tenants import TenantResolver
+from .tokenizing import serial
 from .ab_split import PINNED, SplitChooser
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class LoraplexService:
     def __init__(self, config: LoraplexConfig, tokenizer: Any, engine: Engine, registry: TenantRegistry,
                  store: AdapterStore) -> None:
         self.config = config
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = serial(tokenizer)  # request threads encode concurrently (tokenizing.py)
         self.engine = engine
         self.registry = registry
         self.store = store
