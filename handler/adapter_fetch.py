@@ -1,11 +1,15 @@
 """Adapter reads off the scheduler thread: the store's read (a file or object-store read and the
-sha256 over every byte) on a thread of its own, so the rows already running keep stepping while an
-adapter no tier holds is fetched.
+sha256 over every byte) and, for an engine that makes slot images, the adapter's image in the
+pool's layout, on a thread of its own, so the rows already running keep stepping while an adapter
+no tier holds is fetched.
 
 Why: with the continuous scheduler one thread runs every row's steps and every adapter load; a
 load from the store costs tens of milliseconds (bench/RESULTS.md), during which no row got a token.
-The copy into a device slot stays on the scheduler thread (the engine is single-threaded), but it
-is the small part. The residency asks `take` for a finished read, or `start`s one and keeps the row
+What stays on the scheduler thread is the copy into a device slot (the engine is single-threaded):
+with an image (`prepare`, the engine's `image_from_bytes`: checks, dtype conversion and B's
+transpose done here) that is one host-to-device copy and contiguous device copies, where a load
+from the bytes would parse, stage and convert them there and then copy the slot back out for the
+host tier. The residency asks `take` for a finished read, or `start`s one and keeps the row
 waiting (`residency.AdapterFetching`); the scheduler retries the row at its next iteration.
 
 What a read returns is copied into memory of its own before the next read starts (the store reuses
@@ -14,7 +18,8 @@ quarantines the adapter as for a failed synchronous load). Results nobody takes 
 cancelled meanwhile) are dropped oldest first beyond `max_ready`.
 
 Concurrency: `start`, `take`, `pending` and `stop` are called by the owner thread (the scheduler's);
-the fetch thread only calls `read` and fills `_done` under `_lock`. `read_now` is a synchronous read
+the fetch thread only calls `read` and `prepare` (which must be safe on any thread: the engine's
+`image_from_bytes` touches no slot) and fills `_done` under `_lock`. `read_now` is a synchronous read
 for the owner thread (pins, prefetch) under the same read lock, so the store's buffer is never read
 into by two threads at once.
 """
@@ -31,6 +36,8 @@ from typing import Callable
 from loraplex_common.adapter_format import AdapterBytes
 from tenant_registry.schema import TenantRecord
 
+from .engine.multilora.slot_loader import SlotImage
+
 log = logging.getLogger(__name__)
 
 MAX_READY = 16  # finished reads kept for rows that have not come back for them
@@ -39,12 +46,15 @@ MAX_READY = 16  # finished reads kept for rows that have not come back for them
 @dataclass(frozen=True)
 class FetchedAdapter:
     adapter: AdapterBytes  # its own copy of the verified bytes
-    read_ms: float  # how long the store read (and the copy out of its buffer) took on the fetch thread
+    read_ms: float  # how long the store read (the copy out of its buffer and the image included) took on the fetch thread
+    image: SlotImage | None = None  # the engine's slot image of it (`prepare`), what the owner thread loads
 
 
 class AdapterFetcher:
-    def __init__(self, read: Callable[[TenantRecord], AdapterBytes], *, max_ready: int = MAX_READY) -> None:
+    def __init__(self, read: Callable[[TenantRecord], AdapterBytes], *,
+                 prepare: Callable[[AdapterBytes], SlotImage] | None = None, max_ready: int = MAX_READY) -> None:
         self._read = read
+        self._prepare = prepare  # bytes -> the engine's slot image, on the fetch thread (None: bytes only)
         self.max_ready = max_ready
         self._read_lock = threading.Lock()  # one read into the store's buffer at a time
         self._lock = threading.Lock()  # _done and _pending
@@ -107,7 +117,8 @@ class AdapterFetcher:
                 with self._read_lock:
                     got = self._read(record)
                     own = AdapterBytes.of(got.config, bytes(got.weights), got.name)  # out of the reused buffer
-                result = FetchedAdapter(own, (time.perf_counter() - t0) * 1000.0)
+                image = self._prepare(own) if self._prepare is not None else None  # a refusal raises here
+                result = FetchedAdapter(own, (time.perf_counter() - t0) * 1000.0, image)
             except Exception as exc:  # handed back: the residency quarantines as for a failed load
                 result = exc
             with self._lock:

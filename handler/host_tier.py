@@ -5,8 +5,9 @@ worker with few slots). Reading it again from the store means a file (or object-
 sha256 over every byte. An entry is one of two forms:
 
 - a slot image (`slot_loader.SlotImage`, `put_image`): the adapter as the engine's slot held it,
-  in the pool's layout and dtype, taken from an engine that makes them (the multilora engine)
-  right after it loaded the adapter. A reload (`MultiLoraEngine.load_image`) is then contiguous
+  in the pool's layout and dtype, from an engine that makes them (the multilora engine): made
+  from the verified bytes on the adapter fetch thread (`image_from_bytes`), or taken from the
+  slot right after a load from bytes (`slot_image`). A reload (`MultiLoraEngine.load_image`) is then contiguous
   copies into the slot, no parse, no dtype conversion, no transpose (on a GPU one host-to-device
   copy: the engine allocates images in page-locked memory there);
 - the verified bytes (`put`): for an engine without images (PEFT's) and for adapters prefetched

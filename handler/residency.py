@@ -235,7 +235,8 @@ class AdapterResidency:
         this before it starts; only it retries a row on `AdapterFetching`); returns the fetcher (its
         owner stops it). The fetcher reads through `_read`; the reads left here (pins, prefetch)
         take its read lock."""
-        self._fetcher = AdapterFetcher(lambda record: self._read(record))
+        prepare = self._engine.image_from_bytes if isinstance(self._engine, LoadsSlotImages) else None
+        self._fetcher = AdapterFetcher(lambda record: self._read(record), prepare=prepare)
         return self._fetcher
 
     def _read_now(self, record: TenantRecord) -> AdapterBytes:
@@ -469,17 +470,22 @@ class AdapterResidency:
         name = record.adapter_id
         t0 = time.perf_counter()
         held = self.host_tier.get(name) if prepared is None else None
+        image = prepared.image if isinstance(prepared, FetchedAdapter) else None  # made on the fetch thread
         try:
             if isinstance(prepared, Exception):
                 raise prepared
             if isinstance(held, SlotImage):
                 info = self._engine.load_image(held, name)
+            elif image is not None:
+                info = self._engine.load_image(image, name)
             else:
                 adapter = prepared.adapter if prepared is not None else held if held is not None else self._read_now(record)
                 info = self._engine.load_adapter(adapter, name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
             raise self._quarantine_failure(name, now, exc) from exc
-        if not isinstance(held, SlotImage):
+        if image is not None:
+            self._hold_image(record, image)
+        elif not isinstance(held, SlotImage):
             self._hold(record, adapter, loaded=True)  # after the engine accepted them: only loadable adapters enter
         here_ms = (time.perf_counter() - t0) * 1000.0  # what the load held this thread for
         self.counters.load_thread_ms += here_ms
@@ -511,6 +517,15 @@ class AdapterResidency:
             else:
                 self.host_tier.put(record.tenant_id, record.adapter_id, adapter)
         except Exception:  # e.g. no pinned memory left: the adapter is served, only not kept
+            log.exception("host tier could not hold %s", record.adapter_id)
+
+    def _hold_image(self, record: TenantRecord, image: SlotImage) -> None:
+        """Into the host tier: the image the fetch thread made and the engine loaded."""
+        if not self.host_tier.enabled:
+            return
+        try:
+            self.host_tier.put_image(record.tenant_id, record.adapter_id, image)
+        except Exception:
             log.exception("host tier could not hold %s", record.adapter_id)
 
     def _quarantine_failure(self, name: str, now: float, exc: Exception) -> AdapterLoadFailed:

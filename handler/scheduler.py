@@ -37,8 +37,9 @@ of the group (KV rows and holds freed) with that one error reply.
 Concurrency (the rules every method here keeps):
 - One scheduler thread owns the engine, its `RowStepper` and the residency: every load,
   eviction, warmup, prefetch, registry-change application and step runs on it. A load's store
-  read (file or object-store read, sha256) runs on the residency's fetch thread
-  (`adapter_fetch.AdapterFetcher`); the row waits meanwhile (`AdapterFetching`) and the others step.
+  read (file or object-store read, sha256) and the adapter's slot image (checks, dtype
+  conversion, transpose) run on the residency's fetch thread (`adapter_fetch.AdapterFetcher`); the
+  row waits meanwhile (`AdapterFetching`) and the others step; the copy into the slot runs here.
 - Any thread may call `Scheduler.submit` (through `LoraplexService.submit`), `Ticket.cancel`,
   `Scheduler.call` (runs a function on the scheduler thread between two steps and waits for its
   result: the service's describe) and `Scheduler.snapshot` (counters read under the lock).

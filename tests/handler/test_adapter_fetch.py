@@ -170,3 +170,34 @@ def test_a_failed_background_read_is_quarantined_and_served_by_the_load_failure_
     assert again.body["fallback"] == "adapter_load_failed: t-bad@v1" and len(log) == 1
     counters = cont.describe()["counters"]
     assert (counters["load_failures"], counters["quarantine_hits"], counters["loads"]) == (1, 1, 0)
+
+
+def test_a_store_load_is_imaged_on_the_fetch_thread_and_only_copied_in_on_the_scheduler_thread(
+        monkeypatch, make_service, tools, tiny_adapters):
+    """The fetch thread makes the adapter's slot image (`image_from_bytes`: checks, conversion,
+    transpose); the scheduler thread's part of the load is `load_image`, with no load from the
+    bytes and no copy of the slot back out for the host tier, which holds that same image. The
+    answer is PEFT's, from the store load and again from the host tier after an eviction."""
+    from handler.engine.multilora.engine import MultiLoraEngine
+
+    calls: list[tuple[str, str]] = []
+    for name in ("image_from_bytes", "load_image", "load_adapter", "slot_image"):
+        real = getattr(MultiLoraEngine, name)
+
+        def logged(*args, _real=real, _name=name):
+            calls.append((_name, threading.current_thread().name))
+            return _real(*args)
+
+        monkeypatch.setattr(MultiLoraEngine, name, logged)  # before the service: its fetcher binds image_from_bytes
+    cont = make_service(scheduler="continuous", num_slots=3, kv_rows=4)  # one resident adapter
+    tools.onboard(cont, "t-a", tiny_adapters["a"])
+    tools.onboard(cont, "t-b", tiny_adapters["c"])
+    for tenant, adapter in (("t-a", "a"), ("t-b", "c"), ("t-a", "a")):  # t-a: store, evicted, host tier
+        _, reply = _times(_stream(cont, tenant, 4))
+        assert reply.status == 200 and reply.body["text"] == tools.expected(cont, tiny_adapters[adapter], new=4)
+    assert calls == [("image_from_bytes", "loraplex-adapter-fetch"), ("load_image", "loraplex-scheduler"),
+                     ("image_from_bytes", "loraplex-adapter-fetch"), ("load_image", "loraplex-scheduler"),
+                     ("load_image", "loraplex-scheduler")], calls
+    state = cont.describe()
+    assert [a["source"] for a in state["resident"]] == ["host"]
+    assert state["counters"]["host_hits"] == 1 and state["fetch"]["fetches"] == 2

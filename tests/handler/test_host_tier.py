@@ -143,6 +143,60 @@ def test_a_reload_from_a_slot_image_gives_the_store_loads_logits_exactly_and_pef
         engine.delete_adapter("other")
 
 
+def _bf16_copy(adapter_dir, out):
+    """The adapter with its tensors stored as bf16 (another file dtype than the pool's)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    (out / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(adapter_dir / WEIGHTS_FILE)).items()},
+              str(out / WEIGHTS_FILE))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_image_made_from_the_bytes_on_another_thread_is_what_a_load_leaves_bit_for_bit(tiny_model_dir,
+                                                                                          tiny_adapters, tmp_path,
+                                                                                          dtype):
+    """`image_from_bytes` (what the adapter fetch thread prepares a store load with) gives the
+    slot image a load from the same bytes leaves, bit for bit (fp32 and bf16 files, fp32 and bf16
+    pools, every tiny adapter), and loading it leaves the slot exactly as that load does."""
+    import threading
+
+    engine = _engine(tiny_model_dir, dtype=dtype)
+    facade = engine.model
+    sources = {**tiny_adapters, "c-bf16": _bf16_copy(tiny_adapters["c"], tmp_path / "c-bf16")}
+    for name, adapter_dir in sources.items():
+        made: list[SlotImage] = []
+        worker = threading.Thread(target=lambda: made.append(engine.image_from_bytes(AdapterBytes.read_dir(adapter_dir))))
+        worker.start()
+        worker.join()
+        (image,) = made
+        engine.load_adapter(AdapterBytes.read_dir(adapter_dir), name)
+        slot = facade.slot_of(name)
+        row, scales = facade.pool[slot].clone(), facade._scales[:, slot].clone()
+        taken = engine.slot_image(name)
+        assert (image.runs, image.ranks, image.scales, image.layout) == (taken.runs, taken.ranks, taken.scales,
+                                                                         taken.layout), name
+        assert image.data.dtype == taken.data.dtype == dtype and torch.equal(image.data, taken.data), name
+        assert image.config == taken.config, name
+        engine.delete_adapter(name)
+        engine.load_image(image, name)
+        slot = facade.slot_of(name)
+        assert torch.equal(facade.pool[slot], row) and torch.equal(facade._scales[:, slot], scales), name
+        engine.delete_adapter(name)
+
+
+def test_an_image_from_bytes_refuses_what_a_load_refuses_with_the_same_error(tiny_model_dir, tiny_adapters):
+    engine = _engine(tiny_model_dir, rank=8)  # adapter c has rank 16
+    with pytest.raises(EngineError) as from_load:
+        engine.load_adapter(AdapterBytes.read_dir(tiny_adapters["c"]), "c")
+    with pytest.raises(EngineError) as from_image:
+        engine.image_from_bytes(AdapterBytes.read_dir(tiny_adapters["c"]))
+    assert type(from_image.value) is type(from_load.value) and str(from_image.value) == str(from_load.value)
+    assert engine.model.get_model_status()["free_slots"] == 3 and engine.peft_config == {}
+
+
 def test_a_slot_image_is_the_slot_bit_for_bit_in_a_bf16_pool_and_fits_only_its_own_layout(tiny_model_dir,
                                                                                            tiny_adapters):
     engine = _engine(tiny_model_dir, dtype=torch.bfloat16)
@@ -394,3 +448,30 @@ def test_a_reload_from_the_host_tier_loads_the_slot_image(make_service, tools, t
     assert tools.ask(svc, "t-a").status == 200
     assert svc.describe()["last_acquire"]["source"] == "host" and len(calls) == n  # no parse, no views, no copy
     assert torch.equal(slot_weights("t-a@v1"), from_store)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_image_made_from_the_bytes_is_pinned_and_what_a_load_leaves_bit_for_bit(tiny_model_dir, tiny_adapters,
+                                                                                        tmp_path):
+    """The CUDA pool's conversion runs on the device in a load from bytes and on the host in
+    `image_from_bytes`: the two must round alike (bf16 pool; fp32 and bf16 files)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).to("cuda").eval()
+    engine = make_engine("multilora", model, EngineSettings(num_slots=4, max_rank=16), eos_token_ids=[0],
+                         pad_token_id=0)
+    facade = engine.model
+    for name, adapter_dir in {**tiny_adapters, "c-bf16": _bf16_copy(tiny_adapters["c"], tmp_path / "c16")}.items():
+        image = engine.image_from_bytes(AdapterBytes.read_dir(adapter_dir))
+        assert image.data.is_pinned() and image.data.device.type == "cpu"
+        engine.load_adapter(AdapterBytes.read_dir(adapter_dir), name)
+        row = facade.pool[facade.slot_of(name)].clone()
+        taken = engine.slot_image(name)
+        assert (image.runs, image.ranks, image.scales) == (taken.runs, taken.ranks, taken.scales), name
+        assert torch.equal(image.data, taken.data), name
+        engine.delete_adapter(name)
+        engine.load_image(image, name)
+        torch.cuda.synchronize()
+        assert torch.equal(facade.pool[facade.slot_of(name)], row), name
+        engine.delete_adapter(name)

@@ -78,6 +78,11 @@ class MultiLoraEngine:
         `load_image` loads back with contiguous copies: what the worker's host tier keeps."""
         return self.model.slot_image(adapter_name)
 
+    def image_from_bytes(self, source: AdapterSource) -> SlotImage:
+        """Any thread: the slot image `load_adapter(source)` would leave, made on the host
+        (`MultiLoraModel.image_from_bytes`), for the worker's fetch thread to prepare a load with."""
+        return self.model.image_from_bytes(source)
+
     def load_image(self, image: SlotImage, adapter_name: str) -> LoadedAdapter:
         """Load a `slot_image` of this engine into a free slot, as `load_adapter` would the adapter's bytes."""
         ms = self.model.load_image(image, adapter_name)

@@ -96,6 +96,11 @@ class MultiLoraModel(nn.Module):
         self._staging: torch.Tensor | None = None
         self._staging_dev: torch.Tensor | None = None
         self._staging_read: torch.cuda.Event | None = None
+        # Where each wrapped layer's A and B^T blocks start in a pool row (the same in every slot;
+        # fixed at wrapping): what `image_from_bytes` lays an adapter out by on any thread.
+        row0 = self._pool[0].storage_offset()
+        self._row_offsets = {name: (layer.lora_A[0].storage_offset() - row0, layer.lora_Bt[0].storage_offset() - row0)
+                             for name, layer in self._layers.items()}
 
     # -- construction --------------------------------------------------------
     def _wrap(self) -> None:
@@ -197,6 +202,46 @@ class MultiLoraModel(nn.Module):
         layers = self._layers.values()
         return slot_loader.SlotImage(data, runs, tuple(l.slot_rank[slot] for l in layers),
                                      tuple(l.slot_scale[slot] for l in layers), self._configs[adapter_name],
+                                     self._image_layout())
+
+    def image_from_bytes(self, source: AdapterSource) -> slot_loader.SlotImage:
+        """The `slot_image` that `load_adapter(source)` would leave, bit for bit, made on the host
+        from the verified bytes: the same checks (`read_adapter`, the engine's errors), then each
+        layer's A and B^T converted to the pool's dtype (and B transposed) by host copies into the
+        image (page-locked for a CUDA pool). Any thread: it reads only what wrapping fixed (the
+        layers, their offsets in a pool row, the pool's dtype and layout) and touches no slot, so the
+        worker's adapter fetch thread prepares a store load with it and the owner thread's part of
+        the load is `load_image` (one host-to-device copy, then contiguous device copies)."""
+        parsed = read_adapter(source, self._linear_layers, self.max_rank)
+        header = parsed.header
+        data = _held_buffer(parsed.source)
+        if data is None:
+            data = torch.empty(header.data_len, dtype=torch.uint8)
+            slot_loader.copy_data(parsed.source.weights, header, data)
+        else:
+            data = data[header.data_start: header.data_start + header.data_len]
+        by_module = {m.module: m for m in parsed.modules}
+        ranks: list[int] = []
+        scales: list[float] = []
+        blocks: list[tuple[int, torch.Tensor]] = []  # (start in a pool row, [r, features] source) per block
+        for name, layer in self._layers.items():
+            m = by_module.get(name)
+            a = None if m is None else slot_loader.tensor_view(data, header.tensors[m.key_a])
+            r = 0 if a is None else int(a.shape[0])
+            ranks.append(r)
+            scales.append(float(m.scale) if r else 0.0)
+            if r:
+                a_off, b_off = self._row_offsets[name]
+                blocks.append((a_off, a))
+                blocks.append((b_off, slot_loader.tensor_view(data, header.tensors[m.key_b]).t()))
+        blocks.sort(key=lambda block: block[0])
+        runs = slot_loader.coalesce([(start, src.numel()) for start, src in blocks])
+        out = torch.empty(sum(n for _, n in runs), dtype=self._pool.dtype, pin_memory=self.device.type == "cuda")
+        at = 0
+        for _, src in blocks:  # in row order: the runs' elements back to back, as `slot_image` gathers them
+            out[at: at + src.numel()].view(src.shape).copy_(src)
+            at += src.numel()
+        return slot_loader.SlotImage(out, runs, tuple(ranks), tuple(scales), _to_lora_config(dict(parsed.config.raw)),
                                      self._image_layout())
 
     def load_image(self, image: slot_loader.SlotImage, adapter_name: str) -> float:

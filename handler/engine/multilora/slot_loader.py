@@ -92,10 +92,14 @@ class SlotImage:
 @runtime_checkable
 class LoadsSlotImages(Protocol):
     """An engine that can hand out and load back `SlotImage`s (the multilora engine; not PEFT's).
-    Both on the engine's owner thread."""
+    `slot_image` and `load_image` on the engine's owner thread, `image_from_bytes` on any."""
 
     def slot_image(self, adapter_name: str) -> SlotImage:
         """A host copy of the loaded adapter as its slot holds it."""
+        ...
+
+    def image_from_bytes(self, source: Any) -> SlotImage:
+        """What `slot_image` would give after `load_adapter(source)`, made on the host (any thread)."""
         ...
 
     def load_image(self, image: SlotImage, adapter_name: str) -> LoadedAdapter:
