@@ -203,6 +203,24 @@ class _Call:
     error: BaseException | None = None
 
 
+class ThreadTime:
+    """Where the scheduler thread's wall time goes, in seconds per phase of its loop (`PHASES`):
+    what describe reports (`scheduler.thread_s`) and the serving bench compares with the GPU's
+    work. `mark(phase)` charges the time since the previous mark to `phase`. Scheduler thread
+    only; read by `snapshot` (a copy of floats: a torn read is off by one iteration at most)."""
+
+    PHASES = ("idle", "inbox", "sync", "admit", "prefill", "first_tokens", "decode", "tokens", "deliver", "gauges")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._at = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._at
+        self._at = now
+
+
 @dataclass(frozen=True)
 class _Cancel:
     ticket: Ticket
@@ -264,6 +282,7 @@ class Scheduler:
         self.drains = 0  # resident adapters drained for an overdue one
         self.waiting_rows = 0
         self.running_rows = 0
+        self.thread_time = ThreadTime()
 
     # -- any thread --------------------------------------------------------------
 
@@ -348,7 +367,8 @@ class Scheduler:
                 "request_timeout_s": self.request_timeout_s, "steps": self.steps, "admitted": self.admitted,
                 "finished": self.finished, "cancelled": self.cancelled, "timed_out": self.timed_out,
                 "rejected_queue_full": self.rejected_full, "admission_max_wait_s": self.admission_max_wait_s,
-                "drains": self.drains}
+                "drains": self.drains,
+                "thread_s": {k: round(v, 4) for k, v in dict(self.thread_time.seconds).items()}}
 
     # -- the scheduler thread ----------------------------------------------------
 
@@ -361,6 +381,7 @@ class Scheduler:
             return
         self._ready.set()
         progressed, failures = True, 0
+        self.thread_time.mark("idle")  # setup is not serving time
         while True:
             idle = not self._running and not self._waiting
             if not self._take_inbox(wait=0.0 if progressed else (IDLE_WAIT_S if idle else 0.005)):
@@ -375,6 +396,7 @@ class Scheduler:
                     self._fail_all(exc)
                     failures = 0
             self._outbox.flush()
+            self.thread_time.mark("deliver")
         self._shutdown()
         self._outbox.flush()
         self.fetcher.stop()
@@ -383,13 +405,17 @@ class Scheduler:
         """Registry changes and idle eviction (now and then), timeouts, admission, one step;
         True when a row started or a step ran."""
         now = self._clock()
+        clock = self.thread_time
         if idle or now - self._synced_at >= SYNC_INTERVAL_S:
             self._synced_at = now
             self._guard(self._service.residency.evict_idle)  # registry changes, idle adapters (held ones stay)
         self._expire(now)
+        clock.mark("sync")
         admitted = self._admit()
+        clock.mark("admit")
         stepped = self._step() if self._running else False
         self._guard(self._gauges)  # metrics never stop serving
+        clock.mark("gauges")
         return admitted or stepped
 
     def _take_inbox(self, wait: float) -> bool:
@@ -397,6 +423,7 @@ class Scheduler:
         with self._lock:
             if not self._inbox and not self._stopping and wait > 0:
                 self._lock.wait(wait)
+                self.thread_time.mark("idle")
             if self._stopping:
                 return False
             items = list(self._inbox)
@@ -408,6 +435,7 @@ class Scheduler:
                 self._drop(item.ticket._job, item.error)
             else:
                 self._run_call(item)
+        self.thread_time.mark("inbox")
         return True
 
     @staticmethod
@@ -618,21 +646,26 @@ class Scheduler:
         """One step in its two halves (`RowStepper.prefill_phase`, `decode_phase`). The first tokens of
         rows whose prompt completed are handed out, and sent to their event loops, before the decode
         forward runs: a new row's first token does not wait for the running rows' next ones."""
+        clock = self.thread_time
         try:
             events = self.stepper.prefill_phase()
         except Exception as exc:
             self._engine_failed(exc)
             return False
+        clock.mark("prefill")
         if events:
             self._hand_out(events)
             self._outbox.flush()
+        clock.mark("first_tokens")
         try:
             events = self.stepper.decode_phase()
         except Exception as exc:
             self._engine_failed(exc)
             return False
+        clock.mark("decode")
         self.steps += 1
         self._hand_out(events)
+        clock.mark("tokens")
         return True
 
     def _engine_failed(self, exc: Exception) -> None:

@@ -587,8 +587,19 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                                                if "kernel_variants" in after and "kernel_variants" in before else None),
                 "load_thread_ms_during_run": describe_delta(before, after, "counters", "load_thread_ms"),
                 **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
-                   for key in ("prefill_forwards", "prefill_replays", "decode_steps")}})
+                   for key in ("prefill_forwards", "prefill_replays", "decode_steps")},
+                "scheduler_thread_s_during_run": thread_time_delta(before, after)})
     return res, outcomes
+
+
+def thread_time_delta(before: dict, after: dict) -> dict[str, float] | None:
+    """Seconds of the scheduler thread per loop phase between two describes (`scheduler.ThreadTime`;
+    None: a static worker)."""
+    b = (before.get("scheduler") or {}).get("thread_s")
+    a = (after.get("scheduler") or {}).get("thread_s")
+    if not a or not b:
+        return None
+    return {k: round(a[k] - b.get(k, 0.0), 3) for k in a}
 
 
 def describe_delta(before: dict, after: dict, *path: str) -> float | int | None:

@@ -220,7 +220,7 @@ def test_a_slot_image_is_the_slot_bit_for_bit_in_a_bf16_pool_and_fits_only_its_o
 # -- through the service -----------------------------------------------------------------
 
 def test_evicted_adapter_reloads_from_the_host_tier_without_a_store_read(make_service, tools, tiny_adapters):
-    svc = make_service(num_slots=3)  # one resident adapter: every switch evicts
+    svc = make_service(num_slots=3, device="cpu")  # one resident adapter: every switch evicts; fp32 bytes, plain memory
     for name in ("a", "b"):
         tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     expected = {n: tools.expected(svc, tiny_adapters[n]) for n in ("a", "b")}
@@ -254,7 +254,7 @@ def test_without_the_tier_every_reload_reads_the_store(make_service, tools, tiny
 
 
 def test_the_tier_budget_evicts_the_least_recently_used_by_bytes(make_service, tools, tiny_adapters):
-    svc = make_service(num_slots=3)
+    svc = make_service(num_slots=3, device="cpu")  # the budget is set in fp32 images' bytes
     for name in ("a", "b", "c"):
         tools.onboard(svc, f"t-{name}", tiny_adapters[name])
     size = {n: len(_weights(tiny_adapters[n])) for n in ("a", "b", "c")}

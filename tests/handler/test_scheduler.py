@@ -657,3 +657,22 @@ def test_a_new_rows_first_token_goes_out_before_the_steps_decode_forward(pair):
         assert _drain(running)[1].status == 200
     finally:
         stepper.prefill_phase, stepper.decode_phase = real_prefill, real_decode
+
+
+def test_the_scheduler_threads_time_is_charged_to_its_loop_phases(pair, tools, tiny_adapters):
+    """describe's `scheduler.thread_s`: every phase of the loop, the steps' halves charged while rows
+    run, an adapter load in admission, and no more time in all than the thread has lived."""
+    cont, _ = pair()
+    tools.onboard(cont, "acme", tiny_adapters["a"])
+    start = time.perf_counter()
+    before = cont.describe()["scheduler"]["thread_s"]
+    for tenant in ("acme", None, "acme"):
+        _, reply = _drain(cont.submit(_raw("hello world", tenant)))
+        assert reply.status == 200
+    after = cont.describe()["scheduler"]["thread_s"]
+    spent = {k: after[k] - before[k] for k in after}
+    assert set(after) == {"idle", "inbox", "sync", "admit", "prefill", "first_tokens", "decode", "tokens", "deliver",
+                          "gauges"}
+    assert all(v >= 0 for v in spent.values()) and spent["prefill"] > 0 and spent["decode"] > 0, spent
+    assert spent["admit"] > 0 and spent["idle"] > 0, spent
+    assert sum(spent.values()) <= time.perf_counter() - start + 0.01, spent
