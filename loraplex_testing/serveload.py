@@ -21,8 +21,11 @@ Drivers, each returning one `Outcome` per request with time stamps taken by the 
   to the first chunk with text, ITL = gaps between text chunks (a chunk may cover more than
   one token), e2e = until the stream ends. With `scheduler: static` the answer arrives as
   one text chunk (then the last chunk), so TTFT ~ e2e and there are no inter-token gaps.
-- `drive_inprocess`: `LoraplexService` in this process. Continuous: `service.submit(raw)`
-  then `Ticket.get()` on one thread per request (time stamps per `TextDelta`). Static:
+- `drive_inprocess`: `LoraplexService` in this process. Continuous: what TorchServe's
+  asynchronous worker does (handler/ts_entry.py): one asyncio loop, `service.submit(raw, loop)`
+  on a pool of `SUBMIT_THREADS`, then `await ticket.next()` (time stamps per `TextDelta`; the
+  scheduler hands a loop all its events once per iteration). Sequential runs (`open_loop=False`)
+  use `Ticket.get()` on the calling thread. Static:
   a batcher thread that does what TorchServe's frontend does for a static archive (up to
   `batch_size` requests, waiting at most `max_batch_delay_ms` for a batch to fill) and
   calls `handle_batch`: TTFT = e2e there too.
@@ -32,8 +35,9 @@ Drivers, each returning one `Outcome` per request with time stamps taken by the 
 private TorchServe per scheduler from `archive.build_archive(..., scheduler=...)`.
 
 Concurrency: `drive_openai` runs one asyncio loop (one task per request) on the calling
-thread; `drive_inprocess` starts one thread per request (plus the static batcher), each
-writing only its own `Outcome`; the service's own threads are the service's business.
+thread; `drive_inprocess` likewise (continuous; its submits on a small pool) or a batcher
+thread (static), each request writing only its own `Outcome`; the service's own threads are the
+service's business.
 """
 from __future__ import annotations
 
@@ -336,39 +340,90 @@ def _fill_from_reply(o: Outcome, reply: Any) -> None:
 
 def _submit_one(service: Any, req: ServeRequest, max_tokens: int | None, event_timeout: float,
                 logprobs: int = 0) -> Outcome:
-    from handler.scheduler import Finished, TextDelta
-
+    """One request on the calling thread: `submit`, then `Ticket.get` until Finished."""
     o = Outcome(req, start=time.monotonic())
-    top: list[list[tuple[str, float]]] = []
     try:
         got = service.submit(_raw(req, max_tokens, logprobs))
         if not hasattr(got, "get"):  # an immediate Reply (an error, 413, 503)
             _fill_from_reply(o, got)
         else:
-            ids: list[int] = []
-            while True:
-                ev = got.get(timeout=event_timeout)
-                now = time.monotonic()
-                if isinstance(ev, TextDelta):
-                    ids.extend(ev.token_ids)
-                    if ev.logprobs:
-                        top.extend([(e["token"], float(e["logprob"])) for e in step]
-                                   for step in ev.logprobs["top_logprobs"])
-                    if ev.token_ids or ev.text:
-                        o.chunk_times.append(now)
-                        if o.first is None:
-                            o.first = now
-                elif isinstance(ev, Finished):
-                    _fill_from_reply(o, ev.reply)
-                    o.token_ids = tuple(ids)
-                    o.token_texts = tuple(service.token_text(i) for i in ids)
-                    o.top_logprobs = top or None
-                    o.tokens = o.tokens or len(ids)
-                    break
+            events = _Events(o, service)
+            while not events.take(got.get(timeout=event_timeout)):
+                pass
     except Exception as exc:  # the driver's own failure: recorded, never raised into the run
         o.status, o.error = 0, _error_text(exc)
     o.end = time.monotonic()
     return o
+
+
+async def _submit_async(service: Any, req: ServeRequest, max_tokens: int | None, event_timeout: float,
+                        pool: Any) -> Outcome:
+    """One request the way TorchServe's asynchronous worker serves it (handler/ts_entry.py): `submit`
+    on a small thread pool with the running event loop, then `await ticket.next()` on the loop."""
+    loop = asyncio.get_running_loop()
+    o = Outcome(req, start=time.monotonic())
+    try:
+        got = await loop.run_in_executor(pool, service.submit, _raw(req, max_tokens), loop)
+        if not hasattr(got, "next"):  # an immediate Reply
+            _fill_from_reply(o, got)
+        else:
+            events = _Events(o, service)
+            while not events.take(await asyncio.wait_for(got.next(), event_timeout)):
+                pass
+    except Exception as exc:
+        o.status, o.error = 0, _error_text(exc)
+    o.end = time.monotonic()
+    return o
+
+
+class _Events:
+    """A ticket's events into its `Outcome` (time stamps per `TextDelta`, the reply at Finished)."""
+
+    def __init__(self, o: Outcome, service: Any) -> None:
+        self.o, self.service = o, service
+        self.ids: list[int] = []
+        self.top: list[list[tuple[str, float]]] = []
+
+    def take(self, ev: Any) -> bool:
+        """True at Finished."""
+        from handler.scheduler import Finished, TextDelta
+
+        o, now = self.o, time.monotonic()
+        if isinstance(ev, TextDelta):
+            self.ids.extend(ev.token_ids)
+            if ev.logprobs:
+                self.top.extend([(e["token"], float(e["logprob"])) for e in step] for step in ev.logprobs["top_logprobs"])
+            if ev.token_ids or ev.text:
+                o.chunk_times.append(now)
+                if o.first is None:
+                    o.first = now
+            return False
+        if isinstance(ev, Finished):
+            _fill_from_reply(o, ev.reply)
+            o.token_ids = tuple(self.ids)
+            o.token_texts = tuple(self.service.token_text(i) for i in self.ids)
+            o.top_logprobs = self.top or None
+            o.tokens = o.tokens or len(self.ids)
+            return True
+        return False
+
+
+SUBMIT_THREADS = 4  # as ts_entry's LoraplexHandler.SUBMIT_THREADS
+
+
+async def _open_loop_async(service: Any, work: Sequence[ServeRequest], max_tokens: int | None,
+                           event_timeout: float) -> list[Outcome]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="bench-submit") as pool:
+        t0 = time.monotonic()
+        tasks = []
+        for r in work:
+            delay = t0 + r.arrival_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(_submit_async(service, r, max_tokens, event_timeout, pool)))
+        return list(await asyncio.gather(*tasks))
 
 
 def drive_inprocess(service: Any, work: Sequence[ServeRequest], *, scheduler: str, open_loop: bool = True,
@@ -380,23 +435,10 @@ def drive_inprocess(service: Any, work: Sequence[ServeRequest], *, scheduler: st
         if scheduler == "continuous":
             return [_submit_one(service, r, max_tokens, event_timeout, logprobs) for r in work]
         return [_static_batch(service, [r], max_tokens)[0] for r in work]
+    if scheduler == "continuous":
+        return asyncio.run(_open_loop_async(service, work, max_tokens, event_timeout))
     outcomes: list[Outcome | None] = [None] * len(work)
     t0 = time.monotonic()
-    if scheduler == "continuous":
-        def one(i: int) -> None:
-            outcomes[i] = _submit_one(service, work[i], max_tokens, event_timeout)
-
-        threads = []
-        for i, r in enumerate(work):
-            delay = t0 + r.arrival_s - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            th = threading.Thread(target=one, args=(i,), daemon=True)
-            th.start()
-            threads.append(th)
-        for th in threads:
-            th.join()
-        return [o for o in outcomes if o is not None]
     arrived: "queue.Queue[tuple[int, float] | None]" = queue.Queue()
 
     def batcher() -> None:  # what TorchServe's frontend does for a static archive
@@ -588,7 +630,8 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                 "load_thread_ms_during_run": describe_delta(before, after, "counters", "load_thread_ms"),
                 **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
                    for key in ("prefill_forwards", "prefill_replays", "decode_steps")},
-                "scheduler_thread_s_during_run": thread_time_delta(before, after)})
+                "scheduler_thread_s_during_run": thread_time_delta(before, after),
+                **{f"device_{phase}_s_during_run": _device_s(before, after, phase) for phase in ("prefill", "decode")}})
     return res, outcomes
 
 
@@ -600,6 +643,12 @@ def thread_time_delta(before: dict, after: dict) -> dict[str, float] | None:
     if not a or not b:
         return None
     return {k: round(a[k] - b.get(k, 0.0), 3) for k in a}
+
+
+def _device_s(before: dict, after: dict, phase: str) -> float | None:
+    """Seconds the GPU spent on the stepper's `phase` forwards between two describes (None: a CPU)."""
+    ms = describe_delta(before, after, "scheduler", "stepper", "device_ms", phase)
+    return None if ms is None else round(ms / 1000.0, 3)
 
 
 def describe_delta(before: dict, after: dict, *path: str) -> float | int | None:

@@ -188,6 +188,44 @@ def _first_at_least(buckets: Sequence[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
+class DeviceTime:
+    """Milliseconds the device spent on the stepper's forwards, per phase (CUDA events around each
+    forward; None on a CPU, where the forwards run on the calling thread and its wall time says it).
+    Read back at the next sync the step makes anyway (`collect`, after the tokens' `tolist`), so it
+    adds no wait. Owned by the stepper's thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.ms = {"prefill": 0.0, "decode": 0.0}
+        self._open: list[tuple[str, Any, Any]] = []
+
+    def start(self) -> Any:
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, phase: str, started: Any) -> None:
+        if started is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._open.append((phase, started, event))
+
+    def collect(self) -> None:
+        """Add the finished forwards' times (those not finished yet wait for the next collect)."""
+        pending = []
+        for phase, a, b in self._open:
+            if b.query():
+                self.ms[phase] += a.elapsed_time(b)
+            else:
+                pending.append((phase, a, b))
+        self._open = pending
+
+    def describe(self) -> dict[str, float] | None:
+        return {k: round(v, 3) for k, v in self.ms.items()} if self.enabled else None
+
+
 @dataclass(eq=False)
 class _Row:
     row_id: int
@@ -334,6 +372,7 @@ class Stepper:
         self.prefill_forwards = 0
         self.prefill_replays = 0  # prefill forwards served by a captured graph
         self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
+        self.device_time = DeviceTime(self.device)
 
     # -- rows -----------------------------------------------------------------
     def add(self, row_id: int, row: GenerationRow) -> None:
@@ -481,9 +520,11 @@ class Stepper:
         else:
             groups = _pack(chunks, PACK_FLOOR) if self.graphs else _pack(chunks, spare=CPU_FORWARD_TOKENS)
         for group in groups:
+            started = self.device_time.start()
             logits = self._replay_prefill(group) if self._prefill_shapes else None
             if logits is None:
                 logits = self._prefill_forward(group)
+            self.device_time.stop("prefill", started)
             for r, n in group:
                 r.filled += n
             self.prefill_forwards += 1
@@ -591,6 +632,7 @@ class Stepper:
         pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
         need = max(pos) + 1
         logits = None
+        started = self.device_time.start()
         if self.graphs:
             self._check(rows)
             rank = _first_at_least(self.graph_ranks, max(r.rank for r in decoding))
@@ -600,6 +642,7 @@ class Stepper:
             with self._eager(rows):
                 logits = self._decode_forward(inputs[0].view(B, 1), inputs[1].view(B, 1),
                                               min(round_up(need, EAGER_LEN), self.limits.max_len))
+        self.device_time.stop("decode", started)
         self.decode_steps += 1
         index = torch.tensor([r.kv for r in decoding], device=logits.device)
         return self._emit(decoding, logits.index_select(0, index))
@@ -636,7 +679,9 @@ class Stepper:
                 kk = rows[i].params.logprobs
                 lps[i] = (cv, tuple(zip(ids[:kk], vals[:kk])))
         events = []
-        for i, (r, t) in enumerate(zip(rows, chosen.tolist())):
+        tokens = chosen.tolist()  # the step's one wait for the device
+        self.device_time.collect()
+        for i, (r, t) in enumerate(zip(rows, tokens)):
             if t in self.eos:
                 events.append(RowEvent(r.row_id, None, "stop"))
                 self._release(r)
@@ -787,4 +832,5 @@ class Stepper:
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
-                "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved}
+                "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved,
+                "device_ms": self.device_time.describe()}
