@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="inprocess: a timed answer that leaves the alone answer at a token within this many "
                          "nats of the alone run's best there counts as a near tie, not wrong (default 0.1 in "
                          "bf16/fp16, exact in fp32; negative = exact)")
+    ap.add_argument("--warm", choices=("all", "resident"), default="all",
+                    help="inprocess: before the timed runs, load every tenant's adapter once (all: the timed "
+                         "run's loads come from the host tier, a worker's steady state) or only as many as "
+                         "there are slots (resident: the others load from the store during the timed run)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     small = a.model == "tiny" if a.target == "torchserve" else a.size == "tiny"
@@ -503,7 +507,8 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
             extras.setdefault("scheduler_kind", {})[sch] = getattr(svc, "scheduler_kind", "static")
         probe = median_prompt_request(base_work, int(a.prompt.median))
         warm = [probe] + [next(r for r in base_work if r.tenant == t) for t in dict.fromkeys(
-            r.tenant for r in base_work)][: a.resident]
+            r.tenant for r in base_work)][: None if a.warm == "all" else a.resident]
+        extras["warm"] = a.warm
         for sch, svc in svcs.items():  # first loads and first forwards off the clock
             serveload.drive_inprocess(svc, warm, scheduler=_kind(svc, sch), open_loop=False, max_tokens=2)
         ref: dict[str, float] = {}  # each scheduler's e2e p50 at the first rate
