@@ -475,3 +475,21 @@ def test_a_cuda_image_made_from_the_bytes_is_pinned_and_what_a_load_leaves_bit_f
         torch.cuda.synchronize()
         assert torch.equal(facade.pool[facade.slot_of(name)], row), name
         engine.delete_adapter(name)
+
+
+def test_an_image_takes_plain_memory_when_no_page_locked_memory_is_left(monkeypatch, caplog):
+    """`slot_loader.host_tensor`, where `image_from_bytes` allocates a CUDA pool's images: a failed
+    page-locked allocation must not fail the load (the fetch thread would quarantine the adapter)."""
+    from handler.engine.multilora import slot_loader
+
+    real = torch.empty
+
+    def no_pinned(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slot_loader.torch, "empty", no_pinned)
+    out = slot_loader.host_tensor(10, torch.bfloat16, pin=True)
+    assert out.numel() == 10 and out.dtype == torch.bfloat16 and not out.is_pinned()
+    assert "no page-locked memory for 20 bytes" in caplog.text

@@ -189,7 +189,7 @@ class MultiLoraModel(nn.Module):
         runs = slot_loader.coalesce(spans)
         n = sum(k for _, k in runs)
         on_cuda = self.device.type == "cuda"
-        data = torch.empty(n, dtype=self._pool.dtype, pin_memory=on_cuda)
+        data = slot_loader.host_tensor(n, self._pool.dtype, pin=on_cuda)
         if on_cuda:
             staged = self._device_staging(n)
             slot_loader.gather_runs(row, runs, staged)
@@ -208,10 +208,11 @@ class MultiLoraModel(nn.Module):
         """The `slot_image` that `load_adapter(source)` would leave, bit for bit, made on the host
         from the verified bytes: the same checks (`read_adapter`, the engine's errors), then each
         layer's A and B^T converted to the pool's dtype (and B transposed) by host copies into the
-        image (page-locked for a CUDA pool). Any thread: it reads only what wrapping fixed (the
-        layers, their offsets in a pool row, the pool's dtype and layout) and touches no slot, so the
-        worker's adapter fetch thread prepares a store load with it and the owner thread's part of
-        the load is `load_image` (one host-to-device copy, then contiguous device copies)."""
+        image (page-locked for a CUDA pool, plain memory if none is left). Any thread: it reads
+        only what wrapping fixed (the layers, their offsets in a pool row, the pool's dtype and
+        layout) and touches no slot, so the worker's adapter fetch thread prepares a store load
+        with it and the owner thread's part of the load is `load_image` (one host-to-device copy,
+        then contiguous device copies)."""
         parsed = read_adapter(source, self._linear_layers, self.max_rank)
         header = parsed.header
         data = _held_buffer(parsed.source)
@@ -236,7 +237,7 @@ class MultiLoraModel(nn.Module):
                 blocks.append((b_off, slot_loader.tensor_view(data, header.tensors[m.key_b]).t()))
         blocks.sort(key=lambda block: block[0])
         runs = slot_loader.coalesce([(start, src.numel()) for start, src in blocks])
-        out = torch.empty(sum(n for _, n in runs), dtype=self._pool.dtype, pin_memory=self.device.type == "cuda")
+        out = slot_loader.host_tensor(sum(n for _, n in runs), self._pool.dtype, pin=self.device.type == "cuda")
         at = 0
         for _, src in blocks:  # in row order: the runs' elements back to back, as `slot_image` gathers them
             out[at: at + src.numel()].view(src.shape).copy_(src)

@@ -19,6 +19,7 @@ so nothing here locks.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +28,8 @@ import torch
 from loraplex_common.adapter_format import SafetensorsHeader, TensorInfo
 
 from ..api import LoadedAdapter
+
+log = logging.getLogger(__name__)
 
 # The float dtypes the adapter rules accept (`FLOAT_DTYPES`), as torch dtypes.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -40,6 +43,19 @@ def ensure_bytes(buf: torch.Tensor | None, nbytes: int, *, device: torch.device 
     if buf is not None and buf.numel() >= nbytes:
         return buf
     return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+def host_tensor(n: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    """`n` elements of host memory, page-locked when `pin` and the allocation succeeds (page-locked
+    memory can run out: then plain memory, which a host-to-device copy reads too, only not
+    asynchronously)."""
+    if pin:
+        try:
+            return torch.empty(n, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:
+            log.warning("no page-locked memory for %d bytes (%s); using plain memory",
+                        n * torch.empty((), dtype=dtype).element_size(), exc)
+    return torch.empty(n, dtype=dtype)
 
 
 def copy_data(weights: bytes, header: SafetensorsHeader, out: torch.Tensor) -> None:
