@@ -113,7 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the run's files here (default: a temp dir)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="inprocess: cProfile the scheduler thread during each timed continuous run and print "
-                         "its top N functions by own time and by cumulative time (stderr)")
+                         "its top N functions by own time and by cumulative time (stderr). On the GPU device's "
+                         "Python 3.12 it recorded other threads' calls too (the fetch thread's reads): for where "
+                         "the scheduler thread's time goes, read scheduler_thread_s_during_run")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="inprocess: a timed answer that leaves the alone answer at a token within this many "
                          "nats of the alone run's best there counts as a near tie, not wrong (default 0.1 in "
@@ -406,7 +408,8 @@ class InProcess:
 def scheduler_profile(svc: Any, top: int, title: str) -> Iterator[None]:
     """cProfile on the scheduler thread (enabled and disabled there, between two steps, through
     `Scheduler.call`) around the block; prints the top `top` rows by tottime and cumtime.
-    Wall-clock profile: a function that waits for the GPU (a `.tolist()`) is charged the wait."""
+    Wall-clock profile: a function that waits for the GPU (a `.tolist()`) is charged the wait. On
+    the GPU device's Python 3.12 it also recorded other threads' calls (the adapter fetch thread's)."""
     if not top or getattr(svc, "scheduler", None) is None:
         yield
         return
