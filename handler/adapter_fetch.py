@@ -50,6 +50,11 @@ class FetchedAdapter:
     image: SlotImage | None = None  # the engine's slot image of it (`prepare`), what the owner thread loads
 
 
+def own_copy(got: AdapterBytes) -> AdapterBytes:
+    """`got` with its weights in bytes of their own (out of the store's reused read buffer)."""
+    return AdapterBytes.of(got.config, bytes(got.weights), got.name)
+
+
 class AdapterFetcher:
     def __init__(self, read: Callable[[TenantRecord], AdapterBytes], *,
                  prepare: Callable[[AdapterBytes], SlotImage] | None = None, max_ready: int = MAX_READY) -> None:
@@ -93,8 +98,7 @@ class AdapterFetcher:
         (a view of the store's reused buffer would change under the caller as soon as the fetch
         thread's next read takes the lock)."""
         with self._read_lock:
-            got = self._read(record)
-            return AdapterBytes.of(got.config, bytes(got.weights), got.name)
+            return own_copy(self._read(record))
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -115,8 +119,7 @@ class AdapterFetcher:
             t0 = time.perf_counter()
             try:
                 with self._read_lock:
-                    got = self._read(record)
-                    own = AdapterBytes.of(got.config, bytes(got.weights), got.name)  # out of the reused buffer
+                    own = own_copy(self._read(record))  # out of the reused buffer
                 image = self._prepare(own) if self._prepare is not None else None  # a refusal raises here
                 result = FetchedAdapter(own, (time.perf_counter() - t0) * 1000.0, image)
             except Exception as exc:  # handed back: the residency quarantines as for a failed load

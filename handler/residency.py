@@ -483,10 +483,8 @@ class AdapterResidency:
                 info = self._engine.load_adapter(adapter, name)
         except Exception as exc:  # any failure quarantines: never retry a broken adapter per request
             raise self._quarantine_failure(name, now, exc) from exc
-        if image is not None:
-            self._hold_image(record, image)
-        elif not isinstance(held, SlotImage):
-            self._hold(record, adapter, loaded=True)  # after the engine accepted them: only loadable adapters enter
+        if not isinstance(held, SlotImage):  # after the engine accepted them: only loadable adapters enter
+            self._hold(record, None if image is not None else adapter, loaded=True, image=image)
         here_ms = (time.perf_counter() - t0) * 1000.0  # what the load held this thread for
         self.counters.load_thread_ms += here_ms
         ms = here_ms + (prepared.read_ms if isinstance(prepared, FetchedAdapter) else 0.0)  # + its background read
@@ -505,27 +503,22 @@ class AdapterResidency:
             raise self._quarantine_failure(record.adapter_id, self._clock(), exc) from exc
         self._hold(record, adapter, loaded=False)
 
-    def _hold(self, record: TenantRecord, adapter: AdapterBytes, *, loaded: bool) -> None:
-        """Into the host tier: the engine's slot image when the adapter is `loaded` in an engine that
-        makes them (it replaces held bytes), else a copy of its verified bytes."""
+    def _hold(self, record: TenantRecord, adapter: AdapterBytes | None, *, loaded: bool,
+              image: SlotImage | None = None) -> None:
+        """Into the host tier: `image` (the fetch thread's, already loaded), else the engine's slot
+        image when the adapter is `loaded` in an engine that makes them (it replaces held bytes),
+        else a copy of its verified bytes."""
         if not self.host_tier.enabled:
             return
         try:
-            if loaded and isinstance(self._engine, LoadsSlotImages):
+            if image is not None:
+                self.host_tier.put_image(record.tenant_id, record.adapter_id, image)
+            elif loaded and isinstance(self._engine, LoadsSlotImages):
                 self.host_tier.put_image(record.tenant_id, record.adapter_id,
                                          self._engine.slot_image(record.adapter_id))
             else:
                 self.host_tier.put(record.tenant_id, record.adapter_id, adapter)
         except Exception:  # e.g. no pinned memory left: the adapter is served, only not kept
-            log.exception("host tier could not hold %s", record.adapter_id)
-
-    def _hold_image(self, record: TenantRecord, image: SlotImage) -> None:
-        """Into the host tier: the image the fetch thread made and the engine loaded."""
-        if not self.host_tier.enabled:
-            return
-        try:
-            self.host_tier.put_image(record.tenant_id, record.adapter_id, image)
-        except Exception:
             log.exception("host tier could not hold %s", record.adapter_id)
 
     def _quarantine_failure(self, name: str, now: float, exc: Exception) -> AdapterLoadFailed:
