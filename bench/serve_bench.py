@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="config prefill_wait_steps (GPU graphs only; default: the config's)")
     ap.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
                     help="config prefill_graphs (GPU graphs only; default: the config's, on)")
+    ap.add_argument("--step-overlap", choices=("auto", "on", "off"), default=None,
+                    help="config step_overlap (default: the config's, auto = on with GPU graphs)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-files", type=int, default=8, help="inprocess: distinct random adapter files "
                                                                 "(tenants share them round robin; each tenant is "
@@ -157,7 +159,8 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
             "max_rank": max(64, a.rank), "max_waiting": max(64, a.requests),
             **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk else {}),
             **({"prefill_wait_steps": a.prefill_wait_steps} if a.prefill_wait_steps is not None else {}),
-            **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {})}
+            **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {}),
+            **({"step_overlap": a.step_overlap} if a.step_overlap else {})}
 
 
 def saturated(res: dict, ref_e2e_ms: float | None = None) -> bool:

@@ -157,7 +157,8 @@ class LoraplexService:
         if config.scheduler == "continuous":
             limits = StepLimits(max_rows=config.kv_rows, max_len=config.kv_row_tokens,
                                 prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes,
-                                prefill_wait_steps=config.prefill_wait_steps, prefill_graphs=config.prefill_graphs)
+                                prefill_wait_steps=config.prefill_wait_steps, prefill_graphs=config.prefill_graphs,
+                                overlap={"auto": None, "on": True, "off": False}[config.step_overlap])
             try:
                 stepper = engine.stepper(limits)
             except EngineError as exc:

@@ -104,6 +104,7 @@ class LoraplexConfig:
     prefill_chunk: int = 512                # continuous: most prompt tokens prefilled in one step
     prefill_wait_steps: int = 8             # continuous, GPU graphs: joining rows wait up to this many steps to prefill together
     prefill_graphs: bool = True             # continuous, GPU graphs: prefill chunks replay captured graphs (False: eager)
+    step_overlap: str = "auto"              # continuous: auto (on with GPU graphs) | on | off: a step's tokens read back while the next runs
     graph_batch_sizes: tuple[int, ...] = () # continuous on a GPU: decode batch sizes captured at start (() = 1, 2, 4, ... kv_rows)
     max_waiting: int = 64                   # continuous: requests that may wait beyond the kv_rows running (then 503)
     retry_after_s: int = 1                  # the Retry-After of that 503
@@ -439,6 +440,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "prefill_chunk": _int(1),
     "prefill_wait_steps": _int(0),
     "prefill_graphs": _bool,
+    "step_overlap": _choice("auto", "on", "off"),
     "graph_batch_sizes": _int_list(1),
     "max_waiting": _int(0),
     "retry_after_s": _int(0),

@@ -629,7 +629,7 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                                                if "kernel_variants" in after and "kernel_variants" in before else None),
                 "load_thread_ms_during_run": describe_delta(before, after, "counters", "load_thread_ms"),
                 **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
-                   for key in ("prefill_forwards", "prefill_replays", "decode_steps")},
+                   for key in ("prefill_forwards", "prefill_replays", "decode_steps", "past_end")},
                 "scheduler_thread_s_during_run": thread_time_delta(before, after),
                 **{f"device_{phase}_s_during_run": _device_s(before, after, phase) for phase in ("prefill", "decode")}})
     return res, outcomes

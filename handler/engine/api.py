@@ -88,6 +88,7 @@ class StepLimits:
     graph_batch_sizes: tuple[int, ...] = ()   # GPU graphs: decode batch buckets captured at warmup; () = 1,2,4,... up to max_rows
     prefill_wait_steps: int = 8  # GPU graphs: joining rows may wait up to this many decode steps to be prefilled together (0 = at once)
     prefill_graphs: bool = True  # GPU graphs: prefill chunks of up to 8 rows replay captured graphs too (False: eager)
+    overlap: bool | None = None  # a step's tokens reach the host while the next step runs (events one step late); None = with GPU graphs
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1 or self.prefill_wait_steps < 0:
@@ -135,17 +136,23 @@ class RowStepper(Protocol):
         """Prefill at most ``prefill_chunk`` prompt tokens of joining rows (a row whose prompt completes
         gets its first token in this step's events), then ONE decode forward for every row that was
         decoding when the step began. [] when idle. A finished row's KV row is free when step returns.
-        The same as `prefill_phase()` then `decode_phase()`, their events concatenated."""
+        The same as `prefill_phase()` then `decode_phase()`, their events concatenated.
+
+        With ``limits.overlap`` the events a step returns are those of the step BEFORE it (its tokens
+        reach the host while this one runs), so a row's last event, and the freeing of its KV row,
+        come one step later; rows never see another order of tokens."""
         ...
 
     def prefill_phase(self) -> list[RowEvent]:
-        """A step's first half: its prefill, and the first-token events of rows whose prompt completed.
-        Between the two halves the caller may hand those out and `cancel` rows, but not `add` any."""
+        """A step's first half: its prefill, and the first-token events of rows whose prompt completed
+        ([] with overlap: they come with the next step's events). Between the two halves the caller
+        may hand those out and `cancel` rows, but not `add` any."""
         ...
 
     def decode_phase(self) -> list[RowEvent]:
         """A step's second half: the decode forward of the rows that were decoding when
-        `prefill_phase` began and are not cancelled since; [] without a `prefill_phase` before it."""
+        `prefill_phase` began and are not cancelled since; [] without a `prefill_phase` before it
+        (with overlap: the previous step's events, whatever this one runs)."""
         ...
 
     def rows(self) -> int:

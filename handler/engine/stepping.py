@@ -238,17 +238,29 @@ class _Row:
     pick: Callable[[torch.Tensor], torch.Tensor] | None  # None = greedy (batched argmax)
     added: int = 0  # the stepper's step count when the row was added
     filled: int = 0  # prompt tokens in the cache
-    generated: int = 0  # new tokens produced (EOS excluded)
-    last: int = 0  # the last new token: the next decode step's input
+    generated: int = 0  # new tokens picked (counted when picked on the device; an EOS among them ends the row)
 
     @property
     def decoding(self) -> bool:
-        return self.generated > 0
+        """It has its first token and may need another (its next token's input: `Stepper._last`)."""
+        return 0 < self.generated < self.params.max_new_tokens
 
     @property
     def held(self) -> int:
         """Tokens in the cache = the position the row writes next."""
         return self.filled + max(self.generated - 1, 0)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One forward's picked tokens on their way to the host (`Stepper._deliver` turns them into events)."""
+
+    rows: list[_Row]
+    counts: list[int]  # each row's `generated` with this token
+    tokens: torch.Tensor  # [N] picked ids (host, page-locked, once `ready` has passed; else on the device)
+    ask: list[int]  # the rows (indices into `rows`) that want log-probabilities
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen [A], top ids [A, k], top values [A, k]
+    ready: Any = None  # CUDA event recorded after the device-to-host copies (overlap), else None
 
 
 @dataclass(eq=False)
@@ -258,7 +270,7 @@ class _Graph:
     batch: int
     length: int
     rank: int  # LoRA kernel rank (0: the plain model, no LoRA layers)
-    inputs: torch.Tensor  # [3, B] long: token id, position, LoRA slot per row (one H2D copy per step)
+    inputs: torch.Tensor  # [3, B] long: token id (copied on the device from `Stepper._last`), position, LoRA slot per row
     graph: Any = None
     logits: torch.Tensor | None = None
     replays: int = 0
@@ -373,6 +385,16 @@ class Stepper:
         self.prefill_replays = 0  # prefill forwards served by a captured graph
         self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
         self.device_time = DeviceTime(self.device)
+        # overlap: a step's tokens are read back while the next step runs (`_pending`, `_due`)
+        self.overlap = self.graphs if limits.overlap is None else bool(limits.overlap)
+        self._pending: list[_Pending] = []  # forwards whose tokens the host has not read, oldest first
+        self._due = 0  # how many of `_pending` this step's decode_phase resolves (the earlier steps')
+        # each KV row's last picked token, on the device: the next decode step's input, never read
+        # back for it (a decode step's ids need no host round trip, so a step can be queued
+        # before the previous one's tokens reach the host); pad where no row has picked one
+        self._last = torch.full((limits.max_rows + self.cache.spare_rows,), self.pad_token_id, dtype=torch.long,
+                                device=self.device)
+        self.past_end = 0  # row computations queued past a row's end (overlap: EOS seen one step late)
 
     # -- rows -----------------------------------------------------------------
     def add(self, row_id: int, row: GenerationRow) -> None:
@@ -438,30 +460,35 @@ class Stepper:
 
     def prefill_phase(self) -> list[RowEvent]:
         """A step's first half: compact the KV rows, note the rows decoding now, prefill (unless
-        deferred): the events of rows whose prompt completed (their first tokens)."""
+        deferred): the events of rows whose prompt completed (their first tokens); [] with overlap,
+        where they come with the next step's events."""
         self._decoding = None
+        self._due = len(self._pending)
         if not self._rows:
-            return []
+            return self._deliver(len(self._pending))  # only cancelled rows' tokens can be left: no events
         with torch.inference_mode():
             self._compact()
             decoding = [r for r in self._by_kv if r is not None and r.decoding]
-            events = [] if decoding and self._defer_prefill() else self._prefill()
+            if not (decoding and self._defer_prefill()):
+                self._prefill()
         self._decoding = decoding
-        return events
+        return [] if self.overlap else self._deliver(len(self._pending))
 
     def decode_phase(self) -> list[RowEvent]:
         """A step's second half: one decode forward for the rows that were decoding when
-        `prefill_phase` began (those cancelled since left out; their KV rows run as holes)."""
-        if self._decoding is None:
-            return []
-        decoding = [r for r in self._decoding if self._rows.get(r.row_id) is r]
-        self._decoding = None
-        events: list[RowEvent] = []
-        if decoding:
-            with torch.inference_mode():
-                events = self._decode(decoding)
-        self.steps += 1
-        return events
+        `prefill_phase` began (those cancelled since left out; their KV rows run as holes). Without
+        overlap its events; with overlap it queues the forward, then reads back the previous
+        step's tokens (the device runs this step meanwhile) and returns their events."""
+        due = self._due if self.overlap else None
+        self._due = 0
+        if self._decoding is not None:
+            decoding = [r for r in self._decoding if self._rows.get(r.row_id) is r]
+            self._decoding = None
+            if decoding:
+                with torch.inference_mode():
+                    self._decode(decoding)
+            self.steps += 1
+        return self._deliver(len(self._pending) if due is None else due)
 
     def _compact(self) -> None:
         """Keep the rows in KV rows ``[0, rows)``: a row above a free KV row moves down into it (its
@@ -476,6 +503,7 @@ class Stepper:
                 return
             r = self._by_kv[high]
             self.cache.move_row(high, low, r.held)
+            self._last[low].copy_(self._last[high])
             heapq.heapreplace(self._free, high)
             self._by_kv[low], self._by_kv[high] = r, None
             r.kv = low
@@ -501,10 +529,10 @@ class Stepper:
             return False
         return self.steps - min(r.added for r in pending) < wait
 
-    def _prefill(self) -> list[RowEvent]:
+    def _prefill(self) -> None:
         """This step's chunks (rows in add order, until the budget is spent), in as few forwards as
         padding allows (captured graphs where a bucket fits, else eager); rows whose prompt
-        completes get their first token."""
+        completes get their first token (picked on the device, `_pending`)."""
         budget = self.limits.prefill_chunk
         chunks: list[tuple[_Row, int]] = []
         for r in self._rows.values():
@@ -514,7 +542,6 @@ class Stepper:
                 n = min(len(r.prompt) - r.filled, budget)
                 budget -= n
                 chunks.append((r, n))
-        events: list[RowEvent] = []
         if self._prefill_shapes:
             groups = self._pack_for_graphs(chunks)
         else:
@@ -530,9 +557,7 @@ class Stepper:
             self.prefill_forwards += 1
             done = [i for i, (r, _) in enumerate(group) if r.filled == len(r.prompt)]
             if done:
-                events += self._emit([group[i][0] for i in done],
-                                     logits.index_select(0, torch.tensor(done, device=logits.device)))
-        return events
+                self._pick([group[i][0] for i in done], logits.index_select(0, self._index(done)))
 
     def _chunk_ids(self, group: list[tuple[_Row, int]], S: int) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and positions of these chunks left-padded to `S`: a pad token sits at the row's
@@ -550,11 +575,10 @@ class Stepper:
         S = max(n for _, n in group)
         ids, pos = self._chunk_ids(group, S)
         length = min(round_up(max(r.filled + n for r, n in group) + 1, EAGER_LEN), self.limits.max_len)
-        host = torch.tensor([ids, pos], dtype=torch.long)
-        ids_t, pos_t = host.to(self.device).unbind(0)
+        ids_t, pos_t = self._index([ids, pos]).unbind(0)
         rows = [r for r, _ in group]
         with self._eager(rows):
-            return self._chunk_forward(ids_t, pos_t, torch.tensor([r.kv for r in rows], device=self.device), length)
+            return self._chunk_forward(ids_t, pos_t, self._index([r.kv for r in rows]), length)
 
     def _chunk_forward(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, length: int) -> torch.Tensor:
         """[n, S] chunk tokens at positions [n, S] of KV rows [n], keys [0, length) -> [n, V] logits of
@@ -606,7 +630,7 @@ class Stepper:
         flat += [p for row in pos for p in row] + [0] * (pad * S)
         flat += [r.kv for r in rows] + [self.cache.scratch_row] * pad
         flat += [r.slot for r in rows] + [0] * pad
-        logits = self._run_graph(g, torch.tensor(flat, dtype=torch.long))
+        logits = self._run_graph(g, flat)
         if logits is None:
             return None
         self.prefill_replays += 1
@@ -620,14 +644,14 @@ class Stepper:
                 torch.zeros(2 * rows * tokens + 2 * rows, dtype=torch.long, device=self.device))
         return g
 
-    def _decode(self, decoding: list[_Row]) -> list[RowEvent]:
+    def _decode(self, decoding: list[_Row]) -> None:
         """One forward over KV rows [0, B); rows not in `decoding` are dummies that write at their
-        own next position (a free row anywhere), so no live row's cache changes."""
+        own next position (a free row anywhere), so no live row's cache changes. Each row's input is
+        its last picked token, read on the device (`_last`; a dummy reads whatever its KV row holds)."""
         n = max(r.kv for r in decoding) + 1
         B = _first_at_least(self._batch_buckets, n) if self.graphs else n
         feed = {r.kv for r in decoding}
         rows = [r if r is not None and r.kv in feed else None for r in self._by_kv[:B]]
-        ids = [r.last if r is not None else self.pad_token_id for r in rows]
         slots = [r.slot if r is not None else 0 for r in rows]
         pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
         need = max(pos) + 1
@@ -636,16 +660,15 @@ class Stepper:
         if self.graphs:
             self._check(rows)
             rank = _first_at_least(self.graph_ranks, max(r.rank for r in decoding))
-            logits = self._replay(self._graph(B, _first_at_least(self._len_buckets, need), rank), ids, pos, slots)
+            logits = self._replay(self._graph(B, _first_at_least(self._len_buckets, need), rank), pos, slots)
         if logits is None:  # eager: no graphs, or this bucket could not be captured
-            inputs = torch.tensor([ids, pos], dtype=torch.long).to(self.device)
             with self._eager(rows):
-                logits = self._decode_forward(inputs[0].view(B, 1), inputs[1].view(B, 1),
+                logits = self._decode_forward(self._last[:B].view(B, 1), self._index(pos).view(B, 1),
                                               min(round_up(need, EAGER_LEN), self.limits.max_len))
         self.device_time.stop("decode", started)
         self.decode_steps += 1
-        index = torch.tensor([r.kv for r in decoding], device=logits.device)
-        return self._emit(decoding, logits.index_select(0, index))
+        kv = self._index([r.kv for r in decoding])
+        self._pick(decoding, logits.index_select(0, kv), kv)
 
     def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """[B, 1] ids at positions [B, 1] -> [B, V] logits; what a graph captures (mask built inside)."""
@@ -656,44 +679,83 @@ class Stepper:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> list[RowEvent]:
-        """Pick each row's next token from its raw logits [N, V]; events; free finished rows."""
+    def _pick(self, rows: list[_Row], logits: torch.Tensor, kv: torch.Tensor | None = None) -> None:
+        """Pick each row's next token from its raw logits [N, V] on the device: into `_last` (the rows'
+        next decode input) and `_pending` (for the host; with overlap copied back without waiting).
+        The rows' counts advance now; whether a token ends its row (EOS, length) is `_deliver`'s."""
         greedy = [i for i, r in enumerate(rows) if r.pick is None]
         if len(greedy) == len(rows):
             chosen = logits.argmax(-1)
         else:
             chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             if greedy:
-                g = torch.tensor(greedy, device=logits.device)
+                g = self._index(greedy)
                 chosen[g] = logits.index_select(0, g).argmax(-1)
             for i, r in enumerate(rows):
                 if r.pick is not None:
                     chosen[i] = r.pick(logits[i: i + 1])[0]
+        self._last.index_copy_(0, self._index([r.kv for r in rows]) if kv is None else kv, chosen)
         ask = [i for i, r in enumerate(rows) if r.params.logprobs]
-        lps: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+        lps = None
         if ask:
-            k = max(rows[i].params.logprobs for i in ask)
-            a = torch.tensor(ask, device=logits.device)
-            c, ti, tv = lp.step(logits.index_select(0, a), chosen.index_select(0, a), k)
-            for i, cv, ids, vals in zip(ask, c.tolist(), ti.tolist(), tv.tolist()):
-                kk = rows[i].params.logprobs
-                lps[i] = (cv, tuple(zip(ids[:kk], vals[:kk])))
-        events = []
-        tokens = chosen.tolist()  # the step's one wait for the device
-        self.device_time.collect()
-        for i, (r, t) in enumerate(zip(rows, tokens)):
-            if t in self.eos:
-                events.append(RowEvent(r.row_id, None, "stop"))
-                self._release(r)
-                continue
+            a = self._index(ask)
+            lps = lp.step(logits.index_select(0, a), chosen.index_select(0, a), max(rows[i].params.logprobs for i in ask))
+        for r in rows:
             r.generated += 1
-            r.last = t
-            done = "length" if r.generated >= r.params.max_new_tokens else None
-            lpv, top = lps.get(i, (None, None))
-            events.append(RowEvent(r.row_id, t, done, lpv, top))
-            if done:
-                self._release(r)
+        p = _Pending(rows, [r.generated for r in rows], chosen, ask, lps)
+        if self.overlap and chosen.is_cuda:
+            p.tokens = chosen.to("cpu", non_blocking=True)
+            if lps is not None:
+                p.logprobs = tuple(t.to("cpu", non_blocking=True) for t in lps)
+            p.ready = torch.cuda.Event()
+            p.ready.record()
+        self._pending.append(p)
+
+    def _deliver(self, n: int) -> list[RowEvent]:
+        """The events of the `n` oldest pending forwards (waiting for their tokens to reach the host:
+        without overlap the step's one wait for the device); rows that ended meanwhile (cancelled,
+        or an earlier token was their EOS) are skipped; ended rows' KV rows are freed."""
+        done, self._pending = self._pending[:n], self._pending[n:]
+        events: list[RowEvent] = []
+        for p in done:
+            if p.ready is not None:
+                p.ready.synchronize()
+            tokens = p.tokens.tolist()
+            lps: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+            if p.logprobs is not None:
+                c, ti, tv = p.logprobs
+                for i, cv, ids, vals in zip(p.ask, c.tolist(), ti.tolist(), tv.tolist()):
+                    k = p.rows[i].params.logprobs
+                    lps[i] = (cv, tuple(zip(ids[:k], vals[:k])))
+            for i, (r, t, count) in enumerate(zip(p.rows, tokens, p.counts)):
+                if self._rows.get(r.row_id) is not r:
+                    self.past_end += 1
+                    continue
+                if t in self.eos:
+                    events.append(RowEvent(r.row_id, None, "stop"))
+                    self._release(r)
+                    continue
+                finished = "length" if count >= r.params.max_new_tokens else None
+                lpv, top = lps.get(i, (None, None))
+                events.append(RowEvent(r.row_id, t, finished, lpv, top))
+                if finished:
+                    self._release(r)
+        if done:
+            self.device_time.collect()
         return events
+
+    def _index(self, values: Sequence[Any], into: torch.Tensor | None = None) -> torch.Tensor:
+        """A long tensor of `values` on the device (or copied into `into`), from page-locked memory
+        without waiting for the device's queued work (a pageable copy waits for it: no overlap); the
+        caching host allocator keeps the staging buffer until the copy has run."""
+        host = torch.tensor(values, dtype=torch.long)
+        if into is not None:
+            host = host.view(into.shape)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+            if into is None:
+                return host.to(self.device, non_blocking=True)
+        return host if into is None else into.copy_(host, non_blocking=True)
 
     # -- LoRA -----------------------------------------------------------------
     def _resolve(self, names: Sequence[str | None]) -> list[int]:
@@ -728,17 +790,19 @@ class Stepper:
         return (~m).to(self.mask_dtype) * torch.finfo(self.mask_dtype).min
 
     # -- graphs ---------------------------------------------------------------
-    def _replay(self, g: _Graph, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor | None:
-        """The bucket's graph run on these inputs (captured now if warmup did not); None when the
-        bucket cannot be captured (the step then runs eagerly)."""
+    def _replay(self, g: _Graph, pos: list[int], slots: list[int]) -> torch.Tensor | None:
+        """The bucket's graph run on these positions and slots and the rows' last tokens (captured now
+        if warmup did not); None when the bucket cannot be captured (the step then runs eagerly)."""
         if g.failed:
             return None
-        return self._run_graph(g, torch.tensor([ids, pos, slots], dtype=torch.long))
+        g.inputs[0].copy_(self._last[: g.batch])
+        return self._run_graph(g, [pos, slots], g.inputs[1:])
 
-    def _run_graph(self, g: _Graph | _PrefillGraph, host_inputs: torch.Tensor) -> torch.Tensor | None:
-        """Copy `host_inputs` into the graph's input tensor (one host-to-device copy), capture it if
-        warmup did not, replay; its logits, or None when it cannot be captured."""
-        g.inputs.copy_(host_inputs.view(g.inputs.shape), non_blocking=False)
+    def _run_graph(self, g: _Graph | _PrefillGraph, host_inputs: list, into: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+        """Copy `host_inputs` into the graph's input tensor (or its part `into`: one host-to-device
+        copy), capture it if warmup did not, replay; its logits, or None when it cannot be captured."""
+        self._index(host_inputs, g.inputs if into is None else into)
         if g.graph is None:
             if not self._try_capture(g):
                 return None
@@ -833,4 +897,5 @@ class Stepper:
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
                 "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved,
+                "overlap": self.overlap, "past_end": self.past_end,
                 "device_ms": self.device_time.describe()}

@@ -113,11 +113,14 @@ def _check_logprobs(oracle, row, run, row_id):
             assert i == ri or abs(float(want[t, ri]) - v) < TOL
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, engine_adapters, oracle, seed):
+def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, engine_adapters, oracle, seed, overlap):
     """Rows added at random steps (random prompt lengths, some longer than prefill_chunk, random
     adapters incl. the base, random max_new_tokens and logprobs), some cancelled mid-run, KV rows
-    reused many times; an extra EOS id makes some rows stop early."""
+    reused many times; an extra EOS id makes some rows stop early. With overlap (the GPU default,
+    forced here on the CPU: the same bookkeeping) every event comes one step late, an EOS row runs
+    one step past its end, and a cancelled row's queued step is dropped."""
     rng = random.Random(seed)
     rows = {}
     for i in range(16):
@@ -127,8 +130,9 @@ def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, en
     common = Counter(t for o in probe for t in o.token_ids[1:]).most_common(1)[0][0]
     eos = [tokenizer.eos_token_id, common]  # a token the rows do emit after their first
     eng = _engine(tiny_model_dir, tokenizer, engine_adapters, eos=eos)
-    limits = StepLimits(max_rows=4, max_len=80, prefill_chunk=12)
+    limits = StepLimits(max_rows=4, max_len=80, prefill_chunk=12, overlap=overlap)
     run = Run(eng.stepper(limits))
+    assert run.st.overlap is overlap
     st = run.st
     pending = list(rows)
     cancelled: set[int] = set()
@@ -170,6 +174,7 @@ def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, en
         assert run.tokens[i] == alone[i].token_ids, i
         _check_logprobs(oracle, row, run, i)
     assert {"stop", "length"} <= set(run.finished.values())
+    assert (st.past_end > 0) is overlap  # EOS rows (and cancelled ones) ran a step nobody reads
 
 
 def test_decode_of_many_rows_is_one_forward_per_step(eng):

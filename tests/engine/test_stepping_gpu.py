@@ -7,11 +7,14 @@
 - `warmup` captures every (batch bucket, key-length bucket) decode step and every prefill shape, and a
   serving run after it makes none; prefill chunks replay their graphs;
 - a new adapter loaded into another slot mid-run, or a freed slot refilled, does not change the
-  rows already running (vLLM #47724) through the graphs' slot tensor.
+  rows already running (vLLM #47724) through the graphs' slot tensor;
+- with overlap (the default with graphs) queuing a step makes no call that waits for the device:
+  the only wait is for the previous step's tokens.
 """
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,9 +79,12 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     eager = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
     # prefill_wait_steps 0: joining rows start at once on both steppers, so the seeded schedule
     # (which rows run when a cancel comes) is the same; the deferral is tested below
+    # (the eager run overlaps too, so the same seeded cancels hit the same rows: with overlap a
+    # row's end reaches the host, and the row leaves, one step later)
     limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48, prefill_wait_steps=0)
-    gs, es = graphs.stepper(limits), eager.stepper(limits)
+    gs, es = graphs.stepper(limits), eager.stepper(replace(limits, overlap=True))
     assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
+    assert gs.overlap and es.overlap  # graphs overlap by default
     assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
     gs.warmup()
     expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len)) * 3
@@ -170,3 +176,35 @@ def test_new_adapter_mid_run_does_not_change_running_rows_through_graphs(tiny_mo
     for i in (3, 4):
         assert run.tokens[i] == graphs.generate([rows[i]])[0].token_ids, i
     assert st.describe()["captures_after_warmup"] == 0
+
+
+def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, tokenizer, engine_adapters):
+    """`torch.cuda.set_sync_debug_mode("error")` raises on any call that waits for the device
+    (pageable host-to-device copies, `.item()`, `.tolist()` of a device tensor, ...). Queuing
+    steps (compaction, captured prefill and decode, picks, log-probs, the copies back) must make
+    none; the one wait is `_deliver`'s event on the previous step's tokens (not such a call), and
+    rows still equal each row alone."""
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
+    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=64, prefill_wait_steps=0))
+    st.warmup()
+    rng = random.Random(31)
+    rows = {i: GenerationRow(_prompt(rng, rng.choice([3, 9, 20])), rng.choice([None, *ADAPTERS]),
+                             SamplingParams(max_new_tokens=rng.randint(4, 16), logprobs=rng.choice([0, 2])))
+            for i in range(10)}
+    run = Run(st)
+    pending = list(rows)
+    while pending or st.rows():
+        while pending and st.free_rows() and rng.random() < 0.5:
+            i = pending.pop(0)
+            run.add(i, rows[i])
+        if st.rows():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                run.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert run.steps < 500
+    d = st.describe()
+    assert d["overlap"] and d["captures_after_warmup"] == 0 and d["prefill_replays"] == d["prefill_forwards"] > 0
+    for i, row in rows.items():
+        assert run.tokens[i] == graphs.generate([row])[0].token_ids, i

@@ -114,13 +114,16 @@ def _sample(svc, stop: threading.Event, seen: list) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.parametrize("overlap", ["auto", "on"])
 def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair, tools, tiny_adapters,
-                                                                           more_adapters):
+                                                                           more_adapters, overlap):
     """Rows from 4 threads at random times, 5 tenants on 2 resident slots (evictions), base and
     unknown-tenant rows, random lengths, stop strings, logprobs, seeded sampling, streaming; a new version of t-a
     is published while its v1 rows run. Every reply equals the request alone on the static path;
-    every stream concatenates to its reply; an adapter with running rows is never evicted."""
-    cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8)
+    every stream concatenates to its reply; an adapter with running rows is never evicted.
+    `step_overlap: on` (the GPU default, here on the CPU): tokens reach the scheduler one step late."""
+    cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8, step_overlap=overlap)
+    assert cont.scheduler.stepper.overlap is (overlap == "on")
     adapters = {"t-a": tiny_adapters["a"], "t-b": tiny_adapters["b"], "t-c": tiny_adapters["c"],
                 "t-d": more_adapters["d"], "t-e": more_adapters["e"]}
     for tenant, path in adapters.items():

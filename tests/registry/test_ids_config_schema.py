@@ -62,7 +62,7 @@ def test_config_known_keys():
         "target_modules", "negative_cache_s", "registry_cache_s", "registry_stale_s", "management_url", "model_name",
         "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
         "prefetch_top_n", "prefetch_tenants", "metrics_max_adapters", "epp_metrics_address",
-        "scheduler", "kv_rows", "kv_max_len", "prefill_chunk", "prefill_wait_steps", "prefill_graphs",
+        "scheduler", "kv_rows", "kv_max_len", "prefill_chunk", "prefill_wait_steps", "prefill_graphs", "step_overlap",
         "graph_batch_sizes", "admission_max_wait_s",
         "max_waiting", "retry_after_s", "task_router", "max_fanout_rows",
         "tenant_max_running", "request_timeout_s",
