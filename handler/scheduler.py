@@ -4,8 +4,8 @@ any two steps, and their text streams out as it is produced.
     submit (any thread) ─► inbox ─► waiting (per tenant, FIFO) ─► admitted round-robin across
     tenants while the stepper has free KV rows (adapter held through the residency) ─► one step
     for every running row (its prefill half's first tokens handed out before its decode half
-    runs) ─► tokens → `TextStream` → `TextDelta`s ─► the
-    row's end (EOS, length, a stop string, cancel, timeout) ─► `Finished` with the reply the
+    runs; with the stepper's overlap every event comes a step late instead) ─► tokens →
+    `TextStream` → `TextDelta`s ─► the row's end (EOS, length, a stop string, cancel, timeout) ─► `Finished` with the reply the
     static path would give (built by the same service code) ─► hold released, KV row free.
 
 Admission, every loop iteration: tenants take turns (base-model rows count as one tenant), a
@@ -24,7 +24,10 @@ step costs about the same for few rows as for many. So that no tenant starves, a
 oldest waiting row has waited `admission_max_wait_s` goes before every other (oldest first), and
 while such an adapter finds every slot held, one resident adapter is drained (few waiting rows,
 running rows that finish soon): its new rows wait (its running rows finish) until its slot is free
-for the overdue one. `tenant_max_running` and the turns between tenants apply as before among
+for the overdue one. Its greedy rows with more than `drain_preempt_tokens` tokens to go do not
+finish first: they are preempted (`_preempt`: back to the front of their tenant's queue, resumed
+later from their prompt plus the tokens they produced, which the stepper prefills again), so the
+slot frees within about that many steps. `tenant_max_running` and the turns between tenants apply as before among
 the rows that may start.
 
 Fan-out requests (a fallback chain or compare mode, handler/fanout.py) are one `_Group` of rows,
@@ -57,7 +60,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from .engine.api import GenerationOutput, GenerationRow, RowEvent, RowStepper, SamplingParams
@@ -182,6 +185,14 @@ class _Job:
     done: bool = False
     group: "_Group | None" = None  # a fan-out request's rows (handler/fanout.py); None = a one-row request
     index: int = 0  # the row's place in its group (link order)
+    preempted: int = 0  # times taken out of the stepper to free its adapter's slot (it resumes where it was)
+    waiting_since: float | None = None  # when it last joined the waiting queue, if after a preemption
+
+    @property
+    def preemptible(self) -> bool:
+        """A one-row greedy request: resumed from its prompt and tokens it gets the same next tokens
+        (a sampled row's generator state would not survive; a fan-out group runs all or none)."""
+        return self.group is None and not self.params.do_sample
 
 
 @dataclass(eq=False)
@@ -269,6 +280,7 @@ class Scheduler:
         self._synced_at = float("-inf")
         self._outbox = _Outbox()  # event-loop tickets' events, flushed once per loop iteration
         self._draining: str | None = None  # the resident adapter drained for an overdue one (`_slot_plan`)
+        self._drain_for: str | None = None  # that overdue adapter
         service.residency.wanted = self._wanted  # victims are taken among adapters no waiting row needs first
         # store reads off this thread: a row whose adapter is in neither tier waits while it is read
         self.fetcher = service.residency.read_in_background()
@@ -280,6 +292,9 @@ class Scheduler:
         self.timed_out = 0
         self.rejected_full = 0
         self.drains = 0  # resident adapters drained for an overdue one
+        self.preempted = 0  # rows taken out of the stepper for a drain (`_preempt`)
+        self.drain_preempt_tokens = service.config.drain_preempt_tokens
+        self.free_rows_waiting = 0  # KV rows left free at a step while requests waited (summed over steps)
         self.waiting_rows = 0
         self.running_rows = 0
         self.thread_time = ThreadTime()
@@ -367,7 +382,8 @@ class Scheduler:
                 "request_timeout_s": self.request_timeout_s, "steps": self.steps, "admitted": self.admitted,
                 "finished": self.finished, "cancelled": self.cancelled, "timed_out": self.timed_out,
                 "rejected_queue_full": self.rejected_full, "admission_max_wait_s": self.admission_max_wait_s,
-                "drains": self.drains,
+                "drains": self.drains, "preempted": self.preempted, "drain_preempt_tokens": self.drain_preempt_tokens,
+                "free_rows_waiting": self.free_rows_waiting,
                 "thread_s": {k: round(v, 4) for k, v in dict(self.thread_time.seconds).items()}}
 
     # -- the scheduler thread ----------------------------------------------------
@@ -521,7 +537,7 @@ class Scheduler:
         """Where the free adapter slots go this iteration (see the module docstring): the adapters
         waiting heads need that are not resident, overdue ones first (oldest first), then by the
         waiting rows each would serve; as many as slots are not held. With none free and one
-        overdue, a resident adapter drains (the same one until its slot frees): the one the fewest
+        overdue, a resident adapter drains (the same one until the overdue adapter is resident): the one the fewest
         waiting rows need (their rows would wait), then the one whose running rows have the fewest
         tokens left to generate at most (its slot frees soonest)."""
         residency = self._service.residency
@@ -532,26 +548,51 @@ class Scheduler:
         heads: set[str] = set()
         for q in self._waiting.values():
             for i, job in enumerate(q):
+                since = job.waiting_since if job.waiting_since is not None else job.arrived
                 for adapter in _adapters(job):
                     rows[adapter] += 1
-                    oldest[adapter] = min(oldest.get(adapter, job.arrived), job.arrived)
+                    oldest[adapter] = min(oldest.get(adapter, since), since)
                     if i == 0:
                         heads.add(adapter)
         overdue = lambda a: bound > 0 and now - oldest[a] >= bound  # noqa: E731
         ranked = sorted((a for a in heads if a not in resident),
                         key=lambda a: (not overdue(a), oldest[a] if overdue(a) else -rows[a], oldest[a]))
         free = max(residency.max_resident - len(held), 0)
-        if self._draining is not None and (self._draining not in held or not ranked or not overdue(ranked[0])):
-            self._draining = None  # its slot is free (or nobody is overdue any more)
+        if self._draining is not None and (self._drain_for in resident or self._drain_for not in rows):
+            # the overdue adapter has its slot (or nobody waits for it any more); until then the drained
+            # one stays closed even once unheld, or its rows would take the slot back while the overdue
+            # adapter's store read runs
+            self._draining = self._drain_for = None
         if not free and ranked and overdue(ranked[0]) and self._draining is None and held:
             left: Counter[str] = Counter()  # adapter -> most tokens one of its running rows may still generate
             for job in self._running.values():
                 if job.adapter is not None:
                     left[job.adapter] = max(left[job.adapter], job.params.max_new_tokens - len(job.stream.token_ids))
-            self._draining = min(held, key=lambda a: (rows[a], left[a]))
+            self._draining, self._drain_for = min(held, key=lambda a: (rows[a], left[a])), ranked[0]
             self.drains += 1
             log.info("admission: draining %s for %s (waiting %.1f s)", self._draining, ranked[0], now - oldest[ranked[0]])
+            self._preempt(self._draining, now)
         return _SlotPlan(frozenset(ranked[:free]), self._draining)
+
+    def _preempt(self, adapter: str, now: float) -> None:
+        """The drained adapter's preemptible rows with more than `drain_preempt_tokens` tokens still
+        to go leave the stepper (KV row and hold freed) and go back to the front of their tenant's
+        queue, so the slot frees within about that many steps instead of after the longest row.
+        A preempted row resumes with its prompt and the tokens it has produced as the new prompt
+        (prefilled again) and the rest of its budget; its stream carries on. Its wait for a slot
+        counts from now, so it cannot at once drain another adapter in turn."""
+        limit = self.drain_preempt_tokens
+        if limit <= 0:
+            return
+        for job in [j for j in self._running.values() if j.adapter == adapter]:
+            if not job.preemptible or job.params.max_new_tokens - len(job.stream.token_ids) <= limit:
+                continue
+            self.stepper.cancel(job.row_id)
+            self._retire(job)
+            job.row_id, job.waiting_since = None, now
+            job.preempted += 1
+            self.preempted += 1
+            self._waiting.setdefault(job.tenant, deque()).appendleft(job)
 
     def _may_take_slot(self, job: _Job, plan: _SlotPlan) -> bool:
         """`job`'s adapters (a fan-out's: every row's) are resident and not draining, or are among
@@ -573,7 +614,11 @@ class Scheduler:
             return self._start_group(job.group)
         service = self._service
         try:
-            plan, adapter = service.adapter_for(job.plan, service.residency.hold)
+            if job.preempted:  # its own adapter again, or its load error: never another model mid-reply
+                plan = job.plan
+                adapter = service.residency.hold(plan.record) if plan.record is not None else None
+            else:
+                plan, adapter = service.adapter_for(job.plan, service.residency.hold)
         except AdapterNotReady:  # every slot held, or its store read still running: wait
             return "blocked"
         except Exception as exc:  # AdapterLoadFailed under load_failure_policy: error, or a bug
@@ -581,8 +626,13 @@ class Scheduler:
             return "failed"
         job.plan, job.adapter = plan, adapter
         row_id = next(self._row_ids)
+        row = GenerationRow(plan.input_ids, adapter, job.params)
+        if job.preempted:  # where it was: its tokens so far are part of the prompt now
+            done = list(job.stream.token_ids)
+            row = GenerationRow(list(plan.input_ids) + done, adapter,
+                                replace(job.params, max_new_tokens=job.params.max_new_tokens - len(done)))
         try:
-            self.stepper.add(row_id, GenerationRow(plan.input_ids, adapter, job.params))
+            self.stepper.add(row_id, row)
         except CacheFull:
             self._release(job)
             return "full"
@@ -647,6 +697,8 @@ class Scheduler:
         rows whose prompt completed are handed out, and sent to their event loops, before the decode
         forward runs: a new row's first token does not wait for the running rows' next ones."""
         clock = self.thread_time
+        if self._waiting:  # after admission: KV rows nobody could take (adapter slots, fairness caps)
+            self.free_rows_waiting += self.stepper.free_rows()
         try:
             events = self.stepper.prefill_phase()
         except Exception as exc:

@@ -631,6 +631,9 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                 **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
                    for key in ("prefill_forwards", "prefill_replays", "decode_steps", "past_end")},
                 "scheduler_thread_s_during_run": thread_time_delta(before, after),
+                "free_rows_waiting_during_run": describe_delta(before, after, "scheduler", "free_rows_waiting"),
+                "row_steps_during_run": {k: describe_delta(before, after, "scheduler", "stepper", "row_steps", k)
+                                         for k in ("decoding", "joining", "ending", "free")},
                 **{f"device_{phase}_s_during_run": _device_s(before, after, phase) for phase in ("prefill", "decode")}})
     return res, outcomes
 

@@ -14,6 +14,20 @@ Rows join and leave between any two steps. Each step (`Stepper.step`):
 `prefill_phase` and `decode_phase` are those two halves (`step` runs both), so a caller can hand
 out the first tokens of rows that completed their prompt before the decode forward runs.
 
+Tokens are picked on the device (`_pick`: argmax or the row's sampler, log-probabilities) and kept
+there as each KV row's last token (`_last`), which is the next decode step's input: a step's
+inputs need nothing back from the host but positions and slots, which the host knows. Overlap
+(``limits.overlap``, default on with graphs): the picks are copied back without waiting
+(page-locked memory, a CUDA event), the step is queued, and only then are the PREVIOUS step's
+tokens read (`_deliver`), so the device runs step N+1 while the host hands out step N's tokens,
+admits rows and builds step N+2. The price: events come one step late, so a row that hit EOS
+(or a stop string the caller matches) has one more step queued, computed and dropped
+(``past_end``), and an ended row's KV row frees one step later. Rows never see a different token:
+a row's positions count the tokens it has picked, whether or not the host has read them. Without
+overlap (a CPU, where forwards run on the calling thread) each forward's tokens are read at once.
+Every host-to-device copy on a step's path is page-locked and non-blocking (`_index`), since a
+pageable copy waits for everything queued before it.
+
 KV rows (`row_cache.RowCache`): a row takes the LOWEST free KV row, and before each step a row
 above a free KV row moves down into it (`_compact`: its keys/values copied once), so the rows
 fill ``[0, rows)`` and the decode batch is the contiguous slice ``[0, B)`` of the cache
@@ -395,6 +409,9 @@ class Stepper:
         self._last = torch.full((limits.max_rows + self.cache.spare_rows,), self.pad_token_id, dtype=torch.long,
                                 device=self.device)
         self.past_end = 0  # row computations queued past a row's end (overlap: EOS seen one step late)
+        # KV rows summed over steps by what they did: decoding, prefilling or waiting to (joining),
+        # ended but not delivered yet (ending, overlap), free
+        self.row_steps: Counter[str] = Counter()
 
     # -- rows -----------------------------------------------------------------
     def add(self, row_id: int, row: GenerationRow) -> None:
@@ -469,6 +486,9 @@ class Stepper:
         with torch.inference_mode():
             self._compact()
             decoding = [r for r in self._by_kv if r is not None and r.decoding]
+            joining = sum(r.filled < len(r.prompt) for r in self._rows.values())
+            self.row_steps.update(decoding=len(decoding), joining=joining, free=len(self._free),
+                                  ending=len(self._rows) - len(decoding) - joining)
             if not (decoding and self._defer_prefill()):
                 self._prefill()
         self._decoding = decoding
@@ -897,5 +917,5 @@ class Stepper:
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
                 "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved,
-                "overlap": self.overlap, "past_end": self.past_end,
+                "overlap": self.overlap, "past_end": self.past_end, "row_steps": dict(self.row_steps),
                 "device_ms": self.device_time.describe()}

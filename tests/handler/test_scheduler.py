@@ -467,6 +467,62 @@ def test_an_overdue_adapter_drains_a_busy_one(pair, tools, tiny_adapters, more_a
     _same(replies[16].body, _alone(static, late, replies[16]).body)
 
 
+@pytest.mark.parametrize("preempt", [4, 0])
+def test_a_drain_preempts_the_drained_adapters_long_greedy_rows(pair, tools, tiny_adapters, more_adapters, preempt):
+    """One slot, held by three long t-a rows (32 tokens: streamed with log-probs, plain, seeded
+    sampling). t-c's row becomes overdue and t-a drains. With drain_preempt_tokens 4 the two greedy
+    rows leave at once (the sampled one runs on: its generator would not survive a resume), t-c
+    runs as soon as the sampled row ends, and the preempted rows resume after it, each reply (and
+    the stream, token for token with log-probs) equal to the request alone. With 0 nothing is
+    preempted and t-c waits for every t-a row."""
+    cont, static = pair(num_slots=3, kv_rows=4, admission_max_wait_s=0.3, drain_preempt_tokens=preempt)
+    tools.onboard(cont, "t-a", tiny_adapters["a"])
+    tools.onboard(cont, "t-c", more_adapters["d"])
+    slow = _slow_steps(cont, 0.03)
+    longs = [_raw("hello world", "t-a", max_new_tokens=32, stream=True, logprobs=2),
+             _raw("the quick brown fox", "t-a", max_new_tokens=32),
+             _raw("numbers 0 1 2 3", "t-a", max_new_tokens=32, do_sample=True, temperature=1.2, seed=7)]
+    streamed: list = []
+    first = cont.submit(longs[0])
+    assert isinstance(first, Ticket), first.body
+    event = first.get(timeout=10)
+    assert isinstance(event, TextDelta)  # t-a holds the one slot
+    streamed.append(event)
+    tickets = [cont.submit(raw) for raw in longs[1:]]
+    late = _raw("hello world", "t-c", max_new_tokens=4)
+    done: dict[str, tuple[float, Reply]] = {}
+    lock = threading.Lock()
+
+    def wait(label, ticket, into=None):
+        deltas, reply = _drain(ticket)
+        with lock:
+            done[label] = (time.monotonic(), reply)
+            if into is not None:
+                into.extend(deltas)
+
+    threads = [threading.Thread(target=wait, args=("a0", first, streamed)),
+               *(threading.Thread(target=wait, args=(f"a{i}", t)) for i, t in enumerate(tickets, 1)),
+               threading.Thread(target=wait, args=("c", cont.submit(late)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slow.undo()
+    snap = cont.scheduler.snapshot()
+    assert snap["drains"] >= 1
+    if preempt:
+        assert snap["preempted"] == 2, snap
+        assert done["c"][0] < min(done["a0"][0], done["a1"][0]), done  # the preempted rows resumed after t-c
+    else:
+        assert snap["preempted"] == 0 and done["c"][0] > max(done[k][0] for k in ("a0", "a1", "a2")), done
+    for label, raw in (("a0", longs[0]), ("a1", longs[1]), ("a2", longs[2]), ("c", late)):
+        reply = done[label][1]
+        assert reply.status == 200, reply.body
+        _same(reply.body, _alone(static, raw, reply).body)
+    _check_stream(streamed, done["a0"][1])
+    assert cont.scheduler.call(lambda: (cont.scheduler.stepper.free_rows(), cont.residency.held_ids())) == (4, {})
+
+
 def test_a_ticket_submitted_with_an_event_loop_is_read_with_await(pair):
     cont, static = pair()
     raw = _raw("hello world", max_new_tokens=10, stream=True, logprobs=1)
