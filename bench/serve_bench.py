@@ -35,7 +35,8 @@ between text chunks. With `scheduler: static` the text is one chunk: TTFT ~ e2e 
 In-process (b) adds: `engine_static_batch_tok_s` (the engine's own `generate` on a full batch of
 --kv-rows mixed-tenant rows of median prompt and output length) and the continuous run's share of it,
 `one_tenant_output_tok_s` (the same workload with every request on one tenant) and its ratio,
-`running_rows_p50` (sampled from describe during the run), `decode_step_ms` at that batch size and
+`running_rows_p50` (sampled every 50 ms during the run), `decode_step_rows` (the mean rows of the
+run's decode steps, from the stepper's `row_steps`), `decode_step_ms` at that batch size and
 `itl_p99_over_decode_step`.
 
 `--json` prints one JSON object last: the issue's keys (scheduler, rate, requests, output_tok_s,
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="config prefill_wait_steps (GPU graphs only; default: the config's)")
     ap.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
                     help="config prefill_graphs (GPU graphs only; default: the config's, on)")
+    ap.add_argument("--host-tier-mb", type=int, default=None,
+                    help="config host_tier_mb (default: the config's, 2048; an 8B rank-16 adapter is ~84 MB, so "
+                         "64 of them need ~5.4 GB for --warm all to leave every timed load to the host tier)")
     ap.add_argument("--step-overlap", choices=("auto", "on", "off"), default=None,
                     help="config step_overlap (default: the config's, auto = on with GPU graphs)")
     ap.add_argument("--rank", type=int, default=16)
@@ -124,7 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "bf16/fp16, exact in fp32; negative = exact)")
     ap.add_argument("--warm", choices=("all", "resident"), default="all",
                     help="inprocess: before the timed runs, load every tenant's adapter once (all: the timed "
-                         "run's loads come from the host tier, a worker's steady state) or only as many as "
+                         "run's loads come from the host tier, a worker's steady state, where --host-tier-mb "
+                         "holds them all) or only as many as "
                          "there are slots (resident: the others load from the store during the timed run)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -160,7 +165,8 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
             **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk else {}),
             **({"prefill_wait_steps": a.prefill_wait_steps} if a.prefill_wait_steps is not None else {}),
             **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {}),
-            **({"step_overlap": a.step_overlap} if a.step_overlap else {})}
+            **({"step_overlap": a.step_overlap} if a.step_overlap else {}),
+            **({"host_tier_mb": a.host_tier_mb} if a.host_tier_mb is not None else {})}
 
 
 def saturated(res: dict, ref_e2e_ms: float | None = None) -> bool:
@@ -561,6 +567,15 @@ def run_inprocess(a: argparse.Namespace, work_dir: Path) -> dict:
     return finish(runs, meta, cpu_targets=False)
 
 
+def decode_rows(res: dict) -> int | None:
+    """The mean rows of the timed run's decode steps, from the stepper's own counts (`row_steps`):
+    the batch size its ITL is compared at. (The 50 ms `running_rows_p50` sampler is a Python
+    thread: with the scheduler thread busy it wakes late and samples the drained tail mostly.)"""
+    rows = (res.get("row_steps_during_run") or {}).get("decoding")
+    steps = res.get("decode_steps_during_run")
+    return round(rows / steps) if rows and steps else None
+
+
 def _kind(svc: Any, asked: str) -> str:
     """The scheduler the service really runs (a peft engine runs static whatever was asked)."""
     return getattr(svc, "scheduler_kind", "static") if asked == "continuous" else "static"
@@ -582,7 +597,7 @@ def gpu_extras(a: argparse.Namespace, svc: Any, base_work: Sequence[ServeRequest
     rows = [loaded[i % len(loaded)] for i in range(a.kv_rows)]
     prompt_len, new = int(a.prompt.median), int(a.output.median)
     static_tok_s = engine_tok_s(engine, rows, prompt_len, new)
-    b_run = int(cont.get("running_rows_p50") or 1)
+    b_run = decode_rows(cont) or int(cont.get("running_rows_p50") or 1)
     step = decode_step_ms(engine, rows[: max(1, b_run)], prompt_len)
     out = {"one_tenant_output_tok_s": solo["output_tok_s"],
            "one_tenant_over_mixed_tok_s": (solo["output_tok_s"] / cont["output_tok_s"]
