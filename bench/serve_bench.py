@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--host-tier-mb", type=int, default=None,
                     help="config host_tier_mb (default: the config's, 2048; an 8B rank-16 adapter is ~84 MB, so "
                          "64 of them need ~5.4 GB for --warm all to leave every timed load to the host tier)")
+    ap.add_argument("--drain-preempt-tokens", type=int, default=None,
+                    help="config drain_preempt_tokens (default: the config's)")
     ap.add_argument("--step-overlap", choices=("auto", "on", "off"), default=None,
                     help="config step_overlap (default: the config's, auto = on with GPU graphs)")
     ap.add_argument("--rank", type=int, default=16)
@@ -166,7 +168,8 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
             **({"prefill_wait_steps": a.prefill_wait_steps} if a.prefill_wait_steps is not None else {}),
             **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {}),
             **({"step_overlap": a.step_overlap} if a.step_overlap else {}),
-            **({"host_tier_mb": a.host_tier_mb} if a.host_tier_mb is not None else {})}
+            **({"host_tier_mb": a.host_tier_mb} if a.host_tier_mb is not None else {}),
+            **({"drain_preempt_tokens": a.drain_preempt_tokens} if a.drain_preempt_tokens is not None else {})}
 
 
 def saturated(res: dict, ref_e2e_ms: float | None = None) -> bool:

@@ -24,8 +24,8 @@ step costs about the same for few rows as for many. So that no tenant starves, a
 oldest waiting row has waited `admission_max_wait_s` goes before every other (oldest first), and
 while such an adapter finds every slot held, one resident adapter is drained (few waiting rows,
 running rows that finish soon): its new rows wait (its running rows finish) until its slot is free
-for the overdue one. Its greedy rows with more than `drain_preempt_tokens` tokens to go do not
-finish first: they are preempted (`_preempt`: back to the front of their tenant's queue, resumed
+for the overdue one. With `drain_preempt_tokens` > 0 (off by default: README, Decisions) its
+greedy rows with more than that many tokens to go do not finish first: they are preempted (`_preempt`: back to the front of their tenant's queue, resumed
 later from their prompt plus the tokens they produced, which the stepper prefills again), so the
 slot frees within about that many steps. `tenant_max_running` and the turns between tenants apply as before among
 the rows that may start.

@@ -111,7 +111,7 @@ class LoraplexConfig:
     tenant_max_running: int = 0             # continuous: most rows one tenant runs at once (0 = no cap)
     request_timeout_s: float = 300.0        # continuous: a request not finished this long after arrival gets 504 (0 = none)
     admission_max_wait_s: float = 5.0       # continuous: a waiting row's adapter goes before busier ones after this long (0 = never)
-    drain_preempt_tokens: int = 16          # continuous: a drained adapter's greedy rows with more tokens to go are preempted (0 = never)
+    drain_preempt_tokens: int = 0           # continuous: a drained adapter's greedy rows with more tokens to go are preempted (0 = never)
     negative_cache_s: float = 30.0
     registry_cache_s: float = 30.0          # max staleness of a worker's tenant cache when events are missed
     registry_stale_s: float = 300.0         # how long a worker may serve a cached tenant while Redis is unreachable
