@@ -175,6 +175,10 @@ def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, en
         _check_logprobs(oracle, row, run, i)
     assert {"stop", "length"} <= set(run.finished.values())
     assert (st.past_end > 0) is overlap  # EOS rows (and cancelled ones) ran a step nobody reads
+    # describe's occupancy: every KV row counted once per step, in one state
+    assert sum(st.row_steps.values()) == limits.max_rows * st.steps
+    assert min(st.row_steps[k] for k in ("decoding", "joining", "free")) > 0
+    assert (st.row_steps["ending"] > 0) is overlap  # rows ended by length, not delivered yet
 
 
 def test_decode_of_many_rows_is_one_forward_per_step(eng):
