@@ -5,8 +5,9 @@ any two steps, and their text streams out as it is produced.
     tenants while the stepper has free KV rows (adapter held through the residency) ─► one step
     for every running row (its prefill half's first tokens handed out before its decode half
     runs; with the stepper's overlap every event comes a step late instead) ─► tokens →
-    `TextStream` → `TextDelta`s ─► the row's end (EOS, length, a stop string, cancel, timeout) ─► `Finished` with the reply the
-    static path would give (built by the same service code) ─► hold released, KV row free.
+    `TextStream` → `TextDelta`s ─► the row's end (EOS, length, a stop string, cancel, timeout)
+    ─► `Finished` with the reply the static path would give (built by the same service code)
+    ─► hold released, KV row free.
 
 Admission, every loop iteration: tenants take turns (base-model rows count as one tenant), a
 tenant with `tenant_max_running` rows running is skipped (0 = no cap), and a row whose adapter
@@ -24,11 +25,12 @@ step costs about the same for few rows as for many. So that no tenant starves, a
 oldest waiting row has waited `admission_max_wait_s` goes before every other (oldest first), and
 while such an adapter finds every slot held, one resident adapter is drained (few waiting rows,
 running rows that finish soon): its new rows wait (its running rows finish) until its slot is free
-for the overdue one. With `drain_preempt_tokens` > 0 (off by default: README, Decisions) its
-greedy rows with more than that many tokens to go do not finish first: they are preempted (`_preempt`: back to the front of their tenant's queue, resumed
-later from their prompt plus the tokens they produced, which the stepper prefills again), so the
-slot frees within about that many steps. `tenant_max_running` and the turns between tenants apply as before among
-the rows that may start.
+for the overdue one; the drain lasts until the overdue adapter is resident. With
+`drain_preempt_tokens` > 0 (off by default: README, Decisions) the drained adapter's greedy rows
+with more than that many tokens to go do not finish first: they are preempted (`_preempt`: back
+to the front of their tenant's queue, resumed later from their prompt plus the tokens they
+produced, which the stepper prefills again), so the slot frees within about that many steps.
+`tenant_max_running` and the turns between tenants apply as before among the rows that may start.
 
 Fan-out requests (a fallback chain or compare mode, handler/fanout.py) are one `_Group` of rows,
 one `_Job` per row sharing the request's ticket: the group waits as one entry of its tenant's queue
@@ -537,9 +539,9 @@ class Scheduler:
         """Where the free adapter slots go this iteration (see the module docstring): the adapters
         waiting heads need that are not resident, overdue ones first (oldest first), then by the
         waiting rows each would serve; as many as slots are not held. With none free and one
-        overdue, a resident adapter drains (the same one until the overdue adapter is resident): the one the fewest
-        waiting rows need (their rows would wait), then the one whose running rows have the fewest
-        tokens left to generate at most (its slot frees soonest)."""
+        overdue, a resident adapter drains (the same one until the overdue adapter is resident):
+        the one the fewest waiting rows need (their rows would wait), then the one whose running
+        rows have the fewest tokens left to generate at most (its slot frees soonest)."""
         residency = self._service.residency
         resident, held = residency.resident_ids(), residency.held_ids()
         now, bound = self._clock(), self.admission_max_wait_s

@@ -635,6 +635,10 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                 "row_steps_during_run": {k: describe_delta(before, after, "scheduler", "stepper", "row_steps", k)
                                          for k in ("decoding", "joining", "ending", "free")},
                 **{f"device_{phase}_s_during_run": _device_s(before, after, phase) for phase in ("prefill", "decode")}})
+    device_s = [res[f"device_{phase}_s_during_run"] for phase in ("prefill", "decode")]
+    # the share of the timed span the GPU spent on the stepper's forwards (None: a CPU)
+    res["device_busy"] = (round(sum(device_s) / res["span_s"], 3)
+                          if None not in device_s and res.get("span_s") else None)
     return res, outcomes
 
 

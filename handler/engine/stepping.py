@@ -284,7 +284,7 @@ class _Graph:
     batch: int
     length: int
     rank: int  # LoRA kernel rank (0: the plain model, no LoRA layers)
-    inputs: torch.Tensor  # [3, B] long: token id (copied on the device from `Stepper._last`), position, LoRA slot per row
+    inputs: torch.Tensor  # [3, B] long per row: token id (a device copy of `Stepper._last`), position, LoRA slot
     graph: Any = None
     logits: torch.Tensor | None = None
     replays: int = 0
@@ -719,7 +719,8 @@ class Stepper:
         lps = None
         if ask:
             a = self._index(ask)
-            lps = lp.step(logits.index_select(0, a), chosen.index_select(0, a), max(rows[i].params.logprobs for i in ask))
+            k = max(rows[i].params.logprobs for i in ask)
+            lps = lp.step(logits.index_select(0, a), chosen.index_select(0, a), k)
         for r in rows:
             r.generated += 1
         p = _Pending(rows, [r.generated for r in rows], chosen, ask, lps)

@@ -515,6 +515,7 @@ def test_a_drain_preempts_the_drained_adapters_long_greedy_rows(pair, tools, tin
         assert done["c"][0] < min(done["a0"][0], done["a1"][0]), done  # the preempted rows resumed after t-c
     else:
         assert snap["preempted"] == 0 and done["c"][0] > max(done[k][0] for k in ("a0", "a1", "a2")), done
+    assert snap["free_rows_waiting"] > 0  # t-c waited for the slot with a KV row free
     for label, raw in (("a0", longs[0]), ("a1", longs[1]), ("a2", longs[2]), ("c", late)):
         reply = done[label][1]
         assert reply.status == 200, reply.body
