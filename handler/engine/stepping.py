@@ -409,6 +409,7 @@ class Stepper:
         self._last = torch.full((limits.max_rows + self.cache.spare_rows,), self.pad_token_id, dtype=torch.long,
                                 device=self.device)
         self.past_end = 0  # row computations queued past a row's end (overlap: EOS seen one step late)
+        self.pageable_copies = 0  # copies made from plain memory for want of page-locked memory (they wait)
         # KV rows summed over steps by what they did: decoding, prefilling or waiting to (joining),
         # ended but not delivered yet (ending, overlap), free
         self.row_steps: Counter[str] = Counter()
@@ -725,11 +726,15 @@ class Stepper:
             r.generated += 1
         p = _Pending(rows, [r.generated for r in rows], chosen, ask, lps)
         if self.overlap and chosen.is_cuda:
-            p.tokens = chosen.to("cpu", non_blocking=True)
-            if lps is not None:
-                p.logprobs = tuple(t.to("cpu", non_blocking=True) for t in lps)
-            p.ready = torch.cuda.Event()
-            p.ready.record()
+            try:  # into page-locked memory (a copy back that does not wait)
+                p.tokens = chosen.to("cpu", non_blocking=True)
+                if lps is not None:
+                    p.logprobs = tuple(t.to("cpu", non_blocking=True) for t in lps)
+                p.ready = torch.cuda.Event()
+                p.ready.record()
+            except RuntimeError:  # none left: `_deliver` reads them from the device (a wait)
+                p.tokens, p.logprobs, p.ready = chosen, lps, None
+                self.pageable_copies += 1
         self._pending.append(p)
 
     def _deliver(self, n: int) -> list[RowEvent]:
@@ -768,12 +773,17 @@ class Stepper:
     def _index(self, values: Sequence[Any], into: torch.Tensor | None = None) -> torch.Tensor:
         """A long tensor of `values` on the device (or copied into `into`), from page-locked memory
         without waiting for the device's queued work (a pageable copy waits for it: no overlap); the
-        caching host allocator keeps the staging buffer until the copy has run."""
+        caching host allocator keeps the staging buffer until the copy has run. With no page-locked
+        memory left (the host tier can take it all) the copy comes from plain memory: it waits, and
+        is still right."""
         host = torch.tensor(values, dtype=torch.long)
         if into is not None:
             host = host.view(into.shape)
         if self.device.type == "cuda":
-            host = host.pin_memory()
+            try:
+                host = host.pin_memory()
+            except RuntimeError:
+                self.pageable_copies += 1
             if into is None:
                 return host.to(self.device, non_blocking=True)
         return host if into is None else into.copy_(host, non_blocking=True)
@@ -919,4 +929,5 @@ class Stepper:
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,
                 "prefill_forwards": self.prefill_forwards, "rows_moved": self.rows_moved,
                 "overlap": self.overlap, "past_end": self.past_end, "row_steps": dict(self.row_steps),
+                "pageable_copies": self.pageable_copies,
                 "device_ms": self.device_time.describe()}

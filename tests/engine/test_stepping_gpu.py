@@ -208,3 +208,25 @@ def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, to
     assert d["overlap"] and d["captures_after_warmup"] == 0 and d["prefill_replays"] == d["prefill_forwards"] > 0
     for i, row in rows.items():
         assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
+
+
+def test_with_no_page_locked_memory_left_steps_copy_from_plain_memory(tiny_model_dir, tokenizer, engine_adapters,
+                                                                     monkeypatch):
+    """The host tier can take every page-locked byte. Then the step's host-to-device copies come from
+    plain memory (they wait for the device; `pageable_copies` counts them) and rows still equal
+    each row alone, instead of every step failing."""
+    graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
+    st = graphs.stepper(StepLimits(max_rows=4, max_len=128, prefill_chunk=32, prefill_wait_steps=0))
+    st.warmup()
+
+    def no_pinned(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinned)
+    rows = _schedule(12, 8)
+    run, cancelled = _drive(st, rows, seed=13)
+    monkeypatch.undo()
+    assert st.describe()["pageable_copies"] > 0
+    for i, row in rows.items():
+        if i not in cancelled:
+            assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
