@@ -36,9 +36,9 @@ In-process (b) adds: `engine_static_batch_tok_s` (the engine's own `generate` on
 --kv-rows mixed-tenant rows of median prompt and output length) and the continuous run's share of it,
 `one_tenant_output_tok_s` (the same workload with every request on one tenant) and its ratio,
 `device_busy` (the GPU's prefill and decode time over the run's span: near 1 means the run is at
-the GPU's capacity whatever the drain rule says), `running_rows_p50` (sampled every 50 ms during the run), `decode_step_rows` (the mean rows of the
-run's decode steps, from the stepper's `row_steps`), `decode_step_ms` at that batch size and
-`itl_p99_over_decode_step`.
+the GPU's capacity whatever the drain rule says), `running_rows_p50` (sampled every 50 ms during
+the run), `decode_step_rows` (the mean rows of the run's decode steps, from the stepper's
+`row_steps`), `decode_step_ms` at that batch size and `itl_p99_over_decode_step`.
 
 `--json` prints one JSON object last: the issue's keys (scheduler, rate, requests, output_tok_s,
 ttft_p50_ms, ttft_p99_ms, itl_p50_ms, itl_p99_ms, e2e_p50_ms, e2e_p99_ms, errors_5xx, wrong_outputs,

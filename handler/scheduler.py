@@ -628,11 +628,12 @@ class Scheduler:
             return "failed"
         job.plan, job.adapter = plan, adapter
         row_id = next(self._row_ids)
-        row = GenerationRow(plan.input_ids, adapter, job.params)
         if job.preempted:  # where it was: its tokens so far are part of the prompt now
             done = list(job.stream.token_ids)
             row = GenerationRow(list(plan.input_ids) + done, adapter,
                                 replace(job.params, max_new_tokens=job.params.max_new_tokens - len(done)))
+        else:
+            row = GenerationRow(plan.input_ids, adapter, job.params)
         try:
             self.stepper.add(row_id, row)
         except CacheFull:
