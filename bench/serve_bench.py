@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="config drain_preempt_tokens (default: the config's)")
     ap.add_argument("--step-overlap", choices=("auto", "on", "off"), default=None,
                     help="config step_overlap (default: the config's, auto = on with GPU graphs)")
+    ap.add_argument("--step-mixed", choices=("auto", "on", "off"), default=None,
+                    help="config step_mixed (default: the config's, auto = on with GPU graphs)")
+    ap.add_argument("--mixed-prefill-tokens", type=int, default=None,
+                    help="config mixed_prefill_tokens (default: the config's)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-files", type=int, default=8, help="inprocess: distinct random adapter files "
                                                                 "(tenants share them round robin; each tenant is "
@@ -169,6 +173,8 @@ def handler_settings(a: argparse.Namespace, max_prompt_tokens: int) -> dict:
             **({"prefill_wait_steps": a.prefill_wait_steps} if a.prefill_wait_steps is not None else {}),
             **({"prefill_graphs": a.prefill_graphs == "on"} if a.prefill_graphs else {}),
             **({"step_overlap": a.step_overlap} if a.step_overlap else {}),
+            **({"step_mixed": a.step_mixed} if a.step_mixed else {}),
+            **({"mixed_prefill_tokens": a.mixed_prefill_tokens} if a.mixed_prefill_tokens else {}),
             **({"host_tier_mb": a.host_tier_mb} if a.host_tier_mb is not None else {}),
             **({"drain_preempt_tokens": a.drain_preempt_tokens} if a.drain_preempt_tokens is not None else {})}
 

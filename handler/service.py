@@ -158,7 +158,9 @@ class LoraplexService:
             limits = StepLimits(max_rows=config.kv_rows, max_len=config.kv_row_tokens,
                                 prefill_chunk=config.prefill_chunk, graph_batch_sizes=config.graph_batch_sizes,
                                 prefill_wait_steps=config.prefill_wait_steps, prefill_graphs=config.prefill_graphs,
-                                overlap={"auto": None, "on": True, "off": False}[config.step_overlap])
+                                overlap={"auto": None, "on": True, "off": False}[config.step_overlap],
+                                mixed={"auto": None, "on": True, "off": False}[config.step_mixed],
+                                mixed_tokens=config.mixed_prefill_tokens)
             try:
                 stepper = engine.stepper(limits)
             except EngineError as exc:

@@ -105,6 +105,8 @@ class LoraplexConfig:
     prefill_wait_steps: int = 8             # continuous, GPU graphs: joining rows wait up to this many steps to prefill together
     prefill_graphs: bool = True             # continuous, GPU graphs: prefill chunks replay captured graphs (False: eager)
     step_overlap: str = "auto"              # continuous: auto (on with GPU graphs) | on | off: a step's tokens read back while the next runs
+    step_mixed: str = "auto"                # continuous: auto (on with GPU graphs) | on | off: prompt chunks ride in the decode step's forward
+    mixed_prefill_tokens: int = 64          # continuous, step_mixed: prompt tokens one decode step carries at most
     graph_batch_sizes: tuple[int, ...] = () # continuous on a GPU: decode batch sizes captured at start (() = 1, 2, 4, ... kv_rows)
     max_waiting: int = 64                   # continuous: requests that may wait beyond the kv_rows running (then 503)
     retry_after_s: int = 1                  # the Retry-After of that 503
@@ -442,6 +444,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "prefill_wait_steps": _int(0),
     "prefill_graphs": _bool,
     "step_overlap": _choice("auto", "on", "off"),
+    "step_mixed": _choice("auto", "on", "off"),
+    "mixed_prefill_tokens": _int(1),
     "graph_batch_sizes": _int_list(1),
     "max_waiting": _int(0),
     "retry_after_s": _int(0),

@@ -89,12 +89,15 @@ class StepLimits:
     prefill_wait_steps: int = 8  # GPU graphs: joining rows may wait up to this many decode steps to be prefilled together (0 = at once)
     prefill_graphs: bool = True  # GPU graphs: prefill chunks of up to 8 rows replay captured graphs too (False: eager)
     overlap: bool | None = None  # a step's tokens reach the host while the next step runs (events one step late); None = with GPU graphs
+    mixed: bool | None = None  # joining rows' prompt chunks ride in the decode step's forward (one forward per step); None = with GPU graphs
+    mixed_tokens: int = 64  # mixed: prompt tokens one decode step carries at most (GPU graphs: chunks of 16, 32, ... tokens, 1, 2 or 4 rows)
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1 or self.prefill_wait_steps < 0:
+        if (self.max_rows < 1 or self.max_len < 2 or self.prefill_chunk < 1 or self.prefill_wait_steps < 0
+                or self.mixed_tokens < 1):
             raise EngineError(f"bad step limits: max_rows {self.max_rows} (>= 1), max_len {self.max_len} (>= 2), "
                               f"prefill_chunk {self.prefill_chunk} (>= 1), prefill_wait_steps "
-                              f"{self.prefill_wait_steps} (>= 0)")
+                              f"{self.prefill_wait_steps} (>= 0), mixed_tokens {self.mixed_tokens} (>= 1)")
         sizes = tuple(int(b) for b in self.graph_batch_sizes)
         if any(not 1 <= b <= self.max_rows for b in sizes):
             raise EngineError(f"graph_batch_sizes {list(sizes)} must lie in 1..max_rows ({self.max_rows})")

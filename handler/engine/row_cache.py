@@ -16,7 +16,10 @@ never asks the cache for lengths or offsets (transformers' `create_causal_mask` 
   one new token per row written at the row's own position ``pos[b]`` (an ``index_put`` with
   a device tensor: the same kernel, whatever the positions, so it can be captured);
 - prefill: ``[n, S]`` tokens of any n rows, each token at its own (row, position) (an
-  ``index_put``), the rows' keys read back as a gathered copy (prefill is compute-bound).
+  ``index_put``), the rows' keys read back as a gathered copy (prefill is compute-bound);
+- mixed (`for_mixed`): ``[B + n*S, 1]`` tokens, the first B a decode step over rows ``[0, B)``
+  and the rest n prefill chunks of S tokens, each written at its own (row, position); `update`
+  returns the whole store and `mixed_attention` reads each part's rows from it.
 
 Concurrency: owned by the stepper's thread.
 """
@@ -34,8 +37,10 @@ class _View:
 
     length: int  # keys returned: [0, length)
     pos: torch.Tensor  # decode: [B] position written per row; prefill: [n, S] per row and token
-    index: torch.Tensor  # decode: [B] 0..B-1 (rows [0, B)); prefill: [n] the KV rows, in batch order
+    index: torch.Tensor  # decode, mixed: [B] 0..B-1 (rows [0, B)); prefill: [n] the KV rows, in batch order
     decode: bool
+    chunk_rows: torch.Tensor | None = None  # mixed: [n] the chunks' KV rows
+    chunk_pos: torch.Tensor | None = None  # mixed: [n, S] each chunk token's position
 
 
 class _RowLayer(CacheLayerMixin):
@@ -75,6 +80,16 @@ class _RowLayer(CacheLayerMixin):
 
 
 def _write(store: torch.Tensor, new: torch.Tensor, v: _View) -> torch.Tensor:
+    # mixed: new [B + n*S, heads, 1, dim]; both parts written, the whole store read. The chunks are
+    # written second: a chunked row inside [0, B) runs as a dummy decode row writing at its next
+    # position, which its chunk's first token then overwrites.
+    if v.chunk_rows is not None:
+        B = v.index.shape[0]
+        n, S = v.chunk_pos.shape
+        if B:
+            store[:B][v.index, :, v.pos] = new[:B, :, 0]
+        store[v.chunk_rows.view(-1, 1), :, v.chunk_pos] = new[B:, :, 0].view(n, S, new.shape[1], new.shape[-1])
+        return store
     if v.decode:  # new [B, heads, 1, dim] -> row b at pos[b]; read back the slice of rows [0, B): no copy
         rows = store[: v.index.shape[0]]
         rows[v.index, :, v.pos] = new[:, :, 0]
@@ -110,6 +125,17 @@ class RowCache(Cache):
         """The next forward is ``[n, S]`` tokens: batch row i goes to KV row ``rows[i]``, its token j
         at position ``pos[i, j]``; it attends over keys ``[0, length)`` of those rows."""
         self.view = _View(length=int(length), pos=pos, index=rows, decode=False)
+
+    def for_mixed(self, pos: torch.Tensor, chunk_rows: torch.Tensor, chunk_pos: torch.Tensor, length: int) -> None:
+        """The next forward is ``[B + n*S, 1]`` tokens: a decode step over rows ``[0, B)`` (B =
+        ``len(pos)``, row b's token at ``pos[b]``; B may be 0), then n chunks of S tokens, chunk i's
+        token j written to KV row ``chunk_rows[i]`` at ``chunk_pos[i, j]``; both attend over keys
+        ``[0, length)`` (`mixed_attention` splits them)."""
+        b = int(pos.shape[0])
+        if self._arange is None or self._arange.device != pos.device:
+            self._arange = torch.arange(self.max_rows, device=pos.device)
+        self.view = _View(length=int(length), pos=pos, index=self._arange[:b], decode=True,
+                          chunk_rows=chunk_rows, chunk_pos=chunk_pos)
 
     @property
     def scratch_row(self) -> int:

@@ -115,6 +115,7 @@ from . import logprobs as lp
 from .api import GenerationRow, RowEvent, SamplingParams, StepLimits
 from .errors import CacheFull, EngineError, RowTooLong
 from .generation import generation_kwargs, validate_rows
+from .mixed_attention import MixedLayout, inner_attention, mixed_forward
 from .row_cache import RowCache
 from .static_decode import SUPPORTED_ATTENTION, LoraRows, picker, round_up
 
@@ -169,6 +170,21 @@ def prefill_shapes(limits: StepLimits) -> list[tuple[int, int]]:
     return [(n, s) for n in PREFILL_GRAPH_ROWS if n <= limits.max_rows for s in tokens if n * s <= PREFILL_GRAPH_TOKENS]
 
 
+MIXED_ROWS = (1, 2, 4)  # mixed steps: prompt chunks of up to this many rows ride in one decode step
+
+
+def mixed_shapes(limits: StepLimits) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of the prompt chunks a captured mixed step carries: rows 1, 2, 4 (up
+    to `max_rows`) x tokens 16, 32, ... with rows x tokens at most `mixed_tokens`."""
+    out = []
+    for n in MIXED_ROWS:
+        S = PREFILL_GRAPH_MIN_TOKENS
+        while n <= limits.max_rows and n * S <= limits.mixed_tokens:
+            out.append((n, S))
+            S *= 2
+    return out
+
+
 def prefill_length_buckets(max_len: int) -> list[int]:
     """Key lengths of the captured prefill forwards: the decode buckets up to `PREFILL_GRAPH_MAX_LEN`."""
     return [t for t in length_buckets(max_len) if t <= PREFILL_GRAPH_MAX_LEN]  # never empty: the first is 256 or less
@@ -210,7 +226,7 @@ class DeviceTime:
 
     def __init__(self, device: torch.device) -> None:
         self.enabled = device.type == "cuda"
-        self.ms = {"prefill": 0.0, "decode": 0.0}
+        self.ms = {"prefill": 0.0, "decode": 0.0, "mixed": 0.0}
         self._open: list[tuple[str, Any, Any]] = []
 
     def start(self) -> Any:
@@ -344,6 +360,58 @@ class _PrefillGraph:
         return st._chunk_forward(self.ids, self.pos, self.kv, self.length)
 
 
+@dataclass(eq=False)
+class _MixedGraph:
+    """One captured mixed step: a decode step over KV rows [0, `batch`) plus `rows` prompt chunks of
+    `tokens` each (left-padded; rows beyond the real ones write into the scratch row), all attending
+    over `length` keys, LoRA kernels at `rank`, every token with its own slot."""
+
+    batch: int
+    rows: int
+    tokens: int
+    length: int
+    rank: int
+    inputs: torch.Tensor  # long: decode ids [B] (a device copy of `Stepper._last`), positions [B] | chunk ids
+    #                       [n, S], positions [n, S] | chunk KV rows [n] | LoRA slot per token [B + n S]
+    graph: Any = None
+    logits: torch.Tensor | None = None
+    replays: int = 0
+    failed: bool = False
+
+    def _part(self, start: int, n: int) -> torch.Tensor:
+        return self.inputs[start: start + n]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._part(0, self.batch)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self._part(self.batch, self.batch)
+
+    @property
+    def chunk_ids(self) -> torch.Tensor:
+        return self._part(2 * self.batch, self.rows * self.tokens).view(self.rows, self.tokens)
+
+    @property
+    def chunk_pos(self) -> torch.Tensor:
+        return self._part(2 * self.batch + self.rows * self.tokens, self.rows * self.tokens).view(self.rows, self.tokens)
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self._part(2 * self.batch + 2 * self.rows * self.tokens, self.rows)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.inputs[2 * self.batch + 2 * self.rows * self.tokens + self.rows:]
+
+    def forward(self, st: "Stepper") -> torch.Tensor:
+        return st._mixed_forward(self.ids, self.pos, self.chunk_ids, self.chunk_pos, self.kv, self.length)
+
+
+_AnyGraph = _Graph | _PrefillGraph | _MixedGraph
+
+
 class Stepper:
     """`api.RowStepper` for one causal LM (sdpa or eager attention).
 
@@ -372,9 +440,15 @@ class Stepper:
         self.float_mask = attn == "eager"
         self.mask_dtype = next(model.parameters()).dtype
         self._prefill_shapes = prefill_shapes(limits) if self.graphs else []
-        # a spare KV row for the padding rows of captured prefills
+        # mixed steps: joining rows' chunks in the decode forward (`_decode`); with graphs only in the
+        # captured chunk shapes (none fit: separate prefill forwards, as without mixing)
+        self._mixed_shapes = mixed_shapes(limits) if self.graphs else []
+        self.mixed = (self.graphs if limits.mixed is None else bool(limits.mixed)) and (
+            bool(self._mixed_shapes) or not self.graphs)
+        self._inner_attention = inner_attention(model) if self.mixed else None
+        # a spare KV row for the padding rows of captured prefills and mixed steps
         self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len,
-                              spare_rows=1 if self._prefill_shapes else 0)
+                              spare_rows=1 if self._prefill_shapes or (self.mixed and self.graphs) else 0)
         self._arange = torch.arange(limits.max_len, device=self.device)
         self._rows: dict[int, _Row] = {}  # add order = prefill order
         self._by_kv: list[_Row | None] = [None] * limits.max_rows
@@ -385,6 +459,7 @@ class Stepper:
         self._graphs: dict[tuple[int, int, int], _Graph] = {}  # (batch, key length, rank)
         self._prefill_lens = prefill_length_buckets(limits.max_len)
         self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}  # (rows, tokens, key length)
+        self._mixed_graphs: dict[tuple[int, int, int, int], _MixedGraph] = {}  # (batch, rows, tokens, key length)
         self._pool = None  # one CUDA graph memory pool for every bucket (replays never overlap)
         self.captures = 0
         self.captures_after_warmup = 0
@@ -397,6 +472,9 @@ class Stepper:
         self.decode_steps = 0
         self.prefill_forwards = 0
         self.prefill_replays = 0  # prefill forwards served by a captured graph
+        self.mixed_steps = 0  # decode steps that carried prompt chunks
+        self.mixed_replays = 0  # mixed steps served by a captured graph
+        self.mixed_prompt_tokens = 0  # prompt tokens prefilled in mixed steps
         self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
         self.device_time = DeviceTime(self.device)
         # overlap: a step's tokens are read back while the next step runs (`_pending`, `_due`)
@@ -490,7 +568,7 @@ class Stepper:
             joining = sum(r.filled < len(r.prompt) for r in self._rows.values())
             self.row_steps.update(decoding=len(decoding), joining=joining, free=len(self._free),
                                   ending=len(self._rows) - len(decoding) - joining)
-            if not (decoding and self._defer_prefill()):
+            if not (decoding and (self.mixed or self._defer_prefill())):  # mixed: chunks ride in the decode step
                 self._prefill()
         self._decoding = decoding
         return [] if self.overlap else self._deliver(len(self._pending))
@@ -668,13 +746,19 @@ class Stepper:
     def _decode(self, decoding: list[_Row]) -> None:
         """One forward over KV rows [0, B); rows not in `decoding` are dummies that write at their
         own next position (a free row anywhere), so no live row's cache changes. Each row's input is
-        its last picked token, read on the device (`_last`; a dummy reads whatever its KV row holds)."""
+        its last picked token, read on the device (`_last`; a dummy reads whatever its KV row holds).
+        Mixed (`self.mixed`): joining rows' next prompt chunks (`_mixed_chunks`) ride in the same
+        forward (`_decode_mixed`)."""
         n = max(r.kv for r in decoding) + 1
         B = _first_at_least(self._batch_buckets, n) if self.graphs else n
         feed = {r.kv for r in decoding}
         rows = [r if r is not None and r.kv in feed else None for r in self._by_kv[:B]]
         slots = [r.slot if r is not None else 0 for r in rows]
         pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
+        chunks = self._mixed_chunks() if self.mixed else []
+        if chunks:
+            self._decode_mixed(decoding, rows, slots, pos, chunks)
+            return
         need = max(pos) + 1
         logits = None
         started = self.device_time.start()
@@ -690,6 +774,100 @@ class Stepper:
         self.decode_steps += 1
         kv = self._index([r.kv for r in decoding])
         self._pick(decoding, logits.index_select(0, kv), kv)
+
+    # -- mixed steps ----------------------------------------------------------
+    def _mixed_chunks(self) -> list[tuple[_Row, int]]:
+        """The prompt chunks this step's decode forward carries: the first 1, 2 or 4 joining rows (add
+        order), each up to an equal share of `mixed_tokens` (with graphs: the largest captured chunk
+        for that many rows), whichever count prefills the most tokens (fewer rows on a tie)."""
+        joining = [r for r in self._rows.values() if r.filled < len(r.prompt)][: MIXED_ROWS[-1]]
+        best: list[tuple[_Row, int]] = []
+        for n in MIXED_ROWS:
+            if n > len(joining):
+                break
+            caps = [S for k, S in self._mixed_shapes if k == n] if self.graphs else [self.limits.mixed_tokens // n]
+            if not caps or not max(caps):
+                continue
+            chunks = [(r, min(len(r.prompt) - r.filled, max(caps))) for r in joining[:n]]
+            if sum(c for _, c in chunks) > sum(c for _, c in best):
+                best = chunks
+        return best
+
+    def _mixed_shape(self, chunks: list[tuple[_Row, int]]) -> tuple[int, int]:
+        """(rows, tokens) the chunks run as: the smallest captured shape holding them; eagerly their own."""
+        longest = max(c for _, c in chunks)
+        if not self.graphs:
+            return len(chunks), longest
+        return min(((n, S) for n, S in self._mixed_shapes if n >= len(chunks) and S >= longest),
+                   key=lambda sh: (sh[0] * sh[1], sh[0]))
+
+    def _decode_mixed(self, decoding: list[_Row], rows: list[_Row | None], slots: list[int], pos: list[int],
+                      chunks: list[tuple[_Row, int]]) -> None:
+        """One forward of the decode rows [0, B) and the prompt chunks (`mixed_attention`): the decode
+        rows' tokens and the first tokens of rows whose prompt completes, picked together."""
+        B = len(rows)
+        n_rows, S = self._mixed_shape(chunks)
+        ids, cpos = self._chunk_ids(chunks, S)
+        need = max(max(pos), *(r.filled + c for r, c in chunks)) + 1
+        pad = n_rows - len(chunks)
+        ids += [[self.pad_token_id] * S] * pad
+        cpos += [[0] * S] * pad
+        kv = [r.kv for r, _ in chunks] + ([self.cache.scratch_row] * pad if pad else [])
+        token_rows = rows + [r for r, _ in chunks for _ in range(S)] + [None] * (pad * S)
+        logits = None
+        started = self.device_time.start()
+        if self.graphs:
+            self._check(token_rows)
+            g = self._mixed_graph(B, n_rows, S, _first_at_least(self._len_buckets, need))
+            if not g.failed:
+                g.ids.copy_(self._last[:B])
+                flat = pos + [t for row in ids for t in row] + [p for row in cpos for p in row] + kv
+                flat += slots + [r.slot for r, _ in chunks for _ in range(S)] + [0] * (pad * S)
+                logits = self._run_graph(g, flat, g.inputs[B:])
+                if logits is not None:
+                    self.mixed_replays += 1
+        if logits is None:  # eager: no graphs, or this bucket could not be captured
+            ids_t, cpos_t = self._index([ids, cpos]).unbind(0)
+            with self._eager(token_rows):
+                logits = self._mixed_forward(self._last[:B], self._index(pos), ids_t, cpos_t, self._index(kv),
+                                             min(round_up(need, EAGER_LEN), self.limits.max_len))
+        self.device_time.stop("mixed", started)
+        self.decode_steps += 1
+        self.mixed_steps += 1
+        for r, c in chunks:
+            r.filled += c
+            self.mixed_prompt_tokens += c
+        done = [i for i, (r, _) in enumerate(chunks) if r.filled == len(r.prompt)]
+        picked = decoding + [chunks[i][0] for i in done]
+        at = [r.kv for r in decoding] + [B + i * S + S - 1 for i in done]  # a chunk's last column is its last token
+        self._pick(picked, logits.index_select(0, self._index(at)))
+
+    def _mixed_forward(self, ids: torch.Tensor, pos: torch.Tensor, chunk_ids: torch.Tensor, chunk_pos: torch.Tensor,
+                       chunk_kv: torch.Tensor, length: int) -> torch.Tensor:
+        """Decode ids [B] at positions [B] (rows [0, B)) and chunks [n, S] at positions [n, S] of KV rows
+        [n], keys [0, length), as ONE forward of [B + n S, 1] tokens -> [B + n S, V] logits; what a
+        mixed graph captures (masks built inside)."""
+        B = ids.shape[0]
+        n, S = chunk_ids.shape
+        ar = self._arange[:length]
+        chunk_mask = self._as_mask((ar.view(1, 1, length) <= chunk_pos.unsqueeze(-1)).unsqueeze(1))  # [n, 1, S, T]
+        decode_mask = self._as_mask((ar.view(1, length) <= pos.view(B, 1)).view(B, 1, 1, length)) if B else None
+        layout = MixedLayout(B, n, S, length, chunk_kv, decode_mask, chunk_mask, self._inner_attention)
+        self.cache.for_mixed(pos.view(B), chunk_kv, chunk_pos, length)
+        with mixed_forward(self.model):  # the 4D mask only tells transformers not to build one
+            out = self.model(input_ids=torch.cat([ids.view(B), chunk_ids.reshape(-1)]).view(-1, 1),
+                             attention_mask=chunk_mask, position_ids=torch.cat([pos.view(B), chunk_pos.reshape(-1)]).view(-1, 1),
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1, row_layout=layout)
+        return out.logits[:, -1]
+
+    def _mixed_graph(self, B: int, rows: int, tokens: int, length: int) -> _MixedGraph:
+        g = self._mixed_graphs.get((B, rows, tokens, length))
+        if g is None:
+            n = rows * tokens
+            g = self._mixed_graphs[(B, rows, tokens, length)] = _MixedGraph(
+                B, rows, tokens, length, self.graph_ranks[-1],
+                torch.zeros(3 * B + 3 * n + rows, dtype=torch.long, device=self.device))
+        return g
 
     def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """[B, 1] ids at positions [B, 1] -> [B, V] logits; what a graph captures (mask built inside)."""
@@ -810,7 +988,7 @@ class Stepper:
             raise EngineError("a running row's adapter moved to another slot (deleted while in use?)")
         return names
 
-    def _static(self, g: _Graph | _PrefillGraph) -> ContextManager[None]:
+    def _static(self, g: "_AnyGraph") -> ContextManager[None]:
         if self.lora is None or not g.rank:
             return contextlib.nullcontext()
         return self.lora.static_batch(g.slots, g.rank)
@@ -829,7 +1007,7 @@ class Stepper:
         g.inputs[0].copy_(self._last[: g.batch])
         return self._run_graph(g, [pos, slots], g.inputs[1:])
 
-    def _run_graph(self, g: _Graph | _PrefillGraph, host_inputs: list, into: torch.Tensor | None = None
+    def _run_graph(self, g: "_AnyGraph", host_inputs: list, into: torch.Tensor | None = None
                    ) -> torch.Tensor | None:
         """Copy `host_inputs` into the graph's input tensor (or its part `into`: one host-to-device
         copy), capture it if warmup did not, replay; its logits, or None when it cannot be captured."""
@@ -858,7 +1036,7 @@ class Stepper:
             raise EngineError(f"adapter rank {rank} is beyond what the captured LoRA kernels serve")
         return rank
 
-    def _try_capture(self, g: _Graph | _PrefillGraph) -> bool:
+    def _try_capture(self, g: "_AnyGraph") -> bool:
         try:
             self._capture(g)
             return True
@@ -868,7 +1046,7 @@ class Stepper:
             self.last_capture_error = f"{type(exc).__name__}: {exc}"[:300]
             return False
 
-    def _capture(self, g: _Graph | _PrefillGraph) -> None:
+    def _capture(self, g: "_AnyGraph") -> None:
         """Run the forward once on a side stream (kernel JIT, workspaces), then capture it. The run
         writes the same keys/values the captured forward writes (same inputs), so it is harmless."""
         side = torch.cuda.Stream(self.device)
@@ -910,6 +1088,15 @@ class Stepper:
                     p.ids.fill_(self.pad_token_id)
                     p.kv.fill_(self.cache.scratch_row)
                     self._try_capture(p)
+            for B, (n, S), length in itertools.product(self._batch_buckets, self._mixed_shapes if self.mixed else [],
+                                                       self._len_buckets):
+                m = self._mixed_graph(B, n, S, length)
+                if m.graph is None and not m.failed:  # dummy keys at position 0 of rows [0, B), chunks in the scratch row
+                    m.inputs.zero_()
+                    m.ids.fill_(self.pad_token_id)
+                    m.chunk_ids.fill_(self.pad_token_id)
+                    m.kv.fill_(self.cache.scratch_row)
+                    self._try_capture(m)
         self.warmed_up = True
 
     def describe(self) -> dict[str, Any]:
@@ -924,6 +1111,9 @@ class Stepper:
                                      "captured": p.graph is not None, "replays": p.replays}
                                     for p in list(self._prefill_graphs.values())],
                 "prefill_replays": self.prefill_replays,
+                "mixed": self.mixed, "mixed_tokens": self.limits.mixed_tokens, "mixed_steps": self.mixed_steps,
+                "mixed_replays": self.mixed_replays, "mixed_prompt_tokens": self.mixed_prompt_tokens,
+                "mixed_graphs": sum(m.graph is not None for m in list(self._mixed_graphs.values())),
                 "rows": self.rows(), "max_rows": self.limits.max_rows, "max_len": self.limits.max_len,
                 "prefill_chunk": self.limits.prefill_chunk, "kv_utilisation": self.kv_utilisation(),
                 "kv_bytes": self.cache.nbytes(), "steps": self.steps, "decode_steps": self.decode_steps,

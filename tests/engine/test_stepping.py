@@ -113,14 +113,18 @@ def _check_logprobs(oracle, row, run, row_id):
             assert i == ri or abs(float(want[t, ri]) - v) < TOL
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("overlap,mixed", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["sync", "overlap", "mixed", "overlap-mixed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, engine_adapters, oracle, seed, overlap):
+def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, engine_adapters, oracle, seed, overlap,
+                                                   mixed):
     """Rows added at random steps (random prompt lengths, some longer than prefill_chunk, random
     adapters incl. the base, random max_new_tokens and logprobs), some cancelled mid-run, KV rows
     reused many times; an extra EOS id makes some rows stop early. With overlap (the GPU default,
     forced here on the CPU: the same bookkeeping) every event comes one step late, an EOS row runs
-    one step past its end, and a cancelled row's queued step is dropped."""
+    one step past its end, and a cancelled row's queued step is dropped. Mixed (the GPU default,
+    forced here): joining rows' prompt chunks run in the decode steps' forwards, through
+    `mixed_attention`, in chunks of up to `mixed_tokens` split over 1, 2 or 4 rows."""
     rng = random.Random(seed)
     rows = {}
     for i in range(16):
@@ -130,9 +134,9 @@ def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, en
     common = Counter(t for o in probe for t in o.token_ids[1:]).most_common(1)[0][0]
     eos = [tokenizer.eos_token_id, common]  # a token the rows do emit after their first
     eng = _engine(tiny_model_dir, tokenizer, engine_adapters, eos=eos)
-    limits = StepLimits(max_rows=4, max_len=80, prefill_chunk=12, overlap=overlap)
+    limits = StepLimits(max_rows=4, max_len=80, prefill_chunk=12, overlap=overlap, mixed=mixed, mixed_tokens=10)
     run = Run(eng.stepper(limits))
-    assert run.st.overlap is overlap
+    assert run.st.overlap is overlap and run.st.mixed is mixed
     st = run.st
     pending = list(rows)
     cancelled: set[int] = set()
@@ -179,6 +183,9 @@ def test_random_schedule_rows_equal_each_row_alone(tiny_model_dir, tokenizer, en
     assert sum(st.row_steps.values()) == limits.max_rows * st.steps
     assert min(st.row_steps[k] for k in ("decoding", "joining", "free")) > 0
     assert (st.row_steps["ending"] > 0) is overlap  # rows ended by length, not delivered yet
+    # mixed: some decode steps carried chunks, of several rows at once, some completing a prompt there
+    assert (st.mixed_steps > 0) is mixed and (st.mixed_prompt_tokens > 0) is mixed
+    assert st.mixed_steps <= st.decode_steps
 
 
 def test_decode_of_many_rows_is_one_forward_per_step(eng):

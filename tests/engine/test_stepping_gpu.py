@@ -9,7 +9,9 @@
 - a new adapter loaded into another slot mid-run, or a freed slot refilled, does not change the
   rows already running (vLLM #47724) through the graphs' slot tensor;
 - with overlap (the default with graphs) queuing a step makes no call that waits for the device:
-  the only wait is for the previous step's tokens.
+  the only wait is for the previous step's tokens;
+- mixed steps (the default with graphs: joining rows' chunks in the decode step's forward) give
+  the same tokens as the same schedule run eagerly with mixing and as each row alone.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from conftest import load_base
 from handler.engine import GenerationRow, SamplingParams, StepLimits, make_engine
 from handler.engine.settings import EngineSettings
-from handler.engine.stepping import batch_buckets, length_buckets, prefill_length_buckets, prefill_shapes
+from handler.engine.stepping import batch_buckets, length_buckets, mixed_shapes, prefill_length_buckets, prefill_shapes
 from test_stepping import Run, _prompt
 
 pytestmark = [pytest.mark.gpu,
@@ -74,21 +76,29 @@ def _drive(stepper, rows, seed):
     return run, cancelled
 
 
-def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer, engine_adapters):
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed"])
+def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer, engine_adapters, mixed):
+    """Mixed (the default with graphs): joining rows' chunks ride in the decode steps' captured
+    graphs; separate: every prefill chunk is a forward of its own."""
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
     eager = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
     # prefill_wait_steps 0: joining rows start at once on both steppers, so the seeded schedule
     # (which rows run when a cancel comes) is the same; the deferral is tested below
     # (the eager run overlaps too, so the same seeded cancels hit the same rows: with overlap a
-    # row's end reaches the host, and the row leaves, one step later)
-    limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48, prefill_wait_steps=0)
-    gs, es = graphs.stepper(limits), eager.stepper(replace(limits, overlap=True))
+    # row's end reaches the host, and the row leaves, one step later; it mixes too, in chunks of
+    # the same sizes: the graphs' shapes are powers of two, so mixed_tokens 64 splits alike)
+    limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48, prefill_wait_steps=0,
+                        mixed=None if mixed else False, mixed_tokens=64)
+    gs, es = graphs.stepper(limits), eager.stepper(replace(limits, overlap=True, mixed=mixed))
     assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
     assert gs.overlap and es.overlap  # graphs overlap by default
+    assert gs.mixed is mixed and es.mixed is mixed  # graphs mix by default
     assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
     gs.warmup()
     expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len)) * 3
     expected += len(prefill_shapes(limits)) * len(prefill_length_buckets(limits.max_len))  # at the top rank only
+    if mixed:  # every decode bucket x chunk shape x key length, at the top rank
+        expected += len(batch_buckets(limits)) * len(mixed_shapes(limits)) * len(length_buckets(limits.max_len))
     assert gs.describe()["captures"] == expected  # decode 1, 2, 4, 6 rows x 256, 320 keys x ranks 16, 32, 64
     rows = _schedule(3, 24, long_prompts=True)
     g_run, g_cancel = _drive(gs, rows, seed=4)
@@ -96,12 +106,16 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     assert g_cancel == e_cancel
     d = gs.describe()
     assert d["captures_after_warmup"] == 0 and d["captures"] == expected, d
-    assert sum(b["replays"] for b in d["buckets"]) == d["decode_steps"] > 0
+    assert sum(b["replays"] for b in d["buckets"]) + d["mixed_replays"] == d["decode_steps"] > 0
     # every prefill chunk fits a captured shape here (chunk 48, keys <= 320): all replayed graphs
     assert d["prefill_replays"] == d["prefill_forwards"] > 0
-    assert len({p["rows"] for p in d["prefill_buckets"] if p["replays"]}) >= 2  # several rows in one prefill graph
     assert len({b["kv_len"] for b in d["buckets"] if b["replays"]}) == 2  # both key-length buckets served
-    assert {b["rank"] for b in d["buckets"] if b["replays"]} == {16, 64}  # rows of rank <= 16 only, or with r64
+    if mixed:
+        assert d["mixed_replays"] == d["mixed_steps"] > 0 and d["mixed_prompt_tokens"] > 0
+        assert d["mixed_steps"] == es.describe()["mixed_steps"]  # the same chunks, eagerly
+    else:
+        assert len({p["rows"] for p in d["prefill_buckets"] if p["replays"]}) >= 2  # several rows in one prefill graph
+        assert {b["rank"] for b in d["buckets"] if b["replays"]} == {16, 64}  # rows of rank <= 16 only, or with r64
     for i, row in rows.items():
         assert g_run.tokens[i] == e_run.tokens[i], i
         assert g_run.finished.get(i) == e_run.finished.get(i), i
@@ -115,7 +129,7 @@ def test_deferred_prefill_keeps_every_row_equal_to_the_row_alone(tiny_model_dir,
     together (`Stepper._defer_prefill`): fewer prefill forwards than rows, and every row's tokens
     still equal the row alone."""
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
-    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=256, prefill_wait_steps=4))
+    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=256, prefill_wait_steps=4, mixed=False))
     st.warmup()
     rows = _schedule(8, 24)
     run, cancelled = _drive(st, rows, seed=9)
@@ -176,6 +190,7 @@ def test_new_adapter_mid_run_does_not_change_running_rows_through_graphs(tiny_mo
     for i in (3, 4):
         assert run.tokens[i] == graphs.generate([rows[i]])[0].token_ids, i
     assert st.describe()["captures_after_warmup"] == 0
+    assert st.describe()["mixed_replays"] > 0  # the new rows' prompts rode in captured mixed steps
 
 
 def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, tokenizer, engine_adapters):
@@ -206,6 +221,7 @@ def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, to
         assert run.steps < 500
     d = st.describe()
     assert d["overlap"] and d["captures_after_warmup"] == 0 and d["prefill_replays"] == d["prefill_forwards"] > 0
+    assert d["mixed"] and d["mixed_replays"] == d["mixed_steps"] > 0  # chunks rode in decode steps, no wait either
     for i, row in rows.items():
         assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
 

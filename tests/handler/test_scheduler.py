@@ -114,16 +114,18 @@ def _sample(svc, stop: threading.Event, seen: list) -> None:
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("overlap", ["auto", "on"])
+@pytest.mark.parametrize("overlap,mixed", [("auto", "auto"), ("on", "on")], ids=["cpu-defaults", "gpu-defaults"])
 def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair, tools, tiny_adapters,
-                                                                           more_adapters, overlap):
+                                                                           more_adapters, overlap, mixed):
     """Rows from 4 threads at random times, 5 tenants on 2 resident slots (evictions), base and
     unknown-tenant rows, random lengths, stop strings, logprobs, seeded sampling, streaming; a new version of t-a
     is published while its v1 rows run. Every reply equals the request alone on the static path;
     every stream concatenates to its reply; an adapter with running rows is never evicted.
-    `step_overlap: on` (the GPU default, here on the CPU): tokens reach the scheduler one step late."""
-    cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8, step_overlap=overlap)
-    assert cont.scheduler.stepper.overlap is (overlap == "on")
+    `step_overlap: on` and `step_mixed: on` (the GPU defaults, here on the CPU): tokens reach the
+    scheduler one step late, and joining rows' prompts ride in the decode steps."""
+    cont, static = pair(num_slots=4, kv_rows=4, prefill_chunk=8, step_overlap=overlap, step_mixed=mixed,
+                        mixed_prefill_tokens=6)
+    assert cont.scheduler.stepper.overlap is (overlap == "on") and cont.scheduler.stepper.mixed is (mixed == "on")
     adapters = {"t-a": tiny_adapters["a"], "t-b": tiny_adapters["b"], "t-c": tiny_adapters["c"],
                 "t-d": more_adapters["d"], "t-e": more_adapters["e"]}
     for tenant, path in adapters.items():
@@ -204,6 +206,7 @@ def test_random_arrivals_equal_each_request_served_alone_by_the_static_path(pair
             assert name in s["resident"] and s["held"].get(name) == uses, s
     idle = cont.scheduler.call(lambda: (cont.scheduler.stepper.free_rows(), cont.residency.held_ids()))
     assert idle == (4, {})
+    assert (cont.scheduler.call(lambda: cont.scheduler.stepper.mixed_steps) > 0) is (mixed == "on")
 
 
 def test_a_flooding_tenant_does_not_starve_another(pair, tools, tiny_adapters):

@@ -63,6 +63,7 @@ def test_config_known_keys():
         "model_store", "management_key_file", "adapter_store_endpoint", "host_tier_mb", "max_pinned_adapters",
         "prefetch_top_n", "prefetch_tenants", "metrics_max_adapters", "epp_metrics_address",
         "scheduler", "kv_rows", "kv_max_len", "prefill_chunk", "prefill_wait_steps", "prefill_graphs", "step_overlap",
+        "step_mixed", "mixed_prefill_tokens",
         "graph_batch_sizes", "admission_max_wait_s", "drain_preempt_tokens",
         "max_waiting", "retry_after_s", "task_router", "max_fanout_rows",
         "tenant_max_running", "request_timeout_s",
