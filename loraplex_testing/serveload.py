@@ -629,13 +629,15 @@ def timed_phase(send: Callable[[Sequence[ServeRequest], bool, int | None], list[
                                                if "kernel_variants" in after and "kernel_variants" in before else None),
                 "load_thread_ms_during_run": describe_delta(before, after, "counters", "load_thread_ms"),
                 **{f"{key}_during_run": describe_delta(before, after, "scheduler", "stepper", key)
-                   for key in ("prefill_forwards", "prefill_replays", "decode_steps", "past_end")},
+                   for key in ("prefill_forwards", "prefill_replays", "decode_steps", "past_end", "mixed_steps",
+                               "mixed_replays", "mixed_prompt_tokens")},
                 "scheduler_thread_s_during_run": thread_time_delta(before, after),
                 "free_rows_waiting_during_run": describe_delta(before, after, "scheduler", "free_rows_waiting"),
                 "row_steps_during_run": {k: describe_delta(before, after, "scheduler", "stepper", "row_steps", k)
                                          for k in ("decoding", "joining", "ending", "free")},
-                **{f"device_{phase}_s_during_run": _device_s(before, after, phase) for phase in ("prefill", "decode")}})
-    device_s = [res[f"device_{phase}_s_during_run"] for phase in ("prefill", "decode")]
+                **{f"device_{phase}_s_during_run": _device_s(before, after, phase)
+                   for phase in ("prefill", "decode", "mixed")}})
+    device_s = [res[f"device_{phase}_s_during_run"] for phase in ("prefill", "decode", "mixed")]
     # the share of the timed span the GPU spent on the stepper's forwards (None: a CPU)
     res["device_busy"] = (round(sum(device_s) / res["span_s"], 3)
                           if None not in device_s and res.get("span_s") else None)
