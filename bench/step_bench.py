@@ -14,7 +14,16 @@ tokens on the host), median of --reps:
 - ratios over ``decode_ms`` in the same run;
 - with ``--prefill graphs,eager`` (the default) all of it twice in one run: captured prefill graphs,
   then every prefill eager (``eager_prefill_*``), and ``eager_prefill_over_graphs_join_<L>``. On a
-  CPU both modes run eagerly (no graphs).
+  CPU both modes run eagerly (no graphs);
+- mode ``mixed``: the joining row's first ``--mixed-tokens`` prompt tokens ride in the decode
+  step's forward (``step_mixed``; a longer prompt's join step carries only that much), keys
+  ``mixed_*``; ``mixed-fused``: the same with the members' GEMMs in Triton with the expand fused
+  in however many rows the step has (`groups.FUSED_DECODE_MAX_ROWS` = `GROUPED_MAX_ROWS`; by
+  default only up to 32 rows), keys ``mixed_fused_*``.
+
+Steps are timed without overlap (each step waits for its own tokens, so its device time is in
+its wall time). ``--max-rank`` sizes the pool: a captured prefill or mixed step runs its LoRA
+kernels at the pool's top rank bucket (serve_bench's pool: 64).
 
 `--profile L` also prints torch.profiler's top device kernels of one join step of length L.
 Figures: bench/RESULTS.md, never here.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 import sys
 import tempfile
 import time
@@ -43,12 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=30, help="rows decoding")
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters of the decoding rows")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-rank", type=int, default=0, help="the pool's max_rank (0: max(16, --rank))")
+    ap.add_argument("--mixed-tokens", type=int, default=64)
     ap.add_argument("--kv-rows", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--prompts", default="16,50,200,500", help="joining prompt lengths")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--profile", type=int, default=0, metavar="L")
+    ap.add_argument("--profile", type=int, default=0, metavar="L", help="profile one join step of L tokens (mixed modes)")
+    ap.add_argument("--profile-all", action="store_true", help="--profile in every mode")
     ap.add_argument("--prefill", default="graphs,eager",
                     help="prefill modes, each measured on its own stepper in this run: graphs (captured prefill "
                          "shapes, the default serving path) and/or eager (prefill_graphs off); eager keys get the "
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = int(base.get_input_embeddings().num_embeddings)
     with tempfile.TemporaryDirectory(prefix="lpx-step-") as tmp:
         files = harness.make_adapters(base, Path(tmp), a.adapters, a.rank, 2 * a.rank)
-        engine = make_engine("multilora", base, EngineSettings(num_slots=a.adapters + 2, max_rank=max(16, a.rank)),
+        engine = make_engine("multilora", base, EngineSettings(num_slots=a.adapters + 2,
+                                                               max_rank=a.max_rank or max(16, a.rank)),
                              eos_token_ids=[], pad_token_id=0)
         names = []
         for i, f in enumerate(files):
@@ -86,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {"size": a.size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                            "rows": a.rows, "adapters": a.adapters, "rank": a.rank}
+    from handler.engine.multilora import groups
+
+    fused_rows = groups.FUSED_DECODE_MAX_ROWS
     for mode in [m.strip() for m in a.prefill.split(",") if m.strip()]:
         # prefill_wait_steps 0: a joining row is prefilled in the step it joins (the cost timed here)
         limits = StepLimits(max_rows=a.kv_rows, max_len=a.max_len, prefill_chunk=a.prefill_chunk, prefill_wait_steps=0,
-                            prefill_graphs=mode == "graphs")
-        stepper = engine.stepper(limits)  # rebuilt (idle) when the limits differ from the last mode's
-        part = _measure(stepper, names, prompt, lengths, a, device)
-        prefix = "" if mode == "graphs" else "eager_prefill_"
+                            prefill_graphs=mode != "eager", overlap=False, mixed=mode.startswith("mixed"),
+                            mixed_tokens=a.mixed_tokens)
+        groups.FUSED_DECODE_MAX_ROWS = groups.GROUPED_MAX_ROWS if mode == "mixed-fused" else fused_rows
+        try:
+            engine.stepper(replace(limits, max_rows=1))  # the engine rebuilds its (idle) stepper for other limits:
+            stepper = engine.stepper(limits)  # so every mode captures its own graphs
+            part = _measure(stepper, names, prompt, lengths, a, device)
+        finally:
+            groups.FUSED_DECODE_MAX_ROWS = fused_rows
+        prefix = {"graphs": "", "eager": "eager_prefill_"}.get(mode, mode.replace("-", "_") + "_")
         res.update({prefix + k: v for k, v in part.items()})
     for length in lengths:
         if f"join_{length}_ms" in res and f"eager_prefill_join_{length}_ms" in res:
@@ -138,7 +161,7 @@ def _measure(stepper: Any, names: list[str], prompt: Any, lengths: list[int], a:
     for length in lengths:
         res[f"join_{length}_ms"] = statistics.median([join(length) for _ in range(a.reps)])
         res[f"join_{length}_over_decode"] = res[f"join_{length}_ms"] / res["decode_ms"]
-    if a.profile:
+    if a.profile and (a.profile_all or stepper.mixed):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -50,6 +50,13 @@ from .context import BatchContext, GroupOutputs
 if TYPE_CHECKING:
     from .layer import MultiLoraLinear
 
+# Captured one-token forwards of at most this many rows run the members' GEMMs in Triton with the
+# expand fused in (`decode_linear_lora_kernel`, tuned at 32 rows); wider ones (mixed steps: decode
+# rows plus prompt chunks) keep cuBLAS and add the group's deltas (`group_deltas_triton`): the
+# fused GEMM's one row tile grows with the rows, and at 96 rows it cost several cuBLAS GEMMs
+# (bench/step_bench.py, mode mixed-fused)
+FUSED_DECODE_MAX_ROWS = 32
+
 # Sibling linears (same parent module) that read one input in Llama-style blocks.
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -136,7 +143,7 @@ class SharedInputGroup:
     def _outputs(self, x: torch.Tensor, ctx: BatchContext, rank: int) -> list[torch.Tensor]:
         kernels = ctx.backend.kernels
 
-        if x.shape[1] == 1 and ctx.kernel_rank is not None and self.fused:
+        if x.shape[1] == 1 and ctx.kernel_rank is not None and self.fused and x.shape[0] <= FUSED_DECODE_MAX_ROWS:
             # decode step: one shrink, then each member's GEMM with its expand in the epilogue
             n = x.shape[0]
             ys = kernels.group_decode_linears(x.reshape(n, self.in_features), self.pool, self.scales, ctx.slots,
