@@ -476,6 +476,7 @@ class Stepper:
         self.mixed_replays = 0  # mixed steps served by a captured graph
         self.mixed_prompt_tokens = 0  # prompt tokens prefilled in mixed steps
         self._decoding: list[_Row] | None = None  # between a step's two phases: its decoding rows
+        self._mix = False  # between a step's two phases: its decode forward carries prompt chunks (`_mixes`)
         self.device_time = DeviceTime(self.device)
         # overlap: a step's tokens are read back while the next step runs (`_pending`, `_due`)
         self.overlap = self.graphs if limits.overlap is None else bool(limits.overlap)
@@ -559,6 +560,7 @@ class Stepper:
         deferred): the events of rows whose prompt completed (their first tokens); [] with overlap,
         where they come with the next step's events."""
         self._decoding = None
+        self._mix = False
         self._due = len(self._pending)
         if not self._rows:
             return self._deliver(len(self._pending))  # only cancelled rows' tokens can be left: no events
@@ -568,7 +570,8 @@ class Stepper:
             joining = sum(r.filled < len(r.prompt) for r in self._rows.values())
             self.row_steps.update(decoding=len(decoding), joining=joining, free=len(self._free),
                                   ending=len(self._rows) - len(decoding) - joining)
-            if not (decoding and (self.mixed or self._defer_prefill())):  # mixed: chunks ride in the decode step
+            self._mix = bool(decoding) and self._mixes()
+            if not (self._mix or (decoding and self._defer_prefill())):
                 self._prefill()
         self._decoding = decoding
         return [] if self.overlap else self._deliver(len(self._pending))
@@ -755,7 +758,7 @@ class Stepper:
         rows = [r if r is not None and r.kv in feed else None for r in self._by_kv[:B]]
         slots = [r.slot if r is not None else 0 for r in rows]
         pos = [r.held if r is not None else 0 for r in self._by_kv[:B]]
-        chunks = self._mixed_chunks() if self.mixed else []
+        chunks = self._mixed_chunks() if self._mix else []
         if chunks:
             self._decode_mixed(decoding, rows, slots, pos, chunks)
             return
@@ -776,6 +779,17 @@ class Stepper:
         self._pick(decoding, logits.index_select(0, kv), kv)
 
     # -- mixed steps ----------------------------------------------------------
+    def _mixes(self) -> bool:
+        """Whether this step's joining prompts ride in its decode forward: only when what they still
+        need fits the `mixed_tokens` a mixed step carries. A mixed step costs the decode step a
+        fixed part plus more per token than a prefill forward does (every token is its own row in
+        the LoRA kernels), so a bigger backlog goes through a separate prefill forward
+        (`prefill_chunk` tokens in one; bench/RESULTS.md)."""
+        if not self.mixed:
+            return False
+        backlog = sum(len(r.prompt) - r.filled for r in self._rows.values() if r.filled < len(r.prompt))
+        return 0 < backlog <= self.limits.mixed_tokens
+
     def _mixed_chunks(self) -> list[tuple[_Row, int]]:
         """The prompt chunks this step's decode forward carries: the first 1, 2 or 4 joining rows (add
         order), each up to an equal share of `mixed_tokens` (with graphs: the largest captured chunk
