@@ -105,7 +105,7 @@ class LoraplexConfig:
     prefill_wait_steps: int = 8             # continuous, GPU graphs: joining rows wait up to this many steps to prefill together
     prefill_graphs: bool = True             # continuous, GPU graphs: prefill chunks replay captured graphs (False: eager)
     step_overlap: str = "auto"              # continuous: auto (on with GPU graphs) | on | off: a step's tokens read back while the next runs
-    step_mixed: str = "auto"                # continuous: auto (on with GPU graphs) | on | off: prompt chunks ride in the decode step's forward
+    step_mixed: str = "off"                 # continuous: auto (on with GPU graphs) | on | off: small joining prompts ride in the decode step's forward
     mixed_prefill_tokens: int = 64          # continuous, step_mixed: prompt tokens one decode step carries at most
     graph_batch_sizes: tuple[int, ...] = () # continuous on a GPU: decode batch sizes captured at start (() = 1, 2, 4, ... kv_rows)
     max_waiting: int = 64                   # continuous: requests that may wait beyond the kv_rows running (then 503)

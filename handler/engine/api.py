@@ -89,7 +89,7 @@ class StepLimits:
     prefill_wait_steps: int = 8  # GPU graphs: joining rows may wait up to this many decode steps to be prefilled together (0 = at once)
     prefill_graphs: bool = True  # GPU graphs: prefill chunks of up to 8 rows replay captured graphs too (False: eager)
     overlap: bool | None = None  # a step's tokens reach the host while the next step runs (events one step late); None = with GPU graphs
-    mixed: bool | None = None  # joining rows' prompt chunks ride in the decode step's forward (one forward per step); None = with GPU graphs
+    mixed: bool | None = False  # joining prompts of at most mixed_tokens ride in the decode step's forward; None = with GPU graphs
     mixed_tokens: int = 64  # mixed: prompt tokens one decode step carries at most (GPU graphs: chunks of 16, 32, ... tokens, 1, 2 or 4 rows)
 
     def __post_init__(self) -> None:

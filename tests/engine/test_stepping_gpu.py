@@ -10,8 +10,9 @@
   rows already running (vLLM #47724) through the graphs' slot tensor;
 - with overlap (the default with graphs) queuing a step makes no call that waits for the device:
   the only wait is for the previous step's tokens;
-- mixed steps (the default with graphs: joining rows' chunks in the decode step's forward) give
-  the same tokens as the same schedule run eagerly with mixing and as each row alone.
+- mixed steps (``mixed``: joining prompts of at most ``mixed_tokens`` in the decode step's
+  forward) give the same tokens as the same schedule run eagerly with mixing and as each row
+  alone, queue without waiting for the device, and serve a new adapter's rows through the graphs.
 """
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def _drive(stepper, rows, seed):
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed"])
 def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer, engine_adapters, mixed):
-    """Mixed (the default with graphs): joining rows' chunks ride in the decode steps' captured
-    graphs; separate: every prefill chunk is a forward of its own."""
+    """Mixed (``mixed=None``: on with graphs): joining prompts of at most `mixed_tokens` ride in the
+    decode steps' captured graphs; separate (the default): every prefill chunk is a forward of its own."""
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
     eager = _engine(tiny_model_dir, tokenizer, engine_adapters, "static")
     # prefill_wait_steps 0: joining rows start at once on both steppers, so the seeded schedule
@@ -88,11 +89,11 @@ def test_graph_steps_equal_eager_steps_and_rows_alone(tiny_model_dir, tokenizer,
     # row's end reaches the host, and the row leaves, one step later; it mixes too, in chunks of
     # the same sizes: the graphs' shapes are powers of two, so mixed_tokens 64 splits alike)
     limits = StepLimits(max_rows=6, max_len=320, prefill_chunk=48, prefill_wait_steps=0,
-                        mixed=None if mixed else False, mixed_tokens=64)
+                        mixed=None if mixed else False, mixed_tokens=64)  # chunks of 64 or less: some steps mix
     gs, es = graphs.stepper(limits), eager.stepper(replace(limits, overlap=True, mixed=mixed))
     assert gs.describe()["graphs"] is True and es.describe()["graphs"] is False
     assert gs.overlap and es.overlap  # graphs overlap by default
-    assert gs.mixed is mixed and es.mixed is mixed  # graphs mix by default
+    assert gs.mixed is mixed and es.mixed is mixed  # mixed=None: on with graphs
     assert gs.describe()["graph_ranks"] == [16, 32, 64]  # the rank buckets of a max_rank 64 pool
     gs.warmup()
     expected = len(batch_buckets(limits)) * len(length_buckets(limits.max_len)) * 3
@@ -153,13 +154,14 @@ def test_no_warmup_means_captures_on_the_request_path(tiny_model_dir, tokenizer,
             assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed"])
 def test_new_adapter_mid_run_does_not_change_running_rows_through_graphs(tiny_model_dir, tokenizer,
-                                                                         engine_adapters):
+                                                                         engine_adapters, mixed):
     """vLLM #47724 through graphs: the captured step reads each row's slot from a tensor the
     stepper writes per step; loading into another slot, or refilling a freed one, must not
     change what a running row gets."""
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs", adapters=["r4", "r8qv"])
-    st = graphs.stepper(StepLimits(max_rows=4, max_len=64, prefill_chunk=16))
+    st = graphs.stepper(StepLimits(max_rows=4, max_len=64, prefill_chunk=16, mixed=mixed))
     st.warmup()
     rng = random.Random(21)
     rows = {0: GenerationRow(_prompt(rng, 6), "r4", SamplingParams(max_new_tokens=30, logprobs=1)),
@@ -190,17 +192,18 @@ def test_new_adapter_mid_run_does_not_change_running_rows_through_graphs(tiny_mo
     for i in (3, 4):
         assert run.tokens[i] == graphs.generate([rows[i]])[0].token_ids, i
     assert st.describe()["captures_after_warmup"] == 0
-    assert st.describe()["mixed_replays"] > 0  # the new rows' prompts rode in captured mixed steps
+    assert (st.describe()["mixed_replays"] > 0) is mixed  # mixed: the new rows' prompts rode in captured mixed steps
 
 
-def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, tokenizer, engine_adapters):
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed"])
+def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, tokenizer, engine_adapters, mixed):
     """`torch.cuda.set_sync_debug_mode("error")` raises on any call that waits for the device
     (pageable host-to-device copies, `.item()`, `.tolist()` of a device tensor, ...). Queuing
     steps (compaction, captured prefill and decode, picks, log-probs, the copies back) must make
     none; the one wait is `_deliver`'s event on the previous step's tokens (not such a call), and
     rows still equal each row alone."""
     graphs = _engine(tiny_model_dir, tokenizer, engine_adapters, "graphs")
-    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=64, prefill_wait_steps=0))
+    st = graphs.stepper(StepLimits(max_rows=6, max_len=320, prefill_chunk=64, prefill_wait_steps=0, mixed=mixed))
     st.warmup()
     rng = random.Random(31)
     rows = {i: GenerationRow(_prompt(rng, rng.choice([3, 9, 20])), rng.choice([None, *ADAPTERS]),
@@ -221,7 +224,7 @@ def test_overlap_queues_a_step_without_waiting_for_the_device(tiny_model_dir, to
         assert run.steps < 500
     d = st.describe()
     assert d["overlap"] and d["captures_after_warmup"] == 0 and d["prefill_replays"] == d["prefill_forwards"] > 0
-    assert d["mixed"] and d["mixed_replays"] == d["mixed_steps"] > 0  # chunks rode in decode steps, no wait either
+    assert d["mixed"] is mixed and d["mixed_replays"] == d["mixed_steps"] and (d["mixed_steps"] > 0) is mixed
     for i, row in rows.items():
         assert run.tokens[i] == graphs.generate([row])[0].token_ids, i
 
