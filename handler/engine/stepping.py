@@ -14,6 +14,12 @@ Rows join and leave between any two steps. Each step (`Stepper.step`):
 `prefill_phase` and `decode_phase` are those two halves (`step` runs both), so a caller can hand
 out the first tokens of rows that completed their prompt before the decode forward runs.
 
+Mixed steps (``limits.mixed``, off by default): while rows decode, a step whose joining rows need
+at most ``mixed_tokens`` more prompt tokens skips 1. and runs their chunks inside 2.'s forward
+(`_decode_mixed`): ``[B + n*S, 1]`` tokens, every token its own batch row with its own position and
+LoRA slot, attention split by `mixed_attention` (decode rows over KV rows ``[0, B)``, the n chunks
+of S tokens over their rows); completed prompts' first tokens come with that step's events.
+
 Tokens are picked on the device (`_pick`: argmax or the row's sampler, log-probabilities) and kept
 there as each KV row's last token (`_last`), which is the next decode step's input: a step's
 inputs need nothing back from the host but positions and slots, which the host knows. Overlap
