@@ -21,8 +21,8 @@ A later run whose recipe hash matches skips that adapter, so a second
 
 Cost on 2 CPU cores: ~50 s once for the base answers (cached in
 ``<out>/.base_answers.json``), then ~45-60 s per adapter (32 steps of 8
-examples, bf16 autocast, only the top 12 layers trained: see "training"
-below); a fully cached run takes a few seconds. Training is seeded and
+examples, bf16 autocast where the CPU has native bf16, else fp32; only the
+top 12 layers trained: see "training" below); a fully cached run takes a few seconds. Training is seeded and
 deterministic on a given machine. The shouty adapter stays in capitals, but
 its content is weaker than the others': the 135M base model knows little in
 upper-case tokens (asked to continue "THE CAPITAL OF FRANCE IS" it says
@@ -484,6 +484,22 @@ def _cache_inputs(causal_lm, examples: Sequence[Example], first: int, pad_id: in
     return out
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles): without it bf16 autocast
+    is emulated, and a training step costs ~30x its fp32 time (an AMD EPYC without AVX-512:
+    54 s a step)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def _use_bf16(args: argparse.Namespace) -> bool:
+    if args.fp32 or args.precision == "fp32":
+        return False
+    return args.precision == "bf16" or native_bf16()
+
+
 def _loss(causal_lm, batch: Sequence[_Cached], first: int, bf16: bool):
     """Mean next-token loss on the reply positions, running layers [first, N) on the cached inputs."""
     import torch
@@ -662,7 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even if a cached adapter matches the recipe")
     p.add_argument("--samples", type=int, default=1,
                    help="held-out questions to show per newly trained adapter, base vs adapter (0: none)")
-    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or float32; auto = bf16 where the CPU computes bf16 natively "
+                        "(AVX512-BF16 or AMX), else fp32 (emulated bf16 is ~30x slower than fp32 there)")
+    p.add_argument("--fp32", action="store_true", help="same as --precision fp32")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch CPU threads (default %(default)s; use 1 if other jobs share the cores)")
     args = p.parse_args(argv)
@@ -682,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         qs = [HELDOUT_QUESTIONS[(i + j) % len(HELDOUT_QUESTIONS)] for j in range(min(args.samples,
                                                                                    len(HELDOUT_QUESTIONS)))]
         r = train_adapter(args.base_model, out, name, steps=args.steps, force=args.force,
-                          bf16=not args.fp32, sample_questions=qs)
+                          bf16=_use_bf16(args), sample_questions=qs)
         results.append(r)
         if r.skipped:
             print(f"[{name}] cached, recipe unchanged: {r.path}", flush=True)
