@@ -22,8 +22,8 @@ A later run whose recipe hash matches skips that adapter, so a second
 Cost on 2 CPU cores: ~50 s once for the base answers (cached in
 ``<out>/.base_answers.json``), then ~45-60 s per adapter (32 steps of 8
 examples, bf16 autocast where the CPU has native bf16, else fp32; only the
-top 12 layers trained: see "training" below); a fully cached run takes a few seconds. Training is seeded and
-deterministic on a given machine. The shouty adapter stays in capitals, but
+top 12 layers trained: see "training" below); a fully cached run takes a
+few seconds. Training is seeded and deterministic on a given machine. The shouty adapter stays in capitals, but
 its content is weaker than the others': the 135M base model knows little in
 upper-case tokens (asked to continue "THE CAPITAL OF FRANCE IS" it says
 "LONDON").

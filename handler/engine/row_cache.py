@@ -116,10 +116,7 @@ class RowCache(Cache):
         """The next forward covers rows ``[0, len(pos))``, writes row b's token at ``pos[b]``,
         and attends over keys ``[0, length)``. `pos` is read when the forward *runs* (a
         captured graph keeps reading the same tensor)."""
-        b = int(pos.shape[0])
-        if self._arange is None or self._arange.device != pos.device:
-            self._arange = torch.arange(self.max_rows, device=pos.device)
-        self.view = _View(length=int(length), pos=pos, index=self._arange[:b], decode=True)
+        self.view = _View(length=int(length), pos=pos, index=self._first_rows(pos), decode=True)
 
     def for_prefill(self, rows: torch.Tensor, pos: torch.Tensor, length: int) -> None:
         """The next forward is ``[n, S]`` tokens: batch row i goes to KV row ``rows[i]``, its token j
@@ -131,11 +128,14 @@ class RowCache(Cache):
         ``len(pos)``, row b's token at ``pos[b]``; B may be 0), then n chunks of S tokens, chunk i's
         token j written to KV row ``chunk_rows[i]`` at ``chunk_pos[i, j]``; both attend over keys
         ``[0, length)`` (`mixed_attention` splits them)."""
-        b = int(pos.shape[0])
+        self.view = _View(length=int(length), pos=pos, index=self._first_rows(pos), decode=True,
+                          chunk_rows=chunk_rows, chunk_pos=chunk_pos)
+
+    def _first_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """KV rows ``[0, len(pos))`` as a device tensor (a view of one made once, never inside a capture)."""
         if self._arange is None or self._arange.device != pos.device:
             self._arange = torch.arange(self.max_rows, device=pos.device)
-        self.view = _View(length=int(length), pos=pos, index=self._arange[:b], decode=True,
-                          chunk_rows=chunk_rows, chunk_pos=chunk_pos)
+        return self._arange[: int(pos.shape[0])]
 
     @property
     def scratch_row(self) -> int:

@@ -448,9 +448,9 @@ class Stepper:
         self._prefill_shapes = prefill_shapes(limits) if self.graphs else []
         # mixed steps: joining rows' chunks in the decode forward (`_decode`); with graphs only in the
         # captured chunk shapes (none fit: separate prefill forwards, as without mixing)
-        self._mixed_shapes = mixed_shapes(limits) if self.graphs else []
-        self.mixed = (self.graphs if limits.mixed is None else bool(limits.mixed)) and (
-            bool(self._mixed_shapes) or not self.graphs)
+        shapes = mixed_shapes(limits) if self.graphs else []
+        self.mixed = (self.graphs if limits.mixed is None else bool(limits.mixed)) and (bool(shapes) or not self.graphs)
+        self._mixed_shapes = shapes if self.mixed else []  # what warmup captures
         self._inner_attention = inner_attention(model) if self.mixed else None
         # a spare KV row for the padding rows of captured prefills and mixed steps
         self.cache = RowCache(model.config.num_hidden_layers, limits.max_rows, limits.max_len,
@@ -756,8 +756,8 @@ class Stepper:
         """One forward over KV rows [0, B); rows not in `decoding` are dummies that write at their
         own next position (a free row anywhere), so no live row's cache changes. Each row's input is
         its last picked token, read on the device (`_last`; a dummy reads whatever its KV row holds).
-        Mixed (`self.mixed`): joining rows' next prompt chunks (`_mixed_chunks`) ride in the same
-        forward (`_decode_mixed`)."""
+        Mixed (`self._mix`, set by `_mixes` in `prefill_phase`): joining rows' next prompt chunks
+        (`_mixed_chunks`) ride in the same forward (`_decode_mixed`)."""
         n = max(r.kv for r in decoding) + 1
         B = _first_at_least(self._batch_buckets, n) if self.graphs else n
         feed = {r.kv for r in decoding}
@@ -1108,8 +1108,7 @@ class Stepper:
                     p.ids.fill_(self.pad_token_id)
                     p.kv.fill_(self.cache.scratch_row)
                     self._try_capture(p)
-            for B, (n, S), length in itertools.product(self._batch_buckets, self._mixed_shapes if self.mixed else [],
-                                                       self._len_buckets):
+            for B, (n, S), length in itertools.product(self._batch_buckets, self._mixed_shapes, self._len_buckets):
                 m = self._mixed_graph(B, n, S, length)
                 if m.graph is None and not m.failed:  # dummy keys at position 0 of rows [0, B), chunks in the scratch row
                     m.inputs.zero_()
